@@ -1,0 +1,174 @@
+"""Losses of VLsI: verbalizer cross-entropy and divergences between verbalized layers (DESIGN §5, §6, §11).
+
+Every distribution lives on the shared vocabulary: callers slice logits to `shared_vocab_size(...)` columns.
+The maths runs in at least fp32 whatever the input dtype (bf16 in, fp32 out; fp64 stays fp64 for reference tests).
+The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`, in vlsi: verb-FFN -> frozen
+final norm -> frozen LM head -> shared-vocab slice) so that [tokens x vocab] logits exist for one chunk at a time
+and are recomputed during backward instead of being kept for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[Tensor], Tensor]  # hidden [n, d] -> logits [n, V]
+KINDS = ("forward", "reverse", "jsd")
+
+
+def shared_vocab_size(tokenizer_len: int, *head_rows: int) -> int:
+    """Number of leading vocabulary columns every compared distribution is sliced to (`logits[..., :size]`).
+
+    LM heads are padded past the tokenizer and differently per model (Qwen2-VL-2B 151936 rows, 7B 152064,
+    tokenizer 151657); padding rows are no real token, so distributions are compared over the smallest width.
+    """
+    return min((tokenizer_len, *head_rows))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    # [..., V] -> [..., V]; bf16 would lose the tail of a 150k-way softmax, so upcast to (at least) fp32 first
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
+    # student / teacher log-probs [..., V] -> per-token divergence [...]
+    if kind == "forward":  # KL(teacher || student)
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse":  # KL(student || teacher)
+        return (ls.exp() * (ls - lt)).sum(-1)
+    # jsd: log m = log((p_s + p_t) / 2), a two-term logsumexp, so m never leaves log space
+    lm = torch.logaddexp(ls, lt) - math.log(2.0)
+    return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+
+
+def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
+    """Per-token divergence [N] between logits [N, V]: forward KL(t||s), reverse KL(s||t) or Jensen-Shannon."""
+    _check_kind(kind)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
+            "slice both to shared_vocab_size(...) columns"
+        )
+    return _divergence_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits), kind)
+
+
+def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
+    """Scalar divergence averaged over tokens (the response tokens of DESIGN §6); logits [N, V]."""
+    return kl_from_logits(student_logits, teacher_logits, kind).mean()
+
+
+def cross_entropy_from_logits(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of logits [N, V] against targets [N] in fp32; targets of -100 are ignored."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
+
+
+def _chunk_divergence_sum(
+    student_hidden: Tensor, teacher_hidden: Tensor, student_head: Head, teacher_head: Head, kind: str
+) -> Tensor:
+    # [c, ds], [c, dt] -> scalar sum over the chunk. The teacher is recomputed here (also during backward) rather
+    # than passed in as logits: a checkpoint keeps its tensor inputs alive, and [c, V] per chunk adds up to [N, V].
+    with torch.no_grad():
+        lt = _log_probs(teacher_head(teacher_hidden))  # [c, V]
+    return _divergence_from_log_probs(_log_probs(student_head(student_hidden)), lt, kind).sum()
+
+
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_head: Head,
+    teacher_hidden: Tensor,
+    teacher_head: Head,
+    kind: str = "forward",
+    chunk_size: int = 1024,
+) -> Tensor:
+    """`divergence(student_head(student_hidden), teacher_head(teacher_hidden), kind)` over token chunks.
+
+    Hidden states [N, ds] and [N, dt]. Only hidden chunks are kept for backward; each chunk's logits are recomputed
+    then (student with grad, teacher under no_grad: its head runs twice per chunk). Gradients reach `student_hidden`
+    and the parameters of `student_head`, never the teacher.
+    """
+    _check_kind(kind)
+    _check_chunk_size(chunk_size)
+    n = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(f"student has {n} tokens, teacher {teacher_hidden.shape[0]}; they must be the same tokens")
+    if n == 0:
+        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
+    total = sum(
+        checkpoint(_chunk_divergence_sum, s, t, student_head, teacher_head, kind, use_reentrant=False)
+        for s, t in zip(student_hidden.split(chunk_size), teacher_hidden.split(chunk_size), strict=True)
+    )
+    return total / n
+
+
+def _chunk_cross_entropy_sum(hidden: Tensor, head: Head, targets: Tensor) -> Tensor:
+    # [c, d], [c] -> scalar sum over the chunk's non-ignored targets
+    logits = head(hidden)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """`cross_entropy_from_logits(head(hidden), targets)` over token chunks, logits recomputed during backward.
+
+    hidden [N, d], targets [N] (long, -100 ignored as in `F.cross_entropy`: the mean is over the other targets).
+    """
+    _check_chunk_size(chunk_size)
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
+    if hidden.shape[0] == 0:
+        raise ValueError("no tokens to score; drop batches without response tokens before the loss")
+    total = sum(
+        checkpoint(_chunk_cross_entropy_sum, h, head, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+    )
+    return total / (targets != -100).sum()
+
+
+@torch.no_grad()
+def divergence_matrix(
+    student_hiddens: Sequence[Tensor],
+    student_heads: Sequence[Head],
+    teacher_hiddens: Sequence[Tensor],
+    teacher_heads: Sequence[Head],
+    kind: str = "forward",
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i, teacher layer j), no autograd.
+
+    Scores the matching candidates (DESIGN §11): per token chunk, each student layer's log-probs are computed once
+    and kept ([t_s, chunk, V]), each teacher layer's once and used against all of them; nothing outlives its chunk.
+    """
+    _check_kind(kind)
+    _check_chunk_size(chunk_size)
+    if len(student_hiddens) != len(student_heads) or len(teacher_hiddens) != len(teacher_heads):
+        raise ValueError("need one head per hidden-state tensor, for student and teacher")
+    n = student_hiddens[0].shape[0]
+    if any(h.shape[0] != n for h in [*student_hiddens, *teacher_hiddens]):
+        raise ValueError("every student and teacher layer must hold the same tokens")
+    if n == 0:
+        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
+    sums = 0
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        # t_s x [c, V]
+        student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
+        chunk_sums = []
+        for h, head in zip(teacher_hiddens, teacher_heads, strict=True):
+            lt = _log_probs(head(h[rows]))  # [c, V]
+            chunk_sums.append(torch.stack([_divergence_from_log_probs(ls, lt, kind).sum() for ls in student_lp]))
+        sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
+    return sums / n

@@ -28,7 +28,8 @@ SPECIAL_TOKENS = [
 # `<|im_start|>role\n ... <|im_end|>\n` per message; images are rendered where they appear in the content.
 _CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
@@ -105,8 +106,15 @@ def _qwen2_vl(tokenizer, hidden: int, layers: int, heads: int, vision_depth: int
             pad_token_id=ids("<|endoftext|>"),
         ),
         vision_config=dict(
-            depth=vision_depth, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-            spatial_merge_size=2, in_chans=3, temporal_patch_size=2,
+            depth=vision_depth,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            in_chans=3,
+            temporal_patch_size=2,
         ),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -125,7 +133,9 @@ def _qwen2_vl(tokenizer, hidden: int, layers: int, heads: int, vision_depth: int
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def _llava_onevision(tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int):
+def _llava_onevision(
+    tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int
+):
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -152,8 +162,13 @@ def _llava_onevision(tokenizer, hidden: int, layers: int, heads: int, vision_dep
             pad_token_id=ids("<|endoftext|>"),
         ),
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth,
-            num_attention_heads=2, image_size=image_size, patch_size=patch,
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=vision_depth,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
         ),
         image_token_index=ids("<image>"),
         video_token_index=ids("<video>"),

@@ -1,0 +1,149 @@
+"""The `vlsi` command: one subcommand per function.
+
+vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [--config F.yaml] [k=v ...]
+vlsi verbalize --model M --data train.json --output OUT [k=v ...]
+vlsi sft --model M --data train.json --output OUT [k=v ...]
+vlsi score --benchmark NAME --predictions FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+OVERRIDES_HELP = (
+    "settings as key=value, after the config file: e.g. interact.max_steps=200 "
+    "interact.match.strategy=bottom_k verbalizer.student_layers=[2,6,10]. Unknown keys are errors; "
+    "see configs/ and docs/CONFIG.md for every key"
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="training records: LLaVA-style or OpenAI-style JSON / JSONL")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the data file's folder)")
+    p.add_argument(
+        "--output", required=True, help="output folder; re-running with the same folder reuses finished stages"
+    )
+    p.add_argument("--config", help="YAML file of settings (e.g. configs/qwen2vl-72b-to-7b.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _config(args, **top):
+    from .config import load_config
+
+    data = {"path": args.data, "image_root": args.image_root}
+    cfg = load_config(args.config, args.overrides, output=args.output, **top)
+    for key, value in data.items():
+        if value is not None:
+            setattr(cfg.data, key, value)
+    if not cfg.data.path:
+        raise ValueError("--data (or data.path in the config) is required")
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_train
+
+    cfg = _config(args, teacher=args.teacher, student=args.student)
+    final = run_train(cfg)
+    print(f"student written to {final}")
+    return 0
+
+
+def cmd_verbalize(args) -> int:
+    from .config import save_config
+    from .stages.loop import MetricsLog
+    from .stages.verbalize import verbalize
+
+    cfg = _config(args, student=args.model)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    verbalize(cfg, args.model, args.who, out / "verbalizers", MetricsLog(out / "metrics.jsonl"))
+    print(f"verbalizers written to {out / 'verbalizers'}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from .config import save_config
+    from .stages.loop import MetricsLog
+    from .stages.sft import sft
+
+    cfg = _config(args, student=args.model)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    sft(cfg, args.model, out / "model", MetricsLog(out / "metrics.jsonl"))
+    print(f"model written to {out / 'model'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlsi",
+        description="VLsI: distil a large vision-language model into a small one, layer by layer, through verbalizers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="verbalize -> interact -> SFT: the whole method, one command",
+        description="Distil TEACHER into STUDENT with VLsI. Stages already finished in --output are reused.",
+    )
+    p.add_argument("--teacher", help="teacher model: a local directory or a hub id")
+    p.add_argument("--student", help="student model (same tokenizer as the teacher)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "verbalize",
+        help="train verbalizers for one model (stage 1 alone)",
+        description="Train a verb-FFN per target layer of MODEL (backbone frozen); writes OUTPUT/verbalizers.",
+    )
+    p.add_argument("--model", required=True, help="model: a local directory or a hub id")
+    p.add_argument(
+        "--who",
+        choices=["teacher", "student"],
+        default="student",
+        help="which target-layer setting to use (verbalizer.teacher_layers or student_layers)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_verbalize)
+
+    p = sub.add_parser(
+        "sft",
+        help="plain supervised fine-tuning of any supported VLM (stage 3 alone)",
+        description="Fine-tune MODEL on the data (LoRA merged at the end); writes OUTPUT/model.",
+    )
+    p.add_argument("--model", required=True, help="model: a local directory or a hub id")
+    _common(p)
+    p.set_defaults(func=cmd_sft)
+
+    try:
+        from .eval.score import add_parser as add_score_parser
+
+        add_score_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .models.loading import ModelError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as e:
+        print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Typed configuration: defaults < YAML file < `key=value` overrides. Unknown keys are errors.
+
+The resolved configuration is written next to the outputs as `config.yaml`, and reading it back gives
+the same object (`load_config(OUT/config.yaml)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # training records: LLaVA-style or OpenAI-style JSON / JSONL
+    image_root: str = ""  # image paths are relative to this (default: the data file's folder)
+    max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
+    overlong: str = "drop"  # drop (and count) | error
+    skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
+    num_workers: int = 0
+
+
+@dataclass
+class VerbalizerConfig:
+    student_layers: list[int] | None = None  # explicit 0-based decoder block indices; None: stride rule
+    teacher_layers: list[int] | None = None
+    stride: int = 4  # default rule: blocks offset, offset+stride, ... excluding the last block (DESIGN §3)
+    offset: int = 2
+    residual: bool = False  # h + v(h) with zero-initialised W_down (a "logit lens" at init) instead of v(h)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class StageConfig:
+    max_steps: int = 100  # optimizer steps
+    lr: float = 1e-4  # cosine schedule lr -> min_lr (DESIGN §8)
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 4  # per device
+    grad_accum: int = 16
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class VerbalizeConfig(StageConfig):
+    models: list[str] = field(default_factory=lambda: ["teacher", "student"])
+
+
+@dataclass
+class MatchConfig:
+    strategy: str = "adaptive"  # adaptive | multinomial | bottom_k | uniform | random | fixed
+    search_range: bool = True
+    order: bool = True
+    temperature: str = "scale_over_range"  # T = scale / (max - min + eps) | range_over_scale: (max - min) / scale
+    scale: float = 2.0
+    eps: float = 1e-6
+    fixed_temperature: float = 1.0  # strategy=multinomial
+    bottom_k: int = 3  # strategy=bottom_k (1 = "bottom-1")
+    fixed: list[int] | None = None  # strategy=fixed: teacher target-layer index per student target layer
+
+
+@dataclass
+class InteractConfig(StageConfig):
+    match: MatchConfig = field(default_factory=MatchConfig)
+    divergence: str = "forward"  # forward KL(teacher||student) | reverse | jsd
+    intermediate_loss: str = "kld"  # kld (matched layers) | ce (ground truth at each verbalizer) | none
+    last_loss: str = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_vision: bool = True
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_vision: bool = True
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = ""  # local directory or hub id
+    student: str = ""
+    output: str = ""
+    teacher_verbalizers: str = ""  # reuse teacher verbalizers trained earlier (`vlsi verbalize`) instead of training
+    data: DataConfig = field(default_factory=DataConfig)
+    verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
+    verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
+    interact: InteractConfig = field(default_factory=InteractConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
+    gradient_checkpointing: bool = False
+    chunk_size: int = 1024  # tokens per chunk when verbalizing (bounds the [tokens x vocab] logits kept)
+    trust_remote_code: bool = False
+    log_every: int = 1
+
+
+CHOICES = {
+    "data.overlong": {"drop", "error"},
+    "precision": {"auto", "bf16", "fp32"},
+    "interact.match.strategy": {"adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"},
+    "interact.match.temperature": {"scale_over_range", "range_over_scale"},
+    "interact.divergence": {"forward", "reverse", "jsd"},
+    "interact.intermediate_loss": {"kld", "ce", "none"},
+    "interact.last_loss": {"kld", "ce", "none"},
+}
+
+
+def _check_type(key: str, value, annotation):
+    """Return `value` coerced to `annotation` (ints accepted for floats), or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write it as {key}=[1,2,3])")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 2e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown setting '{key}'; known here: {', '.join(sorted(names))}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _check_type(key, value, hints[name]))
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. interact.max_steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(sorted(allowed))}")
+    for stage in ("verbalize", "interact", "sft"):
+        sc = getattr(cfg, stage)
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            minimum = 0 if name == "max_steps" else 1
+            if getattr(sc, name) < minimum:
+                raise ConfigError(f"{stage}.{name} must be >= {minimum}, got {getattr(sc, name)}")
+        if sc.lr <= 0 or sc.min_lr < 0 or sc.min_lr > sc.lr:
+            raise ConfigError(f"{stage}: need 0 <= min_lr <= lr and lr > 0 (lr={sc.lr}, min_lr={sc.min_lr})")
+    unknown = set(cfg.verbalize.models) - {"teacher", "student"}
+    if unknown:
+        raise ConfigError(f"verbalize.models: unknown {sorted(unknown)}; use teacher and/or student")
+    if cfg.verbalizer.stride < 1 or cfg.verbalizer.offset < 0:
+        raise ConfigError("verbalizer.stride must be >= 1 and verbalizer.offset >= 0")
+    if cfg.interact.match.strategy == "fixed" and not cfg.interact.match.fixed:
+        raise ConfigError("interact.match.strategy=fixed needs interact.match.fixed=[teacher index per student layer]")
+    if cfg.interact.intermediate_loss == "none" and cfg.interact.last_loss == "none":
+        raise ConfigError("interact.intermediate_loss and interact.last_loss are both none: nothing to train")
+    if cfg.chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **top) -> TrainConfig:
+    """Defaults, then the YAML file, then `top` (CLI flags such as teacher=...), then `key=value` overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.__class__.__name__}: {e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of settings")
+        try:
+            _merge(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    _merge(cfg, {k: v for k, v in top.items() if v is not None})
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    return validate(cfg)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

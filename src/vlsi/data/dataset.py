@@ -1,0 +1,104 @@
+"""Samples encoded lazily for every model's processor, after a one-off length scan that drops or rejects
+over-long samples and checks that teacher and student see the same response tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vlsi.data.encode import IGNORE_INDEX, encode
+from vlsi.data.records import DataError, Sample
+
+
+class VLDataset(Dataset):
+    """Item i is `{name: encode(samples[i], processors[name], max_length)}` for every processor.
+
+    `overlong="drop"` removes samples longer than `max_length` under any processor (their ids in `self.dropped`);
+    `"error"` raises DataError. The scan (token and response-token counts per sample and processor) is saved to
+    `cache_path` and reused when the samples, their image files and the processors are unchanged.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        processors: dict,
+        max_length: int,
+        overlong: str = "drop",
+        cache_path: str | os.PathLike | None = None,
+    ):
+        if overlong not in ("drop", "error"):
+            raise ValueError(f"data.overlong must be 'drop' or 'error', got {overlong!r}")
+        self.processors, self.max_length = processors, max_length
+        scan = _scan(samples, processors, cache_path)  # {id: {name: [tokens, response tokens]}}
+        longest = {s.id: max(tokens for tokens, _ in scan[s.id].values()) for s in samples}
+        self.dropped = [s.id for s in samples if longest[s.id] > max_length]
+        if self.dropped and overlong == "error":
+            raise DataError(
+                [f"sample {i}: {longest[i]} tokens" for i in self.dropped],
+                f"{len(self.dropped)} samples longer than data.max_length={max_length} tokens "
+                f"(set data.max_length={max(longest.values())} or data.overlong=drop):",
+            )
+        self.samples = [s for s in samples if longest[s.id] <= max_length]
+        self.lengths = [longest[s.id] for s in self.samples]  # max over processors, for length-grouped sampling
+        mismatched = [
+            f"sample {s.id}: " + ", ".join(f"{n} for {name}" for name, (_, n) in scan[s.id].items())
+            for s in self.samples
+            if len({n for _, n in scan[s.id].values()}) > 1
+        ]
+        if mismatched:
+            raise DataError(
+                mismatched,
+                f"{len(mismatched)} samples whose response token counts differ between {', '.join(processors)}; "
+                "their tokenizers must split the answers alike:",
+            )
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.dropped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, dict]:
+        sample = self.samples[index]
+        return {name: encode(sample, processor, self.max_length) for name, processor in self.processors.items()}
+
+
+def _scan(samples: list[Sample], processors: dict, cache_path: str | os.PathLike | None) -> dict[str, dict]:
+    """{sample id: {processor name: [token count, response token count]}}, from `cache_path` when it matches."""
+    fingerprint = _fingerprint(samples, processors)
+    cache = Path(cache_path) if cache_path is not None else None
+    if cache is not None and cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return cached["lengths"]
+    lengths = {}
+    for sample in tqdm(samples, desc="length scan", unit="sample", disable=not sys.stderr.isatty()):
+        counts = {}
+        for name, processor in processors.items():
+            labels = encode(sample, processor)["labels"]  # [1, T]
+            counts[name] = [labels.shape[1], int((labels != IGNORE_INDEX).sum())]
+        lengths[sample.id] = counts
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # ranks may write at once: replace atomically
+        partial.write_text(json.dumps({"fingerprint": fingerprint, "lengths": lengths}))
+        partial.replace(cache)
+    return lengths
+
+
+def _fingerprint(samples: list[Sample], processors: dict) -> str:
+    """Hash of what the lengths depend on: ids, messages, image files (path, size, mtime) and each processor's
+    class, configuration, vocabulary size and chat template. max_length is left out: lengths do not depend on it."""
+    data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in samples]
+    models = {
+        name: [type(processor).__name__, processor.to_json_string(), len(processor.tokenizer), processor.chat_template]
+        for name, processor in processors.items()
+    }
+    return hashlib.sha256(json.dumps([data, models], sort_keys=True).encode()).hexdigest()

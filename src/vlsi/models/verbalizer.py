@@ -1,0 +1,91 @@
+"""Verbalizers (DESIGN §4): a verb-FFN per target layer, then the backbone's own frozen final norm and LM head.
+
+The norm and head are shared with the backbone (not copied): a verbalizer file holds only the FFN weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "verbalizers.safetensors"
+META = "verbalizers.json"
+
+
+class VerbFFN(nn.Module):
+    """v(h) = W_down(SiLU(W_gate h) * W_up h): gated like the backbone MLP, no expansion (3 d^2 parameters)."""
+
+    def __init__(self, d: int, residual: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, d, bias=False)
+        self.down = nn.Linear(d, d, bias=False)
+        self.residual = residual
+        if residual:  # h + v(h) starts as the identity: the frozen head then reads the layer as a logit lens
+            nn.init.zeros_(self.down.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        v = self.down(F.silu(self.gate(h)) * self.up(h))
+        return h + v if self.residual else v
+
+
+class Verbalizers(nn.Module):
+    """One VerbFFN per target layer; `head(k, norm, lm_head, vocab)` is the k-th layer's full verbalizer."""
+
+    def __init__(self, hidden_size: int, target_layers: list[int], residual: bool = False, family: str = ""):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.target_layers = list(target_layers)
+        self.residual = residual
+        self.family = family
+        self.ffns = nn.ModuleList(VerbFFN(hidden_size, residual) for _ in target_layers)
+
+    def __len__(self) -> int:
+        return len(self.target_layers)
+
+    def head(self, k: int, norm: nn.Module, lm_head: nn.Module, vocab: int):
+        """hidden [n, d] -> logits [n, vocab] through verb-FFN k, the frozen final norm and LM head."""
+        ffn = self.ffns[k]
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            return lm_head(norm(ffn(h.to(ffn.gate.weight.dtype)).to(norm.weight.dtype)))[..., :vocab]
+
+        return run
+
+    def save(self, directory: str | Path, **extra) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS)
+        meta = dict(
+            family=self.family,
+            hidden_size=self.hidden_size,
+            target_layers=self.target_layers,
+            residual=self.residual,
+            **extra,
+        )
+        (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Verbalizers:
+        directory = Path(directory)
+        if not (directory / META).is_file() or not (directory / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{directory}: no verbalizers here (expected {META} and {WEIGHTS})")
+        meta = json.loads((directory / META).read_text())
+        verbalizers = cls(meta["hidden_size"], meta["target_layers"], meta["residual"], meta.get("family", ""))
+        verbalizers.load_state_dict(load_file(directory / WEIGHTS))
+        return verbalizers
+
+
+def final_head(norm: nn.Module, lm_head: nn.Module, vocab: int):
+    """hidden [n, d] (the last block's output) -> logits [n, vocab]: the model's own output head."""
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return lm_head(norm(h))[..., :vocab]
+
+    return run

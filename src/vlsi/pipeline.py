@@ -1,0 +1,112 @@
+"""`vlsi train`: verbalize (teacher, student) -> interact -> SFT, reusing stages already finished in OUT.
+
+    vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [key=value ...]
+
+OUT/
+  config.yaml            the resolved configuration
+  metrics.jsonl          one line per optimizer step: stage, step, lr, losses
+  layer_match.jsonl      one line per interaction micro-step: matched teacher target layer per student layer
+  verbalizers/teacher/   verbalizers.safetensors + verbalizers.json
+  verbalizers/student/
+  stages/interact/       the student after interaction (merged) and its verbalizers
+  student/               the final student: a plain Hugging Face checkpoint + processor
+  verbalizer_loss.png, layer_match.png
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+from accelerate import PartialState
+
+from .config import ConfigError, TrainConfig, save_config, to_dict
+from .models.loading import check_same_vocabulary, load_processor
+from .plots import plot_layer_match, plot_verbalizer_loss
+from .stages.common import load_samples
+from .stages.interact import interact
+from .stages.loop import MetricsLog
+from .stages.sft import sft
+from .stages.verbalize import verbalize
+
+log = logging.getLogger("vlsi")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to mix stages made under another configuration into this output folder."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    before, now = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(to_dict(cfg))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise ConfigError(
+            f"{out} holds a run with another configuration ({shown}); finished stages would be reused wrongly: "
+            "use a new --output, or delete that folder"
+        )
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    for key in ("teacher", "student", "output"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"--{key} is required")
+    if not cfg.data.path:
+        raise ConfigError("--data is required")
+    out = Path(cfg.output)
+    state = PartialState()
+    check_same_run(cfg, out)
+    # Tokenizers first: a pair that cannot be distilled stops before any weights are loaded.
+    t_proc, s_proc = (
+        load_processor(cfg.teacher, cfg.trust_remote_code),
+        load_processor(cfg.student, cfg.trust_remote_code),
+    )
+    check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
+    samples = load_samples(cfg)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    state.wait_for_everyone()
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=state.is_main_process)
+
+    teacher_verb = out / "verbalizers" / "teacher"
+    if cfg.teacher_verbalizers and not teacher_verb.exists() and state.is_main_process:
+        shutil.copytree(cfg.teacher_verbalizers, teacher_verb)
+    state.wait_for_everyone()
+    for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
+        target = out / "verbalizers" / who
+        if target.exists():
+            log.info("verbalizers for the %s: reusing %s", who, target)
+        elif who in cfg.verbalize.models:
+            verbalize(cfg, path, who, target, metrics, samples)
+        else:
+            raise ConfigError(f"verbalize.models leaves out the {who}, but {target} does not exist")
+    if state.is_main_process:
+        plot_verbalizer_loss(out / "metrics.jsonl", out / "verbalizer_loss.png")
+
+    interacted = out / "stages" / "interact"
+    if interacted.exists():
+        log.info("interaction: reusing %s", interacted)
+    else:
+        interact(cfg, out, metrics, samples)
+    if state.is_main_process:
+        plot_layer_match(out / "layer_match.jsonl", out / "layer_match.png")
+
+    final = out / "student"
+    if final.exists():
+        log.info("SFT: reusing %s", final)
+    else:
+        sft(cfg, str(interacted / "student"), final, metrics, samples)
+    return final

@@ -1,0 +1,177 @@
+"""Stage 2, interaction (DESIGN §6): adaptive layer matching between student and teacher verbalized layers.
+
+Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; LM head frozen; vision
+tower frozen by default. Teacher forcing on the training sample, response tokens only. Per batch:
+  D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
+  match   = layer_match(D)  (search range, order preservation, adaptive temperature)
+  loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked)
+          + KL(teacher output || student output)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..losses import (
+    chunked_cross_entropy,
+    chunked_divergence,
+    cross_entropy_from_logits,
+    divergence,
+    divergence_matrix,
+    shared_vocab_size,
+)
+from ..matching import layer_match
+from ..models.family import Parts, capture, model_parts
+from ..models.loading import (
+    check_same_vocabulary,
+    compute_dtype,
+    freeze,
+    load_model,
+    load_processor,
+)
+from ..models.verbalizer import Verbalizers
+from .common import atomic_dir, build_loader, load_samples, split_batch
+from .loop import MetricsLog, make_accelerator, train
+from .sft import prepare_student, save_student
+
+
+class InteractStep(nn.Module):
+    """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside."""
+
+    def __init__(
+        self,
+        student,
+        s_parts: Parts,
+        s_verb: Verbalizers,
+        teacher,
+        t_parts: Parts,
+        t_verb: Verbalizers,
+        cfg: TrainConfig,
+        vocab: int,
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        self.student = student
+        self.verbalizers = s_verb
+        self.s_parts = (s_parts,)
+        self.frozen_teacher = (teacher, t_parts, t_verb)
+        self.cfg = cfg.interact
+        self.chunk_size = cfg.chunk_size
+        self.vocab = vocab
+        self.generator = generator
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        teacher, t_parts, t_verb = self.frozen_teacher
+        (s_parts,) = self.s_parts
+        s_verb, cfg, vocab, chunk = self.verbalizers, self.cfg, self.vocab, self.chunk_size
+        s_inputs, s_mask, targets = split_batch(batch["student"])
+        t_inputs, t_mask, _ = split_batch(batch["teacher"])
+
+        with torch.no_grad(), capture(t_parts.layers, t_verb.target_layers) as t_states:
+            t_logits = teacher(**t_inputs, logits_to_keep=t_mask).logits[:, :vocab]  # [N, V]
+        with capture(s_parts.layers, s_verb.target_layers) as s_states:
+            s_logits = self.student(**s_inputs, logits_to_keep=s_mask).logits[:, :vocab]  # [N, V]
+        t_hidden = [t_states[layer][t_mask] for layer in t_verb.target_layers]  # t_l x [N, d_t]
+        s_hidden = [s_states[layer][s_mask] for layer in s_verb.target_layers]  # t_s x [N, d_s]
+        t_heads = [t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab) for j in range(len(t_verb))]
+        s_heads = [s_verb.head(i, s_parts.norm, s_parts.lm_head, vocab) for i in range(len(s_verb))]
+
+        logs: dict = {}
+        loss = s_logits.new_zeros((), dtype=torch.float32)
+        if cfg.intermediate_loss == "kld":
+            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, cfg.divergence, chunk)  # [t_l, t_s]
+            m = cfg.match
+            match = layer_match(
+                scores,
+                m.strategy,
+                search_range=m.search_range,
+                order=m.order,
+                temperature=m.temperature,
+                scale=m.scale,
+                eps=m.eps,
+                fixed_temperature=m.fixed_temperature,
+                bottom_k=m.bottom_k,
+                fixed=m.fixed,
+                generator=self.generator,
+            )
+            for i, chosen in enumerate(match):
+                layer_loss = torch.stack(
+                    [
+                        chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], cfg.divergence, chunk)
+                        for j in chosen
+                    ]
+                ).mean()
+                logs[f"kl/layer{s_verb.target_layers[i]}"] = layer_loss.item()
+                loss = loss + layer_loss
+            logs["match"] = match
+        elif cfg.intermediate_loss == "ce":
+            for i, layer in enumerate(s_verb.target_layers):
+                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk)
+                logs[f"ce/layer{layer}"] = layer_loss.item()
+                loss = loss + layer_loss
+        if cfg.last_loss == "kld":
+            last = divergence(s_logits, t_logits, cfg.divergence)
+        elif cfg.last_loss == "ce":
+            last = cross_entropy_from_logits(s_logits, targets)
+        else:
+            last = None
+        if last is not None:
+            logs["last"] = last.item()
+            loss = loss + last
+        return loss, logs
+
+
+def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> Path:
+    """Run the interaction stage; writes OUT/stages/interact/{student,verbalizers} and OUT/layer_match.jsonl."""
+    stage = cfg.interact
+    dtype = compute_dtype(cfg.precision)
+    accelerator = make_accelerator(stage, dtype)
+    t_proc, s_proc = (
+        load_processor(cfg.teacher, cfg.trust_remote_code),
+        load_processor(cfg.student, cfg.trust_remote_code),
+    )
+    check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
+
+    teacher = freeze(load_model(cfg.teacher, dtype, cfg.trust_remote_code)).eval()
+    t_parts = model_parts(teacher)
+    t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
+    s_verb = Verbalizers.load(out / "verbalizers" / "student")
+    if len(s_verb) > len(t_verb):
+        raise ValueError(
+            f"the student has {len(s_verb)} target layers but the teacher only {len(t_verb)}: each student layer "
+            "needs its own teacher layer (set verbalizer.student_layers / verbalizer.teacher_layers)"
+        )
+    torch.manual_seed(cfg.seed)
+    student, s_parts = prepare_student(cfg.student, dtype, stage, cfg)
+    if stage.intermediate_loss == "none":
+        freeze(s_verb)
+    vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_parts.vocab_rows)
+
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    t_verb.to(accelerator.device, dtype)
+    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator)
+    samples = samples if samples is not None else load_samples(cfg)
+    loader = build_loader(cfg, samples, {"teacher": t_proc, "student": s_proc}, stage.batch_size, cfg.seed, "interact")
+
+    match_log = out / "layer_match.jsonl"
+    match_log.unlink(missing_ok=True)
+
+    def record_match(step_number: int, match: list[list[int]]) -> None:
+        if accelerator.is_main_process:
+            with match_log.open("a") as f:
+                f.write(json.dumps({"step": step_number, "match": [m[0] if len(m) == 1 else m for m in match]}) + "\n")
+
+    trained = train(accelerator, step, loader, stage, "interact", metrics, on_micro_step=record_match)
+    target = out / "stages" / "interact"
+    if accelerator.is_main_process:
+        with atomic_dir(target) as tmp:
+            save_student(trained.student, s_proc, tmp / "student")
+            trained.verbalizers.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)
+    accelerator.wait_for_everyone()
+    return target

@@ -1,0 +1,79 @@
+"""Stage 3, supervised fine-tuning (DESIGN §7): next-token cross-entropy of the student's own output.
+
+Verbalizers are unused. Also a plain SFT trainer for any supported VLM:
+
+    vlsi sft --model DIR --data train.json --output OUT [key=value ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import InteractConfig, SFTConfig, TrainConfig
+from ..losses import cross_entropy_from_logits
+from ..models.family import Parts, model_parts
+from ..models.loading import add_lora, compute_dtype, freeze, load_model, load_processor
+from .common import atomic_dir, build_loader, load_samples, split_batch
+from .loop import MetricsLog, make_accelerator, train
+
+
+def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractConfig, cfg: TrainConfig):
+    """Load a student to train: LoRA on the LLM (or the whole LLM), LM head frozen, vision tower frozen by default."""
+    lora = stage.lora
+    # Full fine-tuning keeps fp32 master weights (autocast does the bf16 compute); LoRA trains fp32 adapters
+    # on a base kept in the compute dtype.
+    model = load_model(path, dtype if lora.enabled else torch.float32, cfg.trust_remote_code)
+    parts = model_parts(model)
+    if lora.enabled:
+        freeze(model)
+        model = add_lora(model, parts, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    freeze(parts.lm_head)
+    if stage.freeze_vision:
+        for module in parts.vision:
+            freeze(module) if isinstance(module, nn.Module) else module.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, parts
+
+
+def save_student(model: nn.Module, processor, directory: Path) -> None:
+    """A plain Hugging Face checkpoint (safetensors) with LoRA merged in and the processor beside it."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+class SFTStep(nn.Module):
+    def __init__(self, model: nn.Module, parts: Parts, vocab: int):
+        super().__init__()
+        self.model = model
+        self.vocab = vocab
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        inputs, mask, targets = split_batch(batch["model"])
+        logits = self.model(**inputs, logits_to_keep=mask).logits[:, : self.vocab]  # [N, V]
+        return cross_entropy_from_logits(logits, targets), {}
+
+
+def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None) -> Path:
+    """Fine-tune `model_path` on the data; save the merged model and its processor to `output`."""
+    stage = cfg.sft
+    dtype = compute_dtype(cfg.precision)
+    accelerator = make_accelerator(stage, dtype)
+    processor = load_processor(model_path, cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    model, parts = prepare_student(model_path, dtype, stage, cfg)
+    vocab = min(len(processor.tokenizer), parts.vocab_rows)
+    samples = samples if samples is not None else load_samples(cfg)
+    loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, "sft")
+    trained = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics)
+    if accelerator.is_main_process:
+        with atomic_dir(output) as tmp:
+            save_student(trained.model, processor, tmp)
+    accelerator.wait_for_everyone()
+    return output

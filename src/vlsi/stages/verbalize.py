@@ -1,0 +1,75 @@
+"""Stage 1, verbalization (DESIGN §5): teach each target layer to speak.
+
+The backbone, its final norm and LM head are frozen; only the verb-FFNs train, with next-token cross-entropy
+on the response tokens at every target layer, summed over layers. Teacher and student are independent runs.
+
+    vlsi verbalize --model DIR --data train.json --output OUT [key=value ...]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..losses import chunked_cross_entropy, shared_vocab_size
+from ..models.family import Parts, capture, model_parts
+from ..models.loading import compute_dtype, freeze, load_model, load_processor
+from ..models.verbalizer import Verbalizers
+from .common import atomic_dir, build_loader, load_samples, split_batch, target_layers
+from .loop import MetricsLog, make_accelerator, train
+
+
+class VerbalizeStep(nn.Module):
+    """Registered: the verbalizers only. The frozen model runs without autograd."""
+
+    def __init__(self, model: nn.Module, parts: Parts, verbalizers: Verbalizers, vocab: int, chunk_size: int):
+        super().__init__()
+        self.verbalizers = verbalizers
+        self.frozen = (model, parts)  # a tuple keeps the backbone out of .parameters() and DDP
+        self.vocab = vocab
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        model, parts = self.frozen
+        inputs, mask, targets = split_batch(batch["model"])
+        layers = self.verbalizers.target_layers
+        with torch.no_grad(), capture(parts.layers, layers) as states:
+            model(**inputs, logits_to_keep=1)  # hidden states only: skip the LM head on every position
+        losses = [
+            chunked_cross_entropy(
+                states[layer][mask],  # [N, d]
+                self.verbalizers.head(k, parts.norm, parts.lm_head, self.vocab),
+                targets,
+                self.chunk_size,
+            )
+            for k, layer in enumerate(layers)
+        ]
+        logs = {f"loss/layer{layer}": loss.item() for layer, loss in zip(layers, losses)}
+        return torch.stack(losses).sum(), logs
+
+
+def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics: MetricsLog, samples=None) -> Path:
+    """Train verbalizers for one model (`who` = teacher | student) and save them to `output`."""
+    stage = cfg.verbalize
+    dtype = compute_dtype(cfg.precision)
+    accelerator = make_accelerator(stage, dtype)
+    processor = load_processor(model_path, cfg.trust_remote_code)
+    model = freeze(load_model(model_path, dtype, cfg.trust_remote_code)).eval()
+    parts = model_parts(model)
+    layers = target_layers(cfg, parts, who)
+    torch.manual_seed(cfg.seed)
+    verbalizers = Verbalizers(parts.hidden_size, layers, cfg.verbalizer.residual, parts.family)
+    vocab = shared_vocab_size(len(processor.tokenizer), parts.vocab_rows)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    step = VerbalizeStep(model, parts, verbalizers, vocab, cfg.chunk_size)
+    samples = samples if samples is not None else load_samples(cfg)
+    loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, f"verbalize-{who}")
+    trained = train(accelerator, step, loader, stage, f"verbalize/{who}", metrics)
+    if accelerator.is_main_process:
+        with atomic_dir(output) as tmp:
+            trained.verbalizers.save(tmp, model=model_path, num_layers=parts.num_layers, vocab=vocab)
+    accelerator.wait_for_everyone()
+    return output

@@ -1,0 +1,215 @@
+"""`vlsi train` / `verbalize` / `sft` through the real CLI on tiny local checkpoints and real images."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlsi.cli import main
+from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
+SHORT = ["verbalize.max_steps=3", "interact.max_steps=3", "sft.max_steps=3", "interact.grad_accum=2"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    teacher, student = write_tiny_pair(root)
+    data = write_digits_dataset(root, n=12)
+    return root, str(teacher), str(student), str(data)
+
+
+def _train(toy, out, *extra):
+    root, teacher, student, data = toy
+    argv = [
+        "train",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--config",
+        CONFIG,
+        *SHORT,
+        *extra,
+    ]
+    return main(argv)
+
+
+def _generate(directory: Path, image: Path) -> str:
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit is this?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])[0]
+
+
+def test_train_end_to_end(toy, tmp_path):
+    out = tmp_path / "run"
+    assert _train(toy, out) == 0
+
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "layer_match.jsonl",
+        "layer_match.png",
+        "verbalizer_loss.png",
+        "verbalizers/teacher/verbalizers.safetensors",
+        "verbalizers/student/verbalizers.json",
+        "student/config.json",
+        "student/model.safetensors",
+        "student/processor_config.json",
+    ]:
+        assert (out / name).is_file(), name
+
+    teacher_meta = json.loads((out / "verbalizers/teacher/verbalizers.json").read_text())
+    student_meta = json.loads((out / "verbalizers/student/verbalizers.json").read_text())
+    assert teacher_meta["target_layers"] == [0, 2, 4] and student_meta["target_layers"] == [0, 2]  # tiny-cpu rule
+
+    matches = [json.loads(line) for line in (out / "layer_match.jsonl").read_text().splitlines()]
+    assert len(matches) == 3 * 2  # interact.max_steps x grad_accum
+    assert all(len(m["match"]) == 2 and m["match"][0] < m["match"][1] <= 2 for m in matches)
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = [m["stage"] for m in metrics]
+    assert stages == ["verbalize/teacher"] * 3 + ["verbalize/student"] * 3 + ["interact"] * 3 + ["sft"] * 3
+    assert {"loss/layer0", "loss/layer2", "loss/layer4"} <= set(metrics[0])
+    assert {"kl/layer0", "kl/layer2", "last"} <= set(metrics[6])
+
+    with safe_open(out / "student" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "lora_" in k or "verbalizer" in k or "ffns" in k], "a plain student checkpoint"
+    with safe_open(Path(toy[2]) / "model.safetensors", "pt") as f:
+        assert sorted(keys) == sorted(f.keys()), "same architecture and layout as the input student"
+    assert isinstance(_generate(out / "student", next((toy[0] / "images").glob("*.png"))), str)
+
+    # Re-running the same command reuses every finished stage.
+    assert _train(toy, out) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+
+
+def test_rerun_with_another_config_is_refused(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 5\n")
+    assert _train(toy, out) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_different_tokenizers_stop_before_loading(toy, tmp_path):
+    other = build_tokenizer(corpus="a wholly different corpus of words " * 20, vocab_size=320)
+    build_tiny_vlm(tmp_path / "alien", tokenizer=other)
+    root, teacher, _, data = toy
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlsi",
+            "train",
+            "--teacher",
+            teacher,
+            "--student",
+            str(tmp_path / "alien"),
+            "--data",
+            data,
+            "--output",
+            str(tmp_path / "run"),
+            "--config",
+            CONFIG,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "different tokenizers" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "verbalizers").exists()
+
+
+def test_llava_onevision_pair(tmp_path):
+    tokenizer = build_tokenizer("llava_onevision")
+    build_tiny_vlm(tmp_path / "t", family="llava_onevision", hidden=96, layers=6, vocab_pad=32, tokenizer=tokenizer)
+    build_tiny_vlm(tmp_path / "s", family="llava_onevision", layers=4, tokenizer=tokenizer, seed=1)
+    data = write_digits_dataset(tmp_path, n=6)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--teacher",
+        str(tmp_path / "t"),
+        "--student",
+        str(tmp_path / "s"),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--config",
+        CONFIG,
+        "verbalize.max_steps=2",
+        "interact.max_steps=2",
+        "sft.max_steps=2",
+        "verbalize.batch_size=2",
+        "interact.batch_size=2",
+        "sft.batch_size=2",
+    ]
+    assert main(argv) == 0
+    assert _generate(out / "student", next((tmp_path / "images").glob("*.png"))) is not None
+
+
+def test_verbalize_and_sft_alone(toy, tmp_path):
+    _, _, student, data = toy
+    assert (
+        main(
+            [
+                "verbalize",
+                "--model",
+                student,
+                "--data",
+                data,
+                "--output",
+                str(tmp_path / "v"),
+                "--config",
+                CONFIG,
+                "verbalize.max_steps=2",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "v" / "verbalizers" / "verbalizers.safetensors").is_file()
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                student,
+                "--data",
+                data,
+                "--output",
+                str(tmp_path / "s"),
+                "--config",
+                CONFIG,
+                "sft.max_steps=2",
+            ]
+        )
+        == 0
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_help_explains_the_commands():
+    result = subprocess.run([sys.executable, "-m", "vlsi", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--teacher" in result.stdout and "key=value" in result.stdout

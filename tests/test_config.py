@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from vlsi.config import ConfigError, TrainConfig, load_config, parse_override, save_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.interact.lora.r == 64 and cfg.interact.lora.alpha == 64
+    assert cfg.interact.match.strategy == "adaptive" and cfg.interact.match.scale == 2.0
+    assert cfg.interact.divergence == "forward" and cfg.interact.last_loss == "kld"
+    assert cfg.verbalize.lr == 1e-4 and cfg.verbalize.min_lr == 1e-6 and cfg.verbalize.grad_accum == 16
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("interact:\n  max_steps: 7\n  match: {strategy: bottom_k}\nseed: 3\n")
+    cfg = load_config(path, ["interact.max_steps=9", "verbalizer.student_layers=[0, 2]", "sft.lr=2e-5"])
+    assert cfg.interact.max_steps == 9
+    assert cfg.interact.match.strategy == "bottom_k"
+    assert cfg.seed == 3
+    assert cfg.verbalizer.student_layers == [0, 2]
+    assert cfg.sft.lr == 2e-5
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("interact.max_step=3", "unknown setting 'interact.max_step'"),
+        ("interact.max_steps=abc", "interact.max_steps: expected int"),
+        ("interact.match.strategy=greedy", "interact.match.strategy='greedy' is not one of"),
+        ("verbalizer.student_layers=3", "expected a list"),
+        ("sft.batch_size=0", "sft.batch_size must be >= 1"),
+        ("interact.match.strategy=fixed", "needs interact.match.fixed"),
+        ("nokey", "is not key=value"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("interact: {colour: red}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown setting 'interact.colour'"):
+        load_config(path)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["interact.match.fixed=[0,1]", "interact.match.strategy=fixed"], teacher="t")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_parse_override_nests():
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    if cfg.verbalizer.teacher_layers is not None:
+        assert len(cfg.verbalizer.student_layers) <= len(cfg.verbalizer.teacher_layers)
+
+
+def test_presets_cover_the_paper_pairs():
+    names = {p.stem for p in CONFIGS}
+    assert {
+        "qwen2vl-72b-to-7b",
+        "qwen2vl-72b-to-2b",
+        "qwen2vl-7b-to-2b",
+        "llava-ov-72b-to-7b",
+        "llava-ov-72b-to-0.5b",
+    } <= names

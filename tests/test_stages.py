@@ -1,0 +1,134 @@
+"""Each stage trains what it should and leaves everything else bit-identical."""
+
+import pytest
+import torch
+
+from vlsi.config import load_config
+from vlsi.data import VLDataset, make_collate, read_dataset
+from vlsi.models.family import model_parts
+from vlsi.models.loading import freeze, load_model, load_processor
+from vlsi.models.verbalizer import Verbalizers
+from vlsi.stages.interact import InteractStep
+from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
+from vlsi.stages.sft import SFTStep, prepare_student
+from vlsi.stages.verbalize import VerbalizeStep
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    teacher, student = write_tiny_pair(root)
+    data = write_digits_dataset(root, n=8)
+    return root, str(teacher), str(student), data
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def _cfg(toy, *overrides):
+    root, teacher, student, data = toy
+    return load_config(
+        None,
+        ["verbalizer.teacher_layers=[0,2,4]", "verbalizer.student_layers=[0,2]", "chunk_size=7", *overrides],
+        teacher=teacher,
+        student=student,
+        output=str(root / "out"),
+    )
+
+
+def _loader(cfg, processors, data):
+    samples, _ = read_dataset(data)
+    return make_loader(VLDataset(samples, processors, 512), 4, make_collate(processors), seed=0)
+
+
+def test_verbalize_trains_only_the_verbalizers(toy, tmp_path):
+    cfg = _cfg(toy, "verbalize.max_steps=2", "verbalize.grad_accum=2", "verbalize.lr=1e-2")
+    processor = load_processor(cfg.student)
+    model = freeze(load_model(cfg.student, torch.float32)).eval()
+    parts = model_parts(model)
+    verb = Verbalizers(parts.hidden_size, [0, 2])
+    before_model, before_verb = _snapshot(model), _snapshot(verb)
+    step = VerbalizeStep(model, parts, verb, len(processor.tokenizer), cfg.chunk_size)
+    assert {n for n, _ in step.named_parameters()} == {f"verbalizers.{n}" for n in before_verb}
+    train(
+        make_accelerator(cfg.verbalize, torch.float32),
+        step,
+        _loader(cfg, {"model": processor}, toy[3]),
+        cfg.verbalize,
+        "verbalize/student",
+        MetricsLog(tmp_path / "m.jsonl"),
+    )
+    assert not _changed(before_model, model), "backbone, final norm and LM head stay bit-identical"
+    assert _changed(before_verb, verb) == set(before_verb), "every verb-FFN weight trains"
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"loss/layer0"' in lines[0] and '"loss/layer2"' in lines[0]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
+    cfg = _cfg(
+        toy,
+        "interact.max_steps=2",
+        "interact.grad_accum=2",
+        "interact.lr=1e-2",
+        f"interact.lora.enabled={str(lora).lower()}",
+        "interact.lora.r=4",
+    )
+    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
+    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+    t_parts = model_parts(teacher)
+    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
+    student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
+    s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
+    before_teacher, before_t_verb = _snapshot(teacher), _snapshot(t_verb)
+    before_student, before_s_verb = _snapshot(student), _snapshot(s_verb)
+    head_before = s_parts.lm_head.weight.detach().clone()
+    vision_before = [p.detach().clone() for m in s_parts.vision for p in m.parameters()]
+    step = InteractStep(
+        student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), torch.Generator().manual_seed(0)
+    )
+    matches = []
+    loader = _loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])
+    train(
+        make_accelerator(cfg.interact, torch.float32),
+        step,
+        loader,
+        cfg.interact,
+        "interact",
+        MetricsLog(tmp_path / "m.jsonl"),
+        on_micro_step=lambda s, m: matches.append(m),
+    )
+
+    assert not _changed(before_teacher, teacher) and not _changed(before_t_verb, t_verb), "teacher frozen"
+    assert _changed(before_s_verb, s_verb) == set(before_s_verb), "student verbalizers train"
+    assert torch.equal(head_before, s_parts.lm_head.weight), "LM head frozen"
+    assert all(torch.equal(a, p) for a, p in zip(vision_before, (p for m in s_parts.vision for p in m.parameters())))
+    changed = _changed(before_student, student)
+    if lora:
+        assert changed and all("lora_" in n for n in changed), "only LoRA adapters change"
+    else:
+        assert any("language_model.layers" in n for n in changed)
+    assert len(matches) == 4 and all(len(m) == 2 and m[0][0] < m[1][0] for m in matches)
+
+
+def test_sft_trains_lora_only(toy, tmp_path):
+    cfg = _cfg(toy, "sft.max_steps=2", "sft.grad_accum=1", "sft.lr=1e-2", "sft.lora.r=4")
+    processor = load_processor(cfg.student)
+    model, parts = prepare_student(cfg.student, torch.float32, cfg.sft, cfg)
+    before = _snapshot(model)
+    train(
+        make_accelerator(cfg.sft, torch.float32),
+        SFTStep(model, parts, len(processor.tokenizer)),
+        _loader(cfg, {"model": processor}, toy[3]),
+        cfg.sft,
+        "sft",
+        MetricsLog(tmp_path / "m.jsonl"),
+    )
+    changed = _changed(before, model)
+    assert changed and all("lora_" in n for n in changed)

@@ -121,12 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sft)
 
-    try:
-        from .eval.score import add_parser as add_score_parser
+    from .eval.score import add_parser as add_score_parser
 
-        add_score_parser(sub)
-    except ImportError:
-        pass
+    add_score_parser(sub)
     return parser
 
 

@@ -1,0 +1,256 @@
+"""LLM judge: a client for any OpenAI-compatible chat endpoint and the grading prompts.
+
+A judge is any callable `judge(prompt, *, temperature=0.0, system=None) -> str`; scorers take one as an
+argument, so tests pass a fake and the CLI passes `Judge(url, model, api_key)`. The API key is sent only in
+the Authorization header: it is kept out of repr(), error messages and logs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .io import ScoreError
+
+logger = logging.getLogger(__name__)
+
+JudgeFn = Callable[..., str]
+T = TypeVar("T")
+
+# Statuses worth retrying: timeouts, conflicts, rate limits and server faults.
+_RETRYABLE = {408, 409, 429}
+_MAX_BACKOFF_S = 30.0
+
+
+class JudgeError(ScoreError):
+    """The judge endpoint could not be used (bad address, refused key, or down after every retry)."""
+
+
+@dataclass(frozen=True)
+class Judge:
+    """OpenAI-compatible chat client with bounded retries and exponential backoff.
+
+    url: base URL ("http://127.0.0.1:8000/v1") or the full ".../chat/completions" address.
+    """
+
+    url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    retries: int = 4
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    max_tokens: int = 1024
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    def __call__(self, prompt: str, *, temperature: float = 0.0, system: str | None = None) -> str:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": self.max_tokens}
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        problem = ""
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    payload = response.read()
+                return _reply_text(payload, self.endpoint)
+            except urllib.error.HTTPError as e:
+                problem = f"HTTP {e.code}: {self._redact(_error_body(e))}"
+                if e.code < 500 and e.code not in _RETRYABLE:
+                    raise JudgeError(
+                        f"judge {self.endpoint} answered {problem}; check --judge-url, --judge-model and the key"
+                    ) from None
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
+                problem = self._redact(str(getattr(e, "reason", e)))
+            if attempt < self.retries:
+                delay = min(self.backoff_s * 2**attempt, _MAX_BACKOFF_S)
+                logger.warning(
+                    "judge call failed (%s); retry %d/%d in %.1fs", problem, attempt + 1, self.retries, delay
+                )
+                time.sleep(delay)
+        raise JudgeError(
+            f"judge {self.endpoint} failed {self.retries + 1} times (last: {problem}); is the server up at --judge-url?"
+        )
+
+
+def _error_body(error: urllib.error.HTTPError) -> str:
+    try:
+        return error.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
+    except OSError:
+        return ""
+
+
+def _reply_text(payload: bytes, endpoint: str) -> str:
+    try:
+        return json.loads(payload)["choices"][0]["message"]["content"] or ""
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise JudgeError(
+            f"judge {endpoint} did not return an OpenAI chat completion (choices[0].message.content); "
+            "point --judge-url at an OpenAI-compatible /v1 endpoint"
+        ) from None
+
+
+def grade_all(
+    judge: JudgeFn,
+    prompts: Sequence[str],
+    parse: Callable[[str], T | None],
+    temperatures: Sequence[float],
+    system: str | None = None,
+    workers: int = 8,
+) -> list[T | None]:
+    """Ask the judge every prompt (in parallel, results in order); re-ask at the next temperature while the
+    reply does not parse. None where no attempt parsed."""
+
+    def grade(prompt: str) -> T | None:
+        for temperature in temperatures:
+            value = parse(judge(prompt, temperature=temperature, system=system))
+            if value is not None:
+                return value
+        return None
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(pool.map(grade, prompts))
+    finally:
+        # On a JudgeError, drop the prompts not yet sent instead of failing each of them in turn.
+        pool.shutdown(cancel_futures=True)
+
+
+# MM-Vet's official few-shot grading prompt (github.com/yuweihao/MM-Vet), also used for MM-Vet v2.
+MMVET_PROMPT = (
+    "Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. "
+    "<AND> in the ground truth means it is totally right only when all elements in the ground truth are present "
+    "in the prediction, and <OR> means it is totally right when any one element in the ground truth is present "
+    "in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, "
+    "0.9, or 1.0 (totally right). Just complete the last space of the correctness score.\n"
+    "\n"
+    "Question | Ground truth | Prediction | Correctness\n"
+    "--- | --- | --- | ---\n"
+    "What is x in the equation? | -1 <AND> -5 | x = 3 | 0.0\n"
+    "What is x in the equation? | -1 <AND> -5 | x = -1 | 0.5\n"
+    "What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5\n"
+    "What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5\n"
+    "What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0\n"
+    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and "
+    "Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while "
+    "Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the "
+    "names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and "
+    "Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very "
+    "green. | 0.4\n"
+    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and "
+    "Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while "
+    "Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the "
+    "names of these countries do not accurately represent their landscapes. | The meme is using humor to point "
+    "out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green "
+    "landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is "
+    "a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme "
+    "is derived from the unexpected contrast between the names of the countries and their actual physical "
+    "characteristics. | 1.0\n"
+)
+# VLMEvalKit re-asks an unparsable MM-Vet grade up to 5 times at temperature 0, 0.5, ..., 2.0.
+MMVET_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def mmvet_prompt(question: str, answer: str, prediction: str) -> str:
+    truth = answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
+    return f"{MMVET_PROMPT}\n{question} | {truth} | {prediction} |"
+
+
+def parse_mmvet_grade(reply: str) -> float | None:
+    """The grade in [0, 1] that starts the reply ("0.6", "0.6 because ..."), or None."""
+    words = reply.split()
+    try:
+        grade = float(words[0].rstrip(".,")) if words else None
+    except ValueError:
+        return None
+    return grade if grade is not None and 0.0 <= grade <= 1.0 else None
+
+
+# LLaVA-Bench's reviewer (as in VLMEvalKit's LLaVABench and lmms-eval's LLaVA-Wilder): the reference answer is
+# Assistant 1, the model Assistant 2. The judge here reads text only, so it is told it does not see the image.
+WILDER_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+WILDER_RULE = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user "
+    "question displayed above. The user asks the question on observing an image, which is not shown to you. \n"
+    "Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
+    "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance. "
+    "Assume assistant 1 always receive a score of 10 and is the correct answer.\n"
+    "Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
+    "respectively. The two scores are separated by a space.\n"
+    "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential "
+    "bias and ensuring that the order in which the responses were presented does not affect your judgment."
+)
+# VLMEvalKit's LLaVABench judges at temperature 0.2; an unparsable review is asked again, up to 3 times.
+WILDER_TEMPERATURES = (0.2, 0.2, 0.2)
+
+
+def wilder_prompt(question: str, reference: str, prediction: str) -> str:
+    return (
+        f"[Question]\n{question}\n\n"
+        f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{prediction}\n\n[End of Assistant 2]\n\n"
+        f"[System]\n{WILDER_RULE}\n\n"
+    )
+
+
+def parse_wilder_scores(reply: str) -> tuple[float, float] | None:
+    """(reference score, model score) from the review's first line ("8 7" or "8, 7"), or None."""
+    lines = reply.strip().splitlines()
+    values = lines[0].replace(",", " ").split() if lines else []
+    if len(values) != 2:
+        return None
+    try:
+        return float(values[0]), float(values[1])
+    except ValueError:
+        return None
+
+
+MATHVISTA_PROMPT = (
+    "Read a model's response to a math question and copy out its final answer only: the number for a numeric "
+    "question (no units), the option letter for a multiple-choice question, the Python list for a list question.\n"
+    "\n"
+    "Question: How many apples are left if Tom eats 2 of the 7 apples?\n"
+    "Model response: Tom starts with 7 apples and eats 2, so 5 apples remain.\n"
+    "Extracted answer: 5\n"
+    "\n"
+    "Question: What is the slope of the line? Answer with a float with two decimal places.\n"
+    "Model response: Rise over run is 3/4, which is 0.75.\n"
+    "Extracted answer: 0.75\n"
+    "\n"
+    "Question: Which shape is largest?\nChoices: (A) circle (B) square (C) triangle\n"
+    "Model response: Comparing the areas, the square covers the most space, so the answer is (B) square.\n"
+    "Extracted answer: B\n"
+    "\n"
+    "Question: In which two years did sales peak? Answer with a Python list.\n"
+    "Model response: Sales were highest in 2010 and in 2014.\n"
+    "Extracted answer: [2010, 2014]\n"
+    "\n"
+)
+
+
+def mathvista_prompt(question: str, prediction: str) -> str:
+    return f"{MATHVISTA_PROMPT}Question: {question}\nModel response: {prediction}\nExtracted answer:"
+
+
+def parse_extracted(reply: str) -> str | None:
+    """The judge's extracted answer, or None when it returned nothing."""
+    return reply.strip() or None

@@ -1,0 +1,96 @@
+"""`vlsi score`: score a predictions file on one benchmark and print the metrics as one JSON object.
+
+    vlsi score --benchmark mmbench_en --predictions preds/MMBench_DEV_EN.tsv
+    vlsi score --benchmark mm-vet --predictions preds/mmvet.jsonl \\
+        --judge-url https://api.openai.com/v1 --judge-model gpt-4-turbo --judge-key-env OPENAI_API_KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .benchmarks import JUDGE_OPTIONAL, JUDGED, REQUIRED, SCORERS, resolve_benchmark
+from .io import ScoreError, read_predictions
+from .judge import Judge, JudgeFn
+
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
+def score_file(benchmark: str, predictions: str | Path, judge: JudgeFn | None = None) -> dict:
+    """Metrics for a predictions file: {"benchmark", "score", ...details}. Raises ScoreError on bad input.
+
+    `judge` is used by MM-Vet, MM-Vet v2 and LLaVA-Wilder (required) and MathVista (answer extraction).
+    """
+    name = resolve_benchmark(benchmark)
+    if name in JUDGED and judge is None:
+        raise ScoreError(
+            f"{name} is scored by an LLM judge; pass --judge-url and --judge-model "
+            f"(the API key is read from ${DEFAULT_KEY_ENV}, or the variable named by --judge-key-env)"
+        )
+    rows = read_predictions(predictions, REQUIRED[name], name)
+    scorer = SCORERS[name]
+    result = scorer(rows, judge) if name in JUDGED | JUDGE_OPTIONAL else scorer(rows)
+    return {"benchmark": name, **result}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `score` on an argparse subparsers object; the parsed args go to `run`."""
+    parser = subparsers.add_parser(
+        "score",
+        help="score a predictions file on a benchmark (VLMEvalKit rules) and print JSON metrics",
+        description=(
+            "Score predictions of any system on a benchmark and print one JSON object: `score` is the headline "
+            "number as papers report it, the other keys are details. See docs/EVALUATION.md for the file "
+            "layout of each benchmark."
+        ),
+    )
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        help=f"benchmark name, case-insensitive ({', '.join(sorted(SCORERS))}; aliases such as mmbench, mmvet)",
+    )
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        help="TSV or JSONL file with the benchmark's fields in VLMEvalKit's layout plus a `prediction` column",
+    )
+    parser.add_argument(
+        "--judge-url",
+        help="OpenAI-compatible endpoint for the LLM judge, e.g. https://api.openai.com/v1 or "
+        "http://127.0.0.1:8000/v1; required for mm_vet, mm_vet_v2, llava_wilder, optional for mathvista",
+    )
+    parser.add_argument("--judge-model", help="judge model name sent to the endpoint, e.g. gpt-4-turbo")
+    parser.add_argument(
+        "--judge-key-env",
+        help=f"name of the environment variable holding the judge's API key (default {DEFAULT_KEY_ENV}; "
+        "unset means no key is sent); the key itself is never printed",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _judge_from_args(args: argparse.Namespace) -> Judge | None:
+    if args.judge_url is None and args.judge_model is None:
+        return None
+    if args.judge_url is None or args.judge_model is None:
+        raise ScoreError("--judge-url and --judge-model go together; pass both")
+    key_env = args.judge_key_env or DEFAULT_KEY_ENV
+    api_key = os.environ.get(key_env) or None
+    if args.judge_key_env and api_key is None:
+        raise ScoreError(f"--judge-key-env names ${key_env}, which is not set; export the key in it")
+    return Judge(url=args.judge_url, model=args.judge_model, api_key=api_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the metrics JSON to stdout and return 0; on bad input print one error line to stderr and return 2."""
+    try:
+        result = score_file(args.benchmark, args.predictions, _judge_from_args(args))
+    except (ScoreError, OSError) as e:
+        print(f"vlsi score: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0

@@ -77,3 +77,38 @@ def test_presets_cover_the_paper_pairs():
         "llava-ov-72b-to-7b",
         "llava-ov-72b-to-0.5b",
     } <= names
+
+
+def _keys(obj, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_every_setting_is_documented():
+    doc = (Path(__file__).parent.parent / "docs" / "CONFIG.md").read_text()
+    stage_keys = {
+        "max_steps",
+        "lr",
+        "min_lr",
+        "warmup_steps",
+        "weight_decay",
+        "batch_size",
+        "grad_accum",
+        "max_grad_norm",
+    }
+    missing = []
+    for key in _keys(TrainConfig()):
+        leaf = key.rsplit(".", 1)[-1]
+        if key.split(".")[0] in {"verbalize", "interact", "sft"} and leaf in stage_keys:
+            key = f"STAGE.{leaf}"
+        elif ".lora." in key:
+            key = "." + leaf if key.startswith("interact") else "sft.lora.*"
+        if key not in doc:
+            missing.append(key)
+    assert not missing, f"docs/CONFIG.md lacks {missing}"

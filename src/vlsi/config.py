@@ -111,7 +111,6 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     chunk_size: int = 1024  # tokens per chunk when verbalizing (bounds the [tokens x vocab] logits kept)
     trust_remote_code: bool = False
-    log_every: int = 1
 
 
 CHOICES = {

@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from vlsi.eval import Judge, JudgeError, ScoreError, add_parser, score_file
+from vlsi.eval import Judge, JudgeError, ScoreError, score_file
 from vlsi.eval.judge import MMVET_PROMPT, WILDER_SYSTEM
 from vlsi.eval.judged import score_llava_wilder, score_mm_vet, score_mm_vet_v2
+from vlsi.eval.score import add_parser
 
 SECRET = "sk-test-0123456789-secret"
 

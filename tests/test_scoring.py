@@ -9,10 +9,11 @@ import json
 
 import pytest
 
-from vlsi.eval import SCORERS, ScoreError, add_parser, read_predictions, resolve_benchmark, score_file
+from vlsi.eval import SCORERS, ScoreError, read_predictions, resolve_benchmark, score_file
 from vlsi.eval.extract import infer_option, number_values, yes_no
 from vlsi.eval.mcq import score_cv_bench, score_mcq, score_mmbench, score_mmmu
 from vlsi.eval.numeric import relaxed_match, relaxed_match_vlmevalkit, score_chartqa, score_mathvista
+from vlsi.eval.score import add_parser
 from vlsi.eval.yesno import score_hallusionbench, score_mme, score_pope
 
 OPTIONS = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}

@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sft)
 
+    from .eval.harness import add_parser as add_eval_parser
     from .eval.score import add_parser as add_score_parser
 
+    add_eval_parser(sub)
     add_score_parser(sub)
     return parser
 

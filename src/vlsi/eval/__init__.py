@@ -1,23 +1,51 @@
-"""Benchmark scoring: read a predictions file, score it the way VLMEvalKit does, return the metrics.
+"""Benchmark scoring: read a predictions file, score it the way VLMEvalKit does, return the metrics; and
+`evaluate`, which first answers the benchmark with a model (vlsi eval).
 
 from vlsi.eval import score_file
 score_file("mmbench_en", "preds/MMBench_DEV_EN.tsv")["score"]
+from vlsi.eval import evaluate
+evaluate("OUT/model", "mmbench_en", "MMBench_DEV_EN.tsv", "eval/mmbench")["score"]
 """
 
 from .benchmarks import JUDGED, SCORERS, resolve_benchmark
 from .io import ScoreError, read_predictions
 from .judge import Judge, JudgeError
-from .score import add_parser, run, score_file
+from .score import score_file
+
+# Generation needs torch and transformers: imported on first use, so that `vlsi score` stays light.
+_GENERATION = {
+    "EvalError": "generate",
+    "benchmark_prompt": "generate",
+    "custom_hit": "generate",
+    "generate_answers": "generate",
+    "question_type": "generate",
+    "score_custom": "generate",
+    "evaluate": "harness",
+}
+
+
+def __getattr__(name: str):
+    if name in _GENERATION:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_GENERATION[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "JUDGED",
     "SCORERS",
+    "EvalError",
     "Judge",
     "JudgeError",
     "ScoreError",
-    "add_parser",
+    "benchmark_prompt",
+    "custom_hit",
+    "evaluate",
+    "generate_answers",
+    "question_type",
     "read_predictions",
     "resolve_benchmark",
-    "run",
+    "score_custom",
     "score_file",
 ]

@@ -73,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _judge_from_args(args: argparse.Namespace) -> Judge | None:
+def judge_from_args(args: argparse.Namespace) -> Judge | None:
     if args.judge_url is None and args.judge_model is None:
         return None
     if args.judge_url is None or args.judge_model is None:
@@ -88,7 +88,7 @@ def _judge_from_args(args: argparse.Namespace) -> Judge | None:
 def run(args: argparse.Namespace) -> int:
     """Print the metrics JSON to stdout and return 0; on bad input print one error line to stderr and return 2."""
     try:
-        result = score_file(args.benchmark, args.predictions, _judge_from_args(args))
+        result = score_file(args.benchmark, args.predictions, judge_from_args(args))
     except (ScoreError, OSError) as e:
         print(f"vlsi score: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,299 @@
+"""`vlsi eval`: answer a benchmark with a model (batched greedy decoding), then score the answers.
+
+    vlsi eval --model OUT/model --benchmark mmbench_en --data MMBench_DEV_EN.tsv --output eval/mmbench
+    vlsi eval --model OUT/model --benchmark custom --data heldout.json --image-root imgs --output eval/heldout
+
+Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction`; one line per row as
+batches finish), OUTPUT/scores.json and OUTPUT/eval.json (the settings). Rerunning with the same settings
+resumes: rows already in predictions.jsonl are skipped, and a finished run is only rescored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlsi.data import DataError, read_dataset
+from vlsi.models.loading import ModelError, load_model, load_processor
+
+from .benchmarks import JUDGE_OPTIONAL, JUDGED, SCORERS, resolve_benchmark
+from .generate import (
+    EvalError,
+    Item,
+    benchmark_item,
+    custom_item,
+    default_max_new_tokens,
+    generate_answers,
+    read_benchmark,
+    score_custom,
+)
+from .io import ScoreError, read_predictions
+from .judge import JudgeFn
+from .score import judge_from_args, score_file
+
+logger = logging.getLogger(__name__)
+
+CUSTOM = "custom"
+PREDICTIONS, SCORES, SETTINGS = "predictions.jsonl", "scores.json", "eval.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Settings that change the predictions: resuming under different ones would mix two runs in one file.
+RESUME_KEYS = ("model", "benchmark", "data", "image_root", "max_new_tokens")
+
+
+def evaluate(
+    model: str,
+    benchmark: str,
+    data: str | Path,
+    output: str | Path,
+    image_root: str | Path | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    judge: JudgeFn | None = None,
+) -> dict:
+    """Generate the missing predictions into `output`, score the whole file and return the scores.
+
+    Raises EvalError (or ScoreError, DataError, ModelError) with a one-line message on bad input.
+    """
+    name = CUSTOM if benchmark.strip().lower() == CUSTOM else resolve_benchmark(benchmark)
+    data = Path(data)
+    root = Path(image_root) if image_root is not None else data.parent
+    out = Path(output)
+    device, dtype = _device_and_dtype(device, dtype)
+    settings = {
+        "model": _model_id(model),
+        "benchmark": name,
+        "data": str(data.resolve()),
+        "image_root": str(root.resolve()),
+        "max_new_tokens": max_new_tokens or default_max_new_tokens(name),
+    }
+
+    # Read and check everything (data, images, earlier output) before writing anything or loading the model.
+    if name == CUSTOM:
+        items = [custom_item(sample) for sample in read_dataset(data, root)[0]]
+        indices = [item.index for item in items]
+    else:
+        rows = read_benchmark(data, name)
+        indices = [row["index"] for row in rows]
+    if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
+        _check_settings(out / SETTINGS, settings)
+    finished = _finished_lines(out / PREDICTIONS, set(indices))
+    if name == CUSTOM:
+        pending = [item for item in items if item.index not in finished]
+    else:  # images are decoded (and checked) only for the rows still to answer
+        by_index = dict(zip(indices, rows))
+        pending = [benchmark_item(name, row, by_index, root, data) for row in rows if row["index"] not in finished]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
+    if finished:
+        logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
+    if pending:
+        _generate(pending, len(indices), len(finished), out / PREDICTIONS, settings, batch_size, device, dtype)
+    scores = _score(name, out / PREDICTIONS, judge)
+    (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    return scores
+
+
+def _generate(
+    pending: list[Item],
+    total: int,
+    finished: int,
+    path: Path,
+    settings: dict,
+    batch_size: int,
+    device: str,
+    dtype: str,
+) -> None:
+    processor = load_processor(settings["model"])
+    model = load_model(settings["model"], DTYPES[dtype]).to(device).eval()
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    bar = tqdm(total=total, initial=finished, desc=settings["benchmark"], unit="row", mininterval=1.0)
+    with path.open("a", encoding="utf-8") as f, bar:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            try:
+                answers = generate_answers(model, processor, batch, settings["max_new_tokens"])
+            except torch.cuda.OutOfMemoryError:
+                raise EvalError(
+                    f"out of memory on {device} at --batch-size {batch_size}; lower it and rerun to resume "
+                    f"({finished + start} rows are saved)"
+                ) from None
+            for item, answer in zip(batch, answers, strict=True):
+                f.write(json.dumps({**item.row, "prediction": answer}, ensure_ascii=False) + "\n")
+            f.flush()  # a kill loses at most the batch being written
+            bar.update(len(batch))
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """ "auto" resolved: the GPU when there is one, bf16 on a GPU that supports it, else fp32."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"--device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return device, dtype
+
+
+def _score(name: str, predictions: Path, judge: JudgeFn | None) -> dict:
+    if name == CUSTOM:
+        return score_custom(read_predictions(predictions, ("answer",), CUSTOM))
+    if name in JUDGED and judge is None:
+        note = (
+            f"{name} is scored by an LLM judge: rerun with --judge-url and --judge-model to score these predictions "
+            f"(they are kept), or run `vlsi score --benchmark {name} --predictions {predictions} --judge-url ...`"
+        )
+        print(f"vlsi eval: {note}", file=sys.stderr)
+        return {"benchmark": name, "score": None, "scored": False, "note": note}
+    return score_file(name, predictions, judge if name in JUDGED | JUDGE_OPTIONAL else None)
+
+
+def _model_id(model: str) -> str:
+    """A local model directory as an absolute path (so a rerun from elsewhere resumes); a hub id unchanged."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """Resuming is only allowed under the settings that wrote the predictions (RESUME_KEYS)."""
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise EvalError(
+            f"{path.parent} holds a run with {key} = {previous.get(key)!r}, not {settings[key]!r}; rerun with "
+            "the same settings to resume it, or pass another --output"
+        )
+
+
+def _finished_lines(path: Path, indices: set[str]) -> dict[str, str]:
+    """{index: line} of the rows already in predictions.jsonl. A kill can leave a partial last line: it is left
+    out (and its row generated again). Any other unreadable line, or a row not in the data, is an error."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    done: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "index" not in record or "prediction" not in record:
+            if number == len(lines):
+                logger.warning("%s: dropping the unfinished last line (%d characters)", path, len(line))
+                break
+            raise EvalError(f"{path} line {number}: not a prediction row; delete the file to start the run over")
+        index = str(record["index"])
+        if index not in indices:
+            raise EvalError(f"{path} line {number}: index {index} is not in --data; pass another --output")
+        if index in done:
+            raise EvalError(f"{path} line {number}: index {index} appears twice; delete one of the lines")
+        done[index] = line if line.endswith("\n") else line + "\n"
+    return done
+
+
+def _rewrite_if_truncated(path: Path, kept: list[str]) -> None:
+    """Replace predictions.jsonl by its `kept` lines when it holds anything else (a partial last line)."""
+    if not path.is_file() or path.read_text(encoding="utf-8") == "".join(kept):
+        return
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text("".join(kept), encoding="utf-8")
+    partial.replace(path)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on an argparse subparsers object; the parsed args go to `run`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="answer a benchmark with a model (batched greedy decoding) and score it",
+        description=(
+            "Generate answers to every row of a benchmark file with MODEL's processor, chat template and the "
+            "benchmark's standard prompt; write OUTPUT/predictions.jsonl and OUTPUT/scores.json. A rerun with the "
+            "same OUTPUT resumes where the last one stopped. See docs/EVALUATION.md."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model: a local directory or a hub id")
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        help=f"benchmark name ({', '.join(sorted(SCORERS))}; aliases as for `vlsi score`), or `custom` for a "
+        "held-out file in the training format (reference answer = last assistant turn)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the benchmark's VLMEvalKit TSV (or JSONL with its fields; images base64 in `image` or files in "
+        "`image_path`); for custom, LLaVA-style or OpenAI-style JSON / JSONL records",
+    )
+    parser.add_argument("--image-root", help="folder image paths are relative to (default: the data file's folder)")
+    parser.add_argument("--output", required=True, help="output folder; rerunning with it resumes the run")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        help="answer length limit (default 1024 for mm_vet, mm_vet_v2, llava_wilder, mathvista; 128 otherwise)",
+    )
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights' dtype (default: bf16 on a GPU that supports it, else fp32)",
+    )
+    parser.add_argument(
+        "--judge-url",
+        help="OpenAI-compatible endpoint for the LLM judge (as for `vlsi score`); without it mm_vet, mm_vet_v2 "
+        "and llava_wilder are generated but not scored",
+    )
+    parser.add_argument("--judge-model", help="judge model name sent to the endpoint, e.g. gpt-4-turbo")
+    parser.add_argument(
+        "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the scores JSON to stdout and return 0; on bad input print one error line to stderr and return 2."""
+    try:
+        scores = evaluate(
+            model=args.model,
+            benchmark=args.benchmark,
+            data=args.data,
+            output=args.output,
+            image_root=args.image_root,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            dtype=args.dtype,
+            judge=judge_from_args(args),
+        )
+    except (EvalError, ScoreError, DataError, ModelError, OSError) as e:
+        print(f"vlsi eval: error: {str(e).strip()}", file=sys.stderr)
+        return 2
+    print(json.dumps(scores, indent=2, ensure_ascii=False))
+    return 0

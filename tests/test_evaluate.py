@@ -1,0 +1,336 @@
+"""`vlsi eval` through its real argument parser on a tiny random-weight Qwen2-VL: predictions and scores written,
+batched generation equal to one row at a time, resume after a kill, the custom benchmark, prompts and errors."""
+
+import argparse
+import base64
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlsi.eval import SCORERS
+from vlsi.eval.generate import PROMPT_FAMILY, Item, benchmark_prompt, custom_hit, generate_answers, question_type
+from vlsi.eval.harness import add_parser
+from vlsi.models.tiny import build_tiny_vlm
+from vlsi.toy import write_digits_dataset
+
+FAST = ["--max-new-tokens", "4", "--batch-size", "4"]
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="vlsi")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)
+
+
+def png(color, width: int = 56) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, 56), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tsv(path, rows: list[dict]) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def mmbench_rows() -> list[dict]:
+    """Three questions, each with one rotation (index + 1e6, options shifted) whose image cell refers to the
+    question's row, as VLMEvalKit's MMBench TSV stores repeated images."""
+    options = ["red", "green", "blue"]
+    rows = []
+    for k in range(3):
+        image = base64.b64encode(png((80 * k, 120, 40), width=56 + 14 * k)).decode()
+        for rotation in range(2):
+            shifted = options[rotation:] + options[:rotation]
+            rows.append(
+                {
+                    "index": k + rotation * 1_000_000,
+                    "question": f"What colour is the square number {k}?",
+                    "hint": "The image shows one square." if k == 1 else "",
+                    "A": shifted[0],
+                    "B": shifted[1],
+                    "C": shifted[2],
+                    "answer": "ABC"[(k - rotation) % 3],
+                    "category": "colour",
+                    "image": image if rotation == 0 else str(k),
+                }
+            )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    build_tiny_vlm(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mmbench_run(model_dir, tmp_path_factory):
+    """One finished mmbench run: (data file, output folder)."""
+    root = tmp_path_factory.mktemp("mmbench")
+    data = write_tsv(root / "MMBench_DEV_EN.tsv", mmbench_rows())
+    assert (
+        cli("--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(root / "out"), *FAST) == 0
+    )
+    return data, root / "out"
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_writes_every_prediction_and_the_score(mmbench_run):
+    _, out = mmbench_run
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert sorted(row["index"] for row in predictions) == sorted(str(row["index"]) for row in mmbench_rows())
+    assert all(isinstance(row["prediction"], str) and "image" not in row for row in predictions)
+    assert predictions[0]["question"] == "What colour is the square number 0?" and predictions[0]["A"] == "red"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["benchmark"] == "mmbench_en" and scores["num_questions"] == 3 and scores["num_rows"] == 6
+    assert 0.0 <= scores["score"] <= 100.0
+    settings = json.loads((out / "eval.json").read_text())
+    assert settings["benchmark"] == "mmbench_en" and settings["max_new_tokens"] == 4
+
+
+def test_batched_generation_equals_one_row_at_a_time(model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    questions = ["Which digit is this?", "What is shown in the image? Answer with a single word or number.", "Count"]
+
+    def item(question: str, images: list[bytes]) -> Item:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        return Item(question, [{"role": "user", "content": content}], images, {})
+
+    # Prompts of different lengths (text, image size, image count, no image): the batch needs real padding.
+    items = [
+        item(questions[0], [png((10, 20, 30))]),
+        item(questions[1], [png((200, 20, 30), width=112)]),
+        item(questions[2], []),
+        item(questions[2], [png((0, 0, 0)), png((250, 250, 250), width=84)]),
+    ]
+    batched = generate_answers(model, processor, items, max_new_tokens=6)
+    alone = [generate_answers(model, processor, [one], max_new_tokens=6)[0] for one in items]
+    assert batched == alone
+    assert len(set(alone)) > 1  # the rows really differ, so equality is not trivial
+
+
+def test_resume_after_a_kill_generates_each_row_once(mmbench_run, model_dir, tmp_path, monkeypatch):
+    data, full = mmbench_run
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(full / "eval.json", out / "eval.json")
+    lines = (full / "predictions.jsonl").read_text().splitlines(keepends=True)
+    # Killed while writing line 4: three rows saved (marked, to see they are kept), half a line after them.
+    kept = [json.dumps({**json.loads(line), "prediction": "KEPT"}) + "\n" for line in lines[:3]]
+    (out / "predictions.jsonl").write_text("".join(kept) + lines[3][: len(lines[3]) // 2])
+
+    assert cli("--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST) == 0
+    resumed = read_jsonl(out / "predictions.jsonl")
+    assert [row["index"] for row in resumed] == [json.loads(line)["index"] for line in lines]  # each once, in order
+    assert [row["prediction"] for row in resumed[:3]] == ["KEPT"] * 3
+    assert resumed[3:] == read_jsonl(full / "predictions.jsonl")[3:]  # regenerated exactly as in the full run
+
+    # A finished run is only rescored: the model is not even loaded.
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a finished run")
+
+    monkeypatch.setattr("vlsi.eval.harness.load_model", no_model)
+    assert cli("--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST) == 0
+    assert len(read_jsonl(out / "predictions.jsonl")) == 6
+
+
+def test_resume_refuses_other_settings(mmbench_run, model_dir, capsys):
+    data, out = mmbench_run
+    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out)]
+    assert cli(*argv, "--max-new-tokens", "5") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vlsi eval: error:") and "max_new_tokens = 4" in error and "--output" in error
+
+
+def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
+    data = write_digits_dataset(tmp_path, n=6)
+    argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(data), "--output", str(tmp_path / "o")]
+    assert cli(*argv, *FAST) == 0
+    predictions = read_jsonl(tmp_path / "o" / "predictions.jsonl")
+    records = json.loads(data.read_text())
+    assert [row["index"] for row in predictions] == [record["id"] for record in records]
+    assert [row["answer"] for row in predictions] == [record["conversations"][-1]["value"] for record in records]
+    assert {row["question_type"] for row in predictions} == {"number", "yes_no"}
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores["num_questions"] == 6 and 0.0 <= scores["score"] <= 100.0
+    assert sum(kind["num_questions"] for kind in scores["question_types"].values()) == 6
+    assert json.loads(capsys.readouterr().out) == scores
+
+
+def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (56, 56), "red").save(images / "a.png")
+    data = write_tsv(
+        tmp_path / "MMVet.tsv",
+        [
+            {
+                "index": i,
+                "question": "What is this?",
+                "answer": "a red square",
+                "category": "rec",
+                "image_path": "a.png",
+            }
+            for i in range(2)
+        ],
+    )
+    argv = ["--model", model_dir, "--benchmark", "mm-vet", "--data", data, "--image-root", str(images)]
+    assert cli(*argv, "--output", str(tmp_path / "o"), *FAST) == 0
+    assert len(read_jsonl(tmp_path / "o" / "predictions.jsonl")) == 2
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores["score"] is None and scores["scored"] is False
+    assert "--judge-url" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_every_benchmark_has_a_prompt_family():
+    assert PROMPT_FAMILY.keys() == SCORERS.keys()
+
+
+@pytest.mark.parametrize(
+    "name, row, prompt",
+    [
+        (
+            "mmbench_en",
+            {"question": "Which colour?", "hint": "One square.", "A": "red", "B": "blue", "C": "nan"},
+            "One square.\nWhich colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices "
+            "directly.",
+        ),
+        (
+            "ai2d",
+            {"question": "Q?", "A": "x", "B": "y"},
+            "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.",
+        ),
+        (
+            "mmbench_cn",
+            {"question": "什么颜色?", "A": "红", "B": "蓝"},
+            "什么颜色?\nA. 红\nB. 蓝\n请直接回答选项字母。",
+        ),
+        ("mmmu", {"question": "How many?", "A": ""}, "How many?\nAnswer the question using a single word or phrase."),
+        ("pope", {"question": "Is there a dog in the image?"}, "Is there a dog in the image? Please answer yes or no."),
+        ("mme", {"question": "Is this red? Please answer yes or no."}, "Is this red? Please answer yes or no."),
+        (
+            "chartqa",
+            {"question": "What is the peak?"},
+            "What is the peak?\nAnswer the question using a single word or phrase.",
+        ),
+        (
+            "mathvista",
+            {"question": "Hint: ...\nQuestion: x?\nChoices:\n(A) 1"},
+            "Hint: ...\nQuestion: x?\nChoices:\n(A) 1",
+        ),
+        ("mm_vet", {"question": "Describe it."}, "Describe it."),
+    ],
+)
+def test_benchmark_prompt(name, row, prompt):
+    assert benchmark_prompt(name, row) == prompt
+
+
+# ---------------------------------------------------------------- custom matching (pure)
+
+
+@pytest.mark.parametrize(
+    "reference, kind",
+    [
+        ("B", "multiple_choice"),
+        ("(C)", "multiple_choice"),
+        ("Yes.", "yes_no"),
+        ("no", "yes_no"),
+        ("7", "number"),
+        ("1,200", "number"),
+        ("12%", "number"),
+        ("a red circle", "open"),
+        ("F", "open"),
+    ],
+)
+def test_question_type(reference, kind):
+    assert question_type(reference) == kind
+
+
+QUESTION = "What animal is it?\nA. dog\nB. cat\nC. bird"
+
+
+@pytest.mark.parametrize(
+    "reference, prediction, question, hit",
+    [
+        ("B", "The answer is B.", "", True),
+        ("B", "(B)", "", True),
+        ("B", "B. cat", QUESTION, True),
+        ("B", "cat", QUESTION, True),  # the option's text, when the question lists the options
+        ("B", "A", "", False),
+        ("B", "cat", "", False),  # no options listed: only a letter counts
+        ("yes", "Yes.", "", True),
+        ("Yes", "yes, there is one", "", True),
+        ("no", "Yes, it is.", "", False),
+        ("yes", "yes and no", "", False),
+        ("7", "7.0", "", True),
+        ("7", "seven", "", True),  # a number word zero-twenty on its own
+        ("7", "There are 7 objects.", "", True),  # the last number in the text
+        ("7", "The answer is 7, not 3.", "", True),  # the stated answer wins over the last number
+        ("7", "8", "", False),
+        ("7", "seven apples", "", False),  # number words only as the whole answer
+        ("1,200", "1200", "", True),
+        ("12%", "0.12", "", True),
+        ("3.5", "3.50001", "", True),  # within 1e-4 relative
+        ("3.5", "3.6", "", False),
+        ("a red circle", "Red circle.", "", True),
+        ("red circle", "blue circle", "", False),
+    ],
+)
+def test_custom_hit(reference, prediction, question, hit):
+    assert custom_hit(reference, prediction, question) is hit
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
+    data, _ = mmbench_run
+    rows = mmbench_rows()
+    no_answer = write_tsv(tmp_path / "no_answer.tsv", [{k: v for k, v in row.items() if k != "answer"} for row in rows])
+    bad_image = write_tsv(tmp_path / "bad_image.tsv", [{**row, "image": "x" * 100} for row in rows[:1]])
+    dangling = write_tsv(tmp_path / "dangling.tsv", [{**row, "image": "42"} for row in rows[:1]])
+    orphan = write_tsv(tmp_path / "orphan.tsv", rows[1:2])  # a rotation without its main row
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "predictions.jsonl").write_text('{"index": "0", "prediction": "A"}\nnot json\n{"index": "1"}\n')
+    cases = [
+        (["--data", no_answer], "missing answer"),
+        (["--data", bad_image], "row with index 0: image cannot be decoded"),
+        (["--data", dangling], "row with index 0: image cell '42'"),
+        (["--data", orphan], "main row"),
+        (["--data", str(tmp_path / "absent.tsv")], "no such file"),
+        (["--data", data, "--benchmark", "nope"], "unknown benchmark"),
+        (["--data", data, "--output", str(broken)], "line 2: not a prediction row"),
+        (["--data", data, "--model", str(tmp_path / "no_model")], "cannot load"),  # leaves "o" reusable
+        (["--data", data, "--device", "cuda:7"] if not _has_cuda() else ["--data", data, "--device", "gpu"], "device"),
+    ]
+    for extra, message in cases:
+        argv = ["--model", model_dir, "--benchmark", "mmbench", "--output", str(tmp_path / "o"), *extra]
+        assert cli(*argv) == 2, extra
+        error = capsys.readouterr().err
+        assert error.startswith("vlsi eval: error:") and message in error, (extra, error)
+        assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

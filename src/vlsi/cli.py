@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.harness import add_parser as add_eval_parser
     from .eval.score import add_parser as add_score_parser
+    from .explain import add_parser as add_explain_parser
 
     add_eval_parser(sub)
     add_score_parser(sub)
+    add_explain_parser(sub)
     return parser
 
 

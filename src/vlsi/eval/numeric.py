@@ -32,7 +32,7 @@ def _answers(row: dict) -> list[str]:
 
 def _plain_float(text: str) -> float | None:
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         return None
 

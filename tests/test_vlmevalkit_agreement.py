@@ -1,0 +1,101 @@
+"""`vlsi score` gives VLMEvalKit's numbers on predictions files that VLMEvalKit itself scored.
+
+tests/data/vlmevalkit/ holds generated predictions files (VLMEvalKit's TSV layout, free-text answers of every kind)
+and expected.json: for each file the headline number VLMEvalKit's own evaluation code gave at the commit it names,
+with its judge set to exact matching (docs/EVALUATION.md, "Agreement with VLMEvalKit", says how it was run). Files
+marked `differs` exhibit one of the documented deliberate differences: there vlsi must give its own number (`vlsi`).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from vlsi.eval import score_file
+from vlsi.eval.numeric import relaxed_match_vlmevalkit
+
+DATA = Path(__file__).parent / "data" / "vlmevalkit"
+EXPECTED = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))
+FILES = EXPECTED["files"]
+AGREE = sorted(name for name, entry in FILES.items() if "differs" not in entry)
+DIFFER = sorted(name for name, entry in FILES.items() if "differs" in entry)
+TOLERANCE = 1e-6
+
+
+def extraction_judge(path: Path):
+    """Stand-in for the MathVista answer-extraction judge: returns the `extracted` cell of the row whose
+    prediction the prompt quotes (VLMEvalKit was run with the same stand-in)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        extracted = {row["prediction"]: row["extracted"] for row in csv.DictReader(f, delimiter="\t")}
+
+    def judge(prompt, *, temperature=0.0, system=None):
+        prediction = prompt.rsplit("\nModel response: ", 1)[1].rsplit("\nExtracted answer:", 1)[0]
+        return extracted[prediction]
+
+    return judge
+
+
+def test_expected_names_the_vlmevalkit_commit_and_covers_every_rule_based_benchmark():
+    assert len(EXPECTED["vlmevalkit_commit"]) == 40
+    covered = {FILES[name]["benchmark"] for name in AGREE}
+    assert covered == {
+        "ai2d", "blink", "chartqa", "cv_bench", "hallusionbench", "mathvista", "mmbench_cn", "mmbench_en", "mme",
+        "mmmu", "mmstar", "pope", "q_bench", "seed_2_plus",
+    }  # fmt: skip
+    assert sorted(p.name for p in DATA.glob("*.tsv")) == sorted(FILES)
+
+
+@pytest.mark.parametrize("name", AGREE)
+def test_same_headline_as_vlmevalkit(name):
+    entry = FILES[name]
+    result = score_file(entry["benchmark"], DATA / name)
+    assert result["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
+    for key, value in entry.get("vlmevalkit_details", {}).items():
+        assert result[key] == pytest.approx(value, abs=TOLERANCE), key
+
+
+@pytest.mark.parametrize("name", [name for name in AGREE if "judge_column" in FILES[name]])
+def test_mathvista_with_the_same_extraction_judge_as_vlmevalkit(name):
+    entry = FILES[name]
+    result = score_file(entry["benchmark"], DATA / name, extraction_judge(DATA / name))
+    assert result["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("name", DIFFER)
+def test_documented_differences_give_vlsis_own_number(name):
+    entry = FILES[name]
+    result = score_file(entry["benchmark"], DATA / name)
+    assert result["score"] == pytest.approx(entry["vlsi"], abs=TOLERANCE)
+    assert abs(entry["vlsi"] - entry["vlmevalkit"]) > TOLERANCE  # the file does show the difference
+    if entry["benchmark"] == "chartqa":  # VLMEvalKit's own reading is still reported
+        assert result["relaxed_accuracy_vlmevalkit"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
+    if "vlsi_with_judge" in entry:
+        judged = score_file(entry["benchmark"], DATA / name, extraction_judge(DATA / name))
+        assert judged["score"] == pytest.approx(entry["vlsi_with_judge"], abs=TOLERANCE)
+
+
+def test_cv_bench_2d_and_3d_together_is_the_mean_of_vlmevalkits_two_numbers(tmp_path):
+    entry = EXPECTED["combined"]["cv_bench_2d.tsv+cv_bench_3d.tsv"]
+    with (DATA / "cv_bench_2d.tsv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    with (DATA / "cv_bench_3d.tsv").open(newline="", encoding="utf-8") as f:
+        rows += list(csv.DictReader(f, delimiter="\t"))
+    path = tmp_path / "cv_bench.tsv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    result = score_file("cv_bench", path)
+    assert result["2d"] == pytest.approx(entry["vlmevalkit_parts"]["2d"], abs=TOLERANCE)
+    assert result["3d"] == pytest.approx(entry["vlmevalkit_parts"]["3d"], abs=TOLERANCE)
+    assert result["score"] == pytest.approx(entry["vlsi"], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "target, prediction, correct",
+    [("12%", "12%%", True), ("0.12", "12%%", True), ("12%%", "0.12", True), ("12", "12%%", False)],
+)
+def test_relaxed_match_vlmevalkit_strips_every_trailing_percent_sign(target, prediction, correct):
+    # VLMEvalKit's relaxed_correctness reads "12%%" as float("12%%".rstrip("%")) / 100
+    assert relaxed_match_vlmevalkit(target, prediction) is correct

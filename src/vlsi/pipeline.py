@@ -5,7 +5,8 @@
 OUT/
   config.yaml            the resolved configuration
   metrics.jsonl          one line per optimizer step: stage, step, lr, losses
-  layer_match.jsonl      one line per interaction micro-step: matched teacher target layer per student layer
+  layer_match.jsonl      one line per interaction micro-step and process: matched teacher target layer per
+                         student layer
   verbalizers/teacher/   verbalizers.safetensors + verbalizers.json
   verbalizers/student/
   stages/interact/       the student after interaction (merged) and its verbalizers
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .models.loading import check_same_vocabulary, load_processor
@@ -66,8 +68,9 @@ def run_train(cfg: TrainConfig) -> Path:
     if not cfg.data.path:
         raise ConfigError("--data is required")
     out = Path(cfg.output)
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it: `launch --cpu`
     check_same_run(cfg, out)
+    state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
     # Tokenizers first: a pair that cannot be distilled stops before any weights are loaded.
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),

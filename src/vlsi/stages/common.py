@@ -1,15 +1,21 @@
-"""Small pieces the stages share: batch splitting, target-layer choice, data set-up, atomic output folders."""
+"""Small pieces the stages share: batch splitting, target-layer choice, data set-up, frozen-model placement,
+atomic output folders."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import VLDataset, make_collate, read_dataset, response_positions
 from ..models.family import Parts, check_target_layers, default_target_layers
 
@@ -53,6 +59,57 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
     from .loop import make_loader
 
     return make_loader(dataset, batch_size, make_collate(processors), seed, cfg.data.num_workers)
+
+
+def refuse_zero3_verbalizers(accelerator: Accelerator, stage: str) -> None:
+    """ZeRO-3 gathers a module's weights at every call, a collective; the trained verbalizers are called once per
+    chunk of response tokens, a number that differs between processes, so the processes would wait on each other."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError(
+            f"{stage}: DeepSpeed ZeRO-3 cannot train verbalizers (their per-chunk calls differ between processes); "
+            "use configs/accelerate/fsdp2.yaml, or zero3.yaml with `accelerate launch --zero_stage 2` (the frozen "
+            "teacher is still partitioned with ZeRO-3)"
+        )
+
+
+def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> tuple[nn.Module, Parts]:
+    """Place a frozen model for inference the way the launch configuration distributes training.
+
+    Single process and DDP: one whole copy per device (accelerate's evaluation mode: no DDP wrapper). FSDP2: sharded
+    like the trained model, each decoder block its own unit. DeepSpeed: partitioned by a ZeRO-3 inference engine
+    whatever the trained model's stage (no optimizer state, so stage 3 is the only one that saves memory). A sharded
+    model gathers its weights at each call of a sharded module; the verbalizers call the final norm and LM head outside
+    the model's forward, a different number of times per process, so they get replicated copies of those two instead.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError("FSDP version 1 is not supported: use configs/accelerate/fsdp2.yaml (fsdp_version: 2)")
+    sharded = accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not sharded:
+        return accelerator.prepare_model(model, evaluation_mode=True), parts
+    heads = dict(norm=copy.deepcopy(parts.norm), lm_head=copy.deepcopy(parts.lm_head))
+    parts = dataclasses.replace(parts, **{k: m.to(accelerator.device) for k, m in heads.items()})
+    if accelerator.is_fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in parts.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model, parts
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # required by deepspeed.initialize; nothing trains here
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.eval(), parts
+
+
+def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a step module's state dict under `prefix.` (e.g. "student"), with the prefix removed."""
+    return {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from ..config import TrainConfig
@@ -35,9 +36,17 @@ from ..models.loading import (
     load_processor,
 )
 from ..models.verbalizer import Verbalizers
-from .common import atomic_dir, build_loader, load_samples, split_batch
+from .common import (
+    atomic_dir,
+    build_loader,
+    load_samples,
+    prepare_frozen,
+    refuse_zero3_verbalizers,
+    split_batch,
+    substate,
+)
 from .loop import MetricsLog, make_accelerator, train
-from .sft import prepare_student, save_student
+from .sft import export_student, prepare_student
 
 
 class InteractStep(nn.Module):
@@ -58,6 +67,7 @@ class InteractStep(nn.Module):
         super().__init__()
         self.student = student
         self.verbalizers = s_verb
+        self._no_split_modules = getattr(student, "_no_split_modules", None)  # FSDP2 wraps these blocks
         self.s_parts = (s_parts,)
         self.frozen_teacher = (teacher, t_parts, t_verb)
         self.cfg = cfg.interact
@@ -130,7 +140,10 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     """Run the interaction stage; writes OUT/stages/interact/{student,verbalizers} and OUT/layer_match.jsonl."""
     stage = cfg.interact
     dtype = compute_dtype(cfg.precision)
-    accelerator = make_accelerator(stage, dtype)
+    # Without the last-layer loss the student blocks above its last target layer get no gradient.
+    accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none")
+    if stage.intermediate_loss != "none":
+        refuse_zero3_verbalizers(accelerator, "interact")
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),
         load_processor(cfg.student, cfg.trust_remote_code),
@@ -152,26 +165,31 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         freeze(s_verb)
     vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_parts.vocab_rows)
 
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
     t_verb.to(accelerator.device, dtype)
-    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
     step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"teacher": t_proc, "student": s_proc}, stage.batch_size, cfg.seed, "interact")
 
     match_log = out / "layer_match.jsonl"
-    match_log.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        match_log.unlink(missing_ok=True)
 
     def record_match(step_number: int, match: list[list[int]]) -> None:
+        matches = gather_object([match])  # one per process, in process order: the global batch's micro-batches
         if accelerator.is_main_process:
             with match_log.open("a") as f:
-                f.write(json.dumps({"step": step_number, "match": [m[0] if len(m) == 1 else m for m in match]}) + "\n")
+                for m in matches:
+                    f.write(json.dumps({"step": step_number, "match": [i[0] if len(i) == 1 else i for i in m]}) + "\n")
 
-    trained = train(accelerator, step, loader, stage, "interact", metrics, on_micro_step=record_match)
+    state = train(accelerator, step, loader, stage, "interact", metrics, on_micro_step=record_match)
     target = out / "stages" / "interact"
     if accelerator.is_main_process:
         with atomic_dir(target) as tmp:
-            save_student(trained.student, s_proc, tmp / "student")
-            trained.verbalizers.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)
+            export_student(state, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
+            trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
+            trained.load_state_dict(substate(state, "verbalizers"))
+            trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)
     accelerator.wait_for_everyone()
     return target

@@ -3,6 +3,10 @@
 A stage hands over a *step module*: an `nn.Module` whose registered parameters are exactly what trains and
 whose `forward(batch)` returns `(loss, logs)`. Frozen models live outside its registered children, so
 distributed wrappers (DDP, FSDP) and the optimizer see only the trainable part.
+
+Distributed runs are configuration (`accelerate launch --config_file configs/accelerate/*.yaml`, docs/DISTRIBUTED.md):
+each process draws its own slice of every global batch, losses are means over a micro-batch's response tokens,
+and gradients are averaged over processes and accumulation steps; metrics are averaged over processes too.
 """
 
 from __future__ import annotations
@@ -13,17 +17,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
 
 
-def make_accelerator(stage: StageConfig, dtype: torch.dtype) -> Accelerator:
+def make_accelerator(stage: StageConfig, dtype: torch.dtype, find_unused_parameters: bool = False) -> Accelerator:
+    """`find_unused_parameters`: some trained parameters may get no gradient in a step (DDP must then be told)."""
     plugin = GradientAccumulationPlugin(num_steps=stage.grad_accum, sync_with_dataloader=False)
-    return Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no", gradient_accumulation_plugin=plugin)
+    return Accelerator(
+        mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+        gradient_accumulation_plugin=plugin,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -48,7 +57,7 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if self.enabled and PartialState().is_main_process:  # the state the stage's Accelerator set up
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -81,14 +90,25 @@ def train(
     name: str,
     metrics: MetricsLog,
     on_micro_step=None,
-) -> nn.Module:
-    """Run `stage.max_steps` optimizer steps; returns the unwrapped step module."""
+) -> dict[str, torch.Tensor]:
+    """Run `stage.max_steps` optimizer steps on every process.
+
+    Returns the trained step module's state dict, whole tensors on the main process (FSDP2 and ZeRO-3 gather their
+    shards here, so every process must get this far); stages rebuild plain modules from it to save them.
+    """
     params = [p for p in step_module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: nothing to train (every parameter is frozen)")
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = cosine_schedule(optimizer, stage)
+    if accelerator.is_fsdp2:
+        # Accelerate keeps one FSDP plugin per process and would reuse the first stage's wrap classes: each stage
+        # wraps the decoder blocks its own model lists (none for the verbalize step, whose backbone is frozen).
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = list(
+            getattr(step_module, "_no_split_modules", None) or []
+        )
     module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
+    params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     module.train()
     sums: dict[str, list[float]] = defaultdict(list)
     step = 0
@@ -114,11 +134,13 @@ def train(
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
-            record = {k: sum(v) / len(v) for k, v in sums.items()}
+            means = [sum(v) / len(v) for v in sums.values()]  # this process's micro-batches
+            means = accelerator.reduce(torch.tensor(means, dtype=torch.float64, device=accelerator.device), "mean")
+            record = dict(zip(sums, means.tolist()))  # the global batch: every process's micro-batches
             metrics.write({"stage": name, "step": step, "lr": lr, **record})
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update(1)
             sums.clear()
     bar.close()
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(module)
+    return accelerator.get_state_dict(module)

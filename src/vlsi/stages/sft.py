@@ -16,7 +16,7 @@ from ..config import InteractConfig, SFTConfig, TrainConfig
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts, model_parts
 from ..models.loading import add_lora, compute_dtype, freeze, load_model, load_processor
-from .common import atomic_dir, build_loader, load_samples, split_batch
+from .common import atomic_dir, build_loader, load_samples, split_batch, substate
 from .loop import MetricsLog, make_accelerator, train
 
 
@@ -48,15 +48,27 @@ def save_student(model: nn.Module, processor, directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
+def export_student(state: dict, path: str, dtype: torch.dtype, stage, cfg: TrainConfig, processor, directory: Path):
+    """Save a trained student from its full state dict (`train`'s result, keys under the step's `student.`).
+
+    The student is rebuilt on the CPU as it was trained (LoRA and all) and loaded with the trained weights, so the
+    checkpoint is the same whether training ran replicated (one process, DDP) or sharded (FSDP2, ZeRO-3).
+    """
+    model, _ = prepare_student(path, dtype, stage, cfg)
+    model.load_state_dict(substate(state, "student"))
+    save_student(model, processor, directory)
+
+
 class SFTStep(nn.Module):
     def __init__(self, model: nn.Module, parts: Parts, vocab: int):
         super().__init__()
-        self.model = model
+        self.student = model
         self.vocab = vocab
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP2 wraps these blocks
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         inputs, mask, targets = split_batch(batch["model"])
-        logits = self.model(**inputs, logits_to_keep=mask).logits[:, : self.vocab]  # [N, V]
+        logits = self.student(**inputs, logits_to_keep=mask).logits[:, : self.vocab]  # [N, V]
         return cross_entropy_from_logits(logits, targets), {}
 
 
@@ -71,9 +83,9 @@ def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, sa
     vocab = min(len(processor.tokenizer), parts.vocab_rows)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, "sft")
-    trained = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics)
+    state = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics)
     if accelerator.is_main_process:
         with atomic_dir(output) as tmp:
-            save_student(trained.model, processor, tmp)
+            export_student(state, model_path, dtype, stage, cfg, processor, tmp)
     accelerator.wait_for_everyone()
     return output

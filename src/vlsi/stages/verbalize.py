@@ -18,7 +18,16 @@ from ..losses import chunked_cross_entropy, shared_vocab_size
 from ..models.family import Parts, capture, model_parts
 from ..models.loading import compute_dtype, freeze, load_model, load_processor
 from ..models.verbalizer import Verbalizers
-from .common import atomic_dir, build_loader, load_samples, split_batch, target_layers
+from .common import (
+    atomic_dir,
+    build_loader,
+    load_samples,
+    prepare_frozen,
+    refuse_zero3_verbalizers,
+    split_batch,
+    substate,
+    target_layers,
+)
 from .loop import MetricsLog, make_accelerator, train
 
 
@@ -56,6 +65,7 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     stage = cfg.verbalize
     dtype = compute_dtype(cfg.precision)
     accelerator = make_accelerator(stage, dtype)
+    refuse_zero3_verbalizers(accelerator, "verbalize")
     processor = load_processor(model_path, cfg.trust_remote_code)
     model = freeze(load_model(model_path, dtype, cfg.trust_remote_code)).eval()
     parts = model_parts(model)
@@ -63,13 +73,15 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     torch.manual_seed(cfg.seed)
     verbalizers = Verbalizers(parts.hidden_size, layers, cfg.verbalizer.residual, parts.family)
     vocab = shared_vocab_size(len(processor.tokenizer), parts.vocab_rows)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model, parts = prepare_frozen(accelerator, model, parts)
     step = VerbalizeStep(model, parts, verbalizers, vocab, cfg.chunk_size)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, f"verbalize-{who}")
-    trained = train(accelerator, step, loader, stage, f"verbalize/{who}", metrics)
+    state = train(accelerator, step, loader, stage, f"verbalize/{who}", metrics)
     if accelerator.is_main_process:
+        trained = Verbalizers(parts.hidden_size, layers, cfg.verbalizer.residual, parts.family)
+        trained.load_state_dict(substate(state, "verbalizers"))
         with atomic_dir(output) as tmp:
-            trained.verbalizers.save(tmp, model=model_path, num_layers=parts.num_layers, vocab=vocab)
+            trained.save(tmp, model=model_path, num_layers=parts.num_layers, vocab=vocab)
     accelerator.wait_for_everyone()
     return output

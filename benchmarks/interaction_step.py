@@ -1,0 +1,303 @@
+"""Time and peak memory of one training step: SFT, final-layer KD and the VLsI interaction step (DESIGN §11).
+
+Random-weight, text-only Qwen2 LLMs of real size (default: a Qwen2-VL-2B-sized student, a 7B-sized teacher,
+7 target layers each; `--teacher-layers 80`: a 72B-deep teacher at 7B width, 19.7B parameters, 20 target layers),
+batch 4 x 2048 tokens of which the last 256 per sample are the response. Each step runs through vlsi's own code:
+  sft       vlsi.stages.sft.SFTStep: student forward/backward, cross-entropy on response tokens
+  kd_final  vlsi.stages.interact.InteractStep with intermediate_loss=none: frozen teacher forward, student
+            forward/backward, KL(teacher || student) of the final outputs on response tokens
+  vlsi      vlsi.stages.interact.InteractStep as trained: capture hooks, Verbalizers, divergence_matrix scoring
+            without autograd, layer_match (adaptive), chunked KL on the matched layers + the final-layer KL
+A step is forward + backward (no optimizer update: that costs the same in all three). Reported: median wall time of
+`--repeats` steps after `--warmup` (device-synchronised), peak memory over the timed steps (all weights included),
+and the FLOP floor: the step's matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
+
+    python benchmarks/interaction_step.py --out benchmarks/results/interaction-h100.json          # one GPU
+    python benchmarks/interaction_step.py --teacher-layers 80 --out benchmarks/results/deep80.json
+    python benchmarks/interaction_step.py --tiny                                   # CPU smoke run, one thread, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from vlsi.config import TrainConfig
+from vlsi.models.family import default_target_layers, model_parts
+from vlsi.models.loading import add_lora, freeze
+from vlsi.models.verbalizer import Verbalizers
+from vlsi.stages.interact import InteractStep
+from vlsi.stages.sft import SFTStep
+
+TOKENIZER_LEN = 151657  # Qwen2 tokenizer; both heads are padded past it (151936 and 152064 rows)
+REAL = dict(
+    student=dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    teacher=dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    batch=4,
+    tokens=2048,
+    response=256,
+)
+TINY = dict(
+    student=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=512,
+        tie_word_embeddings=True,
+    ),
+    teacher=dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=544,
+        tie_word_embeddings=False,
+    ),
+    batch=2,
+    tokens=64,
+    response=16,
+)
+STEPS = ("sft", "kd_final", "vlsi")
+
+
+def build(config: dict, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with device:  # initialise on the device: a 20B random init on the host takes minutes
+        model = Qwen2ForCausalLM(Qwen2Config(**config, max_position_embeddings=4096, attn_implementation="sdpa"))
+    torch.set_default_dtype(default)
+    return model
+
+
+def make_batch(size: dict, vocab: int, device: torch.device, generator: torch.Generator) -> dict:
+    """Same tokens for both models (they share the tokenizer); the last `response` tokens of each row are labelled."""
+    b, t, r = size["batch"], size["tokens"], size["response"]
+    ids = torch.randint(0, vocab, (b, t), generator=generator).to(device)
+    labels = torch.full_like(ids, -100)
+    labels[:, t - r :] = ids[:, t - r :]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {"student": inputs, "teacher": inputs, "model": inputs}
+
+
+def body_params(model) -> int:
+    """Parameters multiplied per token in the decoder blocks (embeddings are lookups; the head is counted apart)."""
+    return sum(p.numel() for p in model_parts(model).layers.parameters())
+
+
+def step_flops(args, size: dict, s_cfg: dict, t_cfg: dict, params: tuple[int, int], layers: tuple[int, int], v: int):
+    """Matmul FLOPs each step cannot avoid (no recomputation; heads only on response positions).
+
+    Forward 2 FLOPs per weight per token; backward 2 more for input gradients and, for trained weights, 2 for weight
+    gradients. Causal attention: 2 * T * d per token and layer forward (scores and values, half the square).
+    """
+    (s_params, t_params), (t_s, t_l) = params, layers
+    n = size["batch"] * size["tokens"]
+    nr = size["batch"] * size["response"]  # v: the shared vocabulary every head is sliced to
+    ds, dt = s_cfg["hidden_size"], t_cfg["hidden_size"]
+    s_bwd = 2 if args.lora else 4  # LoRA: frozen base weights need input gradients only
+    s_attn = 2 * size["tokens"] * ds * n * s_cfg["num_hidden_layers"]
+    t_attn = 2 * size["tokens"] * dt * n * t_cfg["num_hidden_layers"]
+    student = (2 + s_bwd) * s_params * n + 3 * s_attn + (2 + 2) * ds * v * nr  # frozen head: input gradients only
+    teacher = 2 * t_params * n + t_attn + 2 * dt * v * nr
+    s_verb = t_s * (6 * 3 * ds * ds + 4 * ds * v) * nr
+    t_verb = t_l * 2 * (3 * dt * dt + dt * v) * nr
+    return {"sft": student, "kd_final": student + teacher, "vlsi": student + teacher + s_verb + t_verb}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul FLOP/s (8192^2 on a GPU, 1024^2 on the CPU)."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * size**3 / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, batch: dict, device: torch.device, repeats: int, warmup: int) -> dict:
+    params = [p for p in step.parameters() if p.requires_grad]
+
+    def once() -> float:
+        loss, _ = step(batch)
+        loss.backward()
+        for p in params:
+            p.grad = None
+        return loss.item()
+
+    for _ in range(warmup):
+        loss = once()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        loss = once()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_gib": peak, "loss": loss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32: a smoke run of seconds")
+    parser.add_argument("--teacher-layers", type=int, default=None, help="teacher depth (80: a 72B-deep teacher)")
+    parser.add_argument("--lora", type=int, default=0, help="train the student through LoRA of this rank (0: full)")
+    parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size, help="tokens per loss chunk")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    size = TINY if args.tiny else REAL
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny kernels gain nothing from threads, and threads make CPU timings erratic
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    s_cfg, t_cfg = dict(size["student"]), dict(size["teacher"])
+    if args.teacher_layers:
+        t_cfg["num_hidden_layers"] = args.teacher_layers
+    vocab = min(TOKENIZER_LEN, s_cfg["vocab_size"], t_cfg["vocab_size"])
+    torch.manual_seed(args.seed)
+
+    teacher = freeze(build(t_cfg, device, dtype)).eval()
+    student = build(s_cfg, device, dtype)
+    t_params, s_params = body_params(teacher), body_params(student)
+    t_parts, s_parts = model_parts(teacher), model_parts(student)
+    if args.lora:
+        freeze(student)
+        student = add_lora(student, s_parts, args.lora, args.lora, 0.0, TrainConfig().interact.lora.target_modules)
+    freeze(s_parts.lm_head)
+    t_layers = default_target_layers(t_parts.num_layers)  # every 4th block from block 2 (DESIGN §3)
+    s_layers = default_target_layers(s_parts.num_layers)
+    t_verb = freeze(Verbalizers(t_parts.hidden_size, t_layers)).to(device, dtype)
+    s_verb = Verbalizers(s_parts.hidden_size, s_layers).to(device, dtype)
+
+    cfg = TrainConfig(chunk_size=args.chunk_size)
+    kd_cfg = TrainConfig(chunk_size=args.chunk_size)
+    kd_cfg.interact.intermediate_loss = "none"
+    generator = torch.Generator().manual_seed(args.seed)
+    steps = {
+        "sft": SFTStep(student, s_parts, vocab),
+        "kd_final": InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, kd_cfg, vocab, generator),
+        "vlsi": InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator),
+    }
+    batch = make_batch(size, vocab, device, torch.Generator().manual_seed(args.seed))
+    rate = matmul_rate(device, dtype)
+    flops = step_flops(args, size, s_cfg, t_cfg, (s_params, t_params), (len(s_layers), len(t_layers)), vocab)
+
+    results = {}
+    for name in args.steps:
+        s_verb.requires_grad_(name == "vlsi")  # as `interact` freezes them without intermediate losses
+        try:
+            result = measure(steps[name], batch, device, args.repeats, args.warmup)
+        except torch.OutOfMemoryError:
+            result = {"ms": None, "peak_gib": "OOM"}
+            for p in steps[name].parameters():
+                p.grad = None
+            torch.cuda.empty_cache()
+        result["flops"] = flops[name]
+        result["floor_ms"] = 1000 * flops[name] / rate
+        result["floor_fraction"] = result["floor_ms"] / result["ms"] if result["ms"] else None
+        results[name] = result
+        print(f"{name}: {result['ms'] and round(result['ms'], 1)} ms", file=sys.stderr, flush=True)
+
+    report = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s))",
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul_tflops": rate / 1e12,
+        "batch": size["batch"],
+        "tokens": size["tokens"],
+        "response_tokens": size["response"],
+        "student": {"layers": s_parts.num_layers, "hidden": s_parts.hidden_size, "target_layers": s_layers},
+        "teacher": {"layers": t_parts.num_layers, "hidden": t_parts.hidden_size, "target_layers": t_layers},
+        "student_params_B": sum(p.numel() for p in student.parameters()) / 1e9,
+        "teacher_params_B": sum(p.numel() for p in teacher.parameters()) / 1e9,
+        "lora": args.lora,
+        "chunk_size": args.chunk_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "steps": results,
+    }
+    kd, vl = results.get("kd_final", {}), results.get("vlsi", {})
+    if kd.get("ms") and vl.get("ms"):
+        report["vlsi_over_kd_time"] = vl["ms"] / kd["ms"]
+        if kd["peak_gib"] and vl["peak_gib"]:
+            report["vlsi_over_kd_memory"] = vl["peak_gib"] / kd["peak_gib"]
+    print(table(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def table(report: dict) -> str:
+    rows = [
+        f"{report['device']}, {report['dtype']}, batch {report['batch']} x {report['tokens']} tokens "
+        f"({report['response_tokens']} response), student {_count(report['student_params_B'])} / teacher "
+        f"{_count(report['teacher_params_B'])} parameters, {len(report['student']['target_layers'])} / "
+        f"{len(report['teacher']['target_layers'])} target layers, matmul {report['matmul_tflops']:.2f} TFLOP/s",
+        "| step | time (ms) | floor (ms) | floor / time | peak memory (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["steps"].items():
+        ms = f"{r['ms']:.1f}" if r["ms"] else "out of memory"
+        fraction = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "-"
+        peak = f"{r['peak_gib']:.1f}" if isinstance(r["peak_gib"], float) else (r["peak_gib"] or "n/a (CPU)")
+        rows.append(f"| {name} | {ms} | {r['floor_ms']:.1f} | {fraction} | {peak} |")
+    for key in ("vlsi_over_kd_time", "vlsi_over_kd_memory"):
+        if key in report:
+            rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (goal <= 1.10x)")
+    return "\n".join(rows)
+
+
+def _count(billions: float) -> str:
+    return f"{billions:.2f}B" if billions >= 0.1 else f"{billions * 1e3:.2f}M"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

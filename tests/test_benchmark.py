@@ -1,0 +1,27 @@
+"""benchmarks/interaction_step.py runs end to end in --tiny mode and reports what docs/PERFORMANCE.md reads."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "interaction_step.py"
+
+
+def test_tiny_benchmark_reports_every_step(tmp_path):
+    out = tmp_path / "tiny.json"
+    command = [sys.executable, str(SCRIPT), "--tiny", "--teacher-layers", "12", "--repeats", "2", "--warmup", "1"]
+    result = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| vlsi |" in result.stdout and "vlsi over kd time" in result.stdout
+
+    report = json.loads(out.read_text())
+    assert report["teacher"]["target_layers"] == [2, 6, 10] and report["student"]["target_layers"] == [2, 6]
+    steps = report["steps"]
+    assert list(steps) == ["sft", "kd_final", "vlsi"]
+    for step in steps.values():
+        assert len(step["ms_all"]) == 2 and step["ms"] > 0 and math.isfinite(step["loss"])
+        assert step["floor_ms"] > 0 and step["peak_gib"] is None  # no peak memory on the CPU
+    assert steps["sft"]["flops"] < steps["kd_final"]["flops"] < steps["vlsi"]["flops"]
+    assert report["vlsi_over_kd_time"] == steps["vlsi"]["ms"] / steps["kd_final"]["ms"]

@@ -1,0 +1,137 @@
+"""Distributed training is configuration: the shipped accelerate configs load, and two processes (torch.distributed over
+gloo on the CPU, launched with the shipped DDP config) train exactly what one process trains on the same global batch.
+
+`accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.x (several CPU processes need an
+MPI launcher); `ACCELERATE_USE_CPU=true` with a multi-process config starts two torchrun processes on gloo instead.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
+
+from vlsi.cli import main
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+ROOT = Path(__file__).parent.parent
+ACCELERATE = ROOT / "configs" / "accelerate"
+# 3 optimizer steps per stage cross an epoch of 8 samples (2 steps of 4): the reshuffle is shared too. bottom_k with
+# k=1 makes the layer choice a function of the data, so both runs pick the same layers (adaptive matching samples
+# from a generator seeded per process: statistically, not bitwise, the same).
+SETTINGS = [
+    "verbalize.max_steps=3",
+    "interact.max_steps=3",
+    "sft.max_steps=3",
+    "verbalize.batch_size=2",
+    "interact.batch_size=2",
+    "sft.batch_size=2",
+    "interact.match.strategy=bottom_k",
+    "interact.match.bottom_k=1",
+]
+# Every weight file a run writes, from the first stage to the exported student.
+WEIGHTS = [
+    "verbalizers/teacher/verbalizers.safetensors",
+    "verbalizers/student/verbalizers.safetensors",
+    "stages/interact/verbalizers/verbalizers.safetensors",
+    "stages/interact/student/model.safetensors",
+    "student/model.safetensors",
+]
+# Measured on the 2-core CPU: 0.0 (bit-identical weights and metrics) with one thread per process; up to 5e-7 in
+# weights and metrics when the single process runs two threads (docs/DISTRIBUTED.md). The bounds leave that room.
+WEIGHT_ATOL = 1e-6
+METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-6
+
+
+def test_ddp_config_loads():
+    config = load_config_from_file(str(ACCELERATE / "ddp.yaml"))
+    assert config.distributed_type == DistributedType.MULTI_GPU and config.num_processes == 8
+
+
+def test_fsdp2_config_builds_its_plugin():
+    config = load_config_from_file(str(ACCELERATE / "fsdp2.yaml"))
+    assert config.distributed_type == DistributedType.FSDP
+    options = {k if k == "fsdp_version" else k.removeprefix("fsdp_"): v for k, v in config.fsdp_config.items()}
+    options["cpu_offload"] = options.pop("offload_params")
+    plugin = FullyShardedDataParallelPlugin(**options)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap is None, "vlsi wraps each model's own _no_split_modules"
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+def test_zero3_config_builds_its_plugin():
+    config = load_config_from_file(str(ACCELERATE / "zero3.yaml"))
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    plugin = DeepSpeedPlugin(**config.deepspeed_config)
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True, "the export needs it"
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto", "filled from the stage settings"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read(out: Path):
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    matches = (out / "layer_match.jsonl").read_text().splitlines()
+    return metrics, matches
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_two_processes_match_one_process(tmp_path):
+    teacher, student = write_tiny_pair(tmp_path)
+    data = write_digits_dataset(tmp_path, n=8)
+    common = ["train", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--config"]
+    common += [str(ROOT / "configs" / "tiny-cpu.yaml")]
+
+    # 2 processes x batch 2 x 1 accumulation step ...
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(
+        [*launch, *common, "--output", str(tmp_path / "two"), *SETTINGS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # ... against 1 process x batch 2 x 2 accumulation steps: the same micro-batches, the same global batches. One
+    # thread, as torchrun gives each process: CPU kernels sum in another order with more threads.
+    accumulate = [f"{stage}.grad_accum=2" for stage in ("verbalize", "interact", "sft")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--output", str(tmp_path / "one"), *SETTINGS, *accumulate]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    two_metrics, two_matches = _read(tmp_path / "two")
+    one_metrics, one_matches = _read(tmp_path / "one")
+    assert len(two_metrics) == len(one_metrics) == 12, "metrics written once, by the main process"
+    for a, b in zip(two_metrics, one_metrics):
+        assert a.keys() == b.keys() and (a["stage"], a["step"]) == (b["stage"], b["step"])
+        for key in a.keys() - {"stage", "step"}:
+            assert a[key] == pytest.approx(b[key], rel=METRIC_RTOL, abs=METRIC_ATOL), (a["stage"], a["step"], key)
+    assert len(two_matches) == 3 * 2, "one line per micro-step and process"
+    assert two_matches == one_matches, "process k's micro-batch is the single process's k-th micro-batch"
+
+    for name in WEIGHTS:
+        a, b = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
+        assert a.keys() == b.keys(), name
+        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        assert diff <= WEIGHT_ATOL, f"{name}: max |difference| {diff:.3g}"
+    before = load_file(student / "model.safetensors")
+    after = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"

@@ -136,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .models.loading import ModelError
+    from .stages.loop import NonFiniteLoss
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ModelError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
         print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

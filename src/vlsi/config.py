@@ -96,6 +96,11 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 100  # optimizer steps between mid-stage checkpoints in OUT/checkpoints (0: none)
+
+
+@dataclass
 class TrainConfig:
     teacher: str = ""  # local directory or hub id
     student: str = ""
@@ -106,6 +111,8 @@ class TrainConfig:
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
     interact: InteractConfig = field(default_factory=InteractConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    max_nonfinite_steps: int = 10  # a step with a non-finite loss is skipped; this many in a row stop the run
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
     gradient_checkpointing: bool = False
@@ -207,6 +214,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("interact.match.strategy=fixed needs interact.match.fixed=[teacher index per student layer]")
     if cfg.interact.intermediate_loss == "none" and cfg.interact.last_loss == "none":
         raise ConfigError("interact.intermediate_loss and interact.last_loss are both none: nothing to train")
+    if cfg.checkpoint.every < 0 or cfg.max_nonfinite_steps < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and max_nonfinite_steps >= 1")
     if cfg.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
     return cfg

@@ -112,6 +112,17 @@ def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
 
 
+def checkpointing(cfg: TrainConfig, name: str) -> dict:
+    """`train()` keyword arguments for mid-stage checkpoints of stage `name` in OUT/checkpoints/."""
+    directory = Path(cfg.output) / "checkpoints" / name.replace("/", "-")
+    return dict(checkpoint_dir=directory, every=cfg.checkpoint.every, max_nonfinite=cfg.max_nonfinite_steps)
+
+
+def drop_checkpoints(cfg: TrainConfig, name: str) -> None:
+    """A finished stage's output is written: its mid-stage checkpoints are no longer needed."""
+    shutil.rmtree(checkpointing(cfg, name)["checkpoint_dir"], ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path: Path):
     """Yield a temporary folder beside `path`; rename it to `path` only when the block finishes."""

@@ -36,16 +36,19 @@ from ..models.loading import (
     load_processor,
 )
 from ..models.verbalizer import Verbalizers
+from .checkpoint import saved_step
 from .common import (
     atomic_dir,
     build_loader,
+    checkpointing,
+    drop_checkpoints,
     load_samples,
     prepare_frozen,
     refuse_zero3_verbalizers,
     split_batch,
     substate,
 )
-from .loop import MetricsLog, make_accelerator, train
+from .loop import MetricsLog, make_accelerator, train, truncate_jsonl
 from .sft import export_student, prepare_student
 
 
@@ -173,8 +176,10 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     loader = build_loader(cfg, samples, {"teacher": t_proc, "student": s_proc}, stage.batch_size, cfg.seed, "interact")
 
     match_log = out / "layer_match.jsonl"
-    if accelerator.is_main_process:
-        match_log.unlink(missing_ok=True)
+    resume = checkpointing(cfg, "interact")
+    if accelerator.is_main_process:  # keep the matches up to the checkpoint a resumed run continues from
+        resumed = saved_step(resume["checkpoint_dir"])
+        truncate_jsonl(match_log, lambda row: row["step"] <= resumed)
 
     def record_match(step_number: int, match: list[list[int]]) -> None:
         matches = gather_object([match])  # one per process, in process order: the global batch's micro-batches
@@ -183,7 +188,17 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
                 for m in matches:
                     f.write(json.dumps({"step": step_number, "match": [i[0] if len(i) == 1 else i for i in m]}) + "\n")
 
-    state = train(accelerator, step, loader, stage, "interact", metrics, on_micro_step=record_match)
+    state = train(
+        accelerator,
+        step,
+        loader,
+        stage,
+        "interact",
+        metrics,
+        on_micro_step=record_match,
+        generators={"match": generator},
+        **resume,
+    )
     target = out / "stages" / "interact"
     if accelerator.is_main_process:
         with atomic_dir(target) as tmp:
@@ -191,5 +206,6 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
             trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
             trained.load_state_dict(substate(state, "verbalizers"))
             trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)
+        drop_checkpoints(cfg, "interact")
     accelerator.wait_for_everyone()
     return target

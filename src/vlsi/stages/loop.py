@@ -12,17 +12,22 @@ and gradients are averaged over processes and accumulation steps; metrics are av
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import StageConfig
+from ..config import ConfigError, StageConfig
+from . import checkpoint
+
+log = logging.getLogger("vlsi")
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def make_accelerator(stage: StageConfig, dtype: torch.dtype, find_unused_parameters: bool = False) -> Accelerator:
@@ -62,24 +67,56 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def truncate(self, stage: str, step: int) -> None:
+        """Forget `stage`'s lines after `step`: a resumed stage writes them again."""
+        if self.enabled and PartialState().is_main_process:
+            truncate_jsonl(self.path, lambda row: row.get("stage") != stage or row.get("step", 0) <= step)
 
-def _epochs(loader):
-    """Endless iteration: the loader's sampler reshuffles each pass (seeded, see make_loader)."""
-    while True:
-        yield from loader
+
+def truncate_jsonl(path: Path, keep) -> None:
+    """Rewrite a JSONL log (atomically) with the rows `keep(row)` accepts; a torn last line is dropped."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows if keep(row)))
+    tmp.replace(path)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch (seed + epoch): the data position is (epoch, batches consumed), restorable."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's prepared loader calls this at each pass
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def make_loader(dataset, batch_size: int, collate_fn, seed: int, num_workers: int = 0):
-    generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=EpochSampler(len(dataset), seed),
         collate_fn=collate_fn,
-        generator=generator,
         num_workers=num_workers,
         drop_last=len(dataset) >= batch_size,
     )
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or infinite loss."""
 
 
 def train(
@@ -90,15 +127,23 @@ def train(
     name: str,
     metrics: MetricsLog,
     on_micro_step=None,
+    checkpoint_dir: Path | None = None,
+    every: int = 0,
+    generators: dict[str, torch.Generator] | None = None,
+    max_nonfinite: int = 10,
 ) -> dict[str, torch.Tensor]:
-    """Run `stage.max_steps` optimizer steps on every process.
+    """Run `stage.max_steps` optimizer steps on every process, resuming from the newest checkpoint in
+    `checkpoint_dir` and writing one every `every` steps (with `generators`' states, e.g. the matching sampler's).
 
-    Returns the trained step module's state dict, whole tensors on the main process (FSDP2 and ZeRO-3 gather their
-    shards here, so every process must get this far); stages rebuild plain modules from it to save them.
+    A step where any micro-batch's loss is not finite is skipped (no update) and logged as `skipped`; after
+    `max_nonfinite` such steps in a row the run stops. Returns the trained step module's state dict, whole tensors
+    on the main process (FSDP2 and ZeRO-3 gather their shards here, so every process must get this far); stages
+    rebuild plain modules from it to save them.
     """
     params = [p for p in step_module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: nothing to train (every parameter is frozen)")
+    generators = generators or {}
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = cosine_schedule(optimizer, stage)
     if accelerator.is_fsdp2:
@@ -109,38 +154,96 @@ def train(
         )
     module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
+
+    step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
+    saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
+    if (saved is not None or every) and accelerator.distributed_type in SHARDED:
+        raise ConfigError(
+            f"{name}: mid-stage checkpoints are not supported with {accelerator.distributed_type.value} yet; "
+            "set checkpoint.every=0 (finished stages are still reused)"
+        )
+    if saved is not None:
+        progress = checkpoint.load(
+            saved, accelerator.unwrap_model(module), optimizer, scheduler, generators, accelerator.process_index
+        )
+        step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
+        log.info("%s: resuming from %s", name, saved)
+    metrics.truncate(name, step)
+
+    def batches():
+        nonlocal epoch, consumed
+        while True:
+            loader.set_epoch(epoch)
+            for batch in accelerator.skip_first_batches(loader, consumed) if consumed else loader:
+                consumed += 1
+                yield batch
+            epoch, consumed = epoch + 1, 0
+
     module.train()
     sums: dict[str, list[float]] = defaultdict(list)
-    step = 0
-    bar = tqdm(total=stage.max_steps, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    batches = _epochs(loader)
+    bad_step, bad_run = False, 0
+    bar = tqdm(
+        total=stage.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+    stream = batches()
     while step < stage.max_steps:
-        batch = next(batches)
+        batch = next(stream)
         with accelerator.accumulate(module):
             loss, logs = module(batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and stage.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums["loss"].append(loss.item())
-        for key, value in logs.items():
-            if key == "match":
-                if on_micro_step is not None:
-                    on_micro_step(step + 1, value)
+            finite = torch.isfinite(loss.detach()).float()
+            if accelerator.num_processes > 1:  # every process must skip the same step
+                finite = accelerator.reduce(finite, "min")
+            if finite.item():
+                accelerator.backward(loss)
             else:
-                sums[key].append(float(value))
-        if accelerator.sync_gradients:
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            step += 1
+                bad_step = True
+            if accelerator.sync_gradients and not bad_step:
+                if stage.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not bad_step:
+            sums["loss"].append(loss.item())
+            sums.update({k: [*sums[k], float(v)] for k, v in logs.items() if k != "match"})
+        if "match" in logs and on_micro_step is not None:
+            on_micro_step(step + 1, logs["match"])
+        if not accelerator.sync_gradients:
+            continue
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        step += 1
+        if bad_step:
+            bad_run += 1
+            metrics.write({"stage": name, "step": step, "lr": lr, "skipped": "non-finite loss"})
+            log.warning("%s step %d: non-finite loss, step skipped (%d in a row)", name, step, bad_run)
+            if bad_run >= max_nonfinite:
+                raise NonFiniteLoss(
+                    f"{name}: the loss was NaN or infinite in {bad_run} optimizer steps in a row (up to step {step}); "
+                    f"lower {name.split('/')[0]}.lr, check the data, or use precision=fp32"
+                )
+        else:
+            bad_run = 0
             means = [sum(v) / len(v) for v in sums.values()]  # this process's micro-batches
             means = accelerator.reduce(torch.tensor(means, dtype=torch.float64, device=accelerator.device), "mean")
             record = dict(zip(sums, means.tolist()))  # the global batch: every process's micro-batches
             metrics.write({"stage": name, "step": step, "lr": lr, **record})
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            bar.update(1)
-            sums.clear()
+        bar.update(1)
+        sums.clear()
+        bad_step = False
+        if every and checkpoint_dir is not None and step % every == 0 and step < stage.max_steps:
+            checkpoint.save(
+                checkpoint_dir,
+                step,
+                accelerator.unwrap_model(module),
+                optimizer,
+                scheduler,
+                {"step": step, "epoch": epoch, "consumed": consumed},
+                generators,
+                accelerator.process_index,
+                accelerator.is_main_process,
+                accelerator.wait_for_everyone,
+            )
     bar.close()
     accelerator.wait_for_everyone()
     return accelerator.get_state_dict(module)

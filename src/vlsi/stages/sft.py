@@ -16,7 +16,7 @@ from ..config import InteractConfig, SFTConfig, TrainConfig
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts, model_parts
 from ..models.loading import add_lora, compute_dtype, freeze, load_model, load_processor
-from .common import atomic_dir, build_loader, load_samples, split_batch, substate
+from .common import atomic_dir, build_loader, checkpointing, drop_checkpoints, load_samples, split_batch, substate
 from .loop import MetricsLog, make_accelerator, train
 
 
@@ -83,9 +83,10 @@ def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, sa
     vocab = min(len(processor.tokenizer), parts.vocab_rows)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, "sft")
-    state = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics)
+    state = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics, **checkpointing(cfg, "sft"))
     if accelerator.is_main_process:
         with atomic_dir(output) as tmp:
             export_student(state, model_path, dtype, stage, cfg, processor, tmp)
+        drop_checkpoints(cfg, "sft")
     accelerator.wait_for_everyone()
     return output

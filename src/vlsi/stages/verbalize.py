@@ -21,6 +21,8 @@ from ..models.verbalizer import Verbalizers
 from .common import (
     atomic_dir,
     build_loader,
+    checkpointing,
+    drop_checkpoints,
     load_samples,
     prepare_frozen,
     refuse_zero3_verbalizers,
@@ -77,11 +79,13 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     step = VerbalizeStep(model, parts, verbalizers, vocab, cfg.chunk_size)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, f"verbalize-{who}")
-    state = train(accelerator, step, loader, stage, f"verbalize/{who}", metrics)
+    name = f"verbalize/{who}"
+    state = train(accelerator, step, loader, stage, name, metrics, **checkpointing(cfg, name))
     if accelerator.is_main_process:
         trained = Verbalizers(parts.hidden_size, layers, cfg.verbalizer.residual, parts.family)
         trained.load_state_dict(substate(state, "verbalizers"))
         with atomic_dir(output) as tmp:
             trained.save(tmp, model=model_path, num_layers=parts.num_layers, vocab=vocab)
+        drop_checkpoints(cfg, name)
     accelerator.wait_for_everyone()
     return output

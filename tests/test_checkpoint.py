@@ -1,0 +1,76 @@
+"""Checkpoints restore the exact training state, and an interrupted save never hides the previous one."""
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlsi.config import StageConfig
+from vlsi.stages import checkpoint
+from vlsi.stages.loop import cosine_schedule
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    module[0].weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = cosine_schedule(optimizer, StageConfig(max_steps=10, lr=1e-2, min_lr=1e-3))
+    return module, optimizer, scheduler
+
+
+def _step(module, optimizer, scheduler, generator):
+    x = torch.randn(3, 4, generator=generator)
+    module(x).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+
+
+def test_resume_is_exact(tmp_path):
+    module, optimizer, scheduler = _setup()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        _step(module, optimizer, scheduler, g)
+    path = checkpoint.save(tmp_path, 3, module, optimizer, scheduler, {"epoch": 1, "batches": 2}, {"g": g})
+    random_before, numpy_before, torch_before = random.random(), np.random.rand(), torch.rand(1)
+    for _ in range(2):
+        _step(module, optimizer, scheduler, g)
+    expected = [p.detach().clone() for p in module.parameters()]
+
+    module2, optimizer2, scheduler2 = _setup(seed=7)  # different init: everything trainable must come back
+    module2[0].weight.data.copy_(module[0].weight)  # frozen weights come from the model files, not the checkpoint
+    g2 = torch.Generator().manual_seed(99)
+    progress = checkpoint.load(checkpoint.latest(tmp_path), module2, optimizer2, scheduler2, {"g": g2})
+    assert progress == {"epoch": 1, "batches": 2} and path.name == "step-00000003"
+    assert (random.random(), np.random.rand(), torch.rand(1)) == (random_before, numpy_before, torch_before)
+    for _ in range(2):
+        _step(module2, optimizer2, scheduler2, g2)
+    for a, b in zip(expected, module2.parameters()):
+        assert torch.equal(a, b)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_unfinished_save_leaves_the_previous_checkpoint(tmp_path):
+    module, optimizer, scheduler = _setup()
+    checkpoint.save(tmp_path, 2, module, optimizer, scheduler, {}, {})
+    partial = tmp_path / "step-00000004.tmp"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"half a file")
+    assert checkpoint.latest(tmp_path).name == "step-00000002"
+    checkpoint.save(tmp_path, 4, module, optimizer, scheduler, {}, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000004"], "older and unfinished ones are cleaned up"
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    module, optimizer, scheduler = _setup()
+    checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {}, {})
+    other = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(other.parameters())
+    try:
+        checkpoint.load(checkpoint.latest(tmp_path), other, opt, cosine_schedule(opt, StageConfig()), {})
+    except ValueError as e:
+        assert "do not match" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

@@ -1,0 +1,162 @@
+"""Faults injected for real: SIGKILL mid-stage and mid-save, then the same command resumes to the same student;
+a NaN loss is skipped and logged, and too many in a row stop the run with a clear message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlsi.config import StageConfig
+from vlsi.stages.loop import MetricsLog, NonFiniteLoss, make_accelerator, train
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
+STEPS = [
+    "verbalize.max_steps=4",
+    "interact.max_steps=4",
+    "sft.max_steps=4",
+    "checkpoint.every=1",
+    "verbalize.batch_size=2",
+    "interact.batch_size=2",
+    "sft.batch_size=2",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    teacher, student = write_tiny_pair(root)
+    data = write_digits_dataset(root, n=10)
+    return str(teacher), str(student), str(data)
+
+
+def _command(toy, out):
+    teacher, student, data = toy
+    return [
+        sys.executable,
+        "-m",
+        "vlsi",
+        "train",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--config",
+        CONFIG,
+        *STEPS,
+    ]
+
+
+def _run(toy, out):
+    result = subprocess.run(_command(toy, out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _kill_when(toy, out, ready) -> bool:
+    """Start `vlsi train`, SIGKILL it as soon as `ready(out)` holds; False if it finished first."""
+    process = subprocess.Popen(_command(toy, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready(out):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.wait()
+    return False
+
+
+def _student(out):
+    return load_file(out / "student" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _run(toy, out)
+    return out
+
+
+def _same_student(out, reference):
+    a, b = _student(out), _student(reference)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed student differs from the uninterrupted one by {worst}"
+
+
+def test_kill_mid_stage_then_resume(toy, reference, tmp_path):
+    out = tmp_path / "run"
+    killed = _kill_when(toy, out, lambda o: (o / "checkpoints" / "interact" / "step-00000002").is_dir())
+    assert killed, "the run finished before it could be killed"
+    assert not (out / "student").exists()
+    _run(toy, out)
+    _same_student(out, reference)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["stage"] == "interact"] == [1, 2, 3, 4], "no step logged twice"
+    matches = [json.loads(line)["step"] for line in (out / "layer_match.jsonl").read_text().splitlines()]
+    assert matches == sorted(matches) and matches[-1] == 4
+    assert not (out / "checkpoints" / "interact").exists(), "a finished stage's checkpoints are removed"
+
+
+def test_kill_mid_save_then_resume(toy, reference, tmp_path):
+    out = tmp_path / "run"
+    saving = lambda o: any(p.name.endswith(".tmp") for p in (o / "checkpoints").glob("*/step-*"))  # noqa: E731
+    killed = _kill_when(toy, out, saving)
+    assert killed, "the run finished before it could be killed"
+    _run(toy, out)
+    _same_student(out, reference)
+
+
+class _NaNAt(torch.nn.Module):
+    """A step module whose loss is NaN at the chosen micro-steps."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.bad, self.calls = set(bad), 0
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = (self.weight * batch).sum() ** 2
+        return (loss * float("nan") if self.calls in self.bad else loss), {}
+
+
+def _loader():
+    return torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=2)
+
+
+def test_nan_step_is_skipped_and_logged(tmp_path):
+    stage = StageConfig(max_steps=3, grad_accum=1, lr=0.1)
+    module = _NaNAt(bad={2})
+    state = train(
+        make_accelerator(stage, torch.float32), module, _loader(), stage, "sft", MetricsLog(tmp_path / "m.jsonl")
+    )
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in rows] == [None, "non-finite loss", None]
+    assert torch.isfinite(state["weight"]).all()
+
+
+def test_nan_steps_in_a_row_stop_the_run(tmp_path):
+    stage = StageConfig(max_steps=10, grad_accum=1, lr=0.1)
+    with pytest.raises(NonFiniteLoss, match="NaN or infinite in 3 optimizer steps in a row"):
+        train(
+            make_accelerator(stage, torch.float32),
+            _NaNAt(bad={2, 3, 4}),
+            _loader(),
+            stage,
+            "sft",
+            MetricsLog(tmp_path / "m.jsonl"),
+            max_nonfinite=3,
+        )

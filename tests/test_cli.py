@@ -213,3 +213,62 @@ def test_verbalize_and_sft_alone(toy, tmp_path):
 def test_help_explains_the_commands():
     result = subprocess.run([sys.executable, "-m", "vlsi", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--teacher" in result.stdout and "key=value" in result.stdout
+
+
+def test_bad_dataset_gets_one_report_and_no_traceback(toy, tmp_path):
+    root, teacher, student, _ = toy
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = next((root / "images").glob("*.png"))
+    records = [
+        {
+            "id": "ok",
+            "image": str(good),
+            "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "7"}],
+        },
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "7"}],
+        },
+        {
+            "id": "corrupt",
+            "image": "broken.png",
+            "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "7"}],
+        },
+        {"id": "no-answer", "conversations": [{"from": "human", "value": "Hi"}]},
+        {
+            "id": "placeholders",
+            "image": str(good),
+            "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "7"}],
+        },
+    ]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
+    command = [
+        sys.executable,
+        "-m",
+        "vlsi",
+        "train",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "run"),
+        "--config",
+        CONFIG,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for needle in ("missing", "corrupt", "no-answer", "placeholders", "line 6"):
+        assert needle in result.stderr, needle
+    result = subprocess.run(
+        [*command, "data.skip_invalid=true", "verbalize.max_steps=1", "interact.max_steps=1", "sft.max_steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped 5 invalid records" in result.stderr

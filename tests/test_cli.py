@@ -272,3 +272,15 @@ def test_bad_dataset_gets_one_report_and_no_traceback(toy, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 5 invalid records" in result.stderr
+
+
+def test_tensorboard_logging_when_asked(toy, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert _train(toy, out, "report_to=[tensorboard]") == 0
+    runs = {p.name for p in (out / "logs").iterdir()}
+    assert runs == {"verbalize-teacher", "verbalize-student", "interact", "sft"}
+    events = EventAccumulator(str(out / "logs" / "interact")).Reload()
+    assert {"loss", "last", "kl/layer0"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("loss")) == 3

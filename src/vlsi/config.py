@@ -112,6 +112,7 @@ class TrainConfig:
     interact: InteractConfig = field(default_factory=InteractConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     max_nonfinite_steps: int = 10  # a step with a non-finite loss is skipped; this many in a row stop the run
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
@@ -120,6 +121,7 @@ class TrainConfig:
     trust_remote_code: bool = False
 
 
+TRACKERS = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"}
 CHOICES = {
     "data.overlong": {"drop", "error"},
     "precision": {"auto", "bf16", "fp32"},
@@ -214,6 +216,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("interact.match.strategy=fixed needs interact.match.fixed=[teacher index per student layer]")
     if cfg.interact.intermediate_loss == "none" and cfg.interact.last_loss == "none":
         raise ConfigError("interact.intermediate_loss and interact.last_loss are both none: nothing to train")
+    unknown = set(cfg.report_to) - TRACKERS
+    if unknown:
+        raise ConfigError(f"report_to: unknown tracker(s) {sorted(unknown)}; use {', '.join(sorted(TRACKERS))}")
     if cfg.checkpoint.every < 0 or cfg.max_nonfinite_steps < 1:
         raise ConfigError("checkpoint.every must be >= 0 and max_nonfinite_steps >= 1")
     if cfg.chunk_size < 1:

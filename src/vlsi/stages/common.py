@@ -112,6 +112,11 @@ def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
 
 
+def tracking(cfg: TrainConfig) -> dict:
+    """`make_accelerator()` keyword arguments: trackers asked for with report_to, logging under OUT/logs."""
+    return dict(report_to=cfg.report_to, logging_dir=Path(cfg.output) / "logs")
+
+
 def checkpointing(cfg: TrainConfig, name: str) -> dict:
     """`train()` keyword arguments for mid-stage checkpoints of stage `name` in OUT/checkpoints/."""
     directory = Path(cfg.output) / "checkpoints" / name.replace("/", "-")

@@ -47,6 +47,7 @@ from .common import (
     refuse_zero3_verbalizers,
     split_batch,
     substate,
+    tracking,
 )
 from .loop import MetricsLog, make_accelerator, train, truncate_jsonl
 from .sft import export_student, prepare_student
@@ -144,7 +145,7 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     stage = cfg.interact
     dtype = compute_dtype(cfg.precision)
     # Without the last-layer loss the student blocks above its last target layer get no gradient.
-    accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none")
+    accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none", **tracking(cfg))
     if stage.intermediate_loss != "none":
         refuse_zero3_verbalizers(accelerator, "interact")
     t_proc, s_proc = (

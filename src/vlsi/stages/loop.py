@@ -30,13 +30,22 @@ log = logging.getLogger("vlsi")
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def make_accelerator(stage: StageConfig, dtype: torch.dtype, find_unused_parameters: bool = False) -> Accelerator:
-    """`find_unused_parameters`: some trained parameters may get no gradient in a step (DDP must then be told)."""
+def make_accelerator(
+    stage: StageConfig,
+    dtype: torch.dtype,
+    find_unused_parameters: bool = False,
+    report_to: list[str] = (),
+    logging_dir: Path | None = None,
+) -> Accelerator:
+    """`find_unused_parameters`: some trained parameters may get no gradient in a step (DDP must then be told).
+    `report_to`: accelerate trackers (tensorboard, wandb, ...) that receive every metrics line, under `logging_dir`."""
     plugin = GradientAccumulationPlugin(num_steps=stage.grad_accum, sync_with_dataloader=False)
     return Accelerator(
         mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
         gradient_accumulation_plugin=plugin,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        log_with=list(report_to) or None,
+        project_dir=logging_dir,
     )
 
 
@@ -169,6 +178,8 @@ def train(
         step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
         log.info("%s: resuming from %s", name, saved)
     metrics.truncate(name, step)
+    if accelerator.log_with:
+        accelerator.init_trackers(name.replace("/", "-"))
 
     def batches():
         nonlocal epoch, consumed
@@ -227,6 +238,7 @@ def train(
             means = accelerator.reduce(torch.tensor(means, dtype=torch.float64, device=accelerator.device), "mean")
             record = dict(zip(sums, means.tolist()))  # the global batch: every process's micro-batches
             metrics.write({"stage": name, "step": step, "lr": lr, **record})
+            accelerator.log({"lr": lr, **record}, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)
         sums.clear()
@@ -245,5 +257,7 @@ def train(
                 accelerator.wait_for_everyone,
             )
     bar.close()
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage uses
+        tracker.finish()
     accelerator.wait_for_everyone()
     return accelerator.get_state_dict(module)

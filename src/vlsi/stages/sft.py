@@ -16,7 +16,16 @@ from ..config import InteractConfig, SFTConfig, TrainConfig
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts, model_parts
 from ..models.loading import add_lora, compute_dtype, freeze, load_model, load_processor
-from .common import atomic_dir, build_loader, checkpointing, drop_checkpoints, load_samples, split_batch, substate
+from .common import (
+    atomic_dir,
+    build_loader,
+    checkpointing,
+    drop_checkpoints,
+    load_samples,
+    split_batch,
+    substate,
+    tracking,
+)
 from .loop import MetricsLog, make_accelerator, train
 
 
@@ -76,7 +85,7 @@ def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, sa
     """Fine-tune `model_path` on the data; save the merged model and its processor to `output`."""
     stage = cfg.sft
     dtype = compute_dtype(cfg.precision)
-    accelerator = make_accelerator(stage, dtype)
+    accelerator = make_accelerator(stage, dtype, **tracking(cfg))
     processor = load_processor(model_path, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
     model, parts = prepare_student(model_path, dtype, stage, cfg)

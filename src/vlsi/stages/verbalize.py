@@ -29,6 +29,7 @@ from .common import (
     split_batch,
     substate,
     target_layers,
+    tracking,
 )
 from .loop import MetricsLog, make_accelerator, train
 
@@ -66,7 +67,7 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     """Train verbalizers for one model (`who` = teacher | student) and save them to `output`."""
     stage = cfg.verbalize
     dtype = compute_dtype(cfg.precision)
-    accelerator = make_accelerator(stage, dtype)
+    accelerator = make_accelerator(stage, dtype, **tracking(cfg))
     refuse_zero3_verbalizers(accelerator, "verbalize")
     processor = load_processor(model_path, cfg.trust_remote_code)
     model = freeze(load_model(model_path, dtype, cfg.trust_remote_code)).eval()

@@ -46,39 +46,43 @@ def _config(args, **top):
 
 def cmd_train(args) -> int:
     from .pipeline import run_train
+    from .stages.loop import process_state
 
     cfg = _config(args, teacher=args.teacher, student=args.student)
     final = run_train(cfg)
-    print(f"student written to {final}")
+    if process_state().is_main_process:
+        print(f"student written to {final}")
+    return 0
+
+
+def _one_stage(args, folder: str, run) -> int:
+    """`vlsi verbalize` / `vlsi sft`: one stage on --model; writes OUT/config.yaml, OUT/metrics.jsonl, OUT/<folder>."""
+    from .config import save_config
+    from .stages.loop import MetricsLog, process_state
+
+    cfg = _config(args, student=args.model)
+    out = Path(cfg.output)
+    state = process_state()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    state.wait_for_everyone()
+    run(cfg, out / folder, MetricsLog(out / "metrics.jsonl"))
+    if state.is_main_process:
+        print(f"{folder} written to {out / folder}")
     return 0
 
 
 def cmd_verbalize(args) -> int:
-    from .config import save_config
-    from .stages.loop import MetricsLog
     from .stages.verbalize import verbalize
 
-    cfg = _config(args, student=args.model)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    verbalize(cfg, args.model, args.who, out / "verbalizers", MetricsLog(out / "metrics.jsonl"))
-    print(f"verbalizers written to {out / 'verbalizers'}")
-    return 0
+    return _one_stage(args, "verbalizers", lambda cfg, out, metrics: verbalize(cfg, args.model, args.who, out, metrics))
 
 
 def cmd_sft(args) -> int:
-    from .config import save_config
-    from .stages.loop import MetricsLog
     from .stages.sft import sft
 
-    cfg = _config(args, student=args.model)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    sft(cfg, args.model, out / "model", MetricsLog(out / "metrics.jsonl"))
-    print(f"model written to {out / 'model'}")
-    return 0
+    return _one_stage(args, "model", lambda cfg, out, metrics: sft(cfg, args.model, out, metrics))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,15 +21,13 @@ import shutil
 from pathlib import Path
 
 import yaml
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .models.loading import check_same_vocabulary, load_processor
 from .plots import plot_layer_match, plot_verbalizer_loss
 from .stages.common import load_samples
 from .stages.interact import interact
-from .stages.loop import MetricsLog
+from .stages.loop import MetricsLog, process_state
 from .stages.sft import sft
 from .stages.verbalize import verbalize
 
@@ -68,7 +66,7 @@ def run_train(cfg: TrainConfig) -> Path:
     if not cfg.data.path:
         raise ConfigError("--data is required")
     out = Path(cfg.output)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it: `launch --cpu`
+    state = process_state()
     check_same_run(cfg, out)
     state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
     # Tokenizers first: a pair that cannot be distilled stops before any weights are loaded.

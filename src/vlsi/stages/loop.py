@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    parse_flag_from_env,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -61,6 +66,11 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig) -> tor
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (main or not), read as Accelerator reads it (`launch --cpu` included)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class MetricsLog:

@@ -2,12 +2,14 @@
 
 tests/data/vlmevalkit/ holds generated predictions files (VLMEvalKit's TSV layout, free-text answers of every kind)
 and expected.json: for each file the headline number VLMEvalKit's own evaluation code gave at the commit it names,
-with its judge set to exact matching (docs/EVALUATION.md, "Agreement with VLMEvalKit", says how it was run). Files
-marked `differs` exhibit one of the documented deliberate differences: there vlsi must give its own number (`vlsi`).
+with its judge set to exact matching, or for the judge-scored benchmarks a stand-in judge that replays the file's
+`judge_replies` column (docs/EVALUATION.md, "Agreement with VLMEvalKit", says how it was run). Files marked `differs`
+exhibit one of the documented deliberate differences: there vlsi must give its own number (`vlsi`).
 """
 
 import csv
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,12 +38,37 @@ def extraction_judge(path: Path):
     return judge
 
 
-def test_expected_names_the_vlmevalkit_commit_and_covers_every_rule_based_benchmark():
+def replay_judge(path: Path, calls: list | None = None):
+    """Stand-in for the MM-Vet / LLaVA-Wilder judge (VLMEvalKit was run with the same one): finds the row whose
+    question the prompt quotes and returns the n-th reply of its `judge_replies` JSON list on its n-th call (the
+    last one repeats), so unreadable first replies exercise the retries. Appends (row, n, temperature, system) to
+    `calls`."""
+    with path.open(newline="", encoding="utf-8") as f:
+        replies = {row["question"]: json.loads(row["judge_replies"]) for row in csv.DictReader(f, delimiter="\t")}
+    asked: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def judge(prompt, *, temperature=0.0, system=None):
+        (question,) = [q for q in replies if q in prompt]
+        with lock:
+            n = asked[question] = asked.get(question, -1) + 1
+            if calls is not None:
+                calls.append((question, n, temperature, system))
+        return replies[question][min(n, len(replies[question]) - 1)]
+
+    return judge
+
+
+def judge_for(name: str):
+    return replay_judge(DATA / name) if FILES[name].get("judge_column") == "judge_replies" else None
+
+
+def test_expected_names_the_vlmevalkit_commit_and_covers_every_checked_benchmark():
     assert len(EXPECTED["vlmevalkit_commit"]) == 40
     covered = {FILES[name]["benchmark"] for name in AGREE}
     assert covered == {
         "ai2d", "blink", "chartqa", "cv_bench", "hallusionbench", "mathvista", "mmbench_cn", "mmbench_en", "mme",
-        "mmmu", "mmstar", "pope", "q_bench", "seed_2_plus",
+        "mmmu", "mmstar", "pope", "q_bench", "seed_2_plus", "mm_vet", "llava_wilder",
     }  # fmt: skip
     assert sorted(p.name for p in DATA.glob("*.tsv")) == sorted(FILES)
 
@@ -49,13 +76,30 @@ def test_expected_names_the_vlmevalkit_commit_and_covers_every_rule_based_benchm
 @pytest.mark.parametrize("name", AGREE)
 def test_same_headline_as_vlmevalkit(name):
     entry = FILES[name]
-    result = score_file(entry["benchmark"], DATA / name)
+    result = score_file(entry["benchmark"], DATA / name, judge_for(name))
     assert result["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
     for key, value in entry.get("vlmevalkit_details", {}).items():
         assert result[key] == pytest.approx(value, abs=TOLERANCE), key
+    if "vlmevalkit_categories" in entry:  # LLaVA-Wilder: relative score per category
+        assert result["categories"] == pytest.approx(entry["vlmevalkit_categories"], abs=TOLERANCE)
+    for key, value in entry.get("vlmevalkit_capability_sets", {}).items():  # MM-Vet
+        assert result["capability_sets"][key] == pytest.approx(value, abs=TOLERANCE), key
 
 
-@pytest.mark.parametrize("name", [name for name in AGREE if "judge_column" in FILES[name]])
+def test_mm_vet_retries_as_vlmevalkit_and_counts_each_row_once_per_capability():
+    entry = FILES["mm_vet.tsv"]
+    calls: list = []
+    result = score_file("mm_vet", DATA / "mm_vet.tsv", replay_judge(DATA / "mm_vet.tsv", calls))
+    # The same calls as VLMEvalKit: an unreadable or out-of-range grade is re-asked at 0.5, 1.0, 1.5, 2.0.
+    assert len(calls) == entry["vlmevalkit_judge_calls"]
+    assert all(temperature == 0.5 * n for _, n, temperature, _ in calls)
+    assert result["judge_failures"] == 1
+    # Difference 13: VLMEvalKit's grades per row, each row counted once in each of its capabilities.
+    assert result["capabilities"] == pytest.approx(entry["capabilities_from_vlmevalkit_grades"], abs=TOLERANCE)
+    assert result["capabilities"] != pytest.approx(entry["vlmevalkit_capabilities"], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("name", [name for name in AGREE if FILES[name]["benchmark"] == "mathvista"])
 def test_mathvista_with_the_same_extraction_judge_as_vlmevalkit(name):
     entry = FILES[name]
     result = score_file(entry["benchmark"], DATA / name, extraction_judge(DATA / name))
@@ -65,7 +109,7 @@ def test_mathvista_with_the_same_extraction_judge_as_vlmevalkit(name):
 @pytest.mark.parametrize("name", DIFFER)
 def test_documented_differences_give_vlsis_own_number(name):
     entry = FILES[name]
-    result = score_file(entry["benchmark"], DATA / name)
+    result = score_file(entry["benchmark"], DATA / name, judge_for(name))
     assert result["score"] == pytest.approx(entry["vlsi"], abs=TOLERANCE)
     assert abs(entry["vlsi"] - entry["vlmevalkit"]) > TOLERANCE  # the file does show the difference
     if entry["benchmark"] == "chartqa":  # VLMEvalKit's own reading is still reported

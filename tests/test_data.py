@@ -329,6 +329,31 @@ def test_teacher_and_student_must_agree_on_response_tokens(tiny, images):
         VLDataset(samples, {"teacher": processor, "student": char_level}, max_length=200)
 
 
+def test_processors_that_encode_alike_encode_once(tiny, images, monkeypatch):
+    """A teacher and a student of one family share their encoding; the result equals encoding each separately."""
+    _, processor = tiny["qwen2_vl"]
+    twin = copy.deepcopy(processor)  # another object, same everything
+    _, other = build_tiny_vlm(family="qwen2_vl", tokenizer=build_tokenizer("qwen2_vl", corpus="x y z"))
+    samples, _ = read_dataset(write_jsonl(images / "d.jsonl", [llava("a"), llava("b", image=None)]))
+    assert dataset_module.same_encoding({"teacher": processor, "student": twin, "other": other}) == {
+        "teacher": "teacher",
+        "student": "teacher",
+        "other": "other",
+    }
+    calls = []
+    real_encode = dataset_module.encode
+    monkeypatch.setattr(dataset_module, "encode", lambda sample, p, *a: calls.append(p) or real_encode(sample, p, *a))
+    dataset = VLDataset(samples, {"teacher": processor, "student": twin}, max_length=200)
+    assert len(calls) == 2, "the length scan encodes each sample once"
+    item = dataset[0]
+    assert len(calls) == 3 and calls[-1] is processor
+    reference = real_encode(samples[0], twin, 200)
+    for name in ("teacher", "student"):
+        assert item[name].keys() == reference.keys()
+        assert all(torch.equal(item[name][k], reference[k]) for k in reference)
+    assert item["teacher"] is not item["student"]
+
+
 # ---------------------------------------------------------------- collate
 
 

@@ -22,6 +22,8 @@ class VLDataset(Dataset):
     `overlong="drop"` removes samples longer than `max_length` under any processor (their ids in `self.dropped`);
     `"error"` raises DataError. The scan (token and response-token counts per sample and processor) is saved to
     `cache_path` and reused when the samples, their image files and the processors are unchanged.
+    Processors that encode alike (same class, configuration, tokenizer and chat template: a teacher and a student
+    of one family) encode each sample once and share the result.
     """
 
     def __init__(
@@ -35,7 +37,8 @@ class VLDataset(Dataset):
         if overlong not in ("drop", "error"):
             raise ValueError(f"data.overlong must be 'drop' or 'error', got {overlong!r}")
         self.processors, self.max_length = processors, max_length
-        scan = _scan(samples, processors, cache_path)  # {id: {name: [tokens, response tokens]}}
+        self.same_as = same_encoding(processors)
+        scan = _scan(samples, processors, cache_path, self.same_as)  # {id: {name: [tokens, response tokens]}}
         longest = {s.id: max(tokens for tokens, _ in scan[s.id].values()) for s in samples}
         self.dropped = [s.id for s in samples if longest[s.id] > max_length]
         if self.dropped and overlong == "error":
@@ -67,10 +70,31 @@ class VLDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, dict]:
         sample = self.samples[index]
-        return {name: encode(sample, processor, self.max_length) for name, processor in self.processors.items()}
+        items: dict[str, dict] = {}
+        for name, processor in self.processors.items():
+            first = self.same_as[name]
+            items[name] = encode(sample, processor, self.max_length) if first == name else dict(items[first])
+        return items
 
 
-def _scan(samples: list[Sample], processors: dict, cache_path: str | os.PathLike | None) -> dict[str, dict]:
+def _processor_key(processor) -> str:
+    """Hash of everything `encode` reads from a processor: class, configuration, chat template, whole tokenizer."""
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [type(processor).__name__, processor.to_json_string(), processor.chat_template, vocab]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def same_encoding(processors: dict) -> dict[str, str]:
+    """{name: the first name whose processor encodes exactly alike} (itself when none before it does)."""
+    first_by_key: dict[str, str] = {}
+    return {name: first_by_key.setdefault(_processor_key(p), name) for name, p in processors.items()}
+
+
+def _scan(
+    samples: list[Sample], processors: dict, cache_path: str | os.PathLike | None, same_as: dict[str, str]
+) -> dict[str, dict]:
     """{sample id: {processor name: [token count, response token count]}}, from `cache_path` when it matches."""
     fingerprint = _fingerprint(samples, processors)
     cache = Path(cache_path) if cache_path is not None else None
@@ -82,6 +106,9 @@ def _scan(samples: list[Sample], processors: dict, cache_path: str | os.PathLike
     for sample in tqdm(samples, desc="length scan", unit="sample", disable=not sys.stderr.isatty()):
         counts = {}
         for name, processor in processors.items():
+            if same_as[name] != name:
+                counts[name] = counts[same_as[name]]
+                continue
             labels = encode(sample, processor)["labels"]  # [1, T]
             counts[name] = [labels.shape[1], int((labels != IGNORE_INDEX).sum())]
         lengths[sample.id] = counts

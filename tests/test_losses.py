@@ -30,6 +30,8 @@ def _logits(n=7, v=11, seed=0, scale=3.0, dtype=F64):
 def _reference(s, t, kind):
     # explicit float64 sums over probabilities
     p_s, p_t = s.double().softmax(-1), t.double().softmax(-1)
+    if kind == "l2":
+        return ((p_s.log() - p_t.log()) ** 2).sum(-1) / s.shape[-1]
     if kind == "forward":
         return (p_t * (p_t / p_s).log()).sum(-1)
     if kind == "reverse":

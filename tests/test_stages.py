@@ -132,3 +132,35 @@ def test_sft_trains_lora_only(toy, tmp_path):
     )
     changed = _changed(before, model)
     assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize(
+    "intermediate, last",
+    [("kld", "kld"), ("l2", "kld"), ("ce", "ce"), ("ce", "none"), ("kld", "none"), ("none", "kld"), ("l2", "ce")],
+)
+def test_interaction_loss_operations(toy, intermediate, last):
+    """Every intermediate / last-layer loss pair of the paper's ablation (DESIGN §6) gives a loss that is the sum
+    of its logged terms, and trains the student verbalizers exactly when an intermediate loss is on."""
+    cfg = _cfg(
+        toy, f"interact.intermediate_loss={intermediate}", f"interact.last_loss={last}", "interact.lora.enabled=false"
+    )
+    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
+    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+    t_parts = model_parts(teacher)
+    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
+    student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
+    s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
+    step = InteractStep(
+        student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), torch.Generator().manual_seed(0)
+    )
+    batch = next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])))
+    loss, logs = step(batch)
+    prefix = {"kld": "kl/", "l2": "l2/", "ce": "ce/", "none": None}[intermediate]
+    layer_terms = {k: v for k, v in logs.items() if prefix and k.startswith(prefix)}
+    assert len(layer_terms) == (0 if intermediate == "none" else 2)
+    assert ("last" in logs) == (last != "none")
+    assert ("match" in logs) == (intermediate in ("kld", "l2"))
+    assert loss.item() == pytest.approx(sum(layer_terms.values()) + logs.get("last", 0.0), rel=1e-5)
+    loss.backward()
+    got_grad = all(p.grad is not None for p in s_verb.parameters())
+    assert got_grad == (intermediate != "none")

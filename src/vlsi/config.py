@@ -83,7 +83,7 @@ class MatchConfig:
 class InteractConfig(StageConfig):
     match: MatchConfig = field(default_factory=MatchConfig)
     divergence: str = "forward"  # forward KL(teacher||student) | reverse | jsd
-    intermediate_loss: str = "kld"  # kld (matched layers) | ce (ground truth at each verbalizer) | none
+    intermediate_loss: str = "kld"  # kld | l2 (matched layers) | ce (ground truth at each verbalizer) | none
     last_loss: str = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_vision: bool = True
@@ -128,7 +128,7 @@ CHOICES = {
     "interact.match.strategy": {"adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"},
     "interact.match.temperature": {"scale_over_range", "range_over_scale"},
     "interact.divergence": {"forward", "reverse", "jsd"},
-    "interact.intermediate_loss": {"kld", "ce", "none"},
+    "interact.intermediate_loss": {"kld", "l2", "ce", "none"},
     "interact.last_loss": {"kld", "ce", "none"},
 }
 

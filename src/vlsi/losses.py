@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[Tensor], Tensor]  # hidden [n, d] -> logits [n, V]
-KINDS = ("forward", "reverse", "jsd")
+KINDS = ("forward", "reverse", "jsd", "l2")  # l2 is a distance, not a divergence: the L2 rows of DESIGN §6
 
 
 def shared_vocab_size(tokenizer_len: int, *head_rows: int) -> int:
@@ -51,13 +51,16 @@ def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
         return (lt.exp() * (lt - ls)).sum(-1)
     if kind == "reverse":  # KL(student || teacher)
         return (ls.exp() * (ls - lt)).sum(-1)
+    if kind == "l2":  # mean squared difference of log-probabilities: logit matching, each token's free shift removed
+        return (ls - lt).square().mean(-1)
     # jsd: log m = log((p_s + p_t) / 2), a two-term logsumexp, so m never leaves log space
     lm = torch.logaddexp(ls, lt) - math.log(2.0)
     return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
 
 
 def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
-    """Per-token divergence [N] between logits [N, V]: forward KL(t||s), reverse KL(s||t) or Jensen-Shannon."""
+    """Per-token divergence [N] between logits [N, V]: forward KL(t||s), reverse KL(s||t), Jensen-Shannon, or "l2"
+    (mean over the vocabulary of the squared difference of log-probabilities)."""
     _check_kind(kind)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(

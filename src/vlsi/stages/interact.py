@@ -97,8 +97,10 @@ class InteractStep(nn.Module):
 
         logs: dict = {}
         loss = s_logits.new_zeros((), dtype=torch.float32)
-        if cfg.intermediate_loss == "kld":
-            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, cfg.divergence, chunk)  # [t_l, t_s]
+        if cfg.intermediate_loss in ("kld", "l2"):
+            # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
+            kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
+            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk)  # [t_l, t_s]
             m = cfg.match
             match = layer_match(
                 scores,
@@ -115,12 +117,10 @@ class InteractStep(nn.Module):
             )
             for i, chosen in enumerate(match):
                 layer_loss = torch.stack(
-                    [
-                        chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], cfg.divergence, chunk)
-                        for j in chosen
-                    ]
+                    [chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk) for j in chosen]
                 ).mean()
-                logs[f"kl/layer{s_verb.target_layers[i]}"] = layer_loss.item()
+                name = "l2" if kind == "l2" else "kl"
+                logs[f"{name}/layer{s_verb.target_layers[i]}"] = layer_loss.item()
                 loss = loss + layer_loss
             logs["match"] = match
         elif cfg.intermediate_loss == "ce":

@@ -3,7 +3,10 @@
 vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [--config F.yaml] [k=v ...]
 vlsi verbalize --model M --data train.json --output OUT [k=v ...]
 vlsi sft --model M --data train.json --output OUT [k=v ...]
+vlsi eval --model M --benchmark NAME --data FILE --output OUT
 vlsi score --benchmark NAME --predictions FILE
+vlsi explain --model M --verbalizers V --image IMG --question TEXT
+vlsi demo --output DIR [--fast]
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sft)
 
+    from .demo import add_parser as add_demo_parser
     from .eval.harness import add_parser as add_eval_parser
     from .eval.score import add_parser as add_score_parser
     from .explain import add_parser as add_explain_parser
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_score_parser(sub)
     add_explain_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""Accuracy on the demo task: batched greedy generation, exact match after normalisation (`tasks.is_correct`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .tasks import Item, is_correct
+
+
+def prompts(processor, items: list[Item]) -> list[str]:
+    """The chat-template text of each item's question with the generation prompt (the image first, as in training)."""
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for item in items
+    ]
+
+
+def encode_batches(processor, items: list[Item], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Left-padded model inputs, `batch_size` items each; computed once and reused for every model compared."""
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
+    try:
+        texts = prompts(processor, items)
+        return [
+            dict(
+                processor(
+                    text=texts[k : k + batch_size],
+                    images=[[item.render()] for item in items[k : k + batch_size]],
+                    padding=True,
+                    return_tensors="pt",
+                )
+            )
+            for k in range(0, len(items), batch_size)
+        ]
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, batches: list[dict], max_new_tokens: int = 4) -> list[str]:
+    """Greedy replies (special tokens removed) for pre-encoded batches, in order."""
+    model.eval()
+    tokenizer = processor.tokenizer
+    replies = []
+    for inputs in batches:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return replies
+
+
+def score(items: list[Item], replies: list[str]) -> dict:
+    """{"accuracy", "n", "by_task": {task: accuracy}, "by_style": {style: accuracy}}."""
+    hits = [is_correct(reply, item) for item, reply in zip(items, replies, strict=True)]
+    groups: dict[str, dict[str, list[bool]]] = {"by_task": defaultdict(list), "by_style": defaultdict(list)}
+    for item, hit in zip(items, hits):
+        groups["by_task"][item.task].append(hit)
+        groups["by_style"][item.style].append(hit)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    return {
+        "accuracy": mean(hits),
+        "n": len(hits),
+        **{name: {k: mean(v) for k, v in sorted(g.items())} for name, g in groups.items()},
+    }
+
+
+def evaluate(model, processor, items: list[Item], batches: list[dict] | None = None, batch_size: int = 128) -> dict:
+    """Score `model` on `items`; `batches` from `encode_batches` (same processor settings) skips re-encoding."""
+    batches = batches if batches is not None else encode_batches(processor, items, batch_size)
+    replies = generate_answers(model, processor, batches)
+    return {**score(items, replies), "replies": replies}

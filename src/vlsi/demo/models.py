@@ -1,0 +1,64 @@
+"""The demo's models, shipped in the package and made by scripts/train_demo_teacher.py: the teacher, its verbalizers,
+and the student every method starts from.
+
+All are tiny Qwen2-VL checkpoints sharing one tokenizer trained on the demo task's words; the processor keeps
+the 112 x 28 canvas at its size (4 image tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .tasks import CANVAS, SLOT, corpus
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+TEACHER_DIR = ASSETS / "teacher"  # the Hugging Face checkpoint + processor
+TEACHER_VERBALIZERS = ASSETS / "teacher_verbalizers"
+TEACHER_METRICS = ASSETS / "teacher_metrics.jsonl"  # its training and verbalizer losses, step by step
+TEACHER_CARD = ASSETS / "teacher.json"  # how teacher and student were trained, and their accuracy
+STUDENT_DIR = ASSETS / "student"  # the student initialisation (pretrained on reading digits and counting)
+
+VOCAB_SIZE = 512
+# Qwen2-VL's chat template without the default system turn (13 tokens a sample that carry nothing here).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEACHER = dict(hidden=128, layers=8, heads=4, vision_depth=2)
+STUDENT = dict(hidden=64, layers=4, heads=4, vision_depth=1)
+TEACHER_TARGET_LAYERS = [1, 2, 3, 4, 5, 6]  # every block but the first and the last (covered by the last-layer loss)
+STUDENT_TARGET_LAYERS = [0, 1, 2]
+
+
+def build_model(out_dir: Path | None, size: dict, seed: int, tokenizer=None):
+    """A randomly initialised demo model (`TEACHER` or `STUDENT` sizes); saved with its processor to `out_dir`."""
+    from transformers import Qwen2VLImageProcessor
+
+    from ..models.tiny import build_tiny_vlm, build_tokenizer
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(corpus=corpus(), vocab_size=VOCAB_SIZE)
+    model, processor = build_tiny_vlm(None, seed=seed, tokenizer=tokenizer, image_size=SLOT, **size)
+    pixels = CANVAS[0] * CANVAS[1]  # every demo image has this size: no resizing
+    processor.image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)
+    processor.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
+
+
+def teacher_card() -> dict:
+    """The shipped teacher's record: sizes, training command and steps, seed, accuracy per split."""
+    if not TEACHER_CARD.is_file():
+        raise FileNotFoundError(
+            f"{TEACHER_CARD} is missing: the demo teacher ships inside the package; reinstall vlsi, or train it "
+            "with `python scripts/train_demo_teacher.py`"
+        )
+    return json.loads(TEACHER_CARD.read_text())

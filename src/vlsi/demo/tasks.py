@@ -1,0 +1,288 @@
+"""The demo's vision-language task: handwritten digits and drawn shapes, asked about in three answer styles.
+
+Every image is a 112 x 28 canvas: a row of four 28 x 28 slots, one Qwen2-VL image token each (patch 14, merge
+2 x 2). A slot holds one handwritten digit (scikit-learn's bundled 8 x 8 digits, upscaled), up to four drawn
+shapes (one per 14 x 14 patch), or nothing. Four tasks, in the spirit of the paper's fig. 3 (read, count, compare,
+complete a sequence):
+
+    digit     one handwritten digit in a random slot: which digit is it?
+    count     1-9 drawn shapes: how many are there?
+    compare   two different handwritten digits in the first and last slots: which is larger?
+    sequence  three handwritten digits a, a+d, a+2d (d = +-1, 2, 3) in the first three slots: which comes next?
+
+and three answer styles, as in the benchmarks: a short number, yes/no, or a multiple-choice letter.
+
+The held-out test split never shares an image with the other splits, by construction: its digits come from a
+fixed 20 % of scikit-learn's 1797 digit images that the other splits never use, and drawn-shape layouts are
+assigned to the test side or the training side by a hash of the layout. Every split is a pure function of its
+name and size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TASKS = ("digit", "count", "compare", "sequence")
+STYLES = ("number", "yesno", "choice")
+SPLITS = {"teacher": 1, "train": 2, "val": 3, "test": 4}  # split name -> generator seed
+TEST_SPLIT = "test"
+SLOT = 28  # one image token
+SLOTS = 4
+CELL = 14  # one patch: a drawn shape's cell
+CANVAS = (SLOTS * SLOT, SLOT)  # width, height
+CELLS = (CANVAS[0] // CELL, CANVAS[1] // CELL)  # columns, rows
+TEST_FRACTION = 0.2
+LETTERS = "ABCD"
+
+ASK_NUMBER = "Answer with a single number."
+ASK_YESNO = "Answer yes or no."
+ASK_LETTER = "Answer with the option's letter."
+QUESTIONS = {
+    ("digit", "number"): "Which digit is shown? " + ASK_NUMBER,
+    ("digit", "yesno"): "Is the digit {q}? " + ASK_YESNO,
+    ("digit", "choice"): "Which digit is shown? {options} " + ASK_LETTER,
+    ("count", "number"): "How many shapes are there? " + ASK_NUMBER,
+    ("count", "yesno"): "Are there {q} shapes? " + ASK_YESNO,
+    ("count", "choice"): "How many shapes are there? {options} " + ASK_LETTER,
+    ("compare", "number"): "What is the larger of the two digits? " + ASK_NUMBER,
+    ("compare", "yesno"): "Is the left digit larger than the right digit? " + ASK_YESNO,
+    ("compare", "choice"): "Which digit is larger? {options} " + ASK_LETTER,
+    ("sequence", "number"): "The digits form a sequence. Which number comes next? " + ASK_NUMBER,
+    ("sequence", "yesno"): "The digits form a sequence. Does {q} come next? " + ASK_YESNO,
+    ("sequence", "choice"): "The digits form a sequence. Which number comes next? {options} " + ASK_LETTER,
+}
+SIDES = ("left", "right")
+SHAPES = ("circle", "square", "triangle")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question about one image. `digits` are (slot, index into scikit-learn's digits); `shapes` are
+    (cell, kind, size, dx, dy), cells numbered row by row."""
+
+    id: str
+    task: str
+    style: str
+    question: str
+    answer: str
+    digits: tuple[tuple[int, int], ...] = ()
+    shapes: tuple[tuple[int, str, int, int, int], ...] = ()
+
+    def render(self) -> Image.Image:
+        return render(self.digits, self.shapes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Item:
+        digits, shapes = (tuple(tuple(x) for x in d.get(key, ())) for key in ("digits", "shapes"))
+        return cls(**{**d, "digits": digits, "shapes": shapes})
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target.astype(int)
+
+
+@lru_cache(maxsize=1)
+def digit_pools() -> dict[str, dict[int, list[int]]]:
+    """{"train" | "test": {digit value: [image indices]}}: a fixed, stratified 80/20 split of the 1797 images."""
+    _, target = _digits()
+    rng = np.random.default_rng(0)
+    pools: dict[str, dict[int, list[int]]] = {"train": {}, "test": {}}
+    for value in range(10):
+        indices = rng.permutation(np.flatnonzero(target == value)).tolist()
+        n_test = round(TEST_FRACTION * len(indices))
+        pools["test"][value], pools["train"][value] = sorted(indices[:n_test]), sorted(indices[n_test:])
+    return pools
+
+
+def layout_side(shapes) -> str:
+    """Which side of the split a drawn-shape layout belongs to: a fixed hash partition, about 20 % "test"."""
+    key = hashlib.sha1(repr(sorted(shapes)).encode()).hexdigest()
+    return TEST_SPLIT if int(key[:8], 16) % 5 == 0 else "train"
+
+
+def render(digits=(), shapes=()) -> Image.Image:
+    """The 112 x 28 RGB canvas: white handwritten digits (one per slot) and drawn shapes (one per cell) on black."""
+    images, _ = _digits()
+    canvas = Image.new("L", CANVAS, 0)
+    for slot, index in digits:
+        pixels = np.clip(images[index] * 16, 0, 255).astype(np.uint8)  # 8 x 8, values 0..16 -> 0..255
+        canvas.paste(Image.fromarray(pixels).resize((SLOT, SLOT), Image.BILINEAR), (slot * SLOT, 0))
+    draw = ImageDraw.Draw(canvas)
+    for cell, kind, size, dx, dy in shapes:
+        cx, cy = (cell % CELLS[0]) * CELL + CELL // 2 + dx, (cell // CELLS[0]) * CELL + CELL // 2 + dy
+        box = (cx - size, cy - size, cx + size, cy + size)
+        if kind == "circle":
+            draw.ellipse(box, fill=255)
+        elif kind == "square":
+            draw.rectangle(box, fill=255)
+        else:
+            draw.polygon([(cx, cy - size), (cx - size, cy + size), (cx + size, cy + size)], fill=255)
+    return canvas.convert("RGB")
+
+
+def _options(rng: random.Random, correct: int, low: int, high: int) -> tuple[str, str]:
+    """-> ("A. 3 B. 7 C. 1 D. 5", letter of `correct`): distinct values in [low, high], `correct` at a random letter."""
+    values = [correct, *rng.sample([v for v in range(low, high + 1) if v != correct], len(LETTERS) - 1)]
+    rng.shuffle(values)
+    text = " ".join(f"{letter}. {value}" for letter, value in zip(LETTERS, values))
+    return text, LETTERS[values.index(correct)]
+
+
+def _ask(rng: random.Random, task: str, style: str, value: int, low: int, high: int) -> tuple[str, str]:
+    """(question, answer) asking for `value` in `style`; yes/no questions are true half of the time."""
+    template = QUESTIONS[task, style]
+    if style == "number":
+        return template, str(value)
+    if style == "yesno":
+        q = value if rng.random() < 0.5 else rng.choice([v for v in range(low, high + 1) if v != value])
+        return template.format(q=q), "yes" if q == value else "no"
+    options, letter = _options(rng, value, low, high)
+    return template.format(options=options), letter
+
+
+def _pick(rng: random.Random, pool: dict[int, list[int]], value: int) -> int:
+    return rng.choice(pool[value])
+
+
+def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) -> Item:
+    pool = digit_pools()[side]
+    if task == "digit":
+        value = rng.randrange(10)
+        question, answer = _ask(rng, task, style, value, 0, 9)
+        digits = ((rng.randrange(SLOTS), _pick(rng, pool, value)),)
+        return Item(item_id, task, style, question, answer, digits=digits)
+    if task == "count":
+        while True:
+            n = rng.randint(1, 9)
+            shapes = tuple(
+                sorted(
+                    (cell, rng.choice(SHAPES), rng.randint(3, 5), rng.randint(-1, 1), rng.randint(-1, 1))
+                    for cell in rng.sample(range(CELLS[0] * CELLS[1]), n)
+                )
+            )
+            if layout_side(shapes) == side:
+                break
+        question, answer = _ask(rng, task, style, n, 1, 9)
+        return Item(item_id, task, style, question, answer, shapes=shapes)
+    if task == "compare":
+        left, right = rng.sample(range(10), 2)
+        if style == "choice":
+            question = QUESTIONS[task, style].format(options="A. left B. right")
+            answer = "A" if left > right else "B"
+        elif style == "yesno":
+            question, answer = QUESTIONS[task, style], "yes" if left > right else "no"
+        else:
+            question, answer = QUESTIONS[task, style], str(max(left, right))
+        digits = ((0, _pick(rng, pool, left)), (SLOTS - 1, _pick(rng, pool, right)))
+        return Item(item_id, task, style, question, answer, digits=digits)
+    # sequence: a, a+d, a+2d shown; a+3d asked; every term a digit
+    d = rng.choice([-3, -2, -1, 1, 2, 3])
+    a = rng.choice([a for a in range(10) if 0 <= a + 3 * d <= 9])
+    terms = tuple((k, _pick(rng, pool, a + k * d)) for k in range(3))
+    question, answer = _ask(rng, task, style, a + 3 * d, 0, 9)
+    return Item(item_id, task, style, question, answer, digits=terms)
+
+
+def make_split(split: str, n: int) -> list[Item]:
+    """`n` items of `split` (a key of SPLITS), cycling through every (task, style) pair; deterministic."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    rng = random.Random(SPLITS[split])
+    side = TEST_SPLIT if split == TEST_SPLIT else "train"
+    pairs = [(task, style) for task in TASKS for style in STYLES]
+    return [_make(rng, *pairs[k % len(pairs)], side, f"{split}-{k:05d}") for k in range(n)]
+
+
+def write_split(items: list[Item], out: Path, name: str) -> Path:
+    """Images as PNG under out/images/ and out/NAME.json: LLaVA-format records (`vlsi train --data`) that also
+    keep each item's task, style and answer."""
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for item in items:
+        path = images / f"{item.id}.png"
+        if not path.is_file():
+            item.render().save(path)
+        records.append(
+            {
+                "id": item.id,
+                "image": f"images/{path.name}",
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + item.question},
+                    {"from": "gpt", "value": item.answer},
+                ],
+                "item": item.to_dict(),
+            }
+        )
+    target = out / f"{name}.json"
+    target.write_text(json.dumps(records))
+    return target
+
+
+def read_split(path: Path) -> list[Item]:
+    return [Item.from_dict(record["item"]) for record in json.loads(Path(path).read_text())]
+
+
+def corpus() -> str:
+    """Every word the task uses, for training the shared tokenizer (`vlsi.models.tiny.build_tokenizer`)."""
+    words = ["user assistant system", *SIDES, "yes no", *LETTERS]
+    for (_task, style), template in QUESTIONS.items():
+        for q in range(10):
+            options = " ".join(f"{letter}. {q}" for letter in LETTERS)
+            words.append(template.format(q=q, options=options if style == "choice" else "A. left B. right"))
+    words += [str(v) for v in range(10)]
+    return " ".join(words)
+
+
+_LETTER = re.compile(r"\b([A-D])\b")
+_NUMBER = re.compile(r"-?\d+")
+
+
+def normalise(text: str, style: str) -> str:
+    """The answer a free-text reply gives in `style`: a letter A-D, "yes"/"no", or an integer; "" if none."""
+    text = text.strip()
+    if style == "choice":
+        match = _LETTER.search(text)
+        return match.group(1) if match else ""
+    if style == "yesno":
+        words = re.findall(r"[a-z]+", text.lower())
+        found = [w for w in words if w in ("yes", "no")]
+        return found[0] if found else ""
+    match = _NUMBER.search(text)
+    return str(int(match.group())) if match else ""
+
+
+def is_correct(prediction: str, item: Item) -> bool:
+    """Exact match after normalisation; an unreadable reply is wrong."""
+    guess = normalise(prediction, item.style)
+    return guess != "" and guess == normalise(item.answer, item.style)
+
+
+def chance_accuracy(items: list[Item]) -> float:
+    """Expected accuracy of uniform guessing: 1/2 for yes/no, 1/4 per letter, 1/(values possible) per number."""
+    per_style = {"yesno": 1 / 2, "choice": 1 / len(LETTERS)}
+    total = 0.0
+    for item in items:
+        if item.style == "number":
+            total += 1 / (9 if item.task in ("count", "compare") else 10)
+        elif item.task == "compare" and item.style == "choice":
+            total += 1 / 2
+        else:
+            total += per_style[item.style]
+    return total / max(1, len(items))

@@ -1,6 +1,12 @@
 """Checkpoints restore the exact training state, and an interrupted save never hides the previous one."""
 
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,3 +80,37 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
         assert "do not match" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
+    """Two gloo processes, FSDP2 on the CPU: each saves and loads only its own shards, and resuming continues the
+    training exactly (tests/fsdp2_checkpoint_worker.py)."""
+    worker = Path(__file__).parent / "fsdp2_checkpoint_worker.py"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run(
+        [*command, str(worker), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"result-rank{rank}.json").read_text())
+        assert found["sharded"] and found["progress"] == {"step": 3}
+        assert found["max_difference"] == 0.0
+        assert found["files"] == [
+            "optimizer-rank0.safetensors",
+            "optimizer-rank1.safetensors",
+            "rng-0.json",
+            "rng-0.safetensors",
+            "rng-1.json",
+            "rng-1.safetensors",
+            "state.json",
+            "trainable-rank0.safetensors",
+            "trainable-rank1.safetensors",
+        ]
+        assert "written sharded over 2 processes, this run is sharded over 3" in found["wrong_world"]

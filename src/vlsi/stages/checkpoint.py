@@ -3,6 +3,11 @@
 Written as safetensors (tensors) + JSON (everything else), never pickle. A checkpoint is written into
 `step-NNNNNNNN.tmp/` and renamed to `step-NNNNNNNN/` only when complete; older checkpoints are deleted after that,
 so a kill at any moment leaves the previous complete one usable.
+
+Sharded training (FSDP2: parameters and optimizer states are DTensors) writes a sharded checkpoint: every process
+saves its own shards, `trainable-rank{r}.safetensors` and `optimizer-rank{r}.safetensors`, nothing is gathered,
+and it resumes on the same number of processes. Otherwise the main process writes whole tensors, and any number of
+processes can resume from them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 PREFIX = "step-"
 
@@ -24,23 +30,42 @@ def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (its shard of a DTensor), on the CPU, ready for safetensors."""
+    t = t.detach()
+    return (t.to_local() if isinstance(t, DTensor) else t).cpu().contiguous()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in _trainable(module).values())
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (`state.<param>.<key>`) and JSON-able rest."""
+    """Split an optimizer state dict into flat tensors (`state.<param>.<key>`, local shards of DTensors) and
+    JSON-able rest."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{key}"] = _local(value)
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of `_optimizer_tensors`; saved shards of a DTensor parameter's states become DTensors again,
+    laid out like the parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         _, index, key = name.split(".", 2)
+        param = params[int(index)]
+        if isinstance(param, DTensor) and value.shape == param.to_local().shape and value.dim() > 0:
+            value = DTensor.from_local(
+                value.to(param.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+            )
         state.setdefault(int(index), {})[key] = value
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
@@ -98,8 +123,10 @@ def save(
     process_index: int = 0,
     is_main: bool = True,
     barrier=lambda: None,
+    num_processes: int = 1,
 ) -> Path:
-    """Write checkpoint `step` (every process writes its own RNG file; the main one writes the rest)."""
+    """Write checkpoint `step`: every process writes its own RNG file and, when training is sharded, its shards of
+    the weights and optimizer; the main process writes the rest (and the whole weights when nothing is sharded)."""
     final = directory / f"{PREFIX}{step:08d}"
     tmp = directory / f"{final.name}.tmp"
     if is_main:
@@ -110,12 +137,15 @@ def save(
     rng_tensors, rng_meta = rng_state(generators)
     save_file(rng_tensors, tmp / f"rng-{process_index}.safetensors")
     (tmp / f"rng-{process_index}.json").write_text(json.dumps(rng_meta))
-    if is_main:
-        weights = {k: v.detach().cpu().contiguous() for k, v in _trainable(module).items()}
-        save_file(weights, tmp / "trainable.safetensors")
+    sharded = is_sharded(module)
+    if sharded or is_main:
+        suffix = f"-rank{process_index}" if sharded else ""
+        save_file({k: _local(v) for k, v in _trainable(module).items()}, tmp / f"trainable{suffix}.safetensors")
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(opt_tensors, tmp / f"optimizer{suffix}.safetensors")
+    if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
+        meta["sharded_over"] = num_processes if sharded else None
         (tmp / "state.json").write_text(json.dumps(meta))
     barrier()
     if is_main:
@@ -134,10 +164,20 @@ def load(
     scheduler,
     generators: dict[str, torch.Generator],
     process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict:
     """Restore a checkpoint written by `save`; returns its `progress` dict (step, epoch, batches)."""
     meta = json.loads((path / "state.json").read_text())
-    weights = load_file(path / "trainable.safetensors")
+    shards = meta.get("sharded_over")
+    if bool(shards) != is_sharded(module) or (shards and shards != num_processes):
+        was = f"sharded over {shards} processes" if shards else "not sharded"
+        now = f"sharded over {num_processes} processes" if is_sharded(module) else "not sharded"
+        raise ValueError(
+            f"{path}: the checkpoint was written {was}, this run is {now}; resume with the same launch "
+            "configuration, or delete the folder to start the stage over"
+        )
+    suffix = f"-rank{process_index}" if shards else ""
+    weights = load_file(path / f"trainable{suffix}.safetensors")
     params = _trainable(module)
     if set(weights) != set(params):
         raise ValueError(
@@ -146,8 +186,9 @@ def load(
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+            (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
+    tensors = load_file(path / f"optimizer{suffix}.safetensors")
+    optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"], optimizer))
     scheduler.load_state_dict(meta["scheduler"])
     rng = path / f"rng-{process_index}.safetensors"
     if rng.is_file():  # a run resumed on fewer or more processes keeps its fresh RNG state

@@ -32,7 +32,6 @@ from ..config import ConfigError, StageConfig
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
-SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def make_accelerator(
@@ -176,14 +175,20 @@ def train(
 
     step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
     saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
-    if (saved is not None or every) and accelerator.distributed_type in SHARDED:
+    if (saved is not None or every) and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            f"{name}: mid-stage checkpoints are not supported with {accelerator.distributed_type.value} yet; "
+            f"{name}: mid-stage checkpoints are not supported with DeepSpeed yet (FSDP2 and DDP have them); "
             "set checkpoint.every=0 (finished stages are still reused)"
         )
     if saved is not None:
         progress = checkpoint.load(
-            saved, accelerator.unwrap_model(module), optimizer, scheduler, generators, accelerator.process_index
+            saved,
+            accelerator.unwrap_model(module),
+            optimizer,
+            scheduler,
+            generators,
+            accelerator.process_index,
+            accelerator.num_processes,
         )
         step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
         log.info("%s: resuming from %s", name, saved)
@@ -265,6 +270,7 @@ def train(
                 accelerator.process_index,
                 accelerator.is_main_process,
                 accelerator.wait_for_everyone,
+                accelerator.num_processes,
             )
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage uses

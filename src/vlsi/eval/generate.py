@@ -15,7 +15,6 @@ import base64
 import binascii
 import csv
 import io
-import json
 import math
 import re
 from collections import defaultdict
@@ -37,7 +36,7 @@ from .extract import (
     stated_answer,
     yes_no,
 )
-from .io import ScoreError, column_name  # importing .io also lifts csv's cell size limit for base64 images
+from .io import ScoreError, read_jsonl, read_tsv  # importing .io also lifts csv's cell size limit for base64 images
 
 
 class EvalError(ValueError):
@@ -121,7 +120,8 @@ def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
     if suffix not in (".tsv", ".jsonl"):
         raise EvalError(f"{path}: unsupported file type '{suffix}'; give the benchmark as .tsv or .jsonl")
     try:
-        rows = _read_tsv(path) if suffix == ".tsv" else _read_jsonl(path)
+        read = read_tsv if suffix == ".tsv" else read_jsonl
+        rows = read(path, error=EvalError, drop=())
     except UnicodeDecodeError as e:
         raise EvalError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except csv.Error as e:
@@ -163,45 +163,6 @@ def benchmark_item(benchmark: str, row: dict, rows_by_index: dict[str, dict], im
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": benchmark_prompt(benchmark, row)}]
     output_row = {key: value for key, value in row.items() if key != "image"}
     return Item(row["index"], [{"role": "user", "content": content}], images, output_row)
-
-
-def _read_tsv(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None:
-            raise EvalError(f"{path}: empty file; expected a header line of tab-separated column names")
-        columns = [column_name(name) for name in header]
-        rows = []
-        for cells in reader:
-            if not cells:
-                continue
-            if len(cells) != len(columns):
-                raise EvalError(
-                    f"{path} line {reader.line_num}: {len(cells)} fields but the header has {len(columns)}; "
-                    "quote cells that contain tabs or newlines"
-                )
-            rows.append(dict(zip(columns, cells)))
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path} line {number}: not valid JSON ({e.msg}); write one object per line") from None
-            if not isinstance(record, dict):
-                raise EvalError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            # As `vlsi score` reads JSONL: scalars as text (null -> ""), lists kept.
-            rows.append(
-                {column_name(k): v if isinstance(v, list) else "" if v is None else str(v) for k, v in record.items()}
-            )
-    return rows
 
 
 def _cell_list(value) -> list[str]:

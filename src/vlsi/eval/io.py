@@ -40,8 +40,9 @@ def read_predictions(path: str | Path, required: Sequence[str] = (), benchmark: 
             f"{path}: unsupported file type '{suffix}'; write the predictions as .tsv "
             "(e.g. pandas df.to_csv(path, sep='\\t', index=False)) or as .jsonl (one JSON object per line)"
         )
+    needed = ("prediction", *required)
     try:
-        rows = _read_tsv(path, required, benchmark) if suffix == ".tsv" else _read_jsonl(path, required, benchmark)
+        rows = read_tsv(path, needed, benchmark) if suffix == ".tsv" else read_jsonl(path, needed, benchmark)
     except UnicodeDecodeError as e:
         raise ScoreError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except csv.Error as e:
@@ -51,38 +52,42 @@ def read_predictions(path: str | Path, required: Sequence[str] = (), benchmark: 
     return rows
 
 
-def _missing_message(where: str, missing: list[str], required: Sequence[str], benchmark: str) -> str:
+def _missing_message(where: str, missing: list[str], needed: Sequence[str], benchmark: str) -> str:
     if "prediction" in missing:
         return f"{where}: no 'prediction' field; add the model's answer for every row in a column named 'prediction'"
     return (
         f"{where}: missing {', '.join(missing)} for {benchmark}; "
-        f"its rows need {', '.join(required)} and prediction (see docs/EVALUATION.md)"
+        f"its rows need {', '.join(needed)} (see docs/EVALUATION.md)"
     )
 
 
-def _read_tsv(path: Path, required: Sequence[str], benchmark: str) -> list[dict]:
+def read_tsv(
+    path: Path, needed: Sequence[str] = (), benchmark: str = "", error=ScoreError, drop=IGNORED_COLUMNS
+) -> list[dict]:
+    """Rows of a VLMEvalKit-style TSV (header line, tab-separated, csv quoting) as {column: text}, without the
+    `drop` columns; `error` (a ValueError class) names the line for a malformed file or a missing `needed` column."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:
-            raise ScoreError(f"{path}: empty file; expected a header line of tab-separated column names")
+            raise error(f"{path}: empty file; expected a header line of tab-separated column names")
         columns = [column_name(name) for name in header]
         duplicates = sorted({name for name in columns if columns.count(name) > 1})
         if duplicates:
-            raise ScoreError(f"{path} line 1: duplicate columns {', '.join(duplicates)}; keep one of each")
-        missing = [name for name in ("prediction", *required) if name not in columns]
+            raise error(f"{path} line 1: duplicate columns {', '.join(duplicates)}; keep one of each")
+        missing = [name for name in needed if name not in columns]
         if missing:
-            raise ScoreError(_missing_message(f"{path} line 1", missing, required, benchmark))
+            raise error(_missing_message(f"{path} line 1", missing, needed, benchmark))
         rows = []
         for cells in reader:
             if not cells:
                 continue
             if len(cells) != len(columns):
-                raise ScoreError(
+                raise error(
                     f"{path} line {reader.line_num}: {len(cells)} fields but the header has {len(columns)}; "
                     "quote cells that contain tabs or newlines"
                 )
-            rows.append({k: v for k, v in zip(columns, cells, strict=True) if k not in IGNORED_COLUMNS})
+            rows.append({k: v for k, v in zip(columns, cells, strict=True) if k not in drop})
     return rows
 
 
@@ -94,7 +99,10 @@ def _jsonl_value(value):
     return str(value)
 
 
-def _read_jsonl(path: Path, required: Sequence[str], benchmark: str) -> list[dict]:
+def read_jsonl(
+    path: Path, needed: Sequence[str] = (), benchmark: str = "", error=ScoreError, drop=IGNORED_COLUMNS
+) -> list[dict]:
+    """Rows of a JSONL file read as `read_tsv` reads a TSV: scalars as text (null -> ""), lists kept."""
     rows = []
     with path.open(encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, start=1):
@@ -103,14 +111,12 @@ def _read_jsonl(path: Path, required: Sequence[str], benchmark: str) -> list[dic
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ScoreError(
-                    f"{path} line {line_number}: not valid JSON ({e.msg}); write one object per line"
-                ) from None
+                raise error(f"{path} line {line_number}: not valid JSON ({e.msg}); write one object per line") from None
             if not isinstance(record, dict):
-                raise ScoreError(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
-            row = {column_name(k): _jsonl_value(v) for k, v in record.items() if column_name(k) not in IGNORED_COLUMNS}
-            missing = [name for name in ("prediction", *required) if name not in row]
+                raise error(f"{path} line {line_number}: expected a JSON object, got {type(record).__name__}")
+            row = {column_name(k): _jsonl_value(v) for k, v in record.items() if column_name(k) not in drop}
+            missing = [name for name in needed if name not in row]
             if missing:
-                raise ScoreError(_missing_message(f"{path} line {line_number}", missing, required, benchmark))
+                raise error(_missing_message(f"{path} line {line_number}", missing, needed, benchmark))
             rows.append(row)
     return rows

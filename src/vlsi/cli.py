@@ -7,6 +7,7 @@ vlsi eval --model M --benchmark NAME --data FILE --output OUT
 vlsi score --benchmark NAME --predictions FILE
 vlsi explain --model M --verbalizers V --image IMG --question TEXT
 vlsi demo --output DIR [--fast]
+vlsi ablate --output DIR [--fast]
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sft)
 
+    from .demo import add_ablate_parser
     from .demo import add_parser as add_demo_parser
     from .eval.harness import add_parser as add_eval_parser
     from .eval.score import add_parser as add_score_parser
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_explain_parser(sub)
     add_demo_parser(sub)
+    add_ablate_parser(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
-"""`vlsi demo`: an offline, CPU-sized comparison of SFT only, final-layer KD and VLsI (experiment.py, docs/DEMO.md).
+"""`vlsi demo`: an offline, CPU-sized comparison of SFT only, final-layer KD and VLsI (experiment.py, docs/DEMO.md),
+and `vlsi ablate`: the paper's ablations on the same task and models (ablate.py, docs/ABLATE.md).
 
-The CLI wires `add_parser(subparsers)`; the parsed arguments go to `run(args)`.
+The CLI wires `add_parser(subparsers)` and `add_ablate_parser(subparsers)`; heavy imports wait for the command.
 """
 
 from __future__ import annotations
@@ -35,23 +36,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_settings(cls, texts: list[str], values: dict, command: str):
+    """`cls(**values, key=value ...)` from command-line texts, each value converted to its field's type."""
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for text in texts:
+        key, sep, raw = text.partition("=")
+        if not sep or key not in hints:
+            known = ", ".join(hints)
+            raise ValueError(f"{command} setting '{text}' is not key=value with a known key ({known})")
+        try:
+            values[key] = hints[key](raw)
+        except ValueError:
+            raise ValueError(f"{command} setting {key}: expected {hints[key].__name__}, got {raw!r}") from None
+    return cls(**values).check()
+
+
 def settings_from_args(args: argparse.Namespace):
     from .experiment import FAST, DemoSettings
 
     values = dict(FAST) if args.fast else {}
-    hints = typing.get_type_hints(DemoSettings)
-    for text in args.settings:
-        key, sep, raw = text.partition("=")
-        if not sep or key not in hints:
-            known = ", ".join(hints)
-            raise ValueError(f"demo setting '{text}' is not key=value with a known key ({known})")
-        try:
-            values[key] = hints[key](raw)
-        except ValueError:
-            raise ValueError(f"demo setting {key}: expected {hints[key].__name__}, got {raw!r}") from None
     if args.seed is not None:
         values["seed"] = args.seed
-    return DemoSettings(**values).check()
+    return parse_settings(DemoSettings, args.settings, values, "demo")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,5 +77,45 @@ def run(args: argparse.Namespace) -> int:
         run_demo(Path(args.output), settings, fast=args.fast)
     except FileNotFoundError as e:
         print(f"vlsi demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `ablate` on an argparse subparsers object."""
+    from .ablate import AblateSettings
+
+    fields = ", ".join(f.name for f in dataclasses.fields(AblateSettings))
+    parser = subparsers.add_parser(
+        "ablate",
+        help="the paper's ablations (matching, loss operations, SFT stage) at demo scale, 3 seeds, on CPU",
+        description=(
+            "Reproduce the paper's ablation tables on the demo's task and models: matching strategies (random, "
+            "uniform, bottom-1/3, multinomial, + search range, + order, + adaptive temperature), intermediate / "
+            "last-layer loss operations (CE, L2, KLD, none), and the SFT stage (VLsI with and without it, SFT "
+            "alone). Every row from the same student initialisation and budget, several seeds; writes "
+            "DIR/results.json and DIR/report.md (mean +- std per row, the paper's numbers beside them). "
+            "Re-running the same command reuses finished runs. No network, no GPU. See docs/ABLATE.md."
+        ),
+    )
+    parser.add_argument("--output", default="vlsi-ablate", help="output folder (default: ./vlsi-ablate)")
+    parser.add_argument("--fast", action="store_true", help="a tiny budget and 2 seeds (CI smoke test)")
+    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"ablation settings: {fields}")
+    parser.set_defaults(func=run_ablate_command)
+    return parser
+
+
+def run_ablate_command(args: argparse.Namespace) -> int:
+    """Run the ablation; on bad settings, a changed output folder or a missing shipped model: one line, exit 2."""
+    import logging
+
+    from .ablate import FAST, AblateSettings, run_ablate
+
+    try:
+        settings = parse_settings(AblateSettings, args.settings, dict(FAST) if args.fast else {}, "ablate")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        run_ablate(Path(args.output), settings, fast=args.fast)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: a run failed; its log is named
+        print(f"vlsi ablate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -97,28 +97,39 @@ def budget(s: DemoSettings) -> dict:
     }
 
 
-def _config(s: DemoSettings, out: Path, stages: dict[str, int], extra: list[str] = ()):
+def demo_config(
+    out: Path,
+    stages: dict[str, int],
+    *,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    verbalize_lr: float,
+    extra: list[str] = (),
+    num_workers: int = 1,
+):
+    """A `vlsi train` configuration for the demo's models: `stages` gives each stage's optimizer steps (0: none)."""
     overrides = [
         "precision=fp32",
         "data.max_length=128",
-        "data.num_workers=1",
+        f"data.num_workers={num_workers}",
         "checkpoint.every=0",  # every run starts afresh: mid-stage checkpoints would only cost time
-        f"seed={s.seed}",
+        f"seed={seed}",
         f"verbalizer.teacher_layers={json.dumps(TEACHER_TARGET_LAYERS)}",
         f"verbalizer.student_layers={json.dumps(STUDENT_TARGET_LAYERS)}",
     ]
     for stage in ("verbalize", "interact", "sft"):
-        lr = s.verbalize_lr if stage == "verbalize" else s.lr
+        stage_lr = verbalize_lr if stage == "verbalize" else lr
         overrides += [
             f"{stage}.max_steps={stages.get(stage, 0)}",
-            f"{stage}.batch_size={s.batch_size}",
+            f"{stage}.batch_size={batch_size}",
             f"{stage}.grad_accum=1",
-            f"{stage}.lr={lr}",
-            f"{stage}.min_lr={lr / 10}",
+            f"{stage}.lr={stage_lr}",
+            f"{stage}.min_lr={stage_lr / 10}",
         ]
     for stage in ("interact", "sft"):
         overrides += [f"{stage}.lora.enabled=false", f"{stage}.freeze_vision=true"]
-    cfg = load_config(
+    return load_config(
         None,
         [*overrides, *extra],
         teacher=str(TEACHER_DIR),
@@ -126,18 +137,22 @@ def _config(s: DemoSettings, out: Path, stages: dict[str, int], extra: list[str]
         output=str(out),
         teacher_verbalizers=str(TEACHER_VERBALIZERS),
     )
-    return cfg
 
 
-def _share_length_scans(samples, out: Path, names: list[str], max_length: int) -> None:
-    """Scan the training samples' lengths once and give every run the scan (`vlsi.data.VLDataset` checks each
-    copy against its samples and processors, so a stale copy is only ever ignored)."""
+def _config(s: DemoSettings, out: Path, stages: dict[str, int], extra: list[str] = ()):
+    return demo_config(
+        out, stages, seed=s.seed, batch_size=s.batch_size, lr=s.lr, verbalize_lr=s.verbalize_lr, extra=extra
+    )
+
+
+def share_length_scans(samples, scans: Path, runs: list[Path], max_length: int = 128) -> None:
+    """Scan the training samples' lengths once (into `scans`) and give every run folder the scan
+    (`vlsi.data.VLDataset` checks each copy against its samples and processors, so a stale copy is only ignored)."""
     processor = load_processor(str(STUDENT_DIR))
-    scans = out / "runs" / ".cache"
     VLDataset(samples, {"model": processor}, max_length, cache_path=scans / "sft-lengths.json")
     VLDataset(samples, {"teacher": processor, "student": processor}, max_length, cache_path=scans / "interact.json")
-    for name in names:
-        cache = out / "runs" / name / ".cache"
+    for run in runs:
+        cache = run / ".cache"
         cache.mkdir(parents=True, exist_ok=True)
         for target in ("sft", "verbalize-student"):
             shutil.copy(scans / "sft-lengths.json", cache / f"{target}-lengths.json")
@@ -152,7 +167,7 @@ def train_students(s: DemoSettings, out: Path, train_path: Path) -> tuple[dict[s
     """Train the three students; -> ({method: final student dir}, {method: wall seconds})."""
     steps = budget(s)
     samples, _ = read_dataset(train_path)
-    _share_length_scans(samples, out, list(METHODS), 128)
+    share_length_scans(samples, out / "runs" / ".cache", [out / "runs" / m for m in METHODS])
     finals, seconds = {}, {}
 
     _banner(f"(a) SFT only: {s.steps} SFT steps x {s.batch_size}")

@@ -1,0 +1,420 @@
+"""`vlsi ablate`: the paper's ablations (DESIGN §6 matching strategies and loss operations, §7 the SFT stage) at
+demo scale, on the demo's task and models, several seeds per row.
+
+    vlsi ablate --output /tmp/a            # about 25 minutes on 2 CPU cores; no network, no GPU
+    vlsi ablate --output /tmp/a --fast     # a one-minute smoke run of the same code path (what CI runs)
+
+Every VLsI row starts from the shipped student initialisation and the student verbalizers of its seed (stage 1,
+trained once per seed on the frozen student and shared by every row), then runs `interact_steps` of interaction
+with the row's setting and `sft_steps` of SFT. Rows differ in nothing else. Runs go `jobs` at a time, one torch
+thread each; each run's own output (progress bars, logs) is in its folder's `log.txt`.
+
+DIR/
+  results.json   per table and row: accuracy mean, standard deviation and per seed, the paper's numbers
+  report.md      the three tables with the paper's numbers beside them, and what they say
+  runs/<run>/seed-<n>/   each run: an ordinary `vlsi train` output folder + score.json + log.txt
+  data/          the training and evaluation splits (LLaVA JSON + PNG)
+
+Re-running the same command reuses every finished run; other settings into the same DIR are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import multiprocessing
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("vlsi")
+
+PAPER_COLUMNS = ("MMB", "BLINK", "MM-Vet", "MMMU")
+VLSI = (86.3, 59.7, 75.8, 69.3)  # the full method, 7B student (DESIGN §6)
+NO_RANGE_NO_ORDER = ["interact.match.search_range=false", "interact.match.order=false"]
+
+# Training runs: name -> `vlsi train` settings on top of the demo configuration. "sft" is SFT alone.
+RUNS: dict[str, list[str]] = {
+    "random": ["interact.match.strategy=random", *NO_RANGE_NO_ORDER],
+    "uniform": ["interact.match.strategy=uniform", *NO_RANGE_NO_ORDER],
+    "bottom1": ["interact.match.strategy=bottom_k", "interact.match.bottom_k=1", *NO_RANGE_NO_ORDER],
+    "bottom3": ["interact.match.strategy=bottom_k", "interact.match.bottom_k=3", *NO_RANGE_NO_ORDER],
+    "multinomial": ["interact.match.strategy=multinomial", *NO_RANGE_NO_ORDER],
+    "range": ["interact.match.strategy=multinomial", "interact.match.order=false"],
+    "order": ["interact.match.strategy=multinomial"],
+    "vlsi": [],  # adaptive temperature, search range, order; KLD / KLD: the method as described
+    "ce-none": ["interact.intermediate_loss=ce", "interact.last_loss=none"],
+    "ce-ce": ["interact.intermediate_loss=ce", "interact.last_loss=ce"],
+    "ce-kld": ["interact.intermediate_loss=ce", "interact.last_loss=kld"],
+    "l2-kld": ["interact.intermediate_loss=l2", "interact.last_loss=kld"],
+    "kld-none": ["interact.intermediate_loss=kld", "interact.last_loss=none"],
+    "kld-ce": ["interact.intermediate_loss=kld", "interact.last_loss=ce"],
+    "sft": [],
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    run: str  # the training run whose student this row scores; "init" / "teacher": a shipped model, untrained
+    paper: tuple  # the paper's (MMB, BLINK, MM-Vet, MMMU); None where it gives no number
+    checkpoint: str = "student"  # "student": after the last stage; "interact": VLsI before its SFT stage
+
+
+TABLES: dict[str, tuple[str, list[Row]]] = {
+    "matching": (
+        "Matching strategy (DESIGN §6; intermediate and last-layer loss KLD)",
+        [
+            Row("random", "random teacher layer", "random", (77.0, 50.0, 62.0, 52.0)),
+            Row("uniform", "uniform: i_l = i_s * (t_l // t_s)", "uniform", (79.5, 51.9, 66.5, 55.3)),
+            Row("bottom1", "bottom-1 (smallest KL)", "bottom1", (81.2, 53.8, 67.8, 57.7)),
+            Row("bottom3", "bottom-3 (mean of the 3 smallest)", "bottom3", (81.5, 54.0, 68.0, 58.0)),
+            Row("multinomial", "multinomial over all layers (T = 1)", "multinomial", (82.0, 54.5, 68.5, 58.5)),
+            Row("range", "+ search range", "range", (83.5, 55.5, 69.8, 60.0)),
+            Row("order", "+ order preservation", "order", (86.0, 59.2, 75.2, 68.5)),
+            Row("adaptive", "+ adaptive temperature (VLsI)", "vlsi", VLSI),
+        ],
+    ),
+    "losses": (
+        "Loss operations, intermediate / last layer (DESIGN §6; adaptive matching)",
+        [
+            Row("ce-none", "CE / none", "ce-none", (79.2, 51.3, 64.5, 56.5)),
+            Row("ce-ce", "CE / CE", "ce-ce", (77.8, None, None, None)),
+            Row("ce-kld", "CE / KLD", "ce-kld", (81.0, None, None, None)),
+            Row("l2-kld", "L2 / KLD", "l2-kld", (81.5, None, None, None)),
+            Row("kld-none", "KLD / none", "kld-none", (83.0, 55.0, 69.5, 61.0)),
+            Row("kld-ce", "KLD / CE", "kld-ce", (81.5, None, None, None)),
+            Row("kld-kld", "KLD / KLD (VLsI)", "vlsi", VLSI),
+        ],
+    ),
+    "sft": (
+        "The SFT stage (DESIGN §7)",
+        [
+            Row("init", "student initialisation, untrained", "init", (None, None, None, None)),
+            Row("sft", "student + SFT only (stage 3's steps)", "sft", (81.8, 52.3, 63.7, 55.2)),
+            Row("no-sft", "VLsI without stage 3", "vlsi", (82.1, 49.6, 60.5, 52.9), checkpoint="interact"),
+            Row("vlsi", "VLsI (verbalize, interact, SFT)", "vlsi", VLSI),
+        ],
+    ),
+}
+
+
+@dataclass
+class AblateSettings:
+    """Sizes and budget: per seed, stage 1 of the student once (`verbalize_steps`), then for every VLsI row
+    `interact_steps` + `sft_steps` optimizer steps of `batch_size` examples; the SFT-only row gets `sft_steps`."""
+
+    n_train: int = 2000
+    n_test: int = 1200
+    verbalize_steps: int = 50
+    interact_steps: int = 100
+    sft_steps: int = 60
+    batch_size: int = 32
+    lr: float = 3e-4  # chosen on the validation split: at 1e-3 (the demo's) these short runs fall below the init
+    verbalize_lr: float = 3e-3
+    seeds: int = 3  # seeds 0 .. seeds-1
+    jobs: int = 2  # runs at once, one torch thread each
+    tables: str = "matching,losses,sft"
+    eval_split: str = "test"  # "val" while choosing settings: the test split is for the final numbers only
+
+    def check(self) -> AblateSettings:
+        if min(self.verbalize_steps, self.interact_steps, self.sft_steps) < 1:
+            raise ValueError("ablate settings verbalize_steps, interact_steps and sft_steps must be >= 1")
+        if min(self.n_train, self.n_test, self.batch_size, self.seeds, self.jobs) < 1:
+            raise ValueError("ablate settings n_train, n_test, batch_size, seeds and jobs must be >= 1")
+        unknown = [t for t in self.table_names() if t not in TABLES]
+        if unknown or not self.table_names():
+            raise ValueError(f"ablate setting tables: unknown {unknown}; choose from {','.join(TABLES)}")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"ablate setting eval_split must be test or val, got {self.eval_split!r}")
+        return self
+
+    def table_names(self) -> list[str]:
+        return [t for t in self.tables.split(",") if t]
+
+
+FAST = dict(n_train=64, n_test=48, verbalize_steps=2, interact_steps=2, sft_steps=2, batch_size=8, seeds=2)
+
+
+def needed_runs(s: AblateSettings) -> list[str]:
+    """Training runs the chosen tables read, in table order, each once."""
+    runs = [row.run for t in s.table_names() for row in TABLES[t][1]]
+    return list(dict.fromkeys(r for r in runs if r not in ("init", "teacher")))
+
+
+# ----------------------------------------------------------------------------------------------- one job
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "verbalize" (stage 1 of a seed) | "train" (a run, then score it) | "score" (a shipped model)
+    name: str  # run name, "init" / "teacher", or "verbalize"
+    seed: int
+    folder: str
+
+
+_TEST_CACHE: dict = {}
+
+
+def _score(path: Path, test_path: Path) -> dict:
+    """Accuracy of the checkpoint at `path` on the evaluation split (encoded once per process)."""
+    from ..models.loading import load_model, load_processor
+    from .evaluate import encode_batches, evaluate
+    from .models import TEACHER_DIR
+    from .tasks import read_split
+
+    key = str(test_path)
+    if key not in _TEST_CACHE:
+        processor = load_processor(str(TEACHER_DIR))
+        items = read_split(test_path)
+        _TEST_CACHE[key] = (processor, items, encode_batches(processor, items, 128))
+    processor, items, batches = _TEST_CACHE[key]
+    result = evaluate(load_model(str(path), torch.float32), processor, items, batches)
+    result.pop("replies")
+    return result
+
+
+def run_job(job: Job, s: AblateSettings, data: Path, threads: int = 1) -> dict:
+    """Do one job, its output into `job.folder/log.txt`; -> its score.json contents (empty for verbalize)."""
+    from ..models.loading import load_processor
+    from ..pipeline import run_train
+    from ..stages.loop import MetricsLog
+    from ..stages.verbalize import verbalize
+    from .experiment import demo_config
+    from .models import STUDENT_DIR, TEACHER_DIR
+
+    torch.set_num_threads(threads)
+    folder = Path(job.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "score.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.time()
+    with open(folder / "log.txt", "w") as stream, _output_to(stream):
+        steps = {"verbalize": s.verbalize_steps, "interact": s.interact_steps, "sft": s.sft_steps}
+        if job.kind == "verbalize":
+            steps = {"verbalize": s.verbalize_steps}
+        elif job.name == "sft":
+            steps = {"sft": s.sft_steps}
+        cfg = demo_config(
+            folder,
+            steps,
+            seed=job.seed,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            verbalize_lr=s.verbalize_lr,
+            extra=[*RUNS.get(job.name, []), "verbalize.models=[student]"],
+            num_workers=0,
+        )
+        cfg.data.path = str(data / "train.json")
+        test = data / f"{s.eval_split}.json"
+        scores: dict = {}
+        if job.kind == "verbalize":
+            from ..data import read_dataset
+
+            samples, _ = read_dataset(cfg.data.path)
+            target = folder / "verbalizers" / "student"
+            verbalize(cfg, str(STUDENT_DIR), "student", target, MetricsLog(folder / "metrics.jsonl"), samples)
+        elif job.kind == "score":
+            scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else STUDENT_DIR, test)
+        elif job.name == "sft":
+            from ..data import read_dataset
+            from ..stages.sft import sft
+
+            load_processor(str(STUDENT_DIR))  # fail early and plainly if the shipped student is missing
+            samples, _ = read_dataset(cfg.data.path)
+            final = sft(cfg, str(STUDENT_DIR), folder / "student", MetricsLog(folder / "metrics.jsonl"), samples)
+            scores["student"] = _score(final, test)
+        else:
+            shared = Path(job.folder).parent.parent / "verbalize" / f"seed-{job.seed}" / "verbalizers" / "student"
+            own = folder / "verbalizers" / "student"
+            if not own.exists():
+                shutil.copytree(shared, own)
+            final = run_train(cfg)
+            scores["student"] = _score(final, test)
+            scores["interact"] = _score(folder / "stages" / "interact" / "student", test)
+    scores["seconds"] = round(time.time() - start, 1)
+    done.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+@contextlib.contextmanager
+def _output_to(stream):
+    """Send print, progress bars and log records of the code inside to `stream`."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = [logging.StreamHandler(stream)]
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(stream), contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        root.handlers, root.level = handlers, level
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------- the whole
+
+
+def _jobs(s: AblateSettings, runs_dir: Path) -> tuple[list[Job], list[Job]]:
+    """(stage-1 jobs, one per seed; every other job). Longest first, so the last jobs finish together."""
+    first = [Job("verbalize", "verbalize", n, str(runs_dir / "verbalize" / f"seed-{n}")) for n in range(s.seeds)]
+    rest = [
+        Job("train", run, seed, str(runs_dir / run / f"seed-{seed}"))
+        for run in needed_runs(s)
+        if run != "sft"
+        for seed in range(s.seeds)
+    ]
+    if "sft" in needed_runs(s):
+        rest += [Job("train", "sft", seed, str(runs_dir / "sft" / f"seed-{seed}")) for seed in range(s.seeds)]
+    if "sft" in s.table_names():
+        rest += [Job("score", "init", 0, str(runs_dir / "init"))]
+    rest += [Job("score", "teacher", 0, str(runs_dir / "teacher"))]
+    return first, rest
+
+
+def _check_same_settings(out: Path, s: AblateSettings) -> None:
+    saved = out / "settings.json"
+    now = dataclasses.asdict(s)
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        keep = ("jobs", "tables")  # neither changes a run: more tables add runs, more jobs only go faster
+        changed = [k for k in now if k not in keep and before.get(k) != now[k]]
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(f"{out} holds an ablation with other settings ({shown}): use a new --output or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(now, indent=2) + "\n")
+
+
+def _execute(jobs: list[Job], s: AblateSettings, data: Path, pool, bar) -> dict[Job, dict]:
+    results: dict[Job, dict] = {}
+    if pool is None:
+        for job in jobs:
+            try:
+                results[job] = run_job(job, s, data)
+            except Exception as e:
+                raise RuntimeError(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
+            bar.update(1)
+            bar.set_postfix_str(f"{job.name} seed {job.seed}")
+        return results
+    pending: dict[Future, Job] = {pool.submit(run_job, job, s, data): job for job in jobs}
+    while pending:
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job = pending.pop(future)
+            try:
+                results[job] = future.result()
+            except Exception as e:
+                for other in pending:
+                    other.cancel()
+                raise RuntimeError(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
+            bar.update(1)
+            bar.set_postfix_str(f"{job.name} seed {job.seed}")
+    return results
+
+
+def summarize(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "per_seed": values}
+
+
+def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
+    """{table: {"title", "rows": [...]}} from the scores of every (run, seed)."""
+    tables = {}
+    for name in s.table_names():
+        title, rows = TABLES[name]
+        out_rows = []
+        for row in rows:
+            seeds = [0] if row.run in ("init", "teacher") else list(range(s.seeds))
+            values = [scores[(row.run, seed)][row.checkpoint]["accuracy"] for seed in seeds]
+            out_rows.append(
+                {
+                    "key": row.key,
+                    "label": row.label,
+                    "run": row.run,
+                    "checkpoint": row.checkpoint,
+                    "settings": RUNS.get(row.run, []),
+                    "accuracy": summarize(values),
+                    "paper": dict(zip(PAPER_COLUMNS, row.paper)),
+                }
+            )
+        tables[name] = {"title": title, "rows": out_rows}
+    return tables
+
+
+def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
+    """The whole ablation; writes DIR/results.json and DIR/report.md and returns the results."""
+    from ..data import read_dataset
+    from .ablate_report import write_ablate_report
+    from .experiment import peak_memory_mib, share_length_scans
+    from .models import teacher_card
+    from .tasks import chance_accuracy, make_split, write_split
+
+    s.check()
+    teacher_card()  # the shipped models are there, or one clear error
+    start = time.time()
+    _check_same_settings(out, s)
+    data, runs_dir = out / "data", out / "runs"
+    print(f"== vlsi ablate: data: {s.n_train} training and {s.n_test} {s.eval_split} questions", file=sys.stderr)
+    test = make_split(s.eval_split, s.n_test)
+    train_path = write_split(make_split("train", s.n_train), data, "train")
+    write_split(test, data, s.eval_split)
+    first, rest = _jobs(s, runs_dir)
+    samples, _ = read_dataset(train_path)
+    share_length_scans(samples, runs_dir / ".cache", [Path(j.folder) for j in first + rest if j.kind != "score"])
+
+    print(
+        f"== vlsi ablate: {len(needed_runs(s))} runs x {s.seeds} seeds, {s.jobs} at a time; "
+        f"each run's log: {runs_dir}/<run>/seed-<n>/log.txt",
+        file=sys.stderr,
+    )
+    pool = None
+    if s.jobs > 1:
+        pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    else:
+        torch.set_num_threads(1)
+    try:
+        with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
+            done = _execute(first, s, data, pool, bar)
+            done |= _execute(rest, s, data, pool, bar)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    scores = {(job.name, job.seed): result for job, result in done.items() if job.kind != "verbalize"}
+    results = {
+        "tables": collect(s, scores),
+        "teacher": scores[("teacher", 0)]["student"]["accuracy"],
+        "n_test": len(test),
+        "seeds": list(range(s.seeds)),
+        "chance": chance_accuracy(test),
+        "budget": {
+            "verbalize_steps (once per seed, shared)": s.verbalize_steps,
+            "interact_steps": s.interact_steps,
+            "sft_steps": s.sft_steps,
+            "batch_size": s.batch_size,
+        },
+        "seconds": round(time.time() - start, 1),
+        "run_seconds": round(sum(r.get("seconds", 0.0) for r in done.values()), 1),
+        "peak_memory_mib": peak_memory_mib(),
+        "settings": {**dataclasses.asdict(s), "fast": fast},
+        "machine": f"{s.jobs} run(s) at a time, 1 torch thread each, torch {torch.__version__}",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_ablate_report(out, results)
+    print(f"== vlsi ablate: done in {results['seconds']:.0f} s -> {out / 'report.md'}", file=sys.stderr)
+    return results

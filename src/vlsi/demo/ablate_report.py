@@ -1,0 +1,123 @@
+"""DIR/report.md for `vlsi ablate`: each table with mean ± std over seeds, the paper's numbers beside it, and what
+the numbers say. Every number is formatted from results.json, so the two always agree."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side."""
+    if len(a) < 3:
+        return None
+
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = x.argsort(kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for value in np.unique(x):  # ties share their mean rank
+            r[x == value] = r[x == value].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def table_verdict(rows: list[dict], n_seeds: int) -> str:
+    """Best row, which rows are within two standard errors of it (seed-to-seed spread), agreement with the paper."""
+    trained = [r for r in rows if r["run"] not in ("init", "teacher")]
+    best = max(trained, key=lambda r: r["accuracy"]["mean"])
+
+    def se(r):
+        return r["accuracy"]["std"] / math.sqrt(max(1, len(r["accuracy"]["per_seed"])))
+
+    close = [
+        r["label"]
+        for r in trained
+        if r is not best and best["accuracy"]["mean"] - r["accuracy"]["mean"] <= 2 * math.hypot(se(best), se(r))
+    ]
+    text = f"Best: {best['label']} ({pct(best['accuracy']['mean'])} %)."
+    if n_seeds > 1:
+        text += (
+            f" Within two standard errors of it (seed-to-seed, {n_seeds} seeds): "
+            + (", ".join(close) if close else "none")
+            + "."
+        )
+    paired = [(r["accuracy"]["mean"], r["paper"]["MMB"]) for r in trained if r["paper"].get("MMB") is not None]
+    rho = rank_correlation([a for a, _ in paired], [b for _, b in paired])
+    if rho is not None:
+        text += f" Rank correlation with the paper's MMBench column over {len(paired)} rows: {rho:+.2f}."
+    return text
+
+
+def _paper(row: dict) -> list[str]:
+    return ["" if v is None else f"{v:.1f}" for v in row["paper"].values()]
+
+
+def _table(table: dict, n_seeds: int) -> list[str]:
+    columns = list(table["rows"][0]["paper"])
+    head = ["row", "accuracy, mean ± std", "per seed", *(f"paper {c}" for c in columns), "settings"]
+    lines = [f"### {table['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"]:
+        acc = row["accuracy"]
+        seeds = " / ".join(pct(v) for v in acc["per_seed"])
+        mean = f"**{pct(acc['mean'])}** ± {pct(acc['std'])}" if len(acc["per_seed"]) > 1 else f"**{pct(acc['mean'])}**"
+        settings = " ".join(f"`{x}`" for x in row["settings"])
+        if row["checkpoint"] == "interact":
+            settings = "(the VLsI run, before its SFT stage)"
+        elif row["run"] == "init":
+            settings = "(shipped, not trained: one number)"
+        elif row["run"] == "sft":
+            settings = "(SFT alone, from the initialisation)"
+        elif row["run"] == "vlsi":
+            settings = "(the defaults: adaptive temperature, search range, order; KLD / KLD)"
+        lines.append("| " + " | ".join([row["label"], mean, seeds, *_paper(row), settings]) + " |")
+    lines += ["", table_verdict(table["rows"], n_seeds)]
+    return lines
+
+
+def write_ablate_report(out: Path, r: dict) -> Path:
+    s, b = r["settings"], r["budget"]
+    split = "held-out test" if s["eval_split"] == "test" else "validation (settings being chosen: not final numbers)"
+    lines = [
+        "# vlsi ablate: the paper's ablations at demo scale",
+        "",
+        f"Accuracy in % on the demo's {split} split, **{r['n_test']} questions**, chance {pct(r['chance'])} %, "
+        f"the shipped teacher {pct(r['teacher'])} %. Each row: mean ± standard deviation over seeds {r['seeds']} "
+        "(the seed sets the data order, the initialisation of the verbalizers and the matching draws; the test "
+        "questions are the same for every seed).",
+        "",
+        f"Budget of every VLsI row, per seed: the student's verbalizers trained once "
+        f"({b['verbalize_steps (once per seed, shared)']} steps, shared by every row of that seed), then "
+        f"{b['interact_steps']} interaction steps with the row's setting and {b['sft_steps']} SFT steps, batch "
+        f"{b['batch_size']}, full fine-tuning of the student's language model (vision tower and LM head frozen). "
+        "The paper's columns are its 7B student on MMBench, BLINK, MM-Vet and MMMU (DESIGN §6, §7), for "
+        "orientation only: a different scale, task and metric.",
+        "",
+    ]
+    for table in r["tables"].values():
+        lines += [*_table(table, len(r["seeds"])), ""]
+    lines += [
+        "## Run",
+        "",
+        f"- command: `vlsi ablate --output {out}{' --fast' if s['fast'] else ''}`; settings "
+        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "fast"),
+        f"- wall time {r['seconds']:.0f} s ({r['run_seconds']:.0f} s of runs, {r['machine']}); peak memory "
+        f"{r['peak_memory_mib']['main']:.0f} MiB (main process), {r['peak_memory_mib']['largest_child']:.0f} MiB "
+        "(largest worker)",
+        "- `results.json` holds every number above; `runs/<run>/seed-<n>/` each run's `vlsi train` output, "
+        "`score.json` and `log.txt`.",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

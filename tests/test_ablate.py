@@ -1,0 +1,118 @@
+"""`vlsi ablate`: the rows mean what they say, the summary maths, and a fast end-to-end run (what CI runs)."""
+
+import json
+import math
+import statistics
+import time
+
+import pytest
+from scipy.stats import spearmanr
+
+from vlsi.cli import main
+from vlsi.demo.ablate import RUNS, TABLES, AblateSettings, collect, needed_runs
+from vlsi.demo.ablate_report import rank_correlation, table_verdict
+from vlsi.demo.experiment import demo_config
+
+
+def test_every_run_is_a_valid_configuration_that_sets_what_its_row_claims(tmp_path):
+    configs = {
+        name: demo_config(tmp_path / name, {}, seed=0, batch_size=8, lr=1e-3, verbalize_lr=1e-3, extra=extra)
+        for name, extra in RUNS.items()
+    }
+    match = {name: cfg.interact.match for name, cfg in configs.items()}
+    assert match["vlsi"].strategy == "adaptive" and match["vlsi"].search_range and match["vlsi"].order
+    for name in ("random", "uniform", "bottom1", "bottom3", "multinomial"):
+        assert not match[name].search_range and not match[name].order, name
+    assert (match["bottom1"].strategy, match["bottom1"].bottom_k) == ("bottom_k", 1)
+    assert (match["bottom3"].strategy, match["bottom3"].bottom_k) == ("bottom_k", 3)
+    assert match["range"].search_range and not match["range"].order and match["range"].strategy == "multinomial"
+    assert match["order"].search_range and match["order"].order and match["order"].strategy == "multinomial"
+    losses = {name: (cfg.interact.intermediate_loss, cfg.interact.last_loss) for name, cfg in configs.items()}
+    for row in TABLES["losses"][1]:
+        wanted = tuple(part.strip().lower() for part in row.label.split("(")[0].split("/"))
+        assert losses[row.run] == wanted, row.label
+    for _, rows in TABLES.values():
+        assert all(row.run in RUNS or row.run in ("init", "teacher") for row in rows)
+
+
+def test_needed_runs_follow_the_tables():
+    assert len(needed_runs(AblateSettings())) == len(RUNS)
+    assert needed_runs(AblateSettings(tables="sft")) == ["sft", "vlsi"]
+    assert needed_runs(AblateSettings(tables="losses")) == [r.run for r in TABLES["losses"][1]]
+    with pytest.raises(ValueError, match="unknown"):
+        AblateSettings(tables="matching,speed").check()
+
+
+def test_collect_reads_each_row_from_its_run_and_checkpoint():
+    s = AblateSettings(tables="sft", seeds=3)
+    scores = {("init", 0): {"student": {"accuracy": 0.4}}}
+    for seed, (sft, interact, final) in enumerate([(0.5, 0.45, 0.6), (0.52, 0.47, 0.58), (0.54, 0.43, 0.62)]):
+        scores[("sft", seed)] = {"student": {"accuracy": sft}}
+        scores[("vlsi", seed)] = {"student": {"accuracy": final}, "interact": {"accuracy": interact}}
+    rows = {r["key"]: r["accuracy"] for r in collect(s, scores)["sft"]["rows"]}
+    assert rows["init"] == {"mean": 0.4, "std": 0.0, "per_seed": [0.4]}
+    assert rows["no-sft"]["per_seed"] == [0.45, 0.47, 0.43]
+    assert rows["vlsi"]["mean"] == pytest.approx(0.6) and rows["vlsi"]["std"] == pytest.approx(0.02)
+    assert rows["sft"]["std"] == pytest.approx(statistics.stdev([0.5, 0.52, 0.54]))
+
+
+def test_rank_correlation_matches_scipy():
+    cases = [([0.1, 0.3, 0.2, 0.5], [1, 3, 2, 4]), ([0.1, 0.1, 0.2, 0.4, 0.3], [5, 4, 4, 1, 2]), ([3, 1, 2], [1, 2, 3])]
+    for a, b in cases:
+        assert rank_correlation(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert rank_correlation([1, 2], [2, 1]) is None and rank_correlation([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_verdict_names_the_best_row_and_the_ones_within_noise():
+    def row(label, values, mmb):
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        acc = {"mean": mean, "std": std, "per_seed": values}
+        return {"label": label, "run": label, "accuracy": acc, "paper": {"MMB": mmb}}
+
+    rows = [row("a", [0.50, 0.52, 0.51], 80.0), row("b", [0.60, 0.61, 0.62], 86.0), row("c", [0.59, 0.62, 0.60], 83.0)]
+    text = table_verdict(rows, 3)
+    assert text.startswith("Best: b (61.0 %).")
+    assert "Within two standard errors of it (seed-to-seed, 3 seeds): c." in text
+    assert f"{rank_correlation([0.51, 0.61, 0.6033333], [80.0, 86.0, 83.0]):+.2f}" in text
+    assert math.isclose(rank_correlation([0.51, 0.61, 0.6033333], [80.0, 86.0, 83.0]), 1.0)
+
+
+def test_fast_ablation_writes_both_tables_and_resumes(tmp_path, capsys):
+    out = tmp_path / "ablate"
+    assert main(["ablate", "--fast", "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tables"]) == {"matching", "losses", "sft"} and results["seeds"] == [0, 1]
+    text = (out / "report.md").read_text()
+    for table in results["tables"].values():
+        assert f"### {table['title']}" in text
+        for row in table["rows"]:
+            acc = row["accuracy"]
+            assert 0.0 <= acc["mean"] <= 1.0
+            assert len(acc["per_seed"]) == (1 if row["run"] == "init" else 2)
+            assert f"| {row['label']} | **{100 * acc['mean']:.1f}**" in text
+    adaptive = next(r for r in results["tables"]["matching"]["rows"] if r["key"] == "adaptive")
+    kld_kld = next(r for r in results["tables"]["losses"]["rows"] if r["key"] == "kld-kld")
+    assert adaptive["accuracy"] == kld_kld["accuracy"], "one run serves both rows"
+    lines = (out / "runs" / "random" / "seed-0" / "layer_match.jsonl").read_text().splitlines()
+    random_match = [json.loads(line)["match"] for line in lines]
+    assert random_match and all(len(m) == 3 for m in random_match)
+
+    start = time.time()
+    assert main(["ablate", "--fast", "--output", str(out)]) == 0, "the same command reuses every finished run"
+    assert time.time() - start < 30
+    capsys.readouterr()
+    assert main(["ablate", "--fast", "--output", str(out), "lr=0.01"]) == 2
+    assert "other settings (lr: 0.0003 -> 0.01)" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    import vlsi.demo.ablate as ablate
+
+    def fail(job, *args):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(ablate, "run_job", fail)
+    assert main(["ablate", "--fast", "--output", str(tmp_path), "jobs=1", "n_train=8", "n_test=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlsi ablate: error: verbalize seed 0 failed (boom); its log: ")
+    assert err.endswith("runs/verbalize/seed-0/log.txt")

@@ -10,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -135,3 +137,50 @@ def test_two_processes_match_one_process(tmp_path):
     before = load_file(student / "model.safetensors")
     after = load_file(tmp_path / "two" / "student" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_fsdp2_run_killed_midway_resumes_from_its_sharded_checkpoint(tmp_path):
+    """`vlsi train` under configs/accelerate/fsdp2.yaml on two CPU processes (tests/fsdp2_on_cpu.py stands in for
+    the GPU-only parts of accelerate): SIGKILLed after the interaction stage's sharded checkpoint at step 2, the
+    same command resumes from it and ends with the weights of an uninterrupted run."""
+    teacher, student = write_tiny_pair(tmp_path)
+    data = write_digits_dataset(tmp_path, n=8)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "fsdp2.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    args = ["train", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--config"]
+    args += [str(ROOT / "configs" / "tiny-cpu.yaml"), *SETTINGS, "interact.max_steps=4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    shim = str(Path(__file__).parent / "fsdp2_on_cpu.py")
+
+    def command(out, every):
+        return [*launch, shim, *args, f"checkpoint.every={every}", "--output", str(out)]
+
+    straight = subprocess.run(command(tmp_path / "straight", 0), env=env, capture_output=True, text=True, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "resumed"
+    shards = out / "checkpoints" / "interact" / "step-00000002"
+    process = subprocess.Popen(command(out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while process.poll() is None and time.monotonic() < deadline and not shards.is_dir():
+        time.sleep(0.05)
+    assert shards.is_dir(), "the interaction stage wrote a checkpoint at step 2"
+    for child in [*psutil.Process(process.pid).children(recursive=True), process]:  # torchrun's workers too
+        child.kill()
+    process.wait()
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    assert not (out / "stages" / "interact").exists(), "killed inside the interaction stage"
+    assert {p.name for p in shards.glob("*-rank*.safetensors")} == {
+        f"{kind}-rank{r}.safetensors" for kind in ("trainable", "optimizer") for r in (0, 1)
+    }, "each process wrote its own shards"
+
+    resumed = subprocess.run(command(out, 2), env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    steps = [(m["stage"], m["step"]) for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps.count(("interact", 3)) == 1, "no step logged twice"
+    for name in WEIGHTS:
+        a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
+        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        assert diff <= WEIGHT_ATOL, f"{name}: max |difference| {diff:.3g}"

@@ -186,7 +186,6 @@ def _score(path: Path, test_path: Path) -> dict:
 
 def run_job(job: Job, s: AblateSettings, data: Path, threads: int = 1) -> dict:
     """Do one job, its output into `job.folder/log.txt`; -> its score.json contents (empty for verbalize)."""
-    from ..models.loading import load_processor
     from ..pipeline import run_train
     from ..stages.loop import MetricsLog
     from ..stages.verbalize import verbalize
@@ -231,7 +230,6 @@ def run_job(job: Job, s: AblateSettings, data: Path, threads: int = 1) -> dict:
             from ..data import read_dataset
             from ..stages.sft import sft
 
-            load_processor(str(STUDENT_DIR))  # fail early and plainly if the shipped student is missing
             samples, _ = read_dataset(cfg.data.path)
             final = sft(cfg, str(STUDENT_DIR), folder / "student", MetricsLog(folder / "metrics.jsonl"), samples)
             scores["student"] = _score(final, test)

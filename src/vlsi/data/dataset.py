@@ -37,8 +37,9 @@ class VLDataset(Dataset):
         if overlong not in ("drop", "error"):
             raise ValueError(f"data.overlong must be 'drop' or 'error', got {overlong!r}")
         self.processors, self.max_length = processors, max_length
-        self.same_as = same_encoding(processors)
-        scan = _scan(samples, processors, cache_path, self.same_as)  # {id: {name: [tokens, response tokens]}}
+        keys = {name: processor_key(p) for name, p in processors.items()}
+        self.same_as = same_encoding(keys)
+        scan = _scan(samples, processors, cache_path, self.same_as, keys)  # {id: {name: [tokens, response tokens]}}
         longest = {s.id: max(tokens for tokens, _ in scan[s.id].values()) for s in samples}
         self.dropped = [s.id for s in samples if longest[s.id] > max_length]
         if self.dropped and overlong == "error":
@@ -77,7 +78,7 @@ class VLDataset(Dataset):
         return items
 
 
-def _processor_key(processor) -> str:
+def processor_key(processor) -> str:
     """Hash of everything `encode` reads from a processor: class, configuration, chat template, whole tokenizer."""
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -86,17 +87,22 @@ def _processor_key(processor) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def same_encoding(processors: dict) -> dict[str, str]:
-    """{name: the first name whose processor encodes exactly alike} (itself when none before it does)."""
+def same_encoding(keys: dict[str, str]) -> dict[str, str]:
+    """{name: the first name whose processor encodes exactly alike} (itself when none before it does), from
+    {name: `processor_key(processor)`}."""
     first_by_key: dict[str, str] = {}
-    return {name: first_by_key.setdefault(_processor_key(p), name) for name, p in processors.items()}
+    return {name: first_by_key.setdefault(key, name) for name, key in keys.items()}
 
 
 def _scan(
-    samples: list[Sample], processors: dict, cache_path: str | os.PathLike | None, same_as: dict[str, str]
+    samples: list[Sample],
+    processors: dict,
+    cache_path: str | os.PathLike | None,
+    same_as: dict[str, str],
+    keys: dict[str, str],
 ) -> dict[str, dict]:
     """{sample id: {processor name: [token count, response token count]}}, from `cache_path` when it matches."""
-    fingerprint = _fingerprint(samples, processors)
+    fingerprint = _fingerprint(samples, keys)
     cache = Path(cache_path) if cache_path is not None else None
     if cache is not None and cache.is_file():
         cached = json.loads(cache.read_text())
@@ -120,12 +126,8 @@ def _scan(
     return lengths
 
 
-def _fingerprint(samples: list[Sample], processors: dict) -> str:
+def _fingerprint(samples: list[Sample], keys: dict[str, str]) -> str:
     """Hash of what the lengths depend on: ids, messages, image files (path, size, mtime) and each processor's
-    class, configuration, vocabulary size and chat template. max_length is left out: lengths do not depend on it."""
+    `processor_key`. max_length is left out: lengths do not depend on it."""
     data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in samples]
-    models = {
-        name: [type(processor).__name__, processor.to_json_string(), len(processor.tokenizer), processor.chat_template]
-        for name, processor in processors.items()
-    }
-    return hashlib.sha256(json.dumps([data, models], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([data, keys], sort_keys=True).encode()).hexdigest()

@@ -1,6 +1,5 @@
 """`vlsi demo`: task generation, the held-out split, scoring, the shipped models, and a fast end-to-end run."""
 
-import argparse
 import json
 import re
 import time
@@ -8,7 +7,7 @@ import time
 import pytest
 import torch
 
-from vlsi.demo import add_parser
+from vlsi.cli import main
 from vlsi.demo.evaluate import evaluate, score
 from vlsi.demo.experiment import DemoSettings, budget
 from vlsi.demo.models import (
@@ -202,13 +201,6 @@ def test_report_states_the_numbers_and_the_verdict(tmp_path):
     assert "below SFT only (within noise" in low and "below final-layer KD (worse" in low
 
 
-def _run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_demo_is_a_vlsi_subcommand():
     from vlsi.cli import build_parser
     from vlsi.demo import run
@@ -218,16 +210,16 @@ def test_demo_is_a_vlsi_subcommand():
 
 
 def test_bad_demo_settings_are_refused(tmp_path, capsys):
-    assert _run_cli(["demo", "--output", str(tmp_path), "steps=many"]) == 2
+    assert main(["demo", "--output", str(tmp_path), "steps=many"]) == 2
     assert "steps: expected int" in capsys.readouterr().err
-    assert _run_cli(["demo", "--output", str(tmp_path), "epochs=3"]) == 2
+    assert main(["demo", "--output", str(tmp_path), "epochs=3"]) == 2
     assert "known key" in capsys.readouterr().err
 
 
 def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     out = tmp_path / "demo"
     start = time.time()
-    assert _run_cli(["demo", "--fast", "--output", str(out)]) == 0
+    assert main(["demo", "--fast", "--output", str(out)]) == 0
     assert time.time() - start < 120
     results = json.loads((out / "results.json").read_text())
     for key, _ in ROWS:

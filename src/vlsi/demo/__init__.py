@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fields = ", ".join(f.name for f in dataclasses.fields(DemoSettings))
     parser = subparsers.add_parser(
         "demo",
-        help="compare SFT only, final-layer KD and VLsI on a real task, on CPU, in about 3 minutes",
+        help="compare SFT only, final-layer KD and VLsI on a real task, on CPU, in about 4 minutes",
         description=(
             "Distil the shipped tiny Qwen2-VL teacher into a smaller student three ways (SFT only; KL to the "
             "teacher's output, then SFT; VLsI: verbalize -> interact -> SFT) from the same initialisation and on the "
@@ -62,22 +62,11 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; on bad settings or a missing shipped model print one error line and return 2."""
-    import logging
-
+    """Run the demo. Bad settings or a missing shipped model raise ValueError / FileNotFoundError, which
+    `vlsi.cli.main` prints as one error line (exit 2)."""
     from .experiment import run_demo
 
-    try:
-        settings = settings_from_args(args)
-    except ValueError as e:
-        print(f"vlsi demo: error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_demo(Path(args.output), settings, fast=args.fast)
-    except FileNotFoundError as e:
-        print(f"vlsi demo: error: {e}", file=sys.stderr)
-        return 2
+    run_demo(Path(args.output), settings_from_args(args), fast=args.fast)
     return 0
 
 
@@ -106,16 +95,14 @@ def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_ablate_command(args: argparse.Namespace) -> int:
-    """Run the ablation; on bad settings, a changed output folder or a missing shipped model: one line, exit 2."""
-    import logging
-
+    """Run the ablation. Bad settings, a changed output folder or a missing shipped model raise errors that
+    `vlsi.cli.main` prints as one line (exit 2); a failed run is reported the same way, naming its log."""
     from .ablate import FAST, AblateSettings, run_ablate
 
+    settings = parse_settings(AblateSettings, args.settings, dict(FAST) if args.fast else {}, "ablate")
     try:
-        settings = parse_settings(AblateSettings, args.settings, dict(FAST) if args.fast else {}, "ablate")
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         run_ablate(Path(args.output), settings, fast=args.fast)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: a run failed; its log is named
+    except RuntimeError as e:  # raised by run_ablate for a failed run, with the path of that run's log
         print(f"vlsi ablate: error: {e}", file=sys.stderr)
         return 2
     return 0

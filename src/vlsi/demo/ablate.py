@@ -184,63 +184,60 @@ def _score(path: Path, test_path: Path) -> dict:
     return result
 
 
-def run_job(job: Job, s: AblateSettings, data: Path, threads: int = 1) -> dict:
-    """Do one job, its output into `job.folder/log.txt`; -> its score.json contents (empty for verbalize)."""
+def run_job(job: Job, s: AblateSettings, data: Path) -> dict:
+    """Do one job on one torch thread, its output into `job.folder/log.txt`; -> its score.json contents (empty
+    for verbalize)."""
+    from ..data import read_dataset
     from ..pipeline import run_train
     from ..stages.loop import MetricsLog
+    from ..stages.sft import sft
     from ..stages.verbalize import verbalize
     from .experiment import demo_config
     from .models import STUDENT_DIR, TEACHER_DIR
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "score.json"
     if done.is_file():
         return json.loads(done.read_text())
     start = time.time()
+    test = data / f"{s.eval_split}.json"
+    scores: dict = {}
     with open(folder / "log.txt", "w") as stream, _output_to(stream):
-        steps = {"verbalize": s.verbalize_steps, "interact": s.interact_steps, "sft": s.sft_steps}
-        if job.kind == "verbalize":
-            steps = {"verbalize": s.verbalize_steps}
-        elif job.name == "sft":
-            steps = {"sft": s.sft_steps}
-        cfg = demo_config(
-            folder,
-            steps,
-            seed=job.seed,
-            batch_size=s.batch_size,
-            lr=s.lr,
-            verbalize_lr=s.verbalize_lr,
-            extra=[*RUNS.get(job.name, []), "verbalize.models=[student]"],
-            num_workers=0,
-        )
-        cfg.data.path = str(data / "train.json")
-        test = data / f"{s.eval_split}.json"
-        scores: dict = {}
-        if job.kind == "verbalize":
-            from ..data import read_dataset
-
-            samples, _ = read_dataset(cfg.data.path)
-            target = folder / "verbalizers" / "student"
-            verbalize(cfg, str(STUDENT_DIR), "student", target, MetricsLog(folder / "metrics.jsonl"), samples)
-        elif job.kind == "score":
+        if job.kind == "score":
             scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else STUDENT_DIR, test)
-        elif job.name == "sft":
-            from ..data import read_dataset
-            from ..stages.sft import sft
-
-            samples, _ = read_dataset(cfg.data.path)
-            final = sft(cfg, str(STUDENT_DIR), folder / "student", MetricsLog(folder / "metrics.jsonl"), samples)
-            scores["student"] = _score(final, test)
         else:
-            shared = Path(job.folder).parent.parent / "verbalize" / f"seed-{job.seed}" / "verbalizers" / "student"
-            own = folder / "verbalizers" / "student"
-            if not own.exists():
-                shutil.copytree(shared, own)
-            final = run_train(cfg)
-            scores["student"] = _score(final, test)
-            scores["interact"] = _score(folder / "stages" / "interact" / "student", test)
+            if job.kind == "verbalize":
+                steps = {"verbalize": s.verbalize_steps}
+            elif job.name == "sft":
+                steps = {"sft": s.sft_steps}
+            else:
+                steps = {"verbalize": s.verbalize_steps, "interact": s.interact_steps, "sft": s.sft_steps}
+            cfg = demo_config(
+                folder,
+                steps,
+                seed=job.seed,
+                batch_size=s.batch_size,
+                lr=s.lr,
+                verbalize_lr=s.verbalize_lr,
+                extra=[*RUNS.get(job.name, []), "verbalize.models=[student]"],
+                num_workers=0,
+            )
+            cfg.data.path = str(data / "train.json")
+            samples, _ = read_dataset(cfg.data.path)
+            metrics = MetricsLog(folder / "metrics.jsonl")
+            if job.kind == "verbalize":
+                verbalize(cfg, str(STUDENT_DIR), "student", folder / "verbalizers" / "student", metrics, samples)
+            elif job.name == "sft":
+                scores["student"] = _score(sft(cfg, str(STUDENT_DIR), folder / "student", metrics, samples), test)
+            else:
+                shared = folder.parent.parent / "verbalize" / f"seed-{job.seed}" / "verbalizers" / "student"
+                own = folder / "verbalizers" / "student"
+                if not own.exists():
+                    shutil.copytree(shared, own)
+                scores["student"] = _score(run_train(cfg), test)
+                scores["interact"] = _score(folder / "stages" / "interact" / "student", test)
     scores["seconds"] = round(time.time() - start, 1)
     done.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
@@ -258,10 +255,6 @@ def _output_to(stream):
             yield
     finally:
         root.handlers, root.level = handlers, level
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------- the whole
@@ -383,9 +376,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     )
     pool = None
     if s.jobs > 1:
-        pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
-    else:
-        torch.set_num_threads(1)
+        pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
             done = _execute(first, s, data, pool, bar)

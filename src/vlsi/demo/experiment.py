@@ -1,6 +1,6 @@
 """`vlsi demo`: SFT only vs final-layer KD vs VLsI, from one student initialisation, on one budget, on CPU.
 
-    vlsi demo --output /tmp/d            # about 3 minutes on 2 CPU cores; no network, no GPU
+    vlsi demo --output /tmp/d            # about 4 minutes on 2 CPU cores; no network, no GPU
     vlsi demo --output /tmp/d --fast     # a seconds-long smoke run (CI)
 
 DIR/

@@ -168,10 +168,10 @@ def load(
 ) -> dict:
     """Restore a checkpoint written by `save`; returns its `progress` dict (step, epoch, batches)."""
     meta = json.loads((path / "state.json").read_text())
-    shards = meta.get("sharded_over")
-    if bool(shards) != is_sharded(module) or (shards and shards != num_processes):
+    shards, sharded = meta.get("sharded_over"), is_sharded(module)
+    if bool(shards) != sharded or (shards and shards != num_processes):
         was = f"sharded over {shards} processes" if shards else "not sharded"
-        now = f"sharded over {num_processes} processes" if is_sharded(module) else "not sharded"
+        now = f"sharded over {num_processes} processes" if sharded else "not sharded"
         raise ValueError(
             f"{path}: the checkpoint was written {was}, this run is {now}; resume with the same launch "
             "configuration, or delete the folder to start the stage over"

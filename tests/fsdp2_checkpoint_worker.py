@@ -58,7 +58,7 @@ def main(out: Path) -> None:
     result = {
         "progress": progress,
         "max_difference": max((straight[n] - resumed[n]).abs().max().item() for n in straight),
-        "sharded": checkpoint.is_sharded(model),
+        "layout": checkpoint.layout(model, optimizer),
         "files": sorted(p.name for p in checkpoint.latest(out).iterdir()),
         "wrong_world": wrong_world,
     }

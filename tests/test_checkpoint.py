@@ -100,7 +100,7 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         found = json.loads((tmp_path / f"result-rank{rank}.json").read_text())
-        assert found["sharded"] and found["progress"] == {"step": 3}
+        assert found["layout"] == {"weights": True, "optimizer": True} and found["progress"] == {"step": 3}
         assert found["max_difference"] == 0.0
         assert found["files"] == [
             "optimizer-rank0.safetensors",
@@ -113,4 +113,7 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
             "trainable-rank0.safetensors",
             "trainable-rank1.safetensors",
         ]
-        assert "written sharded over 2 processes, this run is sharded over 3" in found["wrong_world"]
+        assert (
+            "weights and optimizer partitioned over 2 processes, this run has weights and optimizer partitioned over 3"
+            in (found["wrong_world"])
+        )

@@ -59,11 +59,16 @@ class Parts:
 
     @property
     def hidden_size(self) -> int:
-        return self.lm_head.weight.shape[1]
+        return _full_shape(self.lm_head.weight)[1]
 
     @property
     def vocab_rows(self) -> int:
-        return self.lm_head.weight.shape[0]
+        return _full_shape(self.lm_head.weight)[0]
+
+
+def _full_shape(param: nn.Parameter) -> torch.Size:
+    """A weight's whole shape, also when DeepSpeed ZeRO-3 has partitioned it (its data is then an empty tensor)."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def _get(model: nn.Module, path: str):

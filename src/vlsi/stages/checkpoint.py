@@ -4,10 +4,12 @@ Written as safetensors (tensors) + JSON (everything else), never pickle. A check
 `step-NNNNNNNN.tmp/` and renamed to `step-NNNNNNNN/` only when complete; older checkpoints are deleted after that,
 so a kill at any moment leaves the previous complete one usable.
 
-Sharded training (FSDP2: parameters and optimizer states are DTensors) writes a sharded checkpoint: every process
-saves its own shards, `trainable-rank{r}.safetensors` and `optimizer-rank{r}.safetensors`, nothing is gathered,
-and it resumes on the same number of processes. Otherwise the main process writes whole tensors, and any number of
-processes can resume from them.
+Partitioned training state is written by the process that holds it, and resumes on the same number of processes
+with the same partitioning: FSDP2's weight and optimizer shards (DTensors) and DeepSpeed ZeRO's optimizer
+partitions (with ZeRO's fp32 master weights) go to `trainable-rank{r}.safetensors` / `optimizer-rank{r}.safetensors`.
+The main process writes the rest whole (`trainable.safetensors`, `optimizer.safetensors`), ZeRO-3's trained weights
+included (gathered, as the end of a stage gathers them anyway); a checkpoint with nothing partitioned resumes on
+any number of processes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +39,74 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).cpu().contiguous()
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in _trainable(module).values())
+def _whole(params: list[nn.Parameter], modify: bool = False):
+    """DeepSpeed ZeRO-3 partitions weights: gather them whole on every process for the block (a collective), and
+    with `modify`, spread the main process's changes on leaving it. A no-op for other weights."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (`state.<param>.<key>`, local shards of DTensors) and
-    JSON-able rest."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
+def _zero(optimizer) -> tuple[torch.optim.Optimizer, list[torch.Tensor]] | None:
+    """Under DeepSpeed ZeRO: the torch optimizer and the flat fp32 master partitions it steps on, whose states it
+    keeps (the module holds working copies, refreshed from the masters at every step). None otherwise."""
+    zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds DeepSpeed's ZeRO optimizer
+    for masters in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        if hasattr(zero, masters):
+            return zero.optimizer, list(getattr(zero, masters))
+    return None
+
+
+def layout(module: nn.Module, optimizer) -> dict[str, bool]:
+    """Which parts of the training state are partitioned across processes (each process saves and loads its own)."""
+    weights = any(isinstance(p, DTensor) for p in _trainable(module).values())  # ZeRO-3's are saved whole
+    return {"weights": weights, "optimizer": weights or _zero(optimizer) is not None}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state into flat tensors (`state.<index>.<key>`, local shards of DTensors; under ZeRO also
+    the masters, `master.<index>`) and a JSON-able rest."""
+    zero = _zero(optimizer)
+    if zero is None:
+        state = optimizer.state_dict()
+        entries, meta, tensors = state["state"], {"param_groups": state["param_groups"]}, {}
+    else:  # ZeRO-3 empties the torch optimizer's groups between steps: its states are read by master instead
+        base, masters = zero
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+        entries, meta = {i: base.state.get(m, {}) for i, m in enumerate(masters)}, {"param_groups": groups}
+        tensors = {f"master.{i}": _local(m) for i, m in enumerate(masters)}
+    meta["scalars"] = {}
+    for index, values in entries.items():
+        for key, value in values.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{index}.{key}"] = _local(value)
             else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                meta["scalars"][f"{index}.{key}"] = value
+    return tensors, meta
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The inverse of `_optimizer_tensors`."""
+    zero = _zero(optimizer)
+    if zero is None:
+        optimizer.load_state_dict(_optimizer_state(tensors, meta, optimizer))
+        return
+    base, masters = zero
+    for group, saved in zip(base.param_groups, meta["param_groups"]):
+        group.update(saved)  # the learning rate the schedule had set, among others
+    for i, master in enumerate(masters):
+        with torch.no_grad():
+            master.copy_(tensors[f"master.{i}"])
+        state = {k.split(".", 2)[2]: v.to(master.device) for k, v in tensors.items() if k.startswith(f"state.{i}.")}
+        state.update({k.split(".", 1)[1]: v for k, v in meta["scalars"].items() if k.startswith(f"{i}.")})
+        base.state[master] = state  # the torch optimizer creates states lazily: a fresh one has none yet
 
 
 def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """The inverse of `_optimizer_tensors`; saved shards of a DTensor parameter's states become DTensors again,
-    laid out like the parameter."""
+    """A torch optimizer state dict from saved tensors; saved shards of a DTensor parameter's states become
+    DTensors again, laid out like the parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in tensors.items():
@@ -71,6 +121,11 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict, optimizer: to
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _describe(parts: dict[str, bool], processes: int) -> str:
+    held = [name for name, partitioned in parts.items() if partitioned]
+    return f"{' and '.join(held)} partitioned over {processes} processes" if held else "nothing partitioned"
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,8 +180,9 @@ def save(
     barrier=lambda: None,
     num_processes: int = 1,
 ) -> Path:
-    """Write checkpoint `step`: every process writes its own RNG file and, when training is sharded, its shards of
-    the weights and optimizer; the main process writes the rest (and the whole weights when nothing is sharded)."""
+    """Write checkpoint `step`: every process writes its own RNG states and its partitions of whatever training
+    partitions; the main process writes the rest. `optimizer`: the torch optimizer or accelerate's wrapper of it (under
+    DeepSpeed the wrapper is required: it leads to ZeRO's master partitions)."""
     final = directory / f"{PREFIX}{step:08d}"
     tmp = directory / f"{final.name}.tmp"
     if is_main:
@@ -137,15 +193,19 @@ def save(
     rng_tensors, rng_meta = rng_state(generators)
     save_file(rng_tensors, tmp / f"rng-{process_index}.safetensors")
     (tmp / f"rng-{process_index}.json").write_text(json.dumps(rng_meta))
-    sharded = is_sharded(module)
-    if sharded or is_main:
-        suffix = f"-rank{process_index}" if sharded else ""
-        save_file({k: _local(v) for k, v in _trainable(module).items()}, tmp / f"trainable{suffix}.safetensors")
+    parts = layout(module, optimizer)
+    rank = f"-rank{process_index}"
+    trainable = _trainable(module)
+    with _whole(list(trainable.values())):
+        if parts["weights"] or is_main:
+            weights = {k: _local(v) for k, v in trainable.items()}
+            save_file(weights, tmp / f"trainable{rank if parts['weights'] else ''}.safetensors")
+    if parts["optimizer"] or is_main:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / f"optimizer{suffix}.safetensors")
+        save_file(opt_tensors, tmp / f"optimizer{rank if parts['optimizer'] else ''}.safetensors")
     if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
-        meta["sharded_over"] = num_processes if sharded else None
+        meta.update(layout=parts, processes=num_processes)
         (tmp / "state.json").write_text(json.dumps(meta))
     barrier()
     if is_main:
@@ -168,27 +228,26 @@ def load(
 ) -> dict:
     """Restore a checkpoint written by `save`; returns its `progress` dict (step, epoch, batches)."""
     meta = json.loads((path / "state.json").read_text())
-    shards, sharded = meta.get("sharded_over"), is_sharded(module)
-    if bool(shards) != sharded or (shards and shards != num_processes):
-        was = f"sharded over {shards} processes" if shards else "not sharded"
-        now = f"sharded over {num_processes} processes" if sharded else "not sharded"
+    parts, was = layout(module, optimizer), meta["layout"]
+    if was != parts or (any(parts.values()) and meta["processes"] != num_processes):
         raise ValueError(
-            f"{path}: the checkpoint was written {was}, this run is {now}; resume with the same launch "
-            "configuration, or delete the folder to start the stage over"
+            f"{path}: the checkpoint was written by a run with {_describe(was, meta['processes'])}, this run has "
+            f"{_describe(parts, num_processes)}; resume with the same launch configuration (number of processes, "
+            "FSDP2 or ZeRO stage), or delete the folder to start the stage over"
         )
-    suffix = f"-rank{process_index}" if shards else ""
-    weights = load_file(path / f"trainable{suffix}.safetensors")
+    rank = f"-rank{process_index}"
+    weights = load_file(path / f"trainable{rank if parts['weights'] else ''}.safetensors")
     params = _trainable(module)
     if set(weights) != set(params):
         raise ValueError(
             f"{path}: the checkpoint's trainable parameters do not match this run's (was the configuration changed?); "
             "delete the folder to start the stage over"
         )
-    with torch.no_grad():
+    tensors = load_file(path / f"optimizer{rank if parts['optimizer'] else ''}.safetensors")
+    with torch.no_grad(), _whole(list(params.values()), modify=True):
         for name, p in params.items():
             (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
-    tensors = load_file(path / f"optimizer{suffix}.safetensors")
-    optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"], optimizer))
+    _load_optimizer(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rng = path / f"rng-{process_index}.safetensors"
     if rng.is_file():  # a run resumed on fewer or more processes keeps its fresh RNG state

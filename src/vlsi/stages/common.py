@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import logging
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ConfigError, TrainConfig
 from ..data import VLDataset, make_collate, read_dataset, response_positions
 from ..models.family import Parts, check_target_layers, default_target_layers
+from ..models.loading import freeze, load_model
 
 log = logging.getLogger("vlsi")
 
@@ -73,6 +74,44 @@ def refuse_zero3_verbalizers(accelerator: Accelerator, stage: str) -> None:
         )
 
 
+def _zero3_config(dtype: torch.dtype) -> dict:
+    """DeepSpeed settings that partition a model's weights (ZeRO-3) with nothing to train."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # required by deepspeed.initialize; nothing trains here
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+    }
+
+
+@contextmanager
+def deepspeed_loading(accelerator: Accelerator, partition: bool, dtype: torch.dtype = torch.float32):
+    """Under a DeepSpeed launch, choose whether `from_pretrained` partitions what it loads (ZeRO-3 `zero.Init`:
+    each process keeps 1/N of every weight, none ever holds the whole model). transformers partitions exactly when
+    a ZeRO-3 config is registered with it, and accelerate registers the launch's: `partition=True` registers ZeRO-3
+    in `dtype` for the block (frozen models, whatever the trained model's stage), False hides the launch's (the main
+    process alone rebuilding a student to save it, which must not join collectives). Other launches: no effect."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        registered = HfDeepSpeedConfig(_zero3_config(dtype)) if partition else None  # noqa: F841 (kept alive)
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # the launch's config again
+
+
+def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """Load a model that stays frozen (the teacher; the backbone whose verbalizers train), in evaluation mode;
+    partitioned while loading under DeepSpeed, so a 72B teacher never sits whole in one process's memory."""
+    with deepspeed_loading(accelerator, partition=True, dtype=dtype):
+        return freeze(load_model(path, dtype, trust_remote_code)).eval()
+
+
 def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> tuple[nn.Module, Parts]:
     """Place a frozen model for inference the way the launch configuration distributes training.
 
@@ -84,10 +123,17 @@ def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> 
     """
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: use configs/accelerate/fsdp2.yaml (fsdp_version: 2)")
-    sharded = accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED
-    if not sharded:
+    zero = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not (accelerator.is_fsdp2 or zero):
         return accelerator.prepare_model(model, evaluation_mode=True), parts
-    heads = dict(norm=copy.deepcopy(parts.norm), lm_head=copy.deepcopy(parts.lm_head))
+    heads = {"norm": parts.norm, "lm_head": parts.lm_head}
+    gathered = nullcontext()
+    if zero:  # loaded partitioned (`load_frozen`): every process gathers the two whole to copy them
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for m in heads.values() for p in m.parameters()])
+    with gathered:
+        heads = {k: copy.deepcopy(m) for k, m in heads.items()}
     parts = dataclasses.replace(parts, **{k: m.to(accelerator.device) for k, m in heads.items()})
     if accelerator.is_fsdp2:
         from torch.distributed.fsdp import fully_shard
@@ -96,15 +142,9 @@ def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> 
             fully_shard(layer)
         fully_shard(model)
         return model, parts
-    import deepspeed
-
-    config = {
-        "train_micro_batch_size_per_gpu": 1,  # required by deepspeed.initialize; nothing trains here
-        "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval(), parts
+    engine, *_ = deepspeed.initialize(model=model, config=_zero3_config(next(model.parameters()).dtype))
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine, parts
 
 
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

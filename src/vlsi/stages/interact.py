@@ -32,7 +32,6 @@ from ..models.loading import (
     check_same_vocabulary,
     compute_dtype,
     freeze,
-    load_model,
     load_processor,
 )
 from ..models.verbalizer import Verbalizers
@@ -42,6 +41,7 @@ from .common import (
     build_loader,
     checkpointing,
     drop_checkpoints,
+    load_frozen,
     load_samples,
     prepare_frozen,
     refuse_zero3_verbalizers,
@@ -154,7 +154,7 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
 
-    teacher = freeze(load_model(cfg.teacher, dtype, cfg.trust_remote_code)).eval()
+    teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
     t_parts = model_parts(teacher)
     t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
     s_verb = Verbalizers.load(out / "verbalizers" / "student")
@@ -203,7 +203,7 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     target = out / "stages" / "interact"
     if accelerator.is_main_process:
         with atomic_dir(target) as tmp:
-            export_student(state, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
+            export_student(accelerator, state, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
             trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
             trained.load_state_dict(substate(state, "verbalizers"))
             trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)

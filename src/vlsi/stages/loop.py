@@ -28,7 +28,7 @@ from accelerate.utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, StageConfig
+from ..config import StageConfig
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
@@ -170,16 +170,20 @@ def train(
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = list(
             getattr(step_module, "_no_split_modules", None) or []
         )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # One DeepSpeed plugin serves every stage, and accelerate writes the first stage's batch settings into it:
+        # each stage sets its own. Clipping is DeepSpeed's (accelerator.clip_grad_norm_ only reports the norm).
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=stage.batch_size,
+            gradient_accumulation_steps=stage.grad_accum,
+            train_batch_size="auto",
+            gradient_clipping=stage.max_grad_norm,
+        )
     module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
 
     step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
     saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
-    if (saved is not None or every) and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            f"{name}: mid-stage checkpoints are not supported with DeepSpeed yet (FSDP2 and DDP have them); "
-            "set checkpoint.every=0 (finished stages are still reused)"
-        )
     if saved is not None:
         progress = checkpoint.load(
             saved,

@@ -20,6 +20,7 @@ from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
+    deepspeed_loading,
     drop_checkpoints,
     load_samples,
     split_batch,
@@ -57,13 +58,17 @@ def save_student(model: nn.Module, processor, directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def export_student(state: dict, path: str, dtype: torch.dtype, stage, cfg: TrainConfig, processor, directory: Path):
+def export_student(
+    accelerator, state: dict, path: str, dtype: torch.dtype, stage, cfg: TrainConfig, processor, directory
+):
     """Save a trained student from its full state dict (`train`'s result, keys under the step's `student.`).
 
-    The student is rebuilt on the CPU as it was trained (LoRA and all) and loaded with the trained weights, so the
-    checkpoint is the same whether training ran replicated (one process, DDP) or sharded (FSDP2, ZeRO-3).
+    The main process rebuilds the student on the CPU as it was trained (LoRA and all), whole even under ZeRO-3, and
+    loads the trained weights, so the checkpoint is the same whether training ran replicated (one process, DDP) or
+    sharded (FSDP2, ZeRO-3).
     """
-    model, _ = prepare_student(path, dtype, stage, cfg)
+    with deepspeed_loading(accelerator, partition=False):
+        model, _ = prepare_student(path, dtype, stage, cfg)
     model.load_state_dict(substate(state, "student"))
     save_student(model, processor, directory)
 
@@ -95,7 +100,7 @@ def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, sa
     state = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics, **checkpointing(cfg, "sft"))
     if accelerator.is_main_process:
         with atomic_dir(output) as tmp:
-            export_student(state, model_path, dtype, stage, cfg, processor, tmp)
+            export_student(accelerator, state, model_path, dtype, stage, cfg, processor, tmp)
         drop_checkpoints(cfg, "sft")
     accelerator.wait_for_everyone()
     return output

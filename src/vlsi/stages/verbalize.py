@@ -16,13 +16,14 @@ from torch import nn
 from ..config import TrainConfig
 from ..losses import chunked_cross_entropy, shared_vocab_size
 from ..models.family import Parts, capture, model_parts
-from ..models.loading import compute_dtype, freeze, load_model, load_processor
+from ..models.loading import compute_dtype, load_processor
 from ..models.verbalizer import Verbalizers
 from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
     drop_checkpoints,
+    load_frozen,
     load_samples,
     prepare_frozen,
     refuse_zero3_verbalizers,
@@ -70,7 +71,7 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     accelerator = make_accelerator(stage, dtype, **tracking(cfg))
     refuse_zero3_verbalizers(accelerator, "verbalize")
     processor = load_processor(model_path, cfg.trust_remote_code)
-    model = freeze(load_model(model_path, dtype, cfg.trust_remote_code)).eval()
+    model = load_frozen(accelerator, model_path, dtype, cfg.trust_remote_code)
     parts = model_parts(model)
     layers = target_layers(cfg, parts, who)
     torch.manual_seed(cfg.seed)

@@ -3,7 +3,8 @@ only for GPU-type launches: an `accelerate launch --config_file configs/accelera
 ACCELERATE_USE_CPU=true sets up torch.distributed on gloo and then drops the DeepSpeed plugin it built from the
 config; here the plugin is kept. DeepSpeed itself runs on the CPU (its CPU accelerator, gloo collectives), so
 everything else (ZeRO partitioning, the ZeRO-3 inference engine of the frozen teacher, gathering the trained
-weights, checkpoints) is vlsi's, accelerate's and DeepSpeed's own code path. For the tests to see what ran, every
+weights, checkpoints) is vlsi's, accelerate's and DeepSpeed's own code path; ZeRO-3 partitions every trained
+weight, however small. For the tests to see what ran, every
 DeepSpeed engine is announced on stderr with its ZeRO stage and whether its model arrived already partitioned.
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2 \\
@@ -27,6 +28,9 @@ def _keep_deepspeed_on_cpu(self, *args, deepspeed_plugin=None, **kwargs):
         deepspeed_plugin.select(_from_accelerator_state=True)
         self.deepspeed_plugins = deepspeed_plugin
         self._mixed_precision = "no"  # DeepSpeed's own config carries the precision
+        # ZeRO-3 keeps weights under 100k elements whole on every process, which would be all of a tiny test model's:
+        # partition every weight, as a real model's are.
+        deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate records it
 
 

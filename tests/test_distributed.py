@@ -141,48 +141,36 @@ def test_two_processes_match_one_process(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
 
 
-# A sharded launch per case: accelerate config, extra launch options, the stand-in for accelerate's GPU-only parts,
-# the command, its settings, the stage killed midway, the files its step-2 checkpoint holds besides state and RNG,
-# and the weight files compared.
+# A sharded `vlsi train` per case: accelerate config, extra launch options, the stand-in for accelerate's GPU-only
+# parts, extra settings, the files the interaction stage's step-2 checkpoint holds besides state and random states,
+# and the DeepSpeed engines each process starts: frozen models (teacher, the backbone whose verbalizers train) loaded
+# partitioned and run by a ZeRO-3 inference engine; the trained step modules at the launch's ZeRO stage (under ZeRO-3
+# the student arrives partitioned too, as transformers loads it; the verbalizers arrive whole).
 SHARDED = {
-    "fsdp2-train": (
+    "fsdp2": (
         "fsdp2.yaml",
         [],
         "fsdp2_on_cpu.py",
-        ["train", "--teacher", "{teacher}", "--student", "{student}"],
-        [*SETTINGS, "interact.max_steps=4"],
-        "interact",
+        [],
         ["optimizer-rank0", "optimizer-rank1", "trainable-rank0", "trainable-rank1"],
-        WEIGHTS,
+        {},
     ),
-    "zero2-train": (  # the trained model ZeRO-2 (optimizer states partitioned), the teacher ZeRO-3
+    "zero2": (  # the trained model ZeRO-2 (optimizer states partitioned), the teacher ZeRO-3
         "zero3.yaml",
         ["--zero_stage", "2"],
         "deepspeed_on_cpu.py",
-        ["train", "--teacher", "{teacher}", "--student", "{student}"],
-        [*SETTINGS, "interact.max_steps=4"],
-        "interact",
+        [],
         ["optimizer-rank0", "optimizer-rank1", "trainable"],
-        WEIGHTS,
+        {"ZeRO-3 engine, model arrived partitioned": 3, "ZeRO-2 engine, model arrived whole": 4},
     ),
-    "zero3-sft": (
+    "zero3": (  # everything partitioned; chunk_size 2 gives the processes different numbers of verbalizer calls
         "zero3.yaml",
         [],
         "deepspeed_on_cpu.py",
-        ["sft", "--model", "{student}"],
-        ["sft.max_steps=4", "sft.batch_size=2"],
-        "sft",
+        ["chunk_size=2"],
         ["optimizer-rank0", "optimizer-rank1", "trainable"],
-        ["model/model.safetensors"],
+        {"ZeRO-3 engine, model arrived partitioned": 5, "ZeRO-3 engine, model arrived whole": 2},
     ),
-}
-
-
-# The DeepSpeed engines each case starts per process: frozen models (teacher, the backbone whose verbalizers train)
-# loaded partitioned and run by a ZeRO-3 inference engine; the trained step modules at the launch's ZeRO stage.
-ENGINES = {
-    "zero2-train": {"ZeRO-3 engine, model arrived partitioned": 3, "ZeRO-2 engine, model arrived whole": 4},
-    "zero3-sft": {"ZeRO-3 engine, model arrived partitioned": 1},
 }
 
 
@@ -195,16 +183,17 @@ def _max_difference(a: Path, b: Path) -> float:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
 @pytest.mark.parametrize("case", list(SHARDED))
 def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
-    """`vlsi train` / `vlsi sft` under FSDP2 or DeepSpeed on two CPU processes (tests/fsdp2_on_cpu.py and
-    tests/deepspeed_on_cpu.py stand in for the GPU-only parts of accelerate) trains what one process trains, and,
-    SIGKILLed after the step-2 checkpoint, resumes from its partitions to the weights of an uninterrupted run."""
+    """`vlsi train` under FSDP2 or DeepSpeed on two CPU processes (tests/fsdp2_on_cpu.py and tests/deepspeed_on_cpu.py
+    stand in for the GPU-only parts of accelerate) trains what one process trains, and, SIGKILLed after the
+    interaction stage's step-2 checkpoint, resumes from what each process saved to the weights of an uninterrupted run.
+    """
     if case.startswith("zero"):
         pytest.importorskip("deepspeed")
-    config, options, shim, args, settings, stage, held, weights = SHARDED[case]
+    config, options, shim, settings, held, engines = SHARDED[case]
     teacher, student = write_tiny_pair(tmp_path)
     data = write_digits_dataset(tmp_path, n=8)
-    args = [a.format(teacher=teacher, student=student) for a in args]
-    args += ["--data", str(data), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"), *settings]
+    args = ["train", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--config"]
+    args += [str(ROOT / "configs" / "tiny-cpu.yaml"), *SETTINGS, "interact.max_steps=4", *settings]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config), *options]
     launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), str(Path(__file__).parent / shim)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -214,33 +203,33 @@ def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
 
     straight = subprocess.run(command(tmp_path / "straight", 0), env=env, capture_output=True, text=True, timeout=400)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    engines = Counter(
+    started = Counter(
         re.findall(r"deepspeed_on_cpu: (ZeRO-\d engine, model arrived (?:partitioned|whole))", straight.stderr)
     )
-    assert engines == {engine: 2 * n for engine, n in ENGINES.get(case, {}).items()}, "per process"
+    assert started == {engine: 2 * n for engine, n in engines.items()}, "per process"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process runs
     try:  # the same global batches: one process, 2 accumulation steps of the same micro-batches
-        stages = ("sft",) if stage == "sft" else ("verbalize", "interact", "sft")
-        assert main([*args, *[f"{s}.grad_accum=2" for s in stages], "--output", str(tmp_path / "one")]) == 0
+        accumulate = [f"{stage}.grad_accum=2" for stage in ("verbalize", "interact", "sft")]
+        assert main([*args, *accumulate, "--output", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    for name in weights:
+    for name in WEIGHTS:
         diff = _max_difference(tmp_path / "straight" / name, tmp_path / "one" / name)
         assert diff <= WEIGHT_ATOL, f"{name}: two processes vs one, max |difference| {diff:.3g}"
 
     out = tmp_path / "resumed"
-    saved = out / "checkpoints" / stage / "step-00000002"
+    saved = out / "checkpoints" / "interact" / "step-00000002"
     process = subprocess.Popen(command(out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
     while process.poll() is None and time.monotonic() < deadline and not saved.is_dir():
         time.sleep(0.05)
-    assert saved.is_dir(), f"the {stage} stage wrote a checkpoint at step 2"
+    assert saved.is_dir(), "the interaction stage wrote a checkpoint at step 2"
     for child in [*psutil.Process(process.pid).children(recursive=True), process]:  # torchrun's workers too
         child.kill()
     process.wait()
     psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
-    assert not (out / weights[-1]).exists(), f"killed inside the {stage} stage"
+    assert not (out / "stages" / "interact").exists(), "killed inside the interaction stage"
     found = {p.name.removesuffix(".safetensors") for p in saved.glob("*.safetensors") if not p.name.startswith("rng")}
     assert sorted(found) == held, "each process wrote what it holds; the main process what is replicated"
 
@@ -248,7 +237,7 @@ def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
     steps = [(m["stage"], m["step"]) for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-    assert steps.count((stage, 3)) == 1, "no step logged twice"
-    for name in weights:
+    assert steps.count(("interact", 3)) == 1, "no step logged twice"
+    for name in WEIGHTS:
         diff = _max_difference(tmp_path / "straight" / name, out / name)
         assert diff <= WEIGHT_ATOL, f"{name}: resumed vs uninterrupted, max |difference| {diff:.3g}"

@@ -178,6 +178,41 @@ def test_divergence_matrix_matches_double_loop(kind, chunk_size):
             torch.testing.assert_close(d[j, i], ref.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_padding_with_empty_chunks_changes_nothing_but_the_number_of_head_calls():
+    """`min_chunks` (DeepSpeed ZeRO-3: every process calls the heads equally often) adds empty chunks only: the same
+    values and gradients, and exactly `min_chunks` calls of the student head in forward and again in backward."""
+    n, ds, dt, v = 13, 6, 10, 17
+    student_head, teacher_head = _head(ds, v, seed=0), _head(dt, v, seed=1)
+    student_hidden = torch.randn(n, ds, dtype=F64, requires_grad=True)
+    teacher_hidden = torch.randn(n, dt, dtype=F64)
+    targets = torch.randint(0, v, (n,))
+    trained = [student_hidden, *student_head.parameters()]
+    calls = []
+    student_head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+
+    losses = [
+        lambda **pad: chunked_divergence(
+            student_hidden, student_head, teacher_hidden, teacher_head, "forward", 4, **pad
+        ),
+        lambda **pad: chunked_cross_entropy(student_hidden, student_head, targets, 4, **pad),
+    ]
+    for loss in losses:
+        calls.clear()
+        padded = loss(min_chunks=7)
+        padded_grads = _grads(padded, trained)
+        forward = [4, 4, 4, 1, 0, 0, 0]
+        assert calls == forward + forward[::-1], "backward recomputes every chunk, the empty ones too"
+        plain = loss()
+        torch.testing.assert_close(padded, plain, rtol=0, atol=0)
+        for a, b in zip(padded_grads, _grads(plain, trained), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    calls.clear()
+    args = ([student_hidden], [student_head], [teacher_hidden], [teacher_head], "forward", 4)
+    torch.testing.assert_close(divergence_matrix(*args, min_chunks=7), divergence_matrix(*args), rtol=0, atol=0)
+    assert calls == [4, 4, 4, 1, 0, 0, 0] + [4, 4, 4, 1]
+
+
 def test_chunked_bad_input_raises():
     head = _head(4, 5, seed=0)
     with pytest.raises(ValueError, match="chunk_size"):

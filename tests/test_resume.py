@@ -2,8 +2,10 @@
 a NaN loss is skipped and logged, and too many in a row stop the run with a clear message."""
 
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +148,25 @@ def test_nan_step_is_skipped_and_logged(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in rows] == [None, "non-finite loss", None]
     assert torch.isfinite(state["weight"]).all()
+
+
+def test_a_step_non_finite_on_one_process_is_skipped_on_all(tmp_path):
+    """Two DDP processes (gloo), the loss NaN on one of them: both skip the step, so the weights stay finite and equal
+    (tests/nonfinite_worker.py)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    worker = Path(__file__).parent / "nonfinite_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(
+        [*command, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in rows] == [None, "non-finite loss", None]
+    weights = [json.loads((tmp_path / f"weight-rank{r}.json").read_text()) for r in (0, 1)]
+    assert weights[0] == weights[1] and all(math.isfinite(w) for w in weights[0])
 
 
 def test_nan_steps_in_a_row_stop_the_run(tmp_path):

@@ -4,7 +4,8 @@ Every distribution lives on the shared vocabulary: callers slice logits to `shar
 The maths runs in at least fp32 whatever the input dtype (bf16 in, fp32 out; fp64 stays fp64 for reference tests).
 The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`, in vlsi: verb-FFN -> frozen
 final norm -> frozen LM head -> shared-vocab slice) so that [tokens x vocab] logits exist for one chunk at a time
-and are recomputed during backward instead of being kept for it.
+and are recomputed during backward instead of being kept for it. `min_chunks` pads the loop with empty chunks so that
+every process calls the heads equally often (DeepSpeed ZeRO-3 gathers a head's weights at each call, a collective).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _check_kind(kind: str) -> None:
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _chunks(n: int, chunk_size: int, min_chunks: int = 0) -> list[slice]:
+    """Row ranges of `chunk_size` covering n rows, then empty ones up to `min_chunks` in all."""
+    rows = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
+    return rows + [slice(n, n)] * (min_chunks - len(rows))
 
 
 def _log_probs(logits: Tensor) -> Tensor:
@@ -97,6 +104,7 @@ def chunked_divergence(
     teacher_head: Head,
     kind: str = "forward",
     chunk_size: int = 1024,
+    min_chunks: int = 0,
 ) -> Tensor:
     """`divergence(student_head(student_hidden), teacher_head(teacher_hidden), kind)` over token chunks.
 
@@ -112,8 +120,16 @@ def chunked_divergence(
     if n == 0:
         raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
     total = sum(
-        checkpoint(_chunk_divergence_sum, s, t, student_head, teacher_head, kind, use_reentrant=False)
-        for s, t in zip(student_hidden.split(chunk_size), teacher_hidden.split(chunk_size), strict=True)
+        checkpoint(
+            _chunk_divergence_sum,
+            student_hidden[r],
+            teacher_hidden[r],
+            student_head,
+            teacher_head,
+            kind,
+            use_reentrant=False,
+        )
+        for r in _chunks(n, chunk_size, min_chunks)
     )
     return total / n
 
@@ -124,7 +140,9 @@ def _chunk_cross_entropy_sum(hidden: Tensor, head: Head, targets: Tensor) -> Ten
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+def chunked_cross_entropy(
+    hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024, min_chunks: int = 0
+) -> Tensor:
     """`cross_entropy_from_logits(head(hidden), targets)` over token chunks, logits recomputed during backward.
 
     hidden [N, d], targets [N] (long, -100 ignored as in `F.cross_entropy`: the mean is over the other targets).
@@ -135,8 +153,8 @@ def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunk_siz
     if hidden.shape[0] == 0:
         raise ValueError("no tokens to score; drop batches without response tokens before the loss")
     total = sum(
-        checkpoint(_chunk_cross_entropy_sum, h, head, t, use_reentrant=False)
-        for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+        checkpoint(_chunk_cross_entropy_sum, hidden[r], head, targets[r], use_reentrant=False)
+        for r in _chunks(hidden.shape[0], chunk_size, min_chunks)
     )
     return total / (targets != -100).sum()
 
@@ -149,6 +167,7 @@ def divergence_matrix(
     teacher_heads: Sequence[Head],
     kind: str = "forward",
     chunk_size: int = 1024,
+    min_chunks: int = 0,
 ) -> Tensor:
     """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i, teacher layer j), no autograd.
 
@@ -165,8 +184,7 @@ def divergence_matrix(
     if n == 0:
         raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
     sums = 0
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
+    for rows in _chunks(n, chunk_size, min_chunks):
         # t_s x [c, V]
         student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
         chunk_sums = []

@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -62,16 +64,22 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
     return make_loader(dataset, batch_size, make_collate(processors), seed, cfg.data.num_workers)
 
 
-def refuse_zero3_verbalizers(accelerator: Accelerator, stage: str) -> None:
-    """ZeRO-3 gathers a module's weights at every call, a collective; the trained verbalizers are called once per
-    chunk of response tokens, a number that differs between processes, so the processes would wait on each other."""
+def chunk_agreement(accelerator: Accelerator, chunk_size: int) -> Callable[[int], int]:
+    """-> a function from this process's number of response tokens to the `min_chunks` of the chunked losses.
+
+    DeepSpeed ZeRO-3 gathers a trained module's weights at each call, a collective every process must join, and the
+    verbalizer heads are called once per chunk of response tokens, which processes hold different numbers of: under
+    ZeRO-3 every process runs as many chunks as the one with the most (the extra ones empty). Elsewhere: 0, no
+    padding and no communication."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ConfigError(
-            f"{stage}: DeepSpeed ZeRO-3 cannot train verbalizers (their per-chunk calls differ between processes); "
-            "use configs/accelerate/fsdp2.yaml, or zero3.yaml with `accelerate launch --zero_stage 2` (the frozen "
-            "teacher is still partitioned with ZeRO-3)"
-        )
+    if not (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3):
+        return lambda n: 0
+
+    def most_chunks(n: int) -> int:
+        chunks = torch.tensor([math.ceil(n / chunk_size)], device=accelerator.device)
+        return int(accelerator.reduce(chunks, "max").item())
+
+    return most_chunks
 
 
 def _zero3_config(dtype: torch.dtype) -> dict:

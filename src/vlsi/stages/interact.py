@@ -40,11 +40,11 @@ from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
+    chunk_agreement,
     drop_checkpoints,
     load_frozen,
     load_samples,
     prepare_frozen,
-    refuse_zero3_verbalizers,
     split_batch,
     substate,
     tracking,
@@ -67,6 +67,7 @@ class InteractStep(nn.Module):
         cfg: TrainConfig,
         vocab: int,
         generator: torch.Generator,
+        min_chunks=None,
     ):
         super().__init__()
         self.student = student
@@ -78,6 +79,7 @@ class InteractStep(nn.Module):
         self.chunk_size = cfg.chunk_size
         self.vocab = vocab
         self.generator = generator
+        self.min_chunks = min_chunks or (lambda n: 0)  # `chunk_agreement`: equal head calls on every process
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         teacher, t_parts, t_verb = self.frozen_teacher
@@ -97,10 +99,11 @@ class InteractStep(nn.Module):
 
         logs: dict = {}
         loss = s_logits.new_zeros((), dtype=torch.float32)
+        min_chunks = self.min_chunks(len(targets)) if cfg.intermediate_loss != "none" else 0
         if cfg.intermediate_loss in ("kld", "l2"):
             # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
-            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk)  # [t_l, t_s]
+            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk, min_chunks)  # [t_l, t_s]
             m = cfg.match
             match = layer_match(
                 scores,
@@ -117,7 +120,10 @@ class InteractStep(nn.Module):
             )
             for i, chosen in enumerate(match):
                 layer_loss = torch.stack(
-                    [chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk) for j in chosen]
+                    [
+                        chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
+                        for j in chosen
+                    ]
                 ).mean()
                 name = "l2" if kind == "l2" else "kl"
                 logs[f"{name}/layer{s_verb.target_layers[i]}"] = layer_loss.item()
@@ -125,7 +131,7 @@ class InteractStep(nn.Module):
             logs["match"] = match
         elif cfg.intermediate_loss == "ce":
             for i, layer in enumerate(s_verb.target_layers):
-                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk)
+                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk, min_chunks)
                 logs[f"ce/layer{layer}"] = layer_loss.item()
                 loss = loss + layer_loss
         if cfg.last_loss == "kld":
@@ -146,8 +152,6 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     dtype = compute_dtype(cfg.precision)
     # Without the last-layer loss the student blocks above its last target layer get no gradient.
     accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none", **tracking(cfg))
-    if stage.intermediate_loss != "none":
-        refuse_zero3_verbalizers(accelerator, "interact")
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),
         load_processor(cfg.student, cfg.trust_remote_code),
@@ -172,7 +176,18 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
     t_verb.to(accelerator.device, dtype)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
-    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator)
+    step = InteractStep(
+        student,
+        s_parts,
+        s_verb,
+        teacher,
+        t_parts,
+        t_verb,
+        cfg,
+        vocab,
+        generator,
+        chunk_agreement(accelerator, cfg.chunk_size),
+    )
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"teacher": t_proc, "student": s_proc}, stage.batch_size, cfg.seed, "interact")
 

@@ -222,7 +222,7 @@ def train(
             loss, logs = module(batch)
             finite = torch.isfinite(loss.detach()).float()
             if accelerator.num_processes > 1:  # every process must skip the same step
-                finite = accelerator.reduce(finite, "min")
+                finite = 1 - accelerator.reduce(1 - finite, "max")  # accelerate reduces by sum or max, not min
             if finite.item():
                 accelerator.backward(loss)
             else:

@@ -22,11 +22,11 @@ from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
+    chunk_agreement,
     drop_checkpoints,
     load_frozen,
     load_samples,
     prepare_frozen,
-    refuse_zero3_verbalizers,
     split_batch,
     substate,
     target_layers,
@@ -38,12 +38,15 @@ from .loop import MetricsLog, make_accelerator, train
 class VerbalizeStep(nn.Module):
     """Registered: the verbalizers only. The frozen model runs without autograd."""
 
-    def __init__(self, model: nn.Module, parts: Parts, verbalizers: Verbalizers, vocab: int, chunk_size: int):
+    def __init__(
+        self, model: nn.Module, parts: Parts, verbalizers: Verbalizers, vocab: int, chunk_size: int, min_chunks=None
+    ):
         super().__init__()
         self.verbalizers = verbalizers
         self.frozen = (model, parts)  # a tuple keeps the backbone out of .parameters() and DDP
         self.vocab = vocab
         self.chunk_size = chunk_size
+        self.min_chunks = min_chunks or (lambda n: 0)  # `chunk_agreement`: equal head calls on every process
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         model, parts = self.frozen
@@ -51,12 +54,14 @@ class VerbalizeStep(nn.Module):
         layers = self.verbalizers.target_layers
         with torch.no_grad(), capture(parts.layers, layers) as states:
             model(**inputs, logits_to_keep=1)  # hidden states only: skip the LM head on every position
+        min_chunks = self.min_chunks(len(targets))
         losses = [
             chunked_cross_entropy(
                 states[layer][mask],  # [N, d]
                 self.verbalizers.head(k, parts.norm, parts.lm_head, self.vocab),
                 targets,
                 self.chunk_size,
+                min_chunks,
             )
             for k, layer in enumerate(layers)
         ]
@@ -69,7 +74,6 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     stage = cfg.verbalize
     dtype = compute_dtype(cfg.precision)
     accelerator = make_accelerator(stage, dtype, **tracking(cfg))
-    refuse_zero3_verbalizers(accelerator, "verbalize")
     processor = load_processor(model_path, cfg.trust_remote_code)
     model = load_frozen(accelerator, model_path, dtype, cfg.trust_remote_code)
     parts = model_parts(model)
@@ -78,7 +82,7 @@ def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics
     verbalizers = Verbalizers(parts.hidden_size, layers, cfg.verbalizer.residual, parts.family)
     vocab = shared_vocab_size(len(processor.tokenizer), parts.vocab_rows)
     model, parts = prepare_frozen(accelerator, model, parts)
-    step = VerbalizeStep(model, parts, verbalizers, vocab, cfg.chunk_size)
+    step = VerbalizeStep(model, parts, verbalizers, vocab, cfg.chunk_size, chunk_agreement(accelerator, cfg.chunk_size))
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, f"verbalize-{who}")
     name = f"verbalize/{who}"

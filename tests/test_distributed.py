@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vlsi.cli import main
 from vlsi.toy import write_digits_dataset, write_tiny_pair
@@ -241,3 +241,59 @@ def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
     for name in WEIGHTS:
         diff = _max_difference(tmp_path / "straight" / name, out / name)
         assert diff <= WEIGHT_ATOL, f"{name}: resumed vs uninterrupted, max |difference| {diff:.3g}"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_fsdp2_frozen_model_read_by_the_main_process_only_tied_head_included(tmp_path):
+    """Under FSDP2 only the main process reads a frozen model's weights; the others build it on the meta device and
+    receive their shards. Qwen2-VL-2B ties its LM head to its input embeddings: a tied backbone arrives tied
+    everywhere, and training its verbalizers on two processes matches one process."""
+    _, student = write_tiny_pair(tmp_path)
+    config = json.loads((student / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (student / "config.json").write_text(json.dumps(config))
+    weights = load_file(student / "model.safetensors")
+    del weights["lm_head.weight"]  # a tied checkpoint stores the matrix once
+    save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    data = write_digits_dataset(tmp_path, n=8)
+    args = [
+        "verbalize",
+        "--model",
+        str(student),
+        "--data",
+        str(data),
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+    ]
+    args += ["verbalize.max_steps=2", "verbalize.batch_size=2", "verbalize.models=[student]"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "fsdp2.yaml")]
+    launch += [
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(Path(__file__).parent / "fsdp2_on_cpu.py"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "disagree on tied weights" not in two.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "verbalize.grad_accum=2", "--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two_metrics, one_metrics = (
+        [json.loads(x) for x in (tmp_path / o / "metrics.jsonl").open()] for o in ("two", "one")
+    )
+    assert [m["step"] for m in two_metrics] == [m["step"] for m in one_metrics] == [1, 2]
+    for a, b in zip(two_metrics, one_metrics, strict=True):
+        assert {k: v for k, v in a.items() if k != "stage"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "stage"}, rel=METRIC_RTOL, abs=METRIC_ATOL
+        )
+    name = "verbalizers/verbalizers.safetensors"
+    diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
+    assert diff <= WEIGHT_ATOL, f"max |difference| {diff:.3g}"

@@ -32,10 +32,15 @@ def load_processor(path: str, trust_remote_code: bool = False):
         ) from None
 
 
-def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoModelForImageTextToText
+def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False) -> nn.Module:
+    """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
+        if empty:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None

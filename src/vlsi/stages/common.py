@@ -114,10 +114,29 @@ def deepspeed_loading(accelerator: Accelerator, partition: bool, dtype: torch.dt
 
 
 def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """Load a model that stays frozen (the teacher; the backbone whose verbalizers train), in evaluation mode;
-    partitioned while loading under DeepSpeed, so a 72B teacher never sits whole in one process's memory."""
+    """Load a model that stays frozen (the teacher; the backbone whose verbalizers train), in evaluation mode, so
+    that a 72B teacher never sits whole in every process's memory: under DeepSpeed partitioned while it loads; under
+    FSDP2 only the main process reads the weights, the others build the architecture on the meta device and receive
+    their shards in `prepare_frozen`."""
+    empty = accelerator.is_fsdp2 and not accelerator.is_main_process
     with deepspeed_loading(accelerator, partition=True, dtype=dtype):
-        return freeze(load_model(path, dtype, trust_remote_code)).eval()
+        model = load_model(path, dtype, trust_remote_code, empty=empty)
+    if accelerator.is_fsdp2 and accelerator.num_processes > 1 and not _same_parameters_everywhere(model):
+        # transformers ties or unties weights by what the checkpoint holds, which the architecture alone cannot tell
+        if accelerator.is_main_process:
+            log.warning("%s: its checkpoint and config disagree on tied weights; every process loads it whole", path)
+        model = load_model(path, dtype, trust_remote_code) if empty else model
+    return freeze(model).eval()
+
+
+def _same_parameters_everywhere(model: nn.Module) -> bool:
+    """Whether every process's model has the same parameters (names and shapes), in the same order."""
+    import torch.distributed as dist
+
+    mine = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return all(theirs == mine for theirs in everyone)
 
 
 def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> tuple[nn.Module, Parts]:
@@ -142,17 +161,44 @@ def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> 
         gathered = deepspeed.zero.GatheredParameters([p for m in heads.values() for p in m.parameters()])
     with gathered:
         heads = {k: copy.deepcopy(m) for k, m in heads.items()}
-    parts = dataclasses.replace(parts, **{k: m.to(accelerator.device) for k, m in heads.items()})
     if accelerator.is_fsdp2:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in parts.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model, parts
+        return _shard_from_main_process(accelerator, model, parts, heads)
+    parts = dataclasses.replace(parts, **{k: m.to(accelerator.device) for k, m in heads.items()})
     engine, *_ = deepspeed.initialize(model=model, config=_zero3_config(next(model.parameters()).dtype))
     engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
     return engine, parts
+
+
+def _shard_from_main_process(accelerator: Accelerator, model: nn.Module, parts: Parts, heads: dict[str, nn.Module]):
+    """FSDP2 for a frozen model that only the main process loaded (`load_frozen`; the others hold it on the meta
+    device): shard it, each decoder block its own unit, then send every process its shards of the main process's
+    weights, its buffers (rotary frequencies are in no state dict) and whole copies of the final norm and LM head."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    weights = model.state_dict() if accelerator.is_main_process else {}
+    for layer in parts.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    del weights
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    buffer = torch.empty_like(buffer, device=accelerator.device) if buffer.is_meta else buffer
+                    module._buffers[name] = buffer.to(accelerator.device)
+                    dist.broadcast(module._buffers[name], src=0)
+        copies = {}
+        for key, copy_ in heads.items():
+            copy_ = copy_.to_empty(device=accelerator.device)
+            for mine, sharded in zip(copy_.parameters(), getattr(parts, key).parameters(), strict=True):
+                mine.copy_(sharded.full_tensor() if isinstance(sharded, DTensor) else sharded)
+            copies[key] = copy_
+    return model, dataclasses.replace(parts, **copies)
 
 
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

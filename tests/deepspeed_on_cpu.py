@@ -5,7 +5,8 @@ config; here the plugin is kept. DeepSpeed itself runs on the CPU (its CPU accel
 everything else (ZeRO partitioning, the ZeRO-3 inference engine of the frozen teacher, gathering the trained
 weights, checkpoints) is vlsi's, accelerate's and DeepSpeed's own code path; ZeRO-3 partitions every trained
 weight, however small. For the tests to see what ran, every
-DeepSpeed engine is announced on stderr with its ZeRO stage and whether its model arrived already partitioned.
+DeepSpeed engine is announced on stderr with its ZeRO stage, whether its model arrived already partitioned, and where
+ZeRO-3 offloads its parameters.
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2 \\
         tests/deepspeed_on_cpu.py train ...
@@ -40,10 +41,13 @@ _initialize = deepspeed.initialize
 def _announce(*args, model=None, **kwargs):
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
     engine, *rest = _initialize(*args, model=model, **kwargs)
-    arrived = "arrived partitioned" if partitioned else "arrived whole"
-    sys.stderr.write(
-        f"deepspeed_on_cpu: ZeRO-{engine.zero_optimization_stage()} engine, model {arrived}\n"
-    )  # one write
+    stage = engine.zero_optimization_stage()
+    line = f"deepspeed_on_cpu: ZeRO-{stage} engine, model arrived {'partitioned' if partitioned else 'whole'}"
+    offload = engine.zero_offload_param() if stage == 3 else None
+    device = getattr(offload.device, "value", offload.device) if offload is not None else "none"  # an enum or a str
+    if device != "none":
+        line += f", parameters offloaded to {device}"
+    sys.stderr.write(line + "\n")  # one write: the processes share stderr
     sys.stderr.flush()
     return (engine, *rest)
 

@@ -155,13 +155,16 @@ SHARDED = {
         ["optimizer-rank0", "optimizer-rank1", "trainable-rank0", "trainable-rank1"],
         {},
     ),
-    "zero2": (  # the trained model ZeRO-2 (optimizer states partitioned), the teacher ZeRO-3
+    "zero2": (  # the trained model ZeRO-2 (optimizer states partitioned), the teacher ZeRO-3 and offloaded
         "zero3.yaml",
-        ["--zero_stage", "2"],
+        ["--zero_stage", "2", "--offload_param_device", "cpu"],
         "deepspeed_on_cpu.py",
         [],
         ["optimizer-rank0", "optimizer-rank1", "trainable"],
-        {"ZeRO-3 engine, model arrived partitioned": 3, "ZeRO-2 engine, model arrived whole": 4},
+        {
+            "ZeRO-3 engine, model arrived partitioned, parameters offloaded to cpu": 3,
+            "ZeRO-2 engine, model arrived whole": 4,
+        },
     ),
     "zero3": (  # everything partitioned; chunk_size 2 gives the processes different numbers of verbalizer calls
         "zero3.yaml",
@@ -204,7 +207,10 @@ def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
     straight = subprocess.run(command(tmp_path / "straight", 0), env=env, capture_output=True, text=True, timeout=400)
     assert straight.returncode == 0, straight.stderr[-3000:]
     started = Counter(
-        re.findall(r"deepspeed_on_cpu: (ZeRO-\d engine, model arrived (?:partitioned|whole))", straight.stderr)
+        re.findall(
+            r"deepspeed_on_cpu: (ZeRO-\d engine, model arrived \w+(?:, parameters offloaded to \w+)?)\n",
+            straight.stderr,
+        )
     )
     assert started == {engine: 2 * n for engine, n in engines.items()}, "per process"
     threads = torch.get_num_threads()

@@ -82,11 +82,16 @@ def chunk_agreement(accelerator: Accelerator, chunk_size: int) -> Callable[[int]
     return most_chunks
 
 
-def _zero3_config(dtype: torch.dtype) -> dict:
-    """DeepSpeed settings that partition a model's weights (ZeRO-3) with nothing to train."""
+def _zero3_config(accelerator: Accelerator, dtype: torch.dtype) -> dict:
+    """DeepSpeed settings that partition a frozen model's weights (ZeRO-3), offloaded wherever the launch offloads
+    parameters (`offload_param_device` in the accelerate config: cpu or nvme)."""
+    zero = {"stage": 3}
+    offload = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("offload_param")
+    if offload and offload.get("device", "none") != "none":
+        zero["offload_param"] = offload
     return {
         "train_micro_batch_size_per_gpu": 1,  # required by deepspeed.initialize; nothing trains here
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
     }
 
@@ -106,7 +111,7 @@ def deepspeed_loading(accelerator: Accelerator, partition: bool, dtype: torch.dt
 
     unset_hf_deepspeed_config()
     try:
-        registered = HfDeepSpeedConfig(_zero3_config(dtype)) if partition else None  # noqa: F841 (kept alive)
+        registered = HfDeepSpeedConfig(_zero3_config(accelerator, dtype)) if partition else None  # noqa: F841
         yield
     finally:
         unset_hf_deepspeed_config()
@@ -164,7 +169,7 @@ def prepare_frozen(accelerator: Accelerator, model: nn.Module, parts: Parts) -> 
     if accelerator.is_fsdp2:
         return _shard_from_main_process(accelerator, model, parts, heads)
     parts = dataclasses.replace(parts, **{k: m.to(accelerator.device) for k, m in heads.items()})
-    engine, *_ = deepspeed.initialize(model=model, config=_zero3_config(next(model.parameters()).dtype))
+    engine, *_ = deepspeed.initialize(model=model, config=_zero3_config(accelerator, next(model.parameters()).dtype))
     engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
     return engine, parts
 

@@ -8,8 +8,8 @@ Partitioned training state is written by the process that holds it, and resumes 
 with the same partitioning: FSDP2's weight and optimizer shards (DTensors) and DeepSpeed ZeRO's optimizer
 partitions (with ZeRO's fp32 master weights) go to `trainable-rank{r}.safetensors` / `optimizer-rank{r}.safetensors`.
 The main process writes the rest whole (`trainable.safetensors`, `optimizer.safetensors`), ZeRO-3's trained weights
-included (gathered, as the end of a stage gathers them anyway); a checkpoint with nothing partitioned resumes on
-any number of processes.
+included (gathered one weight at a time, as the end of a stage gathers them anyway); a checkpoint with nothing
+partitioned resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -39,14 +39,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).cpu().contiguous()
 
 
-def _whole(params: list[nn.Parameter], modify: bool = False):
-    """DeepSpeed ZeRO-3 partitions weights: gather them whole on every process for the block (a collective), and
-    with `modify`, spread the main process's changes on leaving it. A no-op for other weights."""
-    if not any(hasattr(p, "ds_id") for p in params):
+def _whole(param: nn.Parameter, modify: bool = False):
+    """DeepSpeed ZeRO-3 partitions weights: gather this one whole on every process for the block (a collective; one
+    weight at a time, so a checkpoint never holds the whole model on a device), and with `modify`, spread the main
+    process's change on leaving it. A no-op for other weights."""
+    if not hasattr(param, "ds_id"):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
+
+
+def _file(kind: str, partitioned: bool, process_index: int) -> str:
+    """`trainable` / `optimizer` file name: one per process when that part is partitioned, else one in all."""
+    return f"{kind}-rank{process_index}.safetensors" if partitioned else f"{kind}.safetensors"
 
 
 def _zero(optimizer) -> tuple[torch.optim.Optimizer, list[torch.Tensor]] | None:
@@ -194,15 +200,17 @@ def save(
     save_file(rng_tensors, tmp / f"rng-{process_index}.safetensors")
     (tmp / f"rng-{process_index}.json").write_text(json.dumps(rng_meta))
     parts = layout(module, optimizer)
-    rank = f"-rank{process_index}"
-    trainable = _trainable(module)
-    with _whole(list(trainable.values())):
-        if parts["weights"] or is_main:
-            weights = {k: _local(v) for k, v in trainable.items()}
-            save_file(weights, tmp / f"trainable{rank if parts['weights'] else ''}.safetensors")
+    writes = parts["weights"] or is_main
+    weights = {}
+    for name, p in _trainable(module).items():
+        with _whole(p):
+            if writes:
+                weights[name] = _local(p)
+    if writes:
+        save_file(weights, tmp / _file("trainable", parts["weights"], process_index))
     if parts["optimizer"] or is_main:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / f"optimizer{rank if parts['optimizer'] else ''}.safetensors")
+        save_file(opt_tensors, tmp / _file("optimizer", parts["optimizer"], process_index))
     if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         meta.update(layout=parts, processes=num_processes)
@@ -235,18 +243,18 @@ def load(
             f"{_describe(parts, num_processes)}; resume with the same launch configuration (number of processes, "
             "FSDP2 or ZeRO stage), or delete the folder to start the stage over"
         )
-    rank = f"-rank{process_index}"
-    weights = load_file(path / f"trainable{rank if parts['weights'] else ''}.safetensors")
+    weights = load_file(path / _file("trainable", parts["weights"], process_index))
     params = _trainable(module)
     if set(weights) != set(params):
         raise ValueError(
             f"{path}: the checkpoint's trainable parameters do not match this run's (was the configuration changed?); "
             "delete the folder to start the stage over"
         )
-    tensors = load_file(path / f"optimizer{rank if parts['optimizer'] else ''}.safetensors")
-    with torch.no_grad(), _whole(list(params.values()), modify=True):
+    tensors = load_file(path / _file("optimizer", parts["optimizer"], process_index))
+    with torch.no_grad():
         for name, p in params.items():
-            (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
+            with _whole(p, modify=True):
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
     _load_optimizer(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rng = path / f"rng-{process_index}.safetensors"

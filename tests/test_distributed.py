@@ -132,9 +132,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert two_matches == one_matches, "process k's micro-batch is the single process's k-th micro-batch"
 
     for name in WEIGHTS:
-        a, b = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
-        assert a.keys() == b.keys(), name
-        diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
         assert diff <= WEIGHT_ATOL, f"{name}: max |difference| {diff:.3g}"
     before = load_file(student / "model.safetensors")
     after = load_file(tmp_path / "two" / "student" / "model.safetensors")
@@ -177,9 +175,9 @@ SHARDED = {
 }
 
 
-def _max_difference(a: Path, b: Path) -> float:
-    a, b = load_file(a), load_file(b)
-    assert a.keys() == b.keys()
+def _max_difference(a_path: Path, b_path: Path) -> float:
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys(), f"{a_path} and {b_path} hold different tensors"
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 

@@ -154,13 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, DataError, ModelError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
         print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        code = 0
+    end_process_group(synchronise=code == 0)
+    return code
+
+
+def end_process_group(synchronise: bool) -> None:
+    """Close the process group of a distributed launch before the interpreter exits. A gloo or NCCL group left
+    open keeps its C++ worker threads alive into interpreter teardown, where they abort the process now and then
+    (SIGABRT, "terminate called without an active exception") after all the work is done. `synchronise`: wait for
+    every process first (on success; after an error another process may never arrive)."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to close (and torch stays unloaded)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vlsi.matching import layer_match, match_probabilities
+from vlsi.matching import layer_match, match_probabilities, normalized_entropy
 
 SHAPES = [(1, 1), (3, 3), (5, 2), (7, 3), (8, 1), (20, 7)]  # (t_l, t_s)
 VARIANTS = [
@@ -185,3 +185,75 @@ def test_same_seed_same_matching(strategy):
     assert runs[0] == runs[1]
     draws = {str(layer_match(d, strategy, generator=torch.Generator().manual_seed(s))) for s in range(20)}
     assert len(draws) > 1  # and it does explore
+
+
+def _entropy_brute_force(p):
+    # float64, by hand: -sum p ln p over the non-zero entries, over ln(n)
+    p = [float(x) for x in p]
+    return 0.0 if len(p) == 1 else -sum(x * math.log(x) for x in p if x > 0) / math.log(len(p))
+
+
+def test_normalized_entropy_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 7, 20):
+        for _ in range(5):
+            p = torch.softmax(3 * torch.randn(n, generator=g, dtype=torch.float64), 0)
+            assert normalized_entropy(p).item() == pytest.approx(_entropy_brute_force(p), rel=1e-12, abs=1e-15)
+    assert normalized_entropy(torch.full((5,), 0.2, dtype=torch.float64)).item() == pytest.approx(1.0, rel=1e-12)
+    assert normalized_entropy(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)).item() == 0.0  # 0 ln 0 = 0
+    assert normalized_entropy(torch.tensor([1.0], dtype=torch.float64)).item() == 0.0  # one candidate: no choice
+
+
+@pytest.mark.parametrize("search_range, order", list(itertools.product([True, False], repeat=2)))
+def test_returned_probabilities_are_each_layers_draw(search_range, order):
+    # the distribution over the brute-force candidate window, and the same picks as without return_probabilities
+    for (t_l, t_s), variant, seed in itertools.product(SHAPES, VARIANTS, range(2)):
+        d = _d(t_l, t_s, seed)
+        kw = dict(search_range=search_range, order=order, **variant)
+        plain = layer_match(d, generator=torch.Generator().manual_seed(seed), **kw)
+        matched, probs = layer_match(d, generator=torch.Generator().manual_seed(seed), return_probabilities=True, **kw)
+        assert matched == plain and len(probs) == t_s
+        lo = 0
+        for i, (picks, p) in enumerate(zip(matched, probs)):
+            cands = _window(lo, i, t_l, t_s, search_range, order)
+            if variant["strategy"] in ("adaptive", "multinomial", "random"):
+                scoring = {k: v for k, v in variant.items() if k != "bottom_k"}
+                torch.testing.assert_close(p, match_probabilities(d[cands, i], **scoring), rtol=0, atol=0)
+            else:
+                assert p is None
+            lo = max(picks) + 1
+    matched, probs = layer_match(torch.rand(5, 3), "fixed", fixed=[4, 0, 2], return_probabilities=True)
+    assert matched == [[4], [0], [2]] and probs == [None, None, None]
+
+
+def test_random_draws_are_uniform_and_sharp_multinomial_nearly_one_hot():
+    d = _d(20, 7, seed=1)
+    g = torch.Generator().manual_seed(0)
+    _, probs = layer_match(d, "random", search_range=False, order=False, generator=g, return_probabilities=True)
+    for p in probs:  # 20 candidates per layer
+        assert normalized_entropy(p).item() == pytest.approx(1.0, rel=1e-12)
+        assert p.max().item() == pytest.approx(1 / 20)
+    _, probs = layer_match(d, "multinomial", fixed_temperature=1e-3, generator=g, return_probabilities=True)
+    for p in probs:
+        if p.numel() > 1:
+            assert normalized_entropy(p).item() < 1e-3 and p.max().item() > 1 - 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["adaptive", "multinomial", "random"])
+def test_one_candidate_has_entropy_zero(strategy):
+    # t_l = t_s with search range and order: each student layer has exactly one teacher layer left
+    matched, probs = layer_match(_d(4, 4, seed=0), strategy, generator=torch.Generator(), return_probabilities=True)
+    assert matched == [[0], [1], [2], [3]]
+    for p in probs:
+        assert p.tolist() == [1.0] and normalized_entropy(p).item() == 0.0
+
+
+def test_scale_over_range_is_near_uniform_on_small_kls_and_range_over_scale_is_not():
+    # candidate KLs of 0.1-0.4 nats: T = 2 / 0.3 makes the logits span 0.045, T = 0.3 / 2 makes them span 2
+    d = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
+    flat, sharp = (
+        layer_match(d, temperature=t, search_range=False, generator=torch.Generator(), return_probabilities=True)[1][0]
+        for t in ("scale_over_range", "range_over_scale")
+    )
+    assert normalized_entropy(flat).item() > 0.999 and flat.max().item() < 0.26
+    assert normalized_entropy(sharp).item() < 0.9 and sharp.max().item() > 0.45

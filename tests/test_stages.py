@@ -1,5 +1,7 @@
 """Each stage trains what it should and leaves everything else bit-identical."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from vlsi.data import VLDataset, make_collate, read_dataset
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.interact import InteractStep
+from vlsi.stages.interact import InteractStep, interact
 from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
 from vlsi.stages.sft import SFTStep, prepare_student
 from vlsi.stages.verbalize import VerbalizeStep
@@ -31,14 +33,14 @@ def _changed(before, module):
     return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
 
 
-def _cfg(toy, *overrides):
+def _cfg(toy, *overrides, output=None):
     root, teacher, student, data = toy
     return load_config(
         None,
         ["verbalizer.teacher_layers=[0,2,4]", "verbalizer.student_layers=[0,2]", "chunk_size=7", *overrides],
         teacher=teacher,
         student=student,
-        output=str(root / "out"),
+        output=str(output or root / "out"),
     )
 
 
@@ -89,6 +91,7 @@ def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
     before_teacher, before_t_verb = _snapshot(teacher), _snapshot(t_verb)
     before_student, before_s_verb = _snapshot(student), _snapshot(s_verb)
     head_before = s_parts.lm_head.weight.detach().clone()
+    norm_before = [p.detach().clone() for p in s_parts.norm.parameters()]
     vision_before = [p.detach().clone() for m in s_parts.vision for p in m.parameters()]
     step = InteractStep(
         student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), torch.Generator().manual_seed(0)
@@ -108,6 +111,7 @@ def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
     assert not _changed(before_teacher, teacher) and not _changed(before_t_verb, t_verb), "teacher frozen"
     assert _changed(before_s_verb, s_verb) == set(before_s_verb), "student verbalizers train"
     assert torch.equal(head_before, s_parts.lm_head.weight), "LM head frozen"
+    assert all(torch.equal(a, p) for a, p in zip(norm_before, s_parts.norm.parameters())), "final norm frozen"
     assert all(torch.equal(a, p) for a, p in zip(vision_before, (p for m in s_parts.vision for p in m.parameters())))
     changed = _changed(before_student, student)
     if lora:
@@ -164,3 +168,77 @@ def test_interaction_loss_operations(toy, intermediate, last):
     loss.backward()
     got_grad = all(p.grad is not None for p in s_verb.parameters())
     assert got_grad == (intermediate != "none")
+
+
+@pytest.fixture(scope="module")
+def interacted(toy, tmp_path_factory):
+    """`interact` as `vlsi train` runs it, with full fine-tuning, from untrained verbalizers: (config, OUT)."""
+    out = tmp_path_factory.mktemp("interact")
+    cfg = _cfg(
+        toy,
+        "interact.max_steps=2",
+        "interact.grad_accum=2",
+        "interact.batch_size=2",
+        "interact.lr=1e-2",
+        "interact.lora.enabled=false",
+        output=out,
+    )
+    for who, path, layers in (("teacher", cfg.teacher, [0, 2, 4]), ("student", cfg.student, [0, 2])):
+        Verbalizers(model_parts(load_model(path, torch.float32)).hidden_size, layers).save(out / "verbalizers" / who)
+    interact(cfg, out, MetricsLog(out / "metrics.jsonl"), read_dataset(toy[3])[0])
+    return cfg, out
+
+
+def test_interact_full_fine_tuning_exports_the_initial_final_norm_and_head(interacted):
+    """The verbalizer heads share the student's frozen final norm and LM head, also when the whole LLM trains."""
+    cfg, out = interacted
+    before = model_parts(load_model(cfg.student, torch.float32))
+    after = model_parts(load_model(str(out / "stages" / "interact" / "student"), torch.float32))
+    for name, a, b in (("final norm", before.norm, after.norm), ("LM head", before.lm_head, after.lm_head)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)), name
+    for block, (a, b) in enumerate(zip(before.layers, after.layers, strict=True)):
+        assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), f"block {block} trains"
+
+
+def test_interact_logs_how_sharp_each_match_draw_is(interacted):
+    _, out = interacted
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:  # means over the step's micro-batches of each draw's normalised entropy and top probability
+        for layer in (0, 2):
+            assert 0.0 <= row[f"match_entropy/layer{layer}"] <= 1.0 and 0.0 < row[f"match_pmax/layer{layer}"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["random", "bottom_k", "uniform"])
+def test_match_sharpness_is_logged_for_sampling_strategies_only(toy, strategy):
+    cfg = _cfg(toy, f"interact.match.strategy={strategy}", "interact.match.bottom_k=1")
+    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
+    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+    t_parts = model_parts(teacher)
+    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
+    student = freeze(load_model(cfg.student, torch.float32))
+    s_parts = model_parts(student)
+    step = InteractStep(
+        student,
+        s_parts,
+        Verbalizers(s_parts.hidden_size, [0, 2]),
+        teacher,
+        t_parts,
+        t_verb,
+        cfg,
+        len(s_proc.tokenizer),
+        torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        _, logs = step(next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3]))))
+    sharpness = {k for k in logs if k.startswith("match_")}
+    if strategy != "random":
+        assert not sharpness
+        return
+    assert sharpness == {"match_entropy/layer0", "match_pmax/layer0", "match_entropy/layer2", "match_pmax/layer2"}
+    # teacher layers [0, 2, 4], student [0, 2]: student layer 0 draws from teacher layers 0 and 1, uniformly
+    assert logs["match_entropy/layer0"] == pytest.approx(1.0) and logs["match_pmax/layer0"] == pytest.approx(0.5)
+    # student layer 2 draws from what is left after the first pick: 2 candidates, or 1 (then no choice)
+    n = 2 - logs["match"][0][0]
+    assert logs["match_entropy/layer2"] == pytest.approx(1.0 if n == 2 else 0.0)
+    assert logs["match_pmax/layer2"] == pytest.approx(1 / n)

@@ -3,6 +3,7 @@ layer imitates, chosen from detached divergences D [t_l, t_s] (see `vlsi.losses.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -49,6 +50,16 @@ def match_probabilities(
     return torch.softmax(-d_c / t, dim=0)
 
 
+def normalized_entropy(p: Tensor) -> Tensor:
+    """Entropy of a distribution p [n] over log(n), as a 0-dim tensor: 1 = uniform, 0 = one-hot (and for n = 1).
+
+    How sharp a match draw is, comparable between layers with different numbers of candidates."""
+    n = p.numel()
+    if n == 1:
+        return p.new_zeros(())  # log(1) = 0: one candidate is no choice
+    return torch.special.entr(p).sum() / math.log(n)  # entr(x) = -x ln x, entr(0) = 0
+
+
 def _check_fixed(fixed: Sequence[int] | None, t_l: int, t_s: int) -> list[int]:
     if fixed is None:
         raise ValueError("strategy='fixed' needs fixed=[one teacher target-layer index per student target layer]")
@@ -77,7 +88,8 @@ def layer_match(
     bottom_k: int = 3,
     fixed: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
+    return_probabilities: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[Tensor | None]]:
     """Teacher target layers matched to each student target layer i, in order, from divergences d [t_l, t_s].
 
     Returns one list per student layer: one index, or up to `bottom_k` for "bottom_k"; the loss of student layer i
@@ -88,6 +100,8 @@ def layer_match(
     layer), "random" is uniform, "uniform" is i * (t_l // t_s) (always inside the candidates, so d is ignored),
     "fixed" returns `fixed` as given (search range and order do not apply).
     Sampling uses `generator`, which must be a CPU generator: d is copied to the CPU first.
+    With `return_probabilities`, returns (matches, probabilities): per student layer the fp64 distribution [n_i]
+    its pick was drawn from over its candidates, in layer order; None where the strategy does not sample.
     """
     if d.dim() != 2:
         raise ValueError(f"d must be [teacher target layers, student target layers], got shape {tuple(d.shape)}")
@@ -105,16 +119,18 @@ def layer_match(
     if fixed is not None and strategy != "fixed":
         raise ValueError(f"fixed={list(fixed)} is only used with strategy='fixed', not {strategy!r}")
     if strategy == "fixed":
-        return [[j] for j in _check_fixed(fixed, t_l, t_s)]
+        matched = [[j] for j in _check_fixed(fixed, t_l, t_s)]
+        return (matched, [None] * t_s) if return_probabilities else matched
 
     d = d.detach().to("cpu", torch.float64)  # [t_l, t_s]: tiny; one device sync here instead of one per layer
     step = t_l // t_s
-    matched = []
+    matched, probabilities = [], []
     lo = 0
     for i in range(t_s):
         hi = t_l - t_s + i if search_range else t_l - 1
         first = min(lo, hi) if order else 0  # candidates are first..hi
         d_c = d[first : hi + 1, i]  # [n]
+        probs = None
         if strategy == "uniform":
             picks = [i * step]
         elif strategy == "bottom_k":
@@ -123,6 +139,7 @@ def layer_match(
             probs = match_probabilities(d_c, strategy, temperature, scale, eps, fixed_temperature)
             picks = [first + int(torch.multinomial(probs, 1, generator=generator))]
         matched.append(picks)
+        probabilities.append(probs)
         if order:
             lo = max(picks) + 1
-    return matched
+    return (matched, probabilities) if return_probabilities else matched

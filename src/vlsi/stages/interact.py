@@ -1,9 +1,11 @@
 """Stage 2, interaction (DESIGN §6): adaptive layer matching between student and teacher verbalized layers.
 
-Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; LM head frozen; vision
-tower frozen by default. Teacher forcing on the training sample, response tokens only. Per batch:
+Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; final norm and LM head
+frozen (shared by every verbalizer head); vision tower frozen by default. Teacher forcing on the training sample,
+response tokens only. Per batch:
   D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
-  match   = layer_match(D)  (search range, order preservation, adaptive temperature)
+  match   = layer_match(D)  (search range, order preservation, adaptive temperature); logged with how sharp
+            each layer's draw was (normalised entropy, top probability)
   loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked)
           + KL(teacher output || student output)
 """
@@ -26,7 +28,7 @@ from ..losses import (
     divergence_matrix,
     shared_vocab_size,
 )
-from ..matching import layer_match
+from ..matching import layer_match, normalized_entropy
 from ..models.family import Parts, capture, model_parts
 from ..models.loading import (
     check_same_vocabulary,
@@ -105,7 +107,7 @@ class InteractStep(nn.Module):
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
             scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk, min_chunks)  # [t_l, t_s]
             m = cfg.match
-            match = layer_match(
+            match, probabilities = layer_match(
                 scores,
                 m.strategy,
                 search_range=m.search_range,
@@ -117,17 +119,21 @@ class InteractStep(nn.Module):
                 bottom_k=m.bottom_k,
                 fixed=m.fixed,
                 generator=self.generator,
+                return_probabilities=True,
             )
-            for i, chosen in enumerate(match):
+            for i, (chosen, p) in enumerate(zip(match, probabilities)):
+                layer = s_verb.target_layers[i]
                 layer_loss = torch.stack(
                     [
                         chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
                         for j in chosen
                     ]
                 ).mean()
-                name = "l2" if kind == "l2" else "kl"
-                logs[f"{name}/layer{s_verb.target_layers[i]}"] = layer_loss.item()
+                logs[f"{'l2' if kind == 'l2' else 'kl'}/layer{layer}"] = layer_loss.item()
                 loss = loss + layer_loss
+                if p is not None:  # a sampled match: how sharp its draw was (p [candidates])
+                    logs[f"match_entropy/layer{layer}"] = normalized_entropy(p).item()  # 1 = uniform, 0 = one-hot
+                    logs[f"match_pmax/layer{layer}"] = p.max().item()
             logs["match"] = match
         elif cfg.intermediate_loss == "ce":
             for i, layer in enumerate(s_verb.target_layers):

@@ -31,7 +31,8 @@ from .loop import MetricsLog, make_accelerator, train
 
 
 def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractConfig, cfg: TrainConfig):
-    """Load a student to train: LoRA on the LLM (or the whole LLM), LM head frozen, vision tower frozen by default."""
+    """Load a student to train: LoRA on the LLM (or the whole LLM), LM head frozen, vision tower frozen by default;
+    for the interaction stage the final norm is frozen too."""
     lora = stage.lora
     # Full fine-tuning keeps fp32 master weights (autocast does the bf16 compute); LoRA trains fp32 adapters
     # on a base kept in the compute dtype.
@@ -41,6 +42,12 @@ def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractCo
         freeze(model)
         model = add_lora(model, parts, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     freeze(parts.lm_head)
+    if isinstance(stage, InteractConfig):
+        # Interaction: every verbalizer head is lm_head(norm(verb_ffn(h))) with the norm and LM head frozen and
+        # shared (DESIGN §4, §6); under full fine-tuning the layer terms would otherwise train the norm. LoRA has
+        # frozen it already. SFT is plain SFT of the model's own output (verbalizers unused): its norm trains
+        # under full fine-tuning like any other LLM weight.
+        freeze(parts.norm)
     if stage.freeze_vision:
         for module in parts.vision:
             freeze(module) if isinstance(module, nn.Module) else module.requires_grad_(False)

@@ -197,7 +197,10 @@ def test_json_array_problems_name_the_line_and_at_most_20_are_shown(tmp_path):
         read_dataset(path)
     lines = str(raised.value).splitlines()
     assert lines[0] == f"25 invalid records in {path} (set data.skip_invalid=true to skip them):"
-    assert lines[1] == f"{path}: record r0 (line 2): no assistant turn, so nothing to learn from"
+    assert lines[1] == (
+        f"{path}: record r0 (line 2): no assistant turn, so nothing to learn from; "
+        "set data.answers=teacher to have the teacher answer it"
+    )
     assert lines[2].startswith(f"{path}: record r1 (line 11): ")
     assert lines[21:] == ["... and 5 more"]
 

@@ -2,7 +2,7 @@
 
 vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [--config F.yaml] [k=v ...]
 vlsi verbalize --model M --data train.json --output OUT [k=v ...]
-vlsi sft --model M --data train.json --output OUT [k=v ...]
+vlsi sft --model M --data train.json --output OUT [--teacher T data.answers=teacher] [k=v ...]
 vlsi eval --model M --benchmark NAME --data FILE --output OUT
 vlsi score --benchmark NAME --predictions FILE
 vlsi explain --model M --verbalizers V --image IMG --question TEXT
@@ -59,12 +59,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _one_stage(args, folder: str, run) -> int:
+def _one_stage(args, folder: str, run, **top) -> int:
     """`vlsi verbalize` / `vlsi sft`: one stage on --model; writes OUT/config.yaml, OUT/metrics.jsonl, OUT/<folder>."""
     from .config import save_config
     from .stages.loop import MetricsLog, process_state
 
-    cfg = _config(args, student=args.model)
+    cfg = _config(args, student=args.model, **top)
     out = Path(cfg.output)
     state = process_state()
     if state.is_main_process:
@@ -78,15 +78,29 @@ def _one_stage(args, folder: str, run) -> int:
 
 
 def cmd_verbalize(args) -> int:
+    from .stages.common import load_samples
     from .stages.verbalize import verbalize
 
-    return _one_stage(args, "verbalizers", lambda cfg, out, metrics: verbalize(cfg, args.model, args.who, out, metrics))
+    # Samples first: with data.answers=teacher (and teacher=PATH) the teacher answers before the model loads.
+    return _one_stage(
+        args,
+        "verbalizers",
+        lambda cfg, out, metrics: verbalize(cfg, args.model, args.who, out, metrics, load_samples(cfg)),
+    )
 
 
 def cmd_sft(args) -> int:
+    from .config import ConfigError
+    from .stages.common import load_samples
     from .stages.sft import sft
 
-    return _one_stage(args, "model", lambda cfg, out, metrics: sft(cfg, args.model, out, metrics))
+    def run(cfg, out, metrics):
+        if args.teacher and cfg.data.answers != "teacher":
+            raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
+        # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
+        return sft(cfg, args.model, out, metrics, load_samples(cfg))
+
+    return _one_stage(args, "model", run, teacher=args.teacher)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune MODEL on the data (LoRA merged at the end); writes OUTPUT/model.",
     )
     p.add_argument("--model", required=True, help="model: a local directory or a hub id")
+    p.add_argument(
+        "--teacher", help="with data.answers=teacher: the model that answers records ending with a user turn"
+    )
     _common(p)
     p.set_defaults(func=cmd_sft)
 

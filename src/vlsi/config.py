@@ -27,6 +27,9 @@ class DataConfig:
     overlong: str = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
     num_workers: int = 0
+    answers: str = "gold"  # gold: records carry their answers | teacher: the teacher answers unanswered records
+    answer_max_tokens: int = 256  # data.answers=teacher: most new tokens the teacher generates per answer
+    answer_batch_size: int = 8  # data.answers=teacher: prompts per generation batch (main process only)
 
 
 @dataclass
@@ -124,6 +127,7 @@ class TrainConfig:
 TRACKERS = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"}
 CHOICES = {
     "data.overlong": {"drop", "error"},
+    "data.answers": {"gold", "teacher"},
     "precision": {"auto", "bf16", "fp32"},
     "interact.match.strategy": {"adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"},
     "interact.match.temperature": {"scale_over_range", "range_over_scale"},
@@ -223,6 +227,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("checkpoint.every must be >= 0 and max_nonfinite_steps >= 1")
     if cfg.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
+    for name in ("answer_max_tokens", "answer_batch_size"):
+        if getattr(cfg.data, name) < 1:
+            raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg.data, name)}")
     return cfg
 
 

@@ -4,6 +4,7 @@
 
 OUT/
   config.yaml            the resolved configuration
+  answers/               data.answers=teacher: the teacher's answers to unanswered records (vlsi.answers)
   metrics.jsonl          one line per optimizer step: stage, step, lr, losses
   layer_match.jsonl      one line per interaction micro-step and process: matched teacher target layer per
                          student layer
@@ -75,7 +76,7 @@ def run_train(cfg: TrainConfig) -> Path:
         load_processor(cfg.student, cfg.trust_remote_code),
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
-    samples = load_samples(cfg)
+    samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

@@ -49,12 +49,17 @@ def load_records(path: str | os.PathLike) -> list[dict]:
 
 
 def read_dataset(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, skip_invalid: bool = False
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    unanswered: bool = False,
 ) -> tuple[list[Sample], list[str]]:
     """Validated samples of a data file and the problems of the records skipped (only with `skip_invalid`).
 
     Relative image paths resolve against `image_root`, by default the data file's directory. Without `skip_invalid`
     any problem raises DataError listing all of them; with it, invalid records are dropped, unless none is left.
+    `unanswered` accepts records with no assistant turn that end with a user turn (data.answers=teacher: the teacher
+    answers them before training, `vlsi.answers`).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -62,7 +67,7 @@ def read_dataset(
     samples, lines_by_id, image_problems = [], {}, {}
     for index, line, record in entries:
         sample_id = str(record["id"]) if isinstance(record, dict) and "id" in record else str(index)
-        sample, reasons = _to_sample(record, sample_id, root, image_problems)
+        sample, reasons = _to_sample(record, sample_id, root, image_problems, unanswered)
         if sample_id in lines_by_id:
             reasons.append(f"duplicate id (also on line {lines_by_id[sample_id]}); ids must be unique")
         lines_by_id.setdefault(sample_id, line)
@@ -122,17 +127,20 @@ def _array_item_lines(text: str) -> list[int]:
 
 
 def _to_sample(
-    record: object, sample_id: str, root: Path, image_problems: dict[Path, str | None]
+    record: object, sample_id: str, root: Path, image_problems: dict[Path, str | None], unanswered: bool = False
 ) -> tuple[Sample | None, list[str]]:
-    """The record as a Sample, and the reasons it is invalid (the sample is only usable when there are none)."""
+    """The record as a Sample, and the reasons it is invalid (the sample is only usable when there are none).
+    `unanswered`: a record with no assistant turn is valid when it ends with a user turn (the teacher answers it)."""
     if isinstance(record, dict) and isinstance(record.get("conversations"), list):
         messages, refs, reasons = _from_llava(record)
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):
         messages, refs, reasons = _from_openai(record)
     else:
         return None, ["neither LLaVA format (a 'conversations' list) nor OpenAI format (a 'messages' list)"]
-    if not any(m["role"] == "assistant" for m in messages):
-        reasons.append("no assistant turn, so nothing to learn from")
+    asks = bool(messages) and messages[-1]["role"] == "user"
+    if not any(m["role"] == "assistant" for m in messages) and not (unanswered and asks):
+        fix = "; set data.answers=teacher to have the teacher answer it" if asks else ""
+        reasons.append(f"no assistant turn, so nothing to learn from{fix}")
     elif messages[0]["role"] == "assistant":
         reasons.append("the conversation starts with an assistant turn; add the user turn it answers")
     for i, message in enumerate(messages):

@@ -230,12 +230,16 @@ def load_image(source: bytes | Path) -> Image.Image:
 @torch.inference_mode()
 def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -> list[str]:
     """Greedy answers for a batch of items, special tokens dropped and whitespace stripped."""
-    # Left padding puts every prompt's last token in the last column, so generation continues each prompt
-    # directly and the new tokens of every row start at the same column.
-    processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True) for item in items]
     images = [[load_image(source) for source in item.images] for item in items]  # one list per text
-    inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+    # Left padding puts every prompt's last token in the last column, so generation continues each prompt
+    # directly and the new tokens of every row start at the same column. The caller's side is restored: the same
+    # processor may encode training samples afterwards.
+    side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
+    try:
+        inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = side
     inputs = inputs.to(model.device)
     generated = model.generate(
         **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id

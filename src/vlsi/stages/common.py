@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from ..answers import teacher_answers
 from ..config import ConfigError, TrainConfig
 from ..data import VLDataset, make_collate, read_dataset, response_positions
 from ..models.family import Parts, check_target_layers, default_target_layers
@@ -44,10 +45,13 @@ def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
 
 
 def load_samples(cfg: TrainConfig):
-    samples, skipped = read_dataset(cfg.data.path, cfg.data.image_root or None, cfg.data.skip_invalid)
+    """The data's samples; with data.answers=teacher the unanswered ones carry the teacher's answers (generated
+    once, cached in OUT/answers: `vlsi.answers`)."""
+    teacher = cfg.data.answers == "teacher"
+    samples, skipped = read_dataset(cfg.data.path, cfg.data.image_root or None, cfg.data.skip_invalid, teacher)
     if skipped:
         log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(skipped), cfg.data.path)
-    return samples
+    return teacher_answers(cfg, samples) if teacher else samples
 
 
 def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, seed: int, name: str):

@@ -1,0 +1,207 @@
+"""Teacher-answered prompts (`data.answers=teacher`): the teacher answers every record that ends with a user turn,
+once, and every stage trains on those answers as if they were the records' assistant turns.
+
+    vlsi train --teacher T --student S --data questions.jsonl --output OUT data.answers=teacher
+    vlsi sft --model M --teacher T --data questions.jsonl --output OUT data.answers=teacher
+
+Users hold far more images and questions than answers. With this setting `read_dataset` accepts records whose
+conversation ends with a user turn and has no assistant turn; before any stage trains, the teacher answers the
+trailing user turn of every record that has one (batched greedy generation with its own processor, left padding:
+`vlsi.eval.generate.generate_answers`), and the answer is appended as the assistant turn. Assistant turns already in
+the data (gold answers) are kept as they are; in a multi-turn record only the trailing user turn is answered.
+
+This module sits beside the stages rather than in `vlsi.data` (which turns records into tensors and never loads a
+model) or in one stage (every stage reads the answered samples, through `stages.common.load_samples`).
+
+OUT/answers/
+  index.json      what the answers were made with: teacher (path and identity), its processor (`processor_key`),
+                  data (path and a hash of the prompts answered: ids, messages, image files' paths, sizes and
+                  modification times), answer_max_tokens, and count (the number of prompts to answer)
+  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch: a killed run resumes
+                  with the prompts still unanswered; a rerun that finds every prompt answered loads no model
+
+Answers made with another teacher, processor, prompts or answer_max_tokens are refused with one line, never
+regenerated: stages already finished in OUT were trained on them, and silently new answers would mix two data sets
+in one run. Delete OUT/answers (and the finished stages) or use a new --output.
+
+Under a multi-process launch the main process generates (the teacher must fit on its device) and the others poll
+answers.jsonl until every prompt is answered: a barrier would time out (10 minutes under NCCL) long before a large
+teacher has answered a large data set. If the main process fails, the launcher stops the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import ConfigError, TrainConfig
+from .data import Sample
+from .data.dataset import processor_key
+from .eval.generate import Item, generate_answers
+from .models.loading import compute_dtype, load_model, load_processor
+from .stages.loop import process_state, truncate_jsonl
+
+log = logging.getLogger("vlsi")
+
+ANSWERS, INDEX = "answers.jsonl", "index.json"
+# Index entries that must match to reuse the answers, and how the refusal names them.
+REUSE_KEYS = {
+    "teacher_identity": "teacher",
+    "processor": "teacher processor",
+    "prompts": "prompts (data)",
+    "answer_max_tokens": "data.answer_max_tokens",
+}
+POLL_SECONDS = 5.0
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def is_unanswered(sample: Sample) -> bool:
+    """Whether the conversation ends with a user turn, which the teacher answers."""
+    return sample.messages[-1]["role"] == "user"
+
+
+def with_answers(samples: list[Sample], answers: dict[str, str]) -> list[Sample]:
+    """`samples`, each one in `answers` ({id: text}) with its answer appended as an assistant turn."""
+    return [
+        dataclasses.replace(s, messages=[*s.messages, _assistant(answers[s.id])]) if s.id in answers else s
+        for s in samples
+    ]
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
+    """`samples` with every unanswered one answered by `cfg.teacher`: read back from OUT/answers, the missing answers
+    generated first (main process). Prompts the teacher answered with nothing are left out, and counted."""
+    if not cfg.teacher:
+        raise ConfigError(
+            "data.answers=teacher needs a teacher to answer the prompts: pass --teacher (or teacher=PATH)"
+        )
+    prompts = [s for s in samples if is_unanswered(s)]
+    if not prompts:
+        return samples
+    folder = Path(cfg.output) / "answers"
+    processor = load_processor(cfg.teacher, cfg.trust_remote_code)
+    index = {
+        "teacher": cfg.teacher,
+        "teacher_identity": teacher_identity(cfg.teacher),
+        "processor": processor_key(processor),
+        "data": cfg.data.path,
+        "prompts": prompts_key(prompts),
+        "answer_max_tokens": cfg.data.answer_max_tokens,
+        "count": len(prompts),
+    }
+    check_index(folder / INDEX, index)
+    wanted = {s.id for s in prompts}
+    answers = read_answers(folder / ANSWERS, wanted)
+    if len(answers) == len(wanted):
+        log.info("teacher answers: reusing %d from %s", len(answers), folder / ANSWERS)
+    elif process_state().is_main_process:
+        pending = [s for s in prompts if s.id not in answers]
+        log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
+        answers |= _generate(cfg, processor, pending, folder, index, len(answers))
+    else:
+        while len(answers) < len(wanted):  # the main process is answering them
+            time.sleep(POLL_SECONDS)
+            answers = read_answers(folder / ANSWERS, wanted)
+    empty = sorted(i for i, text in answers.items() if not text)
+    if empty:
+        log.warning("the teacher answered %d prompts with nothing (e.g. %s); they are left out", len(empty), empty[0])
+    return [s for s in with_answers(samples, answers) if s.id not in empty]
+
+
+def teacher_identity(path: str) -> str:
+    """A hub id as given; a local directory as a hash of its config.json and weight files' names, sizes and
+    modification times (a teacher retrained or replaced in place changes it)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def prompts_key(prompts: list[Sample]) -> str:
+    """Hash of what the answers depend on in the data: ids, messages and image files (path, size, mtime)."""
+    data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in prompts]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def check_index(path: Path, index: dict) -> None:
+    """Refuse answers in `path`'s folder made with another teacher, processor, prompts or answer_max_tokens."""
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    changed = [name for key, name in REUSE_KEYS.items() if before.get(key) != index[key]]
+    if changed:
+        raise ConfigError(
+            f"{path.parent} holds answers made with another {', '.join(changed)} (teacher {before.get('teacher')}, "
+            f"data {before.get('data')}); they are not reused: delete {path.parent} (and the stages finished "
+            "beside it) to have the teacher answer again, or use a new --output"
+        )
+
+
+def read_answers(path: Path, wanted: set[str]) -> dict[str, str]:
+    """{id: answer} of the prompts in `wanted` answered in `path`; a line cut by a kill is skipped."""
+    if not path.is_file():
+        return {}
+    answers = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("id") in wanted and isinstance(row.get("answer"), str):
+            answers[row["id"]] = row["answer"]
+    return answers
+
+
+def _generate(
+    cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, done: int
+) -> dict[str, str]:
+    """{id: answer} of the `pending` prompts, each batch's answers appended to folder/answers.jsonl and flushed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{INDEX}.tmp"  # replaced atomically: other processes may be reading it
+    partial.write_text(json.dumps(index, indent=2) + "\n")
+    partial.replace(folder / INDEX)
+    answers = {}
+    wanted = {s.id for s in pending}
+    # Rewritten without a line cut by a kill (appending after it would break the next line too).
+    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
+    model = load_model(cfg.teacher, compute_dtype(cfg.precision), cfg.trust_remote_code)
+    model = model.to(process_state().device).eval()
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    size = cfg.data.answer_batch_size
+    bar = tqdm(total=index["count"], initial=done, desc="teacher answers", unit="prompt", mininterval=1.0)
+    with (folder / ANSWERS).open("a", encoding="utf-8") as f, bar:
+        for start in range(0, len(pending), size):
+            batch = pending[start : start + size]
+            items = [Item(s.id, s.messages, list(s.images), {}) for s in batch]
+            try:
+                texts = generate_answers(model, processor, items, cfg.data.answer_max_tokens)
+            except torch.cuda.OutOfMemoryError:
+                raise ConfigError(
+                    f"out of memory answering with the teacher at data.answer_batch_size={size}; lower it and rerun "
+                    f"to resume ({done + start} answers are saved in {folder / ANSWERS})"
+                ) from None
+            for sample, text in zip(batch, texts, strict=True):
+                answers[sample.id] = text
+                f.write(json.dumps({"id": sample.id, "answer": text}) + "\n")
+            f.flush()  # a kill loses at most the batch being generated
+            bar.update(len(batch))
+    del model
+    gc.collect()  # the stages load their models next: the teacher's memory must be free
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return answers

@@ -1,0 +1,210 @@
+"""Teacher-answered prompts (data.answers=teacher): generated once, cached, resumed, refused when stale; through
+the real CLI on tiny local checkpoints."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForImageTextToText
+
+from vlsi import answers as answers_module
+from vlsi.cli import main
+from vlsi.config import ConfigError, load_config
+from vlsi.data import IGNORE_INDEX, DataError, encode, read_dataset
+from vlsi.eval.generate import Item, generate_answers
+from vlsi.models.loading import load_processor
+from vlsi.stages.common import load_samples
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
+UNANSWERED = {"digit-1", "digit-2", "digit-4", "digit-5"}
+MULTI_TURN = "digit-5"  # answered, then asked again: only the trailing question is the teacher's
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(teacher, student, data): 6 records, 4 of them ending with an unanswered user turn."""
+    root = tmp_path_factory.mktemp("toy")
+    teacher, student = write_tiny_pair(root)
+    records = json.loads(write_digits_dataset(root, n=6).read_text())
+    for record in records:
+        if record["id"] == MULTI_TURN:
+            record["conversations"].append({"from": "human", "value": "Are you sure?"})
+        elif record["id"] in UNANSWERED:
+            record["conversations"] = record["conversations"][:1]
+    data = root / "questions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(teacher), str(student), str(data)
+
+
+def _cfg(toy, out, *overrides, teacher=None):
+    teacher_path, _, data = toy
+    settings = [f"data.path={data}", "data.answers=teacher", "data.answer_max_tokens=6", "data.answer_batch_size=3"]
+    return load_config(CONFIG, [*settings, *overrides], teacher=teacher or teacher_path, output=str(out))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The ids of the prompts handed to the teacher, one list per generation batch."""
+    batches = []
+
+    def counting(model, processor, items, max_new_tokens):
+        batches.append([item.index for item in items])
+        return generate_answers(model, processor, items, max_new_tokens)
+
+    monkeypatch.setattr(answers_module, "generate_answers", counting)
+    return batches
+
+
+def _cached(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "answers" / "answers.jsonl").read_text().splitlines()]
+
+
+def test_unanswered_record_is_refused_without_the_setting(toy):
+    _, _, data = toy
+    with pytest.raises(DataError) as raised:
+        read_dataset(data)
+    message = str(raised.value)
+    for sample_id in UNANSWERED - {MULTI_TURN}:
+        [line] = [line for line in message.splitlines() if f"record {sample_id} (line" in line]
+        assert line.endswith(
+            "no assistant turn, so nothing to learn from; set data.answers=teacher to have the teacher answer it"
+        )
+    assert f"record {MULTI_TURN}" not in message  # gold answers before a trailing question: valid, as before
+    samples, _ = read_dataset(data, unanswered=True)
+    assert len(samples) == 6
+
+
+def test_answers_are_generated_once_and_reused(toy, tmp_path, calls, monkeypatch):
+    cfg = _cfg(toy, tmp_path / "out")
+    gold = {s.id: s for s in read_dataset(cfg.data.path, unanswered=True)[0]}
+    samples = load_samples(cfg)
+
+    assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED)
+    assert [len(batch) for batch in calls] == [3, 1]  # data.answer_batch_size=3
+    cached = {row["id"]: row["answer"] for row in _cached(cfg.output)}
+    assert set(cached) == UNANSWERED
+    index = json.loads((tmp_path / "out" / "answers" / "index.json").read_text())
+    assert index["teacher"] == cfg.teacher and index["data"] == cfg.data.path
+    assert index["count"] == 4 and index["answer_max_tokens"] == 6
+    assert {"teacher_identity", "processor", "prompts"} <= set(index)
+
+    by_id = {s.id: s for s in samples}
+    assert set(by_id) == set(gold)  # the tiny teacher answers with text: nothing left out
+    for sample_id, sample in by_id.items():
+        if sample_id not in UNANSWERED:
+            assert sample == gold[sample_id], "a gold answer is kept as it is"
+            continue
+        assert sample.messages[:-1] == gold[sample_id].messages, "only a trailing user turn is answered"
+        assert sample.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": cached[sample_id]}]}
+    assert [m["role"] for m in by_id[MULTI_TURN].messages] == ["user", "assistant", "user", "assistant"]
+
+    # The answer is what the stages train on: the labels cover it.
+    processor = load_processor(cfg.teacher)
+    answered = by_id["digit-1"]
+    labels = encode(answered, processor)["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]).startswith(cached["digit-1"])
+
+    # Rerun: every answer read back, no teacher loaded, nothing generated.
+    def no_model(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although every prompt is answered")
+
+    monkeypatch.setattr(answers_module, "load_model", no_model)
+    calls.clear()
+    assert load_samples(cfg) == samples
+    assert calls == []
+
+
+def test_a_partial_cache_is_resumed(toy, tmp_path, calls):
+    cfg = _cfg(toy, tmp_path / "out")
+    first = load_samples(cfg)
+    path = tmp_path / "out" / "answers" / "answers.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:7])  # killed while writing the third answer
+    kept = {json.loads(line)["id"] for line in lines[:2]}
+
+    calls.clear()
+    assert load_samples(cfg) == first  # greedy: the same answers again
+    assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED - kept)
+    assert sorted(row["id"] for row in _cached(cfg.output)) == sorted(UNANSWERED)  # each once, no torn line
+
+
+def test_a_cache_made_otherwise_is_refused(toy, tmp_path, calls):
+    _, student, data = toy
+    out = tmp_path / "out"
+    load_samples(_cfg(toy, out))
+    before = (out / "answers" / "answers.jsonl").read_text()
+    calls.clear()
+    with pytest.raises(ConfigError, match=r"answers made with another teacher .*delete .*answers"):
+        load_samples(_cfg(toy, out, teacher=student))  # same tokenizer, other weights
+    with pytest.raises(ConfigError, match="another data.answer_max_tokens"):
+        load_samples(_cfg(toy, out, "data.answer_max_tokens=7"))
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(Path(data).read_text().replace("Is this the digit", "Is this the number"))  # digit-1, -4
+    with pytest.raises(ConfigError, match=r"another prompts \(data\)"):
+        load_samples(_cfg(toy, out, f"data.path={edited}", f"data.image_root={Path(data).parent}"))
+    assert calls == [] and (out / "answers" / "answers.jsonl").read_text() == before
+
+
+def test_empty_answers_are_left_out(toy, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(answers_module, "generate_answers", lambda model, processor, items, n: [""] * len(items))
+    with caplog.at_level(logging.WARNING, logger="vlsi"):
+        samples = load_samples(_cfg(toy, tmp_path / "out"))
+    assert not UNANSWERED & {s.id for s in samples} and len(samples) == 2
+    assert "the teacher answered 4 prompts with nothing" in caplog.text
+
+
+def test_a_teacher_is_required(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path / "out")
+    cfg.teacher = ""
+    with pytest.raises(ConfigError, match="data.answers=teacher needs a teacher.*--teacher"):
+        load_samples(cfg)
+
+
+def test_generation_leaves_the_padding_side_as_it_was(toy):
+    teacher, _, data = toy
+    processor = load_processor(teacher)
+    model = AutoModelForImageTextToText.from_pretrained(teacher).eval()
+    samples, _ = read_dataset(data, unanswered=True)
+    items = [Item(s.id, s.messages, s.images, {}) for s in samples[:2]]
+    assert processor.tokenizer.padding_side == "right"
+    assert len(generate_answers(model, processor, items, 2)) == 2
+    assert processor.tokenizer.padding_side == "right"
+
+
+def _sft(toy, out, *extra, teacher=None):
+    _, student, data = toy
+    flags = ["--teacher", teacher] if teacher else []
+    argv = ["sft", "--model", student, *flags, "--data", data, "--output", str(out), "--config", CONFIG]
+    return main([*argv, "sft.max_steps=2", *extra])
+
+
+def test_sft_with_teacher_answers_end_to_end(toy, tmp_path, capsys):
+    teacher = toy[0]
+    out = tmp_path / "s"
+    assert _sft(toy, out, "data.answers=teacher", "data.answer_max_tokens=6", teacher=teacher) == 0
+    assert sorted(row["id"] for row in _cached(out)) == sorted(UNANSWERED)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert load_config(out / "config.yaml").teacher == teacher
+
+    assert _sft(toy, tmp_path / "none", "data.answers=teacher") == 2
+    assert "data.answers=teacher needs a teacher" in capsys.readouterr().err
+    assert _sft(toy, tmp_path / "flag", teacher=teacher) == 2
+    assert "--teacher is only used to answer prompts: add data.answers=teacher" in capsys.readouterr().err
+    assert not (tmp_path / "flag" / "answers").exists()
+
+
+def test_train_with_teacher_answers_end_to_end(toy, tmp_path):
+    teacher, student, data = toy
+    out = tmp_path / "run"
+    argv = ["train", "--teacher", teacher, "--student", student, "--data", data, "--output", str(out)]
+    steps = ["verbalize.max_steps=1", "interact.max_steps=1", "sft.max_steps=1", "data.answer_max_tokens=6"]
+    assert main([*argv, "--config", CONFIG, *steps, "data.answers=teacher"]) == 0
+    assert sorted(row["id"] for row in _cached(out)) == sorted(UNANSWERED)
+    assert (out / "student" / "model.safetensors").is_file()
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["verbalize/teacher", "verbalize/student", "interact", "sft"]
+    # The length scan saw the answered samples: each stage's cached lengths hold all six.
+    for name in ("verbalize-teacher", "interact", "sft"):
+        assert len(json.loads((out / ".cache" / f"{name}-lengths.json").read_text())["lengths"]) == 6

@@ -74,7 +74,10 @@ class MatchConfig:
     strategy: str = "adaptive"  # adaptive | multinomial | bottom_k | uniform | random | fixed
     search_range: bool = True
     order: bool = True
-    temperature: str = "scale_over_range"  # T = scale / (max - min + eps) | range_over_scale: (max - min) / scale
+    # range_over_scale: T = (max - min + eps) / scale, a logit span of `scale` whatever the units of d (the default:
+    # it discriminates at any KL scale) | scale_over_range: T = scale / (max - min + eps), the paper's formula as
+    # printed, near-uniform when candidate KLs differ by tenths of a nat (docs/CONFIG.md, docs/DEMO.md)
+    temperature: str = "range_over_scale"
     scale: float = 2.0
     eps: float = 1e-6
     fixed_temperature: float = 1.0  # strategy=multinomial

@@ -17,7 +17,7 @@ TEMPERATURES = ("scale_over_range", "range_over_scale")
 def match_probabilities(
     d_c: Tensor,
     strategy: str = "adaptive",
-    temperature: str = "scale_over_range",
+    temperature: str = "range_over_scale",
     scale: float = 2.0,
     eps: float = 1e-6,
     fixed_temperature: float = 1.0,
@@ -81,7 +81,7 @@ def layer_match(
     *,
     search_range: bool = True,
     order: bool = True,
-    temperature: str = "scale_over_range",
+    temperature: str = "range_over_scale",
     scale: float = 2.0,
     eps: float = 1e-6,
     fixed_temperature: float = 1.0,

@@ -108,7 +108,7 @@ def test_fast_ablation_writes_both_tables_and_resumes(tmp_path, capsys):
 def test_a_failed_run_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     import vlsi.demo.ablate as ablate
 
-    def fail(job, *args):
+    def fail(job, *args, **kwargs):
         raise ValueError("boom")
 
     monkeypatch.setattr(ablate, "run_job", fail)

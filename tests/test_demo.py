@@ -9,7 +9,7 @@ import torch
 
 from vlsi.cli import main
 from vlsi.demo.evaluate import evaluate, score
-from vlsi.demo.experiment import DemoSettings, budget
+from vlsi.demo.experiment import PAIRS, DemoSettings, budget
 from vlsi.demo.models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
@@ -138,13 +138,48 @@ def test_scoring():
     assert 0.2 < chance_accuracy(make_split("test", 1200)) < 0.35
 
 
-def test_budget_is_equal_for_every_method():
+def test_budget_is_equal_for_every_method_and_stage_1_is_not_charged():
     s = DemoSettings()
     b = budget(s)
-    assert sum(b["sft"].values()) == sum(b["kd"].values()) == sum(b["vlsi"].values()) == s.steps
-    assert b["kd"]["kd"] == b["vlsi"]["verbalize"] + b["vlsi"]["interact"] and b["kd"]["sft"] == b["vlsi"]["sft"]
-    with pytest.raises(ValueError, match="verbalize_steps < distill_steps"):
-        DemoSettings(verbalize_steps=5, distill_steps=5).check()
+    total = s.distill_steps + s.sft_steps
+    assert sum(b["sft"].values()) == sum(b["kd"].values()) == sum(b["vlsi"].values()) == total
+    assert b["kd"]["kd"] == b["vlsi"]["interact"] == b["sft"]["sft_1"], "equal interaction steps for KD and VLsI"
+    assert b["kd"]["sft"] == b["vlsi"]["sft"] == b["sft"]["sft"]
+    assert "verbalize" not in b["vlsi"] and b["uncharged"] == {"vlsi_verbalize": s.verbalize_steps}
+    assert b["examples_per_student"] == total * s.batch_size
+    with pytest.raises(ValueError, match="must be >= 1"):
+        DemoSettings(sft_steps=0).check()
+    with pytest.raises(ValueError, match="tasks='compare,dance'"):
+        DemoSettings(tasks="compare,dance").check()
+
+
+def test_split_of_chosen_tasks_and_styles_and_questions_without_answers(tmp_path):
+    items = make_split("train", 20, ("compare", "sequence"), ("number",))
+    assert {(x.task, x.style) for x in items} == {("compare", "number"), ("sequence", "number")}
+    assert make_split("train", 10, ("compare", "sequence"), ("number",)) == items[:10]
+    with pytest.raises(ValueError, match="unknown or no tasks"):
+        make_split("train", 3, ("dance",))
+    records = json.loads(write_split(items, tmp_path, "mixed", answered=5).read_text())
+    assert [len(r["conversations"]) for r in records] == [2] * 5 + [1] * 15
+    assert read_split(tmp_path / "mixed.json") == items, "the items keep their true answers, for scoring"
+
+
+def test_paired_comparison_against_a_reference():
+    from scipy.stats import binomtest
+
+    from vlsi.demo.stats import mcnemar_p, paired
+
+    a = [1, 1, 0, 1, 0, 1, 1, 1, 0, 1] * 12
+    b = [1, 0, 0, 1, 1, 0, 0, 1, 0, 1] * 12
+    c = paired(a, b)
+    diffs = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    assert c["difference"] == pytest.approx(float(diffs.mean()))
+    assert c["se"] == pytest.approx(float(diffs.std() / len(a) ** 0.5))
+    assert (c["a_only"], c["b_only"]) == (36, 12)
+    assert c["p_mcnemar"] == pytest.approx(binomtest(12, 48, 0.5).pvalue)
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired([1, 0], [1])
 
 
 def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance():
@@ -172,19 +207,38 @@ def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance():
 
 
 def _results(**over) -> dict:
+    from vlsi.demo.stats import paired
+
+    n = 1000
+    hits = {
+        "sft": [1] * 500 + [0] * 500,
+        "sft_teacher": [1] * 540 + [0] * 460,
+        "kd": [1] * 550 + [0] * 450,
+        "vlsi": [1] * 612 + [0] * 388,
+    }
     r = {
         "teacher": 0.9,
+        "student_init": 0.3,
         "student_sft": 0.5,
+        "student_sft_teacher": 0.54,
         "student_kd": 0.55,
         "student_vlsi": 0.612,
-        "n_test": 1000,
+        "n_test": n,
         "seeds": [0],
         "seconds": 170.0,
-        "chance": 0.29,
-        "by_task": {n: {t: 0.5 for t in TASKS} for n in ("teacher", "sft", "kd", "vlsi")},
-        "by_style": {n: {s: 0.5 for s in STYLES} for n in ("teacher", "sft", "kd", "vlsi")},
+        "chance": 0.1,
+        "before_sft": {"sft": 0.48, "sft_teacher": 0.52, "kd": 0.53, "vlsi": 0.6},
+        "paired": {f"{a}_vs_{b}": paired(hits[a], hits[b]) for a, b in PAIRS},
+        "by_task": {n: {t: 0.5 for t in ("compare", "sequence")} for n in ("teacher", "init", *hits)},
         "budget": budget(DemoSettings()),
-        "train_seconds": {"sft": 30.0, "kd": 50.0, "vlsi": 60.0},
+        "train_seconds": {
+            "sft": 30.0,
+            "sft_teacher": 30.0,
+            "kd": 50.0,
+            "vlsi": 60.0,
+            "vlsi_verbalize": 5.0,
+            "teacher_answers": 9.0,
+        },
         "peak_memory_mib": {"main": 1500.0, "largest_child": 900.0},
         "settings": {**DemoSettings().__dict__, "fast": False},
         "machine": "test",
@@ -195,10 +249,17 @@ def _results(**over) -> dict:
 def test_report_states_the_numbers_and_the_verdict(tmp_path):
     write_report(tmp_path, _results(), None)
     text = (tmp_path / "report.md").read_text()
-    assert "| teacher (shipped) | **90.0** |" in text and "**61.2**" in text
-    assert "11.2 points above SFT only (better" in text and "6.2 points above final-layer KD" in text
-    low = verdict(_results(student_vlsi=0.49))
-    assert "below SFT only (within noise" in low and "below final-layer KD (worse" in low
+    assert "| teacher (shipped) | **90.0** |" in text and "| **61.2** | 60.0 |" in text
+    assert "11.2 points above SFT only (paired SE 1.0, McNemar p = 3.9e-34: beyond noise)" in text
+    assert "6.2 points above final-layer KD" in text and "Best student: VLsI" in text
+    assert "7.2 points above SFT with the teacher's answers" in text
+    assert "not charged: it took 5 s" in text
+    from vlsi.demo.stats import paired
+
+    same = paired([1] * 100, [1] * 100)
+    worse = {"vlsi_vs_sft": paired([0] * 10 + [1] * 90, [1] * 100), "vlsi_vs_kd": same, "vlsi_vs_sft_teacher": same}
+    low = verdict(_results(student_vlsi=0.49, paired=worse))
+    assert "10.0 points below SFT only" in low and "0.0 points above final-layer KD" in low and "within noise" in low
 
 
 def test_demo_is_a_vlsi_subcommand():
@@ -210,8 +271,8 @@ def test_demo_is_a_vlsi_subcommand():
 
 
 def test_bad_demo_settings_are_refused(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path), "steps=many"]) == 2
-    assert "steps: expected int" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path), "sft_steps=many"]) == 2
+    assert "sft_steps: expected int" in capsys.readouterr().err
     assert main(["demo", "--output", str(tmp_path), "epochs=3"]) == 2
     assert "known key" in capsys.readouterr().err
 
@@ -227,6 +288,12 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert results["n_test"] == len(read_split(out / "data" / "test.json")) == 48
     assert results["seeds"] == [0] and results["seconds"] > 0
     assert results["budget"]["examples_per_student"] == 6 * 8
+    assert set(results["before_sft"]) == {"sft", "sft_teacher", "kd", "vlsi"}
+    assert set(results["paired"]) == set(results["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
+    assert set(results["match_entropy"]) == {f"match_entropy/layer{i}" for i in STUDENT_TARGET_LAYERS}
+    answers = out / "runs" / "kd" / "answers" / "answers.jsonl"
+    assert len(answers.read_text().splitlines()) == 48, "the teacher answered every unlabelled question, once"
+    assert (out / "runs" / "vlsi" / "answers" / "answers.jsonl").read_text() == answers.read_text()
     text = (out / "report.md").read_text()
     for key, label in ROWS:
         assert f"| {label} | **{100 * results[key]:.1f}** |" in text
@@ -234,7 +301,7 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     for png in ("verbalizer_loss.png", "layer_match.png", "example.png"):
         assert (out / png).is_file() and f"]({png})" in text
     assert "block" in text, "per-layer answers of the example"
-    for method in ("sft", "kd", "vlsi"):
+    for method in ("sft", "sft_teacher", "kd", "vlsi"):
         assert (out / "runs" / method / "student" / "model.safetensors").is_file()
     metrics = [json.loads(line) for line in (out / "runs" / "vlsi" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["stage"] for m in metrics] == ["verbalize/student"] * 2 + ["interact"] * 2 + ["sft"] * 2
+    assert [m["stage"] for m in metrics] == ["verbalize/student"] * 2 + ["interact"] * 4 + ["sft"] * 2

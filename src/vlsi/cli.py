@@ -8,6 +8,7 @@ vlsi score --benchmark NAME --predictions FILE
 vlsi explain --model M --verbalizers V --image IMG --question TEXT
 vlsi demo --output DIR [--fast]
 vlsi ablate --output DIR [--fast]
+vlsi study --output DIR [--fast]
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_sft)
 
-    from .demo import add_ablate_parser
+    from .demo import add_ablate_parser, add_study_parser
     from .demo import add_parser as add_demo_parser
     from .eval.harness import add_parser as add_eval_parser
     from .eval.score import add_parser as add_score_parser
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_parser(sub)
     add_demo_parser(sub)
     add_ablate_parser(sub)
+    add_study_parser(sub)
     return parser
 
 

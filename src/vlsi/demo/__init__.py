@@ -1,7 +1,9 @@
 """`vlsi demo`: an offline, CPU-sized comparison of SFT only, final-layer KD and VLsI (experiment.py, docs/DEMO.md),
 and `vlsi ablate`: the paper's ablations on the same task and models (ablate.py, docs/ABLATE.md).
 
-The CLI wires `add_parser(subparsers)` and `add_ablate_parser(subparsers)`; heavy imports wait for the command.
+`vlsi study`: accuracy against the number of labelled questions, several seeds (study.py, docs/STUDY.md).
+
+The CLI wires `add_parser`, `add_ablate_parser` and `add_study_parser`; heavy imports wait for the command.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fields = ", ".join(f.name for f in dataclasses.fields(DemoSettings))
     parser = subparsers.add_parser(
         "demo",
-        help="compare SFT only, final-layer KD and VLsI on a real task, on CPU, in about 4 minutes",
+        help="compare SFT only, SFT with the teacher's answers, final-layer KD and VLsI on CPU, in about 4 minutes",
         description=(
-            "Distil the shipped tiny Qwen2-VL teacher into a smaller student three ways (SFT only; KL to the "
-            "teacher's output, then SFT; VLsI: verbalize -> interact -> SFT) from the same initialisation and on the "
-            "same budget, evaluate all on a held-out test split, and write DIR/results.json and DIR/report.md. "
-            "No network, no GPU. See docs/DEMO.md."
+            "150 labelled questions and 2000 more that the shipped tiny Qwen2-VL teacher answers "
+            "(data.answers=teacher); a smaller student learns from them four ways, from the same initialisation and "
+            "on the same budget: (a) SFT on the labelled questions only; (b) SFT on the labelled and the teacher's "
+            "answers; (c) KL to the teacher's output, then SFT; (d) VLsI: verbalize -> interact -> SFT. All are "
+            "evaluated on a held-out test split, before and after their last SFT stage, compared pair by pair on "
+            "the same questions; writes DIR/results.json and DIR/report.md. No network, no GPU. See docs/DEMO.md."
         ),
     )
     parser.add_argument("--output", default="vlsi-demo", help="output folder (default: ./vlsi-demo)")
@@ -104,5 +108,40 @@ def run_ablate_command(args: argparse.Namespace) -> int:
         run_ablate(Path(args.output), settings, fast=args.fast)
     except RuntimeError as e:  # raised by run_ablate for a failed run, with the path of that run's log
         print(f"vlsi ablate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_study_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `study` on an argparse subparsers object."""
+    from .study import StudySettings
+
+    fields = ", ".join(f.name for f in dataclasses.fields(StudySettings))
+    parser = subparsers.add_parser(
+        "study",
+        help="should I distil? accuracy vs labelled questions for SFT only, KD and VLsI, 3 seeds, on CPU",
+        description=(
+            "On the demo's task and models: for several numbers of labelled training questions (sizes=...), train "
+            "SFT only, final-layer KD and VLsI as `vlsi demo` does (with a pool of questions the teacher answers), "
+            "several seeds each; writes DIR/results.json, DIR/report.md and DIR/study.png (accuracy vs labelled "
+            "questions, mean +- std). Re-running the same command reuses finished runs. No network, no GPU."
+        ),
+    )
+    parser.add_argument("--output", default="vlsi-study", help="output folder (default: ./vlsi-study)")
+    parser.add_argument("--fast", action="store_true", help="two tiny sizes, one seed, a tiny budget (CI smoke test)")
+    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"study settings: {fields}")
+    parser.set_defaults(func=run_study_command)
+    return parser
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    """Run the study; errors are printed by `vlsi.cli.main` as one line (exit 2), a failed run names its log."""
+    from .study import FAST, StudySettings, run_study
+
+    settings = parse_settings(StudySettings, args.settings, dict(FAST) if args.fast else {}, "study")
+    try:
+        run_study(Path(args.output), settings, fast=args.fast)
+    except RuntimeError as e:  # raised for a failed run, with the path of that run's log
+        print(f"vlsi study: error: {e}", file=sys.stderr)
         return 2
     return 0

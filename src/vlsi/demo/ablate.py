@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import multiprocessing
@@ -204,7 +205,7 @@ def run_job(job: Job, s: AblateSettings, data: Path) -> dict:
     start = time.time()
     test = data / f"{s.eval_split}.json"
     scores: dict = {}
-    with open(folder / "log.txt", "w") as stream, _output_to(stream):
+    with open(folder / "log.txt", "w") as stream, output_to(stream):
         if job.kind == "score":
             scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else STUDENT_DIR, test)
         else:
@@ -244,7 +245,7 @@ def run_job(job: Job, s: AblateSettings, data: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _output_to(stream):
+def output_to(stream):
     """Send print, progress bars and log records of the code inside to `stream`."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -291,18 +292,20 @@ def _check_same_settings(out: Path, s: AblateSettings) -> None:
     saved.write_text(json.dumps(now, indent=2) + "\n")
 
 
-def _execute(jobs: list[Job], s: AblateSettings, data: Path, pool, bar) -> dict[Job, dict]:
-    results: dict[Job, dict] = {}
+def execute_jobs(jobs: list, work, pool, bar) -> dict:
+    """{job: work(job)} for every job (each with .name, .seed, .folder), in `pool` if given (else here, in order);
+    the first failure cancels the rest and raises a RuntimeError naming the job's log."""
+    results: dict = {}
     if pool is None:
         for job in jobs:
             try:
-                results[job] = run_job(job, s, data)
+                results[job] = work(job)
             except Exception as e:
                 raise RuntimeError(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
             bar.update(1)
             bar.set_postfix_str(f"{job.name} seed {job.seed}")
         return results
-    pending: dict[Future, Job] = {pool.submit(run_job, job, s, data): job for job in jobs}
+    pending: dict[Future, object] = {pool.submit(work, job): job for job in jobs}
     while pending:
         finished, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in finished:
@@ -379,8 +382,9 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
         pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
-            done = _execute(first, s, data, pool, bar)
-            done |= _execute(rest, s, data, pool, bar)
+            work = functools.partial(run_job, s=s, data=data)
+            done = execute_jobs(first, work, pool, bar)
+            done |= execute_jobs(rest, work, pool, bar)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -1,16 +1,18 @@
-"""`vlsi demo`: SFT only vs final-layer KD vs VLsI, from one student initialisation, on one budget, on CPU.
+"""`vlsi demo`: SFT only vs SFT with the teacher's answers vs final-layer KD vs VLsI, from one student
+initialisation, on one budget, on CPU.
 
     vlsi demo --output /tmp/d            # about 4 minutes on 2 CPU cores; no network, no GPU
     vlsi demo --output /tmp/d --fast     # a seconds-long smoke run (CI)
 
 DIR/
-  results.json          accuracy of the teacher and the three students on the held-out test split, n_test, seeds,
-                        seconds, and the details (per task and style, budget, wall time per method, peak memory)
+  results.json          accuracy of the teacher, the student initialisation and the four students on the held-out
+                        test split, n_test, seeds, seconds, each student before its last SFT stage, paired
+                        comparisons, and the details (per task, budget, wall time per method, peak memory)
   report.md             the table, the plots, one test example read layer by layer, what the budget counts
   verbalizer_loss.png   per-layer verbalizer loss (teacher: shipped with it; student: this run's stage 1)
   layer_match.png       which teacher layer each student layer matched, early vs late in the interaction stage
   data/                 the training and test splits (LLaVA JSON + PNG)
-  runs/sft, runs/kd, runs/vlsi   the three students (`student/`), their metrics and configs
+  runs/sft, runs/sft_teacher, runs/kd, runs/vlsi   the four students (`student/`), their metrics and configs
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import resource
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -32,8 +35,10 @@ from ..data import VLDataset, read_dataset
 from ..models.loading import load_model, load_processor
 from ..pipeline import run_train
 from ..plots import plot_verbalizer_loss
+from ..stages.common import load_samples
 from ..stages.loop import MetricsLog
 from ..stages.sft import sft
+from ..stages.verbalize import verbalize
 from .evaluate import encode_batches, evaluate
 from .models import (
     STUDENT_DIR,
@@ -44,56 +49,81 @@ from .models import (
     TEACHER_VERBALIZERS,
     teacher_card,
 )
-from .tasks import chance_accuracy, make_split, write_split
+from .stats import paired
+from .tasks import STYLES, TASKS, chance_accuracy, is_correct, make_split, write_split
 
 log = logging.getLogger("vlsi")
-METHODS = ("sft", "kd", "vlsi")
-RESULT_KEYS = {"sft": "student_sft", "kd": "student_kd", "vlsi": "student_vlsi"}
+METHODS = ("sft", "sft_teacher", "kd", "vlsi")
+RESULT_KEYS = {"sft": "student_sft", "sft_teacher": "student_sft_teacher", "kd": "student_kd", "vlsi": "student_vlsi"}
 
 
 @dataclass
 class DemoSettings:
-    """Sizes and budget. Every student trains `steps` optimizer steps of `batch_size` examples in all, split so:
-    SFT only: `steps` of SFT. KD: `distill_steps` of KL to the teacher's output, then SFT for the rest.
-    VLsI: `verbalize_steps` of stage 1 and `distill_steps - verbalize_steps` of interaction, then SFT for the rest."""
+    """The task, the data and the budget (docs/DEMO.md). The student must learn `tasks` (its initialisation reads
+    digits and counts, but has never compared two digits or continued a sequence); the teacher answers them right.
 
-    n_train: int = 2000
+    Data: `n_labelled` training questions with gold answers, and `n_pool` more questions without answers, which the
+    teacher answers (`data.answers=teacher`). SFT only has no teacher, so it trains on the labelled questions alone.
+    Budget, in optimizer steps of `batch_size` examples, equal for every method:
+      SFT only: `distill_steps` of SFT, then `sft_steps` of SFT (the same two-stage schedule as the others)
+      KD:       `distill_steps` of KL to the teacher's output, then `sft_steps` of SFT
+      VLsI:     `distill_steps` of interaction, then `sft_steps` of SFT; before that `verbalize_steps` of stage 1,
+                which trains only the student's verbalizers on its frozen backbone (not charged; its time is shown)
+    Each stage warms up for `warmup` of its steps, then decays (cosine) from its lr to `min_lr_ratio` x lr."""
+
+    tasks: str = "compare,sequence"
+    styles: str = "number"
+    n_labelled: int = 150
+    n_pool: int = 2000
     n_test: int = 1200
-    steps: int = 300
     distill_steps: int = 200
+    sft_steps: int = 100
     verbalize_steps: int = 50
     batch_size: int = 32
     lr: float = 1e-3
     verbalize_lr: float = 3e-3
+    warmup: float = 0.1
+    min_lr_ratio: float = 0.01
     seed: int = 0
     threads: int = 1  # torch threads; one more core feeds the data loader (data.num_workers=1)
     eval_split: str = "test"  # "val" while choosing settings: the test split is for the final numbers only
 
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+
+    @property
+    def style_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.styles.split(",") if t.strip())
+
     def check(self) -> DemoSettings:
-        if not 0 < self.verbalize_steps < self.distill_steps < self.steps:
-            raise ValueError(
-                "demo settings need 0 < verbalize_steps < distill_steps < steps "
-                f"(got {self.verbalize_steps}, {self.distill_steps}, {self.steps})"
-            )
-        if min(self.n_train, self.n_test, self.batch_size, self.threads) < 1:
-            raise ValueError("demo settings n_train, n_test, batch_size and threads must be >= 1")
+        for name, chosen, known in (("tasks", self.task_list, TASKS), ("styles", self.style_list, STYLES)):
+            if not chosen or set(chosen) - set(known):
+                raise ValueError(f"demo setting {name}={getattr(self, name)!r}: use some of {','.join(known)}")
+        if min(self.distill_steps, self.sft_steps, self.verbalize_steps) < 1:
+            raise ValueError("demo settings distill_steps, sft_steps and verbalize_steps must be >= 1")
+        if min(self.n_labelled, self.n_test, self.batch_size, self.threads) < 1 or self.n_pool < 0:
+            raise ValueError("demo settings n_labelled, n_test, batch_size and threads must be >= 1, n_pool >= 0")
+        if not (0 <= self.warmup < 1 and 0 < self.min_lr_ratio <= 1):
+            raise ValueError("demo settings need 0 <= warmup < 1 and 0 < min_lr_ratio <= 1")
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"demo setting eval_split must be test or val, got {self.eval_split!r}")
         return self
 
 
-FAST = dict(n_train=64, n_test=48, steps=6, distill_steps=4, verbalize_steps=2, batch_size=8)
+FAST = dict(n_labelled=16, n_pool=48, n_test=48, distill_steps=4, sft_steps=2, verbalize_steps=2, batch_size=8)
 
 
 def budget(s: DemoSettings) -> dict:
-    """Optimizer steps per stage and method; every method's total is `steps` (x `batch_size` examples)."""
-    interact_steps = s.distill_steps - s.verbalize_steps
+    """Optimizer steps per stage and method: every method's charged total is `distill_steps + sft_steps`."""
     return {
-        "sft": {"sft": s.steps},
-        "kd": {"kd": s.distill_steps, "sft": s.steps - s.distill_steps},
-        "vlsi": {"verbalize": s.verbalize_steps, "interact": interact_steps, "sft": s.steps - s.distill_steps},
+        "sft": {"sft_1": s.distill_steps, "sft": s.sft_steps},
+        "sft_teacher": {"sft_1": s.distill_steps, "sft": s.sft_steps},
+        "kd": {"kd": s.distill_steps, "sft": s.sft_steps},
+        "vlsi": {"interact": s.distill_steps, "sft": s.sft_steps},
+        "uncharged": {"vlsi_verbalize": s.verbalize_steps},
         "batch_size": s.batch_size,
-        "examples_per_student": s.steps * s.batch_size,
+        "examples_per_student": (s.distill_steps + s.sft_steps) * s.batch_size,
     }
 
 
@@ -107,8 +137,11 @@ def demo_config(
     verbalize_lr: float,
     extra: list[str] = (),
     num_workers: int = 1,
+    warmup: float = 0.0,
+    min_lr_ratio: float = 0.1,
 ):
-    """A `vlsi train` configuration for the demo's models: `stages` gives each stage's optimizer steps (0: none)."""
+    """A `vlsi train` configuration for the demo's models: `stages` gives each stage's optimizer steps (0: none);
+    every stage warms up for `warmup` of its steps and decays to `min_lr_ratio` x its learning rate."""
     overrides = [
         "precision=fp32",
         "data.max_length=128",
@@ -120,12 +153,14 @@ def demo_config(
     ]
     for stage in ("verbalize", "interact", "sft"):
         stage_lr = verbalize_lr if stage == "verbalize" else lr
+        steps = stages.get(stage, 0)
         overrides += [
-            f"{stage}.max_steps={stages.get(stage, 0)}",
+            f"{stage}.max_steps={steps}",
             f"{stage}.batch_size={batch_size}",
             f"{stage}.grad_accum=1",
             f"{stage}.lr={stage_lr}",
-            f"{stage}.min_lr={stage_lr / 10}",
+            f"{stage}.min_lr={stage_lr * min_lr_ratio}",
+            f"{stage}.warmup_steps={int(warmup * steps)}",
         ]
     for stage in ("interact", "sft"):
         overrides += [f"{stage}.lora.enabled=false", f"{stage}.freeze_vision=true"]
@@ -139,10 +174,23 @@ def demo_config(
     )
 
 
-def _config(s: DemoSettings, out: Path, stages: dict[str, int], extra: list[str] = ()):
-    return demo_config(
-        out, stages, seed=s.seed, batch_size=s.batch_size, lr=s.lr, verbalize_lr=s.verbalize_lr, extra=extra
+def stage_config(
+    s: DemoSettings, out: Path, stages: dict[str, int], data: Path, extra: list[str] = (), num_workers: int = 1
+):
+    cfg = demo_config(
+        out,
+        stages,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        verbalize_lr=s.verbalize_lr,
+        extra=extra,
+        warmup=s.warmup,
+        min_lr_ratio=s.min_lr_ratio,
+        num_workers=num_workers,
     )
+    cfg.data.path = str(data)
+    return cfg
 
 
 def share_length_scans(samples, scans: Path, runs: list[Path], max_length: int = 128) -> None:
@@ -163,67 +211,122 @@ def _banner(text: str) -> None:
     print(f"\n== vlsi demo: {text}", file=sys.stderr, flush=True)
 
 
-def train_students(s: DemoSettings, out: Path, train_path: Path) -> tuple[dict[str, Path], dict[str, float]]:
-    """Train the three students; -> ({method: final student dir}, {method: wall seconds})."""
-    steps = budget(s)
-    samples, _ = read_dataset(train_path)
-    share_length_scans(samples, out / "runs" / ".cache", [out / "runs" / m for m in METHODS])
-    finals, seconds = {}, {}
+ANSWERED = ["data.answers=teacher", "data.answer_max_tokens=4"]  # the demo's answers are one or two tokens
 
-    _banner(f"(a) SFT only: {s.steps} SFT steps x {s.batch_size}")
-    start = time.time()
-    run = out / "runs" / "sft"
-    cfg = _config(s, run, {"sft": s.steps})
-    cfg.data.path = str(train_path)
+
+def answer_pool(s: DemoSettings, folder: Path, mixed: Path) -> list:
+    """The teacher answers the unlabelled questions of `mixed` (`data.answers=teacher`, cached in folder/answers, so
+    answered once); -> every sample of `mixed`, answered."""
+    return load_samples(stage_config(s, folder, {}, mixed, ANSWERED))
+
+
+def sft_twice(s: DemoSettings, run: Path, data: Path, samples, num_workers: int) -> tuple[Path, Path]:
+    """SFT in two stages of `distill_steps` and `sft_steps`, each with the stage schedule the other methods get;
+    -> (student after the first stage, final student)."""
+    cfg = stage_config(s, run, {"sft": s.distill_steps}, data, num_workers=num_workers)
     save_config(cfg, run / "config.yaml")
-    finals["sft"] = sft(cfg, cfg.student, run / "student", MetricsLog(run / "metrics.jsonl"), samples)
+    metrics = MetricsLog(run / "metrics.jsonl")
+    first = sft(cfg, cfg.student, run / "stage1", metrics, samples)
+    cfg = stage_config(s, run, {"sft": s.sft_steps}, data, num_workers=num_workers)
+    return first, sft(cfg, str(first), run / "student", metrics, samples)
+
+
+def train_students(
+    s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1
+) -> tuple[dict[str, Path], dict[str, Path], dict[str, float]]:
+    """Train the four students into out/runs (`num_workers` data-loader workers each); -> ({method: final
+    student}, {method: student before its last SFT stage}, {method or stage: wall seconds})."""
+    runs = out / "runs"
+    steps = budget(s)
+    finals, before, seconds = {}, {}, {}
+
+    _banner(f"the teacher answers the {s.n_pool} unlabelled training questions")
+    start = time.time()
+    answered = answer_pool(s, runs / "kd", mixed)
+    shutil.copytree(runs / "kd" / "answers", runs / "vlsi" / "answers", dirs_exist_ok=True)  # VLsI's: the same
+    seconds["teacher_answers"] = time.time() - start
+    gold, _ = read_dataset(labelled)
+    share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"])
+    share_length_scans(answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"])
+
+    _banner(f"(a) SFT only, {s.n_labelled} labelled questions: {s.distill_steps} + {s.sft_steps} SFT steps")
+    start = time.time()
+    before["sft"], finals["sft"] = sft_twice(s, runs / "sft", labelled, gold, num_workers)
     seconds["sft"] = time.time() - start
 
+    _banner(f"(b) SFT on the labelled and the teacher-answered questions: {s.distill_steps} + {s.sft_steps} steps")
+    start = time.time()
+    before["sft_teacher"], finals["sft_teacher"] = sft_twice(s, runs / "sft_teacher", mixed, answered, num_workers)
+    seconds["sft_teacher"] = time.time() - start
+
     kd = steps["kd"]
-    _banner(f"(b) final-layer KD: {kd['kd']} KL steps, then {kd['sft']} SFT steps, x {s.batch_size}")
+    _banner(f"(c) final-layer KD: {kd['kd']} KL steps, then {kd['sft']} SFT steps")
     start = time.time()
     run = out / "runs" / "kd"
     # Plain final-layer KD through the interaction stage: no intermediate loss, KL(teacher || student) at the output.
     # Its student verbalizers are never trained (verbalize.max_steps=0) and never used.
-    cfg = _config(
+    cfg = stage_config(
         s,
         run,
         {"verbalize": 0, "interact": kd["kd"], "sft": kd["sft"]},
-        ["interact.intermediate_loss=none", "interact.last_loss=kld", "verbalize.models=[student]"],
+        mixed,
+        ["interact.intermediate_loss=none", "interact.last_loss=kld", "verbalize.models=[student]", *ANSWERED],
+        num_workers=num_workers,
     )
-    cfg.data.path = str(train_path)
     finals["kd"] = run_train(cfg)
+    before["kd"] = run / "stages" / "interact" / "student"
     seconds["kd"] = time.time() - start
 
-    v = steps["vlsi"]
     _banner(
-        f"(c) VLsI: {v['verbalize']} verbalize + {v['interact']} interact + {v['sft']} SFT steps, x {s.batch_size} "
-        "(teacher verbalizers shipped with the teacher)"
+        f"(d) VLsI: {s.verbalize_steps} verbalize (not charged) + {s.distill_steps} interact + {s.sft_steps} SFT "
+        "steps (teacher verbalizers shipped with the teacher)"
     )
-    start = time.time()
     run = out / "runs" / "vlsi"
-    cfg = _config(
+    cfg = stage_config(
         s,
         run,
-        {"verbalize": v["verbalize"], "interact": v["interact"], "sft": v["sft"]},
-        ["verbalize.models=[student]"],
+        {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
+        mixed,
+        ["verbalize.models=[student]", *ANSWERED],
+        num_workers=num_workers,
     )
-    cfg.data.path = str(train_path)
+    start = time.time()  # stage 1 on its own first, to time it; `run_train` then reuses its verbalizers
+    verbalize(cfg, cfg.student, "student", run / "verbalizers" / "student", MetricsLog(run / "metrics.jsonl"), answered)
+    seconds["vlsi_verbalize"] = time.time() - start
+    start = time.time()
     finals["vlsi"] = run_train(cfg)
+    before["vlsi"] = run / "stages" / "interact" / "student"
     seconds["vlsi"] = time.time() - start
-    return finals, seconds
+    return finals, before, seconds
 
 
-def evaluate_all(finals: dict[str, Path], test, batch_size: int = 128) -> dict[str, dict]:
-    """Accuracy of the teacher and each student on the test items (one encoding of the test split for all)."""
+def evaluate_all(models: dict[str, Path], test, batch_size: int = 128) -> dict[str, dict]:
+    """Accuracy of each model on the test items (one encoding of the test split for all), with per-item `hits`."""
     processor = load_processor(str(TEACHER_DIR))
     batches = encode_batches(processor, test, batch_size)
     results = {}
-    for name, path in [("teacher", TEACHER_DIR), *finals.items()]:
+    for name, path in models.items():
         model = load_model(str(path), torch.float32)
         results[name] = evaluate(model, processor, test, batches)
+        results[name]["hits"] = [int(is_correct(reply, item)) for reply, item in zip(results[name]["replies"], test)]
         del model
     return results
+
+
+PAIRS = (("vlsi", "sft"), ("vlsi", "kd"), ("vlsi", "sft_teacher"), ("kd", "sft_teacher"), ("sft_teacher", "sft"))
+
+
+def comparisons(evals: dict[str, dict], pairs=PAIRS) -> dict[str, dict]:
+    """Paired comparisons on the same test items (VLsI against each other student, KD against SFT on the
+    teacher's answers, and that against SFT only): {"a_vs_b": `stats.paired`}."""
+    return {f"{a}_vs_{b}": paired(evals[a]["hits"], evals[b]["hits"]) for a, b in pairs}
+
+
+def match_sharpness(metrics: Path) -> dict[str, float]:
+    """Mean normalised entropy of each student layer's match draw over the interaction stage (1: uniform)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    keys = sorted({k for r in rows if r.get("stage") == "interact" for k in r if k.startswith("match_entropy/")})
+    return {k: statistics.fmean(r[k] for r in rows if k in r) for k in keys}
 
 
 def peak_memory_mib() -> dict[str, float]:
@@ -244,15 +347,25 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "runs", ignore_errors=True)  # this command's own earlier output: never reuse stale stages
 
-    _banner(f"data: {s.n_train} training and {s.n_test} held-out {s.eval_split} questions")
-    train_items, test = make_split("train", s.n_train), make_split(s.eval_split, s.n_test)
-    train_path = write_split(train_items, out / "data", "train")
+    tasks, styles = s.task_list, s.style_list
+    _banner(
+        f"data: {s.n_labelled} labelled + {s.n_pool} unlabelled training questions, {s.n_test} held-out "
+        f"{s.eval_split} questions ({', '.join(tasks)}; answered as {', '.join(styles)})"
+    )
+    train_items = make_split("train", s.n_labelled + s.n_pool, tasks, styles)
+    test = make_split(s.eval_split, s.n_test, tasks, styles)
+    labelled = write_split(train_items[: s.n_labelled], out / "data", "labelled")
+    mixed = write_split(train_items, out / "data", "train", answered=s.n_labelled)
     write_split(test, out / "data", s.eval_split)
 
-    finals, seconds = train_students(s, out, train_path)
+    finals, before, seconds = train_students(s, out, labelled, mixed)
 
-    _banner(f"evaluating the teacher and the three students on {len(test)} {s.eval_split} questions")
-    evals = evaluate_all({m: finals[m] for m in METHODS}, test)
+    _banner(
+        f"evaluating the teacher, the student initialisation and the four students on {len(test)} {s.eval_split} "
+        "questions"
+    )
+    evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test)
+    earlier = evaluate_all(before, test)
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"
@@ -270,9 +383,15 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         "n_test": len(test),
         "seeds": [s.seed],
         "seconds": round(time.time() - start, 1),
+        "student_init": evals["init"]["accuracy"],
+        "before_sft": {m: earlier[m]["accuracy"] for m in METHODS},
+        "paired": comparisons(evals),
+        "paired_before_sft": comparisons(earlier),
         "chance": chance_accuracy(test),
         "by_task": {name: e["by_task"] for name, e in evals.items()},
+        "by_task_before_sft": {name: e["by_task"] for name, e in earlier.items()},
         "by_style": {name: e["by_style"] for name, e in evals.items()},
+        "match_entropy": match_sharpness(out / "runs" / "vlsi" / "metrics.jsonl"),
         "budget": budget(s),
         "train_seconds": {m: round(t, 1) for m, t in seconds.items()},
         "peak_memory_mib": peak_memory_mib(),
@@ -284,6 +403,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     write_report(out, results, example)
     _banner(
         f"done in {results['seconds']:.0f} s: teacher {results['teacher']:.3f}, SFT {results['student_sft']:.3f}, "
-        f"KD {results['student_kd']:.3f}, VLsI {results['student_vlsi']:.3f} -> {out / 'report.md'}"
+        f"SFT with the teacher's answers {results['student_sft_teacher']:.3f}, KD {results['student_kd']:.3f}, "
+        f"VLsI {results['student_vlsi']:.3f} -> {out / 'report.md'}"
     )
     return results

@@ -199,37 +199,35 @@ def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) ->
     return Item(item_id, task, style, question, answer, digits=terms)
 
 
-def make_split(split: str, n: int) -> list[Item]:
-    """`n` items of `split` (a key of SPLITS), cycling through every (task, style) pair; deterministic."""
+def make_split(split: str, n: int, tasks: tuple[str, ...] = TASKS, styles: tuple[str, ...] = STYLES) -> list[Item]:
+    """`n` items of `split` (a key of SPLITS), cycling through every (task, style) pair of `tasks` x `styles`;
+    deterministic (a longer split extends a shorter one with the same tasks and styles)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    for name, chosen, known in (("task", tasks, TASKS), ("style", styles, STYLES)):
+        if not chosen or set(chosen) - set(known):
+            raise ValueError(f"unknown or no {name}s {list(chosen)}; expected some of {', '.join(known)}")
     rng = random.Random(SPLITS[split])
     side = TEST_SPLIT if split == TEST_SPLIT else "train"
-    pairs = [(task, style) for task in TASKS for style in STYLES]
+    pairs = [(task, style) for task in tasks for style in styles]
     return [_make(rng, *pairs[k % len(pairs)], side, f"{split}-{k:05d}") for k in range(n)]
 
 
-def write_split(items: list[Item], out: Path, name: str) -> Path:
+def write_split(items: list[Item], out: Path, name: str, answered: int | None = None) -> Path:
     """Images as PNG under out/images/ and out/NAME.json: LLaVA-format records (`vlsi train --data`) that also
-    keep each item's task, style and answer."""
+    keep each item's task, style and answer. Only the first `answered` items (default: all) carry their answer as
+    the assistant turn; the others are questions alone, for a teacher to answer (`data.answers=teacher`)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     records = []
-    for item in items:
+    for k, item in enumerate(items):
         path = images / f"{item.id}.png"
         if not path.is_file():
             item.render().save(path)
-        records.append(
-            {
-                "id": item.id,
-                "image": f"images/{path.name}",
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + item.question},
-                    {"from": "gpt", "value": item.answer},
-                ],
-                "item": item.to_dict(),
-            }
-        )
+        turns = [{"from": "human", "value": "<image>\n" + item.question}]
+        if answered is None or k < answered:
+            turns.append({"from": "gpt", "value": item.answer})
+        records.append({"id": item.id, "image": f"images/{path.name}", "conversations": turns, "item": item.to_dict()})
     target = out / f"{name}.json"
     target.write_text(json.dumps(records))
     return target

@@ -1,0 +1,230 @@
+"""`vlsi study`: should I distil? Accuracy against the number of labelled questions, for SFT only, final-layer KD
+and VLsI, several seeds each, on the demo's task and models, with a pool of questions the teacher answers.
+
+    vlsi study --output /tmp/s            # about 45 minutes on 2 CPU cores; no network, no GPU
+    vlsi study --output /tmp/s --fast     # a one-minute smoke run of the same code path (what CI runs)
+
+Each (labelled-set size, seed) is one `vlsi demo` comparison (`experiment.train_students`): the same first
+`size` training questions with gold answers, the same `n_pool` further questions answered by the teacher (answered
+once for the whole study), the demo's budget and schedule. Runs go `jobs` at a time, one torch thread each; each
+run's own output is in its folder's `log.txt`.
+
+DIR/
+  results.json   per size and method: accuracy mean, std and per seed, before its last SFT stage too; paired
+                 comparisons (VLsI vs SFT only, VLsI vs KD, KD vs SFT only) over every seed's test items
+  report.md      the table, the plot and what they say
+  study.png      accuracy vs labelled questions, mean +- std over seeds, teacher and student initialisation
+  runs/n<size>-seed<k>/   each run (as `vlsi demo`'s runs/) + score.json + log.txt
+  data/          the training questions per size and the evaluation split (LLaVA JSON + PNG)
+
+Re-running the same command reuses every finished run; other settings into the same DIR are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import multiprocessing
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .ablate import Job, execute_jobs, output_to
+from .experiment import METHODS, DemoSettings, comparisons, evaluate_all, peak_memory_mib, train_students
+from .stats import mean_std
+from .study_report import METHOD_NAMES, write_study_report
+
+
+@dataclass
+class StudySettings(DemoSettings):
+    """The demo's settings (`n_labelled` is replaced by `sizes`), the sizes to try, seeds per size, parallel runs."""
+
+    sizes: str = "30,100,300,1000"
+    seeds: int = 3
+    jobs: int = 2
+    n_test: int = 600
+
+    @property
+    def size_list(self) -> list[int]:
+        return sorted({int(x) for x in self.sizes.split(",") if x.strip()})
+
+    def check(self) -> StudySettings:
+        try:
+            sizes = self.size_list
+        except ValueError:
+            raise ValueError(f"study setting sizes={self.sizes!r}: expected comma-separated integers") from None
+        if not sizes or sizes[0] < 1 or self.seeds < 1 or self.jobs < 1:
+            raise ValueError("study settings need sizes >= 1 (at least one), seeds >= 1 and jobs >= 1")
+        super().check()
+        return self
+
+
+FAST = dict(
+    sizes="8,16", seeds=1, jobs=1, n_pool=24, n_test=24, distill_steps=2, sft_steps=1, verbalize_steps=1, batch_size=4
+)
+
+
+def write_data(s: StudySettings, data: Path) -> tuple[dict[int, tuple[Path, Path]], Path, list]:
+    """Per size: (labelled questions, labelled + pool) files; the first size's mixed file for answering the pool;
+    the evaluation items. The pool is the same `n_pool` questions for every size (after the largest labelled set)."""
+    from .tasks import make_split, write_split
+
+    tasks, styles, largest = s.task_list, s.style_list, s.size_list[-1]
+    items = make_split("train", largest + s.n_pool, tasks, styles)
+    pool = items[largest:]
+    files = {
+        n: (
+            write_split(items[:n], data, f"labelled-n{n}"),
+            write_split(items[:n] + pool, data, f"train-n{n}", answered=n),
+        )
+        for n in s.size_list
+    }
+    test = make_split(s.eval_split, s.n_test, tasks, styles)
+    write_split(test, data, s.eval_split)
+    return files, files[s.size_list[0]][1], test
+
+
+def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
+    """Train and score the three students of one (size, seed) on one torch thread; -> its score.json contents."""
+    from .tasks import read_split
+
+    torch.set_num_threads(1)
+    folder = Path(job.folder)
+    done = folder / "score.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    size = int(job.name.removeprefix("n"))
+    shutil.rmtree(folder / "runs", ignore_errors=True)  # a run killed midway starts afresh
+    (folder / "runs" / "vlsi").mkdir(parents=True)
+    shutil.copytree(answers, folder / "runs" / "kd" / "answers")  # the pool, answered once for the whole study
+    start = time.time()
+    settings = dataclasses.replace(s, n_labelled=size, seed=job.seed)
+    with open(folder / "log.txt", "w") as stream, output_to(stream):
+        finals, before, seconds = train_students(
+            settings, folder, data / f"labelled-n{size}.json", data / f"train-n{size}.json", num_workers=0
+        )
+        test = read_split(data / f"{s.eval_split}.json")
+        final, early = evaluate_all(finals, test), evaluate_all(before, test)
+    scores = {
+        "size": size,
+        "seed": job.seed,
+        "accuracy": {m: final[m]["accuracy"] for m in METHODS},
+        "before_sft": {m: early[m]["accuracy"] for m in METHODS},
+        "hits": {m: final[m]["hits"] for m in METHODS},
+        "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": round(time.time() - start, 1),
+    }
+    done.write_text(json.dumps(scores) + "\n")
+    return scores
+
+
+def summarise(s: StudySettings, runs: list[dict]) -> dict:
+    """{size: {method: accuracy mean/std/per seed, before_sft likewise}, paired comparisons over all seeds' items}."""
+    table = {}
+    for n in s.size_list:
+        mine = sorted((r for r in runs if r["size"] == n), key=lambda r: r["seed"])
+        row = {}
+        for m in METHODS:
+            row[m] = {**mean_std([r["accuracy"][m] for r in mine]), "per_seed": [r["accuracy"][m] for r in mine]}
+            row[f"{m}_before_sft"] = mean_std([r["before_sft"][m] for r in mine])
+        pooled = {m: {"hits": [h for r in mine for h in r["hits"][m]]} for m in METHODS}
+        row["paired"] = comparisons(pooled)
+        table[str(n)] = row
+    return table
+
+
+def plot_study(results: dict, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int(n) for n in results["table"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m, label in METHOD_NAMES:
+        means = [100 * results["table"][str(n)][m]["mean"] for n in sizes]
+        stds = [100 * results["table"][str(n)][m]["std"] for n in sizes]
+        ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.axhline(100 * results["teacher"], color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.axhline(100 * results["student_init"], color="grey", linestyle=":", linewidth=1, label="student initialisation")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel(f"labelled training questions (+ {results['settings']['n_pool']} answered by the teacher)")
+    ax.set_ylabel(f"accuracy on {results['n_test']} held-out questions (%)")
+    ax.set_title(f"mean +- std over {results['settings']['seeds']} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _check_same_settings(out: Path, s: StudySettings) -> None:
+    saved, now = out / "settings.json", dataclasses.asdict(s)
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        changed = [k for k in now if k != "jobs" and before.get(k) != now[k]]
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(f"{out} holds a study with other settings ({shown}): use a new --output or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(now, indent=2) + "\n")
+
+
+def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
+    """The whole study; writes DIR/results.json, DIR/report.md and DIR/study.png and returns the results."""
+    from .experiment import answer_pool
+    from .models import STUDENT_DIR, TEACHER_DIR, teacher_card
+
+    s.check()
+    teacher_card()
+    start = time.time()
+    _check_same_settings(out, s)
+    data, runs_dir = out / "data", out / "runs"
+    sizes = s.size_list
+    print(
+        f"== vlsi study: {len(sizes)} labelled-set sizes ({s.sizes}) x {s.seeds} seeds, {s.n_pool} questions "
+        f"answered by the teacher, {s.n_test} {s.eval_split} questions",
+        file=sys.stderr,
+    )
+    files, first_mixed, test = write_data(s, data)
+    print("== vlsi study: the teacher answers the pool (once) and is scored", file=sys.stderr)
+    answer_pool(s, out / "pool", first_mixed)
+    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR}, test)
+
+    # largest first: the longest runs start first, so the last ones finish together
+    jobs = [Job("study", f"n{n}", k, str(runs_dir / f"n{n}-seed{k}")) for n in reversed(sizes) for k in range(s.seeds)]
+    print(f"== vlsi study: {len(jobs)} runs, {s.jobs} at a time; logs in {runs_dir}/<run>/log.txt", file=sys.stderr)
+    pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) if s.jobs > 1 else None
+    try:
+        with tqdm(total=len(jobs), desc="study", unit="run", dynamic_ncols=True) as bar:
+            work = functools.partial(run_one, s=s, data=data, answers=out / "pool" / "answers")
+            done = execute_jobs(jobs, work, pool, bar)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    results = {
+        "table": summarise(s, list(done.values())),
+        "teacher": shipped["teacher"]["accuracy"],
+        "student_init": shipped["init"]["accuracy"],
+        "n_test": len(test),
+        "seeds": list(range(s.seeds)),
+        "seconds": round(time.time() - start, 1),
+        "run_seconds": round(sum(r["seconds"] for r in done.values()), 1),
+        "peak_memory_mib": peak_memory_mib(),
+        "settings": {**dataclasses.asdict(s), "fast": fast},
+        "machine": f"{s.jobs} run(s) at a time, 1 torch thread each, torch {torch.__version__}",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_study(results, out / "study.png")
+    write_study_report(out, results)
+    print(f"== vlsi study: done in {results['seconds']:.0f} s -> {out / 'report.md'}", file=sys.stderr)
+    return results

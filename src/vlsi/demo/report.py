@@ -214,7 +214,8 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         f"- seeds: {r['seeds']}; wall time {r['seconds']:.0f} s; peak memory {r['peak_memory_mib']['main']:.0f} MiB "
         f"(main process), {r['peak_memory_mib']['largest_child']:.0f} MiB (largest data worker); {r['machine']}",
         "- timings depend on the machine's load: on a shared machine they vary by 2x.",
-        "- `results.json` holds every number above; `runs/{sft,kd,vlsi}/` the students, metrics and configs.",
+        "- `results.json` holds every number above; `runs/{sft,sft_teacher,kd,vlsi}/` the students, metrics and "
+        "configs.",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""Time and peak memory of one training step: SFT, final-layer KD and the VLsI interaction step (DESIGN §11).
+"""Time and peak memory of one training step: SFT, final-layer KD and the VLsI interaction step
+(docs/METHOD.md#memory-and-the-implementation).
 
 Random-weight, text-only Qwen2 LLMs of real size (default: a Qwen2-VL-2B-sized student, a 7B-sized teacher,
 7 target layers each; `--teacher-layers 80`: a 72B-deep teacher at 7B width, 19.7B parameters, 20 target layers),
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         freeze(student)
         student = add_lora(student, s_parts, args.lora, args.lora, 0.0, TrainConfig().interact.lora.target_modules)
     freeze(s_parts.lm_head)
-    t_layers = default_target_layers(t_parts.num_layers)  # every 4th block from block 2 (DESIGN §3)
+    t_layers = default_target_layers(t_parts.num_layers)  # every 4th block from 2 (docs/METHOD.md#target-layers)
     s_layers = default_target_layers(s_parts.num_layers)
     t_verb = freeze(Verbalizers(t_parts.hidden_size, t_layers)).to(device, dtype)
     s_verb = Verbalizers(s_parts.hidden_size, s_layers).to(device, dtype)

@@ -75,7 +75,8 @@ def test_final_row_is_greedy_generate(tiny):
 
 
 def test_padded_lm_head_rows_are_never_decoded():
-    """Qwen2-VL-7B's head has rows past the tokenizer (DESIGN §2): make them win and check they are skipped."""
+    """Qwen2-VL-7B's head has rows past the tokenizer
+    (docs/METHOD.md#models-and-the-shared-vocabulary): make them win and check they are skipped."""
     model, processor = build_tiny_vlm(layers=2, vocab_pad=8)
     vocab = len(processor.tokenizer)
     head = model_parts(model).lm_head.weight

@@ -143,8 +143,9 @@ def test_sft_trains_lora_only(toy, tmp_path):
     [("kld", "kld"), ("l2", "kld"), ("ce", "ce"), ("ce", "none"), ("kld", "none"), ("none", "kld"), ("l2", "ce")],
 )
 def test_interaction_loss_operations(toy, intermediate, last):
-    """Every intermediate / last-layer loss pair of the paper's ablation (DESIGN §6) gives a loss that is the sum
-    of its logged terms, and trains the student verbalizers exactly when an intermediate loss is on."""
+    """Every intermediate / last-layer loss pair of the paper's ablation
+    (docs/METHOD.md#ablations-reported-by-the-paper) gives a loss that is the sum of its logged terms, and trains the
+    student verbalizers exactly when an intermediate loss is on."""
     cfg = _cfg(
         toy, f"interact.intermediate_loss={intermediate}", f"interact.last_loss={last}", "interact.lora.enabled=false"
     )

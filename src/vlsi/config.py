@@ -36,7 +36,7 @@ class DataConfig:
 class VerbalizerConfig:
     student_layers: list[int] | None = None  # explicit 0-based decoder block indices; None: stride rule
     teacher_layers: list[int] | None = None
-    stride: int = 4  # default rule: blocks offset, offset+stride, ... excluding the last block (DESIGN §3)
+    stride: int = 4  # rule: blocks offset, offset+stride, ... excluding the last block (docs/METHOD.md#target-layers)
     offset: int = 2
     residual: bool = False  # h + v(h) with zero-initialised W_down (a "logit lens" at init) instead of v(h)
 
@@ -55,7 +55,7 @@ class LoraConfig:
 @dataclass
 class StageConfig:
     max_steps: int = 100  # optimizer steps
-    lr: float = 1e-4  # cosine schedule lr -> min_lr (DESIGN §8)
+    lr: float = 1e-4  # cosine schedule lr -> min_lr (docs/METHOD.md#training-setup-of-the-paper)
     min_lr: float = 1e-6
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -1,4 +1,5 @@
-"""Per-layer verbalized decoding (DESIGN §10, the paper's fig. 3): what does each target layer answer?
+"""Per-layer verbalized decoding (docs/METHOD.md#interpretability, the paper's fig. 3): what does each target
+layer answer?
 
     vlsi explain --model STUDENT --verbalizers OUT/verbalizers/student --image digit.png --question "Which digit?"
     vlsi explain --model STUDENT --verbalizers OUT/verbalizers/student \

@@ -1,4 +1,5 @@
-"""Losses of VLsI: verbalizer cross-entropy and divergences between verbalized layers (DESIGN §5, §6, §11).
+"""Losses of VLsI: verbalizer cross-entropy and divergences between verbalized layers (docs/METHOD.md#stage-1-verbalize,
+#stage-2-interaction, #memory-and-the-implementation).
 
 Every distribution lives on the shared vocabulary: callers slice logits to `shared_vocab_size(...)` columns.
 The maths runs in at least fp32 whatever the input dtype (bf16 in, fp32 out; fp64 stays fp64 for reference tests).
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[Tensor], Tensor]  # hidden [n, d] -> logits [n, V]
-KINDS = ("forward", "reverse", "jsd", "l2")  # l2 is a distance, not a divergence: the L2 rows of DESIGN §6
+KINDS = ("forward", "reverse", "jsd", "l2")  # l2: a distance, not a divergence (the L2 ablation row, docs/METHOD.md)
 
 
 def shared_vocab_size(tokenizer_len: int, *head_rows: int) -> int:
@@ -78,7 +79,8 @@ def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, kind: str = "
 
 
 def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
-    """Scalar divergence averaged over tokens (the response tokens of DESIGN §6); logits [N, V]."""
+    """Scalar divergence averaged over tokens (the response tokens: docs/METHOD.md#stage-2-interaction); logits
+    [N, V]."""
     return kl_from_logits(student_logits, teacher_logits, kind).mean()
 
 
@@ -171,8 +173,9 @@ def divergence_matrix(
 ) -> Tensor:
     """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i, teacher layer j), no autograd.
 
-    Scores the matching candidates (DESIGN §11): per token chunk, each student layer's log-probs are computed once
-    and kept ([t_s, chunk, V]), each teacher layer's once and used against all of them; nothing outlives its chunk.
+    Scores the matching candidates (docs/METHOD.md#memory-and-the-implementation): per token chunk, each student
+    layer's log-probs are computed once and kept ([t_s, chunk, V]), each teacher layer's once and used against all of
+    them; nothing outlives its chunk.
     """
     _check_kind(kind)
     _check_chunk_size(chunk_size)

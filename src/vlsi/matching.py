@@ -1,5 +1,6 @@
-"""Adaptive layer matching (DESIGN §6) and its ablation baselines: which teacher target layer each student target
-layer imitates, chosen from detached divergences D [t_l, t_s] (see `vlsi.losses.divergence_matrix`)."""
+"""Adaptive layer matching (docs/METHOD.md#the-matching-algorithm) and its ablation baselines: which teacher target
+layer each student target layer imitates, chosen from detached divergences D [t_l, t_s] (see
+`vlsi.losses.divergence_matrix`)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ def match_probabilities(
     elif strategy == "adaptive":
         spread = d_c.max() - d_c.min()
         if temperature == "scale_over_range":
-            # DESIGN formula as printed, T = scale / (spread + eps): -d/T = -d * spread / scale. The logits then span
-            # spread^2 / scale: near-equal candidates are drawn almost uniformly (explore), far-apart ones almost
-            # greedily; how sharp depends on the units of d (KL values in nats).
+            # The paper's formula as printed (docs/METHOD.md#the-adaptive-temperature), T = scale / (spread + eps):
+            # -d/T = -d * spread / scale. The logits then span spread^2 / scale: near-equal candidates are drawn
+            # almost uniformly (explore), far-apart ones almost greedily; how sharp depends on the units of d (KL
+            # values in nats).
             t = scale / (spread + eps)
         elif temperature == "range_over_scale":
             # Alternative reading, T = spread / scale: -d/T = -d * scale / spread, i.e. d min-max normalised to a

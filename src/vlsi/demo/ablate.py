@@ -1,5 +1,5 @@
-"""`vlsi ablate`: the paper's ablations (DESIGN §6 matching strategies and loss operations, §7 the SFT stage) at
-demo scale, on the demo's task and models, several seeds per row.
+"""`vlsi ablate`: the paper's ablations (matching strategies, loss operations, the SFT stage;
+docs/METHOD.md#ablations-reported-by-the-paper) at demo scale, on the demo's task and models, several seeds per row.
 
     vlsi ablate --output /tmp/a            # about 25 minutes on 2 CPU cores; no network, no GPU
     vlsi ablate --output /tmp/a --fast     # a one-minute smoke run of the same code path (what CI runs)
@@ -40,7 +40,7 @@ from tqdm import tqdm
 log = logging.getLogger("vlsi")
 
 PAPER_COLUMNS = ("MMB", "BLINK", "MM-Vet", "MMMU")
-VLSI = (86.3, 59.7, 75.8, 69.3)  # the full method, 7B student (DESIGN §6)
+VLSI = (86.3, 59.7, 75.8, 69.3)  # the full method, 7B student (docs/METHOD.md#ablations-reported-by-the-paper)
 NO_RANGE_NO_ORDER = ["interact.match.search_range=false", "interact.match.order=false"]
 
 # Training runs: name -> `vlsi train` settings on top of the demo configuration. "sft" is SFT alone.
@@ -74,7 +74,7 @@ class Row:
 
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "matching": (
-        "Matching strategy (DESIGN §6; intermediate and last-layer loss KLD)",
+        "Matching strategy (docs/METHOD.md; intermediate and last-layer loss KLD)",
         [
             Row("random", "random teacher layer", "random", (77.0, 50.0, 62.0, 52.0)),
             Row("uniform", "uniform: i_l = i_s * (t_l // t_s)", "uniform", (79.5, 51.9, 66.5, 55.3)),
@@ -87,7 +87,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         ],
     ),
     "losses": (
-        "Loss operations, intermediate / last layer (DESIGN §6; adaptive matching)",
+        "Loss operations, intermediate / last layer (docs/METHOD.md; adaptive matching)",
         [
             Row("ce-none", "CE / none", "ce-none", (79.2, 51.3, 64.5, 56.5)),
             Row("ce-ce", "CE / CE", "ce-ce", (77.8, None, None, None)),
@@ -99,7 +99,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         ],
     ),
     "sft": (
-        "The SFT stage (DESIGN §7)",
+        "The SFT stage (docs/METHOD.md)",
         [
             Row("init", "student initialisation, untrained", "init", (None, None, None, None)),
             Row("sft", "student + SFT only (stage 3's steps)", "sft", (81.8, 52.3, 63.7, 55.2)),

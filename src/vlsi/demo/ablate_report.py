@@ -101,8 +101,8 @@ def write_ablate_report(out: Path, r: dict) -> Path:
         f"({b['verbalize_steps (once per seed, shared)']} steps, shared by every row of that seed), then "
         f"{b['interact_steps']} interaction steps with the row's setting and {b['sft_steps']} SFT steps, batch "
         f"{b['batch_size']}, full fine-tuning of the student's language model (vision tower and LM head frozen). "
-        "The paper's columns are its 7B student on MMBench, BLINK, MM-Vet and MMMU (DESIGN §6, §7), for "
-        "orientation only: a different scale, task and metric.",
+        "The paper's columns are its 7B student on MMBench, BLINK, MM-Vet and MMMU (docs/METHOD.md, "
+        "ablations), for orientation only: a different scale, task and metric.",
         "",
     ]
     for table in r["tables"].values():

@@ -103,7 +103,8 @@ def model_parts(model: nn.Module) -> Parts:
 
 
 def default_target_layers(num_layers: int, stride: int = 4, offset: int = 2) -> list[int]:
-    """Blocks offset, offset+stride, ... below the last block (DESIGN §3: 28 -> [2, 6, ..., 26], 80 -> 20 layers)."""
+    """Blocks offset, offset+stride, ... below the last block (docs/METHOD.md#target-layers: 28 -> [2, 6, ..., 26],
+    80 -> 20 layers)."""
     return list(range(offset, num_layers - 1, stride))
 
 

@@ -47,7 +47,8 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, e
 
 
 def check_same_vocabulary(teacher_processor, student_processor, teacher: str, student: str) -> None:
-    """Teacher and student must give the same ids to the same tokens (DESIGN §2); sizes alone are not enough."""
+    """Teacher and student must give the same ids to the same tokens
+    (docs/METHOD.md#models-and-the-shared-vocabulary); sizes alone are not enough."""
     t_vocab = teacher_processor.tokenizer.get_vocab()
     s_vocab = student_processor.tokenizer.get_vocab()
     if t_vocab == s_vocab:

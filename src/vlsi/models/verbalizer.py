@@ -1,4 +1,5 @@
-"""Verbalizers (DESIGN §4): a verb-FFN per target layer, then the backbone's own frozen final norm and LM head.
+"""Verbalizers (docs/METHOD.md#the-verbalizer): a verb-FFN per target layer, then the backbone's own frozen final
+norm and LM head.
 
 The norm and head are shared with the backbone (not copied): a verbalizer file holds only the FFN weights.
 """

@@ -1,4 +1,5 @@
-"""Stage 2, interaction (DESIGN §6): adaptive layer matching between student and teacher verbalized layers.
+"""Stage 2, interaction (docs/METHOD.md#stage-2-interaction): adaptive layer matching between student and teacher
+verbalized layers.
 
 Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; final norm and LM head
 frozen (shared by every verbalizer head); vision tower frozen by default. Teacher forcing on the training sample,

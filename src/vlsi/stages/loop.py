@@ -54,7 +54,8 @@ def make_accelerator(
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine from lr to min_lr over the remaining optimizer steps (DESIGN §8)."""
+    """Linear warm-up, then cosine from lr to min_lr over the remaining optimizer steps
+    (docs/METHOD.md#training-setup-of-the-paper)."""
     floor = stage.min_lr / stage.lr
     decay = max(1, stage.max_steps - stage.warmup_steps)
 

@@ -1,4 +1,5 @@
-"""Stage 3, supervised fine-tuning (DESIGN §7): next-token cross-entropy of the student's own output.
+"""Stage 3, supervised fine-tuning (docs/METHOD.md#stage-3-sft): next-token cross-entropy of the student's own
+output.
 
 Verbalizers are unused. Also a plain SFT trainer for any supported VLM:
 
@@ -44,9 +45,9 @@ def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractCo
     freeze(parts.lm_head)
     if isinstance(stage, InteractConfig):
         # Interaction: every verbalizer head is lm_head(norm(verb_ffn(h))) with the norm and LM head frozen and
-        # shared (DESIGN §4, §6); under full fine-tuning the layer terms would otherwise train the norm. LoRA has
-        # frozen it already. SFT is plain SFT of the model's own output (verbalizers unused): its norm trains
-        # under full fine-tuning like any other LLM weight.
+        # shared (docs/METHOD.md#the-verbalizer, #what-trains-in-stage-2); under full fine-tuning the layer terms
+        # would otherwise train the norm. LoRA has frozen it already. SFT is plain SFT of the model's own output
+        # (verbalizers unused): its norm trains under full fine-tuning like any other LLM weight.
         freeze(parts.norm)
     if stage.freeze_vision:
         for module in parts.vision:

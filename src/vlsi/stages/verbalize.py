@@ -1,4 +1,4 @@
-"""Stage 1, verbalization (DESIGN §5): teach each target layer to speak.
+"""Stage 1, verbalization (docs/METHOD.md#stage-1-verbalize): teach each target layer to speak.
 
 The backbone, its final norm and LM head are frozen; only the verb-FFNs train, with next-token cross-entropy
 on the response tokens at every target layer, summed over layers. Teacher and student are independent runs.

@@ -40,7 +40,7 @@ def write_study_report(out: Path, r: dict) -> Path:
         *(f"{label}, before its last SFT" for _, label in METHOD_NAMES),
     ]
     lines = [
-        "# vlsi study: SFT only vs final-layer KD vs VLsI, by the number of labelled questions",
+        "# vlsi study: SFT only, SFT with the teacher's answers, final-layer KD and VLsI, by labelled questions",
         "",
         f"{'Held-out test' if s['eval_split'] == 'test' else 'Validation'} split: {r['n_test']} questions "
         f"({s['tasks']}; answered as {s['styles']}). Accuracy in %, mean ± standard deviation over "

@@ -284,3 +284,15 @@ def test_tensorboard_logging_when_asked(toy, tmp_path):
     events = EventAccumulator(str(out / "logs" / "interact")).Reload()
     assert {"loss", "last", "kl/layer0"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("loss")) == 3
+
+
+def test_settings_are_accepted_anywhere_on_the_command_line(capsys):
+    from vlsi.cli import parse_args
+
+    args = parse_args(["train", "--teacher", "T", "a.b=1", "--data", "D", "--output", "O", "c=2", "a.b=3"])
+    assert (args.teacher, args.data, args.output) == ("T", "D", "O")
+    assert args.overrides == ["a.b=1", "c=2", "a.b=3"], "in command-line order: the last value of a key wins"
+    assert parse_args(["demo", "--output", "d", "seed=3", "--fast", "n_pool=5"]).settings == ["seed=3", "n_pool=5"]
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["train", "--teacher", "T", "a=1", "--output", "O", "stray", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: stray --bogus" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 OVERRIDES_HELP = (
-    "settings as key=value, after the config file: e.g. interact.max_steps=200 "
+    "settings as key=value, anywhere on the line; they override the config file: e.g. interact.max_steps=200 "
     "interact.match.strategy=bottom_k verbalizer.student_layers=[2,6,10]. Unknown keys are errors; "
     "see configs/ and docs/CONFIG.md for every key"
 )
@@ -163,14 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` settings accepted anywhere on it (argparse takes only the first run of
+    them as the positional list; the later ones come back unrecognised and are appended in order, so the last
+    value of a key still wins). Anything else unrecognised is an error, as usual."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    field = next((name for name in ("overrides", "settings") if hasattr(args, name)), None)
+    stray = [x for x in extra if field is None or x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if field is not None:
+        getattr(args, field).extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .models.loading import ModelError
     from .stages.loop import NonFiniteLoss
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)

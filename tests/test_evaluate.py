@@ -97,7 +97,7 @@ def test_eval_writes_every_prediction_and_the_score(mmbench_run):
     assert predictions[0]["question"] == "What colour is the square number 0?" and predictions[0]["A"] == "red"
     scores = json.loads((out / "scores.json").read_text())
     assert scores["benchmark"] == "mmbench_en" and scores["num_questions"] == 3 and scores["num_rows"] == 6
-    assert 0.0 <= scores["score"] <= 100.0
+    assert scores["rules"] == "vlmevalkit" and 0.0 <= scores["score"] == scores["score_vlmevalkit"] <= 100.0
     settings = json.loads((out / "eval.json").read_text())
     assert settings["benchmark"] == "mmbench_en" and settings["max_new_tokens"] == 4
 
@@ -140,13 +140,16 @@ def test_resume_after_a_kill_generates_each_row_once(mmbench_run, model_dir, tmp
     assert [row["prediction"] for row in resumed[:3]] == ["KEPT"] * 3
     assert resumed[3:] == read_jsonl(full / "predictions.jsonl")[3:]  # regenerated exactly as in the full run
 
-    # A finished run is only rescored: the model is not even loaded.
+    # A finished run is only rescored, also under other rules: the model is not even loaded.
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a finished run")
 
     monkeypatch.setattr("vlsi.eval.harness.load_model", no_model)
-    assert cli("--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST) == 0
+    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST]
+    assert cli(*argv, "--rules", "lenient") == 0
     assert len(read_jsonl(out / "predictions.jsonl")) == 6
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["rules"] == "lenient" and scores["score"] == scores["score_lenient"]
 
 
 def test_resume_refuses_other_settings(mmbench_run, model_dir, capsys):

@@ -147,14 +147,15 @@ def mmvet_row(prediction, category):
 
 
 def test_score_mm_vet_grades_per_capability():
-    judge = fake_judge({"STOP": "1.0", "maybe stop": "0.5 partially right", "a cat": "no idea", "late": ["x", "0.4"]})
+    replies = {"STOP": "1.0", "maybe stop": "0.5 partially right", "a cat": "no idea", "late": ["x", "0.4"]}
     rows = [
         mmvet_row("STOP", "rec,ocr"),
-        mmvet_row("maybe stop", "ocr"),
+        mmvet_row("maybe stop", "ocr"),  # lenient: 0.5; VLMEvalKit needs the whole reply to be a number: 0.0
         mmvet_row("a cat", "math"),  # never a legible grade: 0.0 after 5 tries
         mmvet_row("late", "rec,know"),  # legible on the second try: 0.4
     ]
-    result = score_mm_vet(rows, judge)
+    judge = fake_judge({key: list(value) if isinstance(value, list) else value for key, value in replies.items()})
+    result = score_mm_vet(rows, judge, rules="lenient")
     assert result["score"] == pytest.approx(100 * (1.0 + 0.5 + 0.0 + 0.4) / 4)  # 47.5
     assert result["capabilities"] == {
         "rec": pytest.approx(70.0),  # (1.0 + 0.4) / 2
@@ -167,27 +168,56 @@ def test_score_mm_vet_grades_per_capability():
     a_cat = [t for prompt, t, _ in judge.calls if "| a cat |" in prompt]
     assert a_cat == [0.0, 0.5, 1.0, 1.5, 2.0]  # VLMEvalKit's schedule of re-asks
     prompt = next(p for p, _, _ in judge.calls if "| STOP |" in p)
-    assert prompt.startswith(MMVET_PROMPT) and prompt.endswith("What is written? | stop  <OR>  halt | STOP |")
+    assert prompt.startswith(MMVET_PROMPT) and prompt.endswith("What is written? | stop  <OR>  halt | STOP | ")
+
+    judge = fake_judge({key: list(value) if isinstance(value, list) else value for key, value in replies.items()})
+    result = score_mm_vet(rows, judge)
+    assert result["score"] == pytest.approx(100 * (1.0 + 0.0 + 0.0 + 0.4) / 4)  # 35.0
+    assert result["judge_failures"] == 2
+    # VLMEvalKit's table: "ocr" holds rows 1 and 2, and row 2 (category "ocr") once more as its own set
+    assert result["capabilities"]["ocr"] == pytest.approx(100 * (1.0 + 0.0 + 0.0) / 3)
+    assert result["capability_sets"]["ocr"] == result["capabilities"]["ocr"]
 
 
 def test_score_mm_vet_v2_has_the_seq_capability():
-    result = score_mm_vet_v2([mmvet_row("STOP", ["seq", "rec"])], fake_judge({"STOP": "0.8"}))
-    assert result["score"] == pytest.approx(80.0)
-    assert result["capabilities"] == {"rec": pytest.approx(80.0), "seq": pytest.approx(80.0)}
+    for rules in ("vlmevalkit", "lenient"):
+        result = score_mm_vet_v2([mmvet_row("STOP", ["seq", "rec"])], fake_judge({"STOP": "0.8"}), rules=rules)
+        assert result["score"] == pytest.approx(80.0)
+        assert result["capabilities"] == {"rec": pytest.approx(80.0), "seq": pytest.approx(80.0)}
 
 
 def test_score_llava_wilder_relative_score():
-    judge = fake_judge({"good": "10 8\nclose to the reference", "fair": "10, 6\nvague", "odd": "I cannot rate this"})
+    replies = {"good": "10 8\nclose to the reference", "fair": "10, 6\nvague", "odd": "I cannot rate this"}
     rows = [
         {"question": "Describe the scene.", "answer": "A park at dusk.", "prediction": p, "category": c}
         for p, c in (("good", "daily"), ("fair", "art"), ("odd", "art"))
     ]
-    result = score_llava_wilder(rows, judge)
+    judge = fake_judge(replies)
+    result = score_llava_wilder(rows, judge, rules="lenient")
     assert result["score"] == pytest.approx(70.0)  # (8 + 6) / (10 + 10) x 100; the unparsable review is left out
     assert result["model_score"] == pytest.approx(70.0)  # mean 7 on a 1-10 scale, x 10
     assert result["categories"] == {"art": pytest.approx(60.0), "daily": pytest.approx(80.0)}
     assert result["judge_failures"] == 1
     assert {system for _, _, system in judge.calls} == {WILDER_SYSTEM}
+    # VLMEvalKit: "10, 6" splits into three parts at single spaces; both unreadable reviews count as -1 / -1
+    judge = fake_judge(replies)
+    result = score_llava_wilder(rows, judge)
+    assert result["score"] == pytest.approx(100 * (8 - 1 - 1) / (10 - 1 - 1))  # 75
+    assert result["categories"] == {"art": pytest.approx(100.0), "daily": pytest.approx(80.0)}
+    assert result["judge_failures"] == 2
+    assert len(judge.calls) == 3 and {t for _, t, _ in judge.calls} == {0.2}  # asked once each
+
+
+def test_both_rules_read_one_set_of_replies(tmp_path):
+    # The lenient rules re-ask "odd" at 0.2 twice more; VLMEvalKit's single call is shared, not repeated.
+    path = tmp_path / "wilder.jsonl"
+    rows = [{"question": "Describe.", "answer": "A park.", "prediction": p} for p in ("good", "odd")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    judge = fake_judge({"good": "10 8", "odd": ["?", "?", "10 5"]})
+    result = score_file("llava_wilder", path, judge)
+    assert result["score"] == pytest.approx(100 * (8 - 1) / (10 - 1))  # VLMEvalKit: "?" is -1 / -1
+    assert result["score_lenient"] == pytest.approx(100 * (8 + 5) / 20)
+    assert len(judge.calls) == 4  # good once, odd three times (the first of them for both rules)
 
 
 # ---------------------------------------------------------------- end to end: CLI -> real judge server
@@ -202,7 +232,7 @@ def run_cli(*argv):
 
 def test_cli_scores_mm_vet_through_the_server_without_leaking_the_key(endpoint, tmp_path, monkeypatch, capsys, caplog):
     endpoint.fail_first = 1  # the first call is retried
-    endpoint.reply = lambda prompt: "1.0" if prompt.endswith("| stop sign |") else "0.0"
+    endpoint.reply = lambda prompt: "1.0" if prompt.endswith("| stop sign | ") else "0.0"
     path = tmp_path / "mmvet.jsonl"
     rows = [mmvet_row("stop sign", "ocr"), mmvet_row("a tree", "rec")]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -217,7 +247,7 @@ def test_cli_scores_mm_vet_through_the_server_without_leaking_the_key(endpoint, 
     result = json.loads(captured.out)
     assert result["score"] == pytest.approx(50.0)  # grades 1.0 and 0.0
     assert result["capabilities"] == {"ocr": 100.0, "rec": 0.0}
-    assert len(endpoint.requests) == 3  # one 500, then two grades
+    assert len(endpoint.requests) == 3  # one 500, then two grades, read by both rules
     assert all(headers["Authorization"] == f"Bearer {SECRET}" for _, headers, _ in endpoint.requests)
     assert SECRET not in captured.out + captured.err + caplog.text
 

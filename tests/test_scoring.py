@@ -1,6 +1,7 @@
 """Rule-based benchmark scorers, answer extraction and the `vlsi score` file / CLI path.
 
-Every headline number is worked out by hand in the comments next to the assertion.
+Every headline number is worked out by hand in the comments next to the assertion, under VLMEvalKit's rules (the
+default) and, where they differ, the lenient rules.
 """
 
 import argparse
@@ -10,7 +11,9 @@ import json
 import pytest
 
 from vlsi.eval import SCORERS, ScoreError, read_predictions, resolve_benchmark, score_file
-from vlsi.eval.extract import infer_option, number_values, yes_no
+from vlsi.eval.cells import column_like_pandas, is_na, read_like_pandas
+from vlsi.eval.extract import infer_option, infer_option_vlmevalkit, number_values, yes_no, yes_no_vlmevalkit
+from vlsi.eval.judge import mathvista_prompt
 from vlsi.eval.mcq import score_cv_bench, score_mcq, score_mmbench, score_mmmu
 from vlsi.eval.numeric import relaxed_match, relaxed_match_vlmevalkit, score_chartqa, score_mathvista
 from vlsi.eval.score import add_parser
@@ -50,6 +53,29 @@ def test_infer_option_chinese(prediction, expected):
 
 
 @pytest.mark.parametrize(
+    "prediction, vlmevalkit, lenient",
+    [
+        ("The answer is (B).", "B", "B"),  # the letter is among the last five tokens: both read it
+        ("The answer is a cat.", "A", "B"),  # VLMEvalKit: "answer is a" -> A; lenient: "a" is no letter, "cat" is B
+        ("The answer is clear from the fins and the scales and the water all around", "C", None),  # "answer is c"
+        ("The answer is (D) because the picture shows an animal swimming in a tank.", None, "D"),  # "(" stops it
+        ("The correct answer is **D**. It lives in the water, so nothing else fits at all.", "D", "D"),
+        ("答案是B", None, "B"),  # Chinese is not read by VLMEvalKit's exact matching
+        ("Failed to obtain answer via API", None, None),
+    ],
+)
+def test_infer_option_vlmevalkit_and_lenient(prediction, vlmevalkit, lenient):
+    assert infer_option_vlmevalkit(prediction, OPTIONS) == vlmevalkit
+    assert infer_option(prediction, OPTIONS) == lenient
+
+
+def test_infer_option_vlmevalkit_reads_option_text_after_an_api_failure():
+    # can_infer_option gives up on the API-failure message, but can_infer then matches option texts in it
+    assert infer_option_vlmevalkit("Failed to obtain answer via API", {"A": "via API", "B": "x" * 20}) == "A"
+    assert infer_option("Failed to obtain answer via API", {"A": "via API", "B": "x" * 20}) is None
+
+
+@pytest.mark.parametrize(
     "prediction, expected",
     [
         ("Yes.", "Yes"),
@@ -62,7 +88,47 @@ def test_infer_option_chinese(prediction, expected):
     ],
 )
 def test_yes_no(prediction, expected):
-    assert yes_no(prediction) == expected
+    assert yes_no(prediction) == expected == yes_no_vlmevalkit(prediction)
+
+
+def test_yes_no_vlmevalkit_drops_only_32_stray_periods():
+    # VLMEvalKit passes re.UNICODE (32) as re.sub's count: a 33rd period stays, glued to "yes"
+    assert yes_no_vlmevalkit("." * 32 + "yes.") == "Unknown"
+    assert yes_no_vlmevalkit("." * 31 + "yes.") == "Yes"
+    assert yes_no("." * 32 + "yes.") == "Yes"
+
+
+# ---------------------------------------------------------------- cells as pandas reads them (checked with pandas 2.2)
+
+
+@pytest.mark.parametrize(
+    "cells, typed",
+    [
+        (["4", "5", "6"], [4, 5, 6]),
+        (["4", "", "6"], [4.0, "NA", 6.0]),  # a blank turns whole numbers into floats: str(4.0) == "4.0"
+        (["4", "NA", " 6 "], [4.0, "NA", 6.0]),
+        (["4", "5.5", "1e3"], [4.0, 5.5, 1000.0]),
+        (["inf", "-Infinity", "5"], [float("inf"), float("-inf"), 5.0]),
+        (["True", "false", "TRUE"], [True, False, True]),
+        (["True", "", "False"], [True, "NA", False]),
+        (["None", "x", "null", "N/A", "nan"], ["NA", "x", "NA", "NA", "NA"]),
+        ([" NA", "x"], [" NA", "x"]),  # only exact NA spellings are missing
+        (["1,234", "5"], ["1,234", "5"]),  # no thousands separator: text
+        (["4", "cat"], ["4", "cat"]),
+        (["1_000", "5"], ["1_000", "5"]),  # Python's float() reads it, pandas does not
+        (["-12345678901234567890", "1"], ["-12345678901234567890", "1"]),
+        (["", ""], ["NA", "NA"]),
+    ],
+)
+def test_column_like_pandas(cells, typed):
+    got = column_like_pandas(cells)
+    assert ["NA" if is_na(value) else value for value in got] == typed
+    assert [type(value) for value in got] == [float if v == "NA" else type(v) for v in typed]
+
+
+def test_read_like_pandas_gives_every_row_every_column():
+    rows = read_like_pandas([{"A": "4", "B": "x"}, {"A": "5"}])
+    assert rows[1]["A"] == 5 and is_na(rows[1]["B"]) and rows[0]["B"] == "x"
 
 
 @pytest.mark.parametrize(
@@ -125,7 +191,28 @@ def test_score_mmbench_cn():
         {"index": "1000005", "answer": "C", "prediction": "猫", **{"A": "鱼", "B": "狗", "C": "猫", "D": "鸟"}},
         {"index": "6", "answer": "A", "prediction": "鸟", **options},
     ]
-    assert score_mmbench(rows)["score"] == pytest.approx(50.0)  # question 5 (both rotations) right, 6 wrong
+    assert score_mmbench(rows, rules="lenient")["score"] == pytest.approx(50.0)  # question 5 (both rotations) right
+    assert score_mmbench(rows)["score"] == 0.0  # VLMEvalKit cannot read 答案是B, so question 5 fails too
+
+
+def test_score_mcq_vlmevalkit_reads_cells_as_pandas_and_the_answer_as_written():
+    rows = [
+        mcq_row(0, "C", "4", C="4"),  # column C holds 4, 5, a blank, 6: pandas reads 4.0, which "4" does not contain
+        mcq_row(1, "B", "B", C="5"),  # right under both rules
+        mcq_row(2, "(B)", "B", C=""),  # VLMEvalKit compares "B" with "(B)"
+        mcq_row(3, "A", "None", A="None", C="6"),  # "None" is missing there: no option A, and the prediction is "nan"
+    ]
+    assert score_mcq(rows)["score"] == pytest.approx(25.0)  # row 1
+    assert score_mcq(rows, rules="lenient")["score"] == pytest.approx(100.0)
+
+
+def test_score_mmmu_vlmevalkit_truth_is_a_for_any_answer_but_one_capital_letter():
+    rows = [
+        mcq_row(1, "(C)", "C", split="validation"),  # VLMEvalKit's truth is A: wrong there, right when lenient
+        {"index": "2", "answer": "6.5", "prediction": "6.5", "split": "validation", "A": ""},  # open: A. 6.5
+    ]
+    assert score_mmmu(rows)["score"] == pytest.approx(50.0)
+    assert score_mmmu(rows, rules="lenient")["score"] == pytest.approx(100.0)
 
 
 def test_score_mmbench_rejects_rotation_without_main_row_and_bad_index():
@@ -153,7 +240,7 @@ def test_score_mmmu_open_and_multiple_choice_on_validation():
     assert result["categories"] == {"Art": 50.0, "Physics": 50.0}
 
 
-def test_score_cv_bench_averages_2d_sources_then_2d_and_3d():
+def test_score_cv_bench_averages_2d_sources_then_2d_and_3d(tmp_path):
     rows = [
         mcq_row(0, "A", "A", split="2D", source="ADE20K"),
         mcq_row(1, "A", "B", split="2D", source="ADE20K"),  # ADE20K 1/2 = 50
@@ -166,6 +253,11 @@ def test_score_cv_bench_averages_2d_sources_then_2d_and_3d():
     assert result["3d"] == pytest.approx(50.0)
     assert result["score"] == pytest.approx(62.5)  # (75 + 50) / 2
     assert score_cv_bench(rows[:3])["score"] == pytest.approx(75.0)  # a 2D-only file scores 2D alone
+    # VLMEvalKit's two datasets, each on its own rows
+    assert score_file("CV-Bench-2D", write_jsonl(tmp_path / "2d.jsonl", rows[:3]))["score"] == pytest.approx(75.0)
+    assert score_file("CV-Bench-3D", write_jsonl(tmp_path / "3d.jsonl", rows[3:]))["score"] == pytest.approx(50.0)
+    with pytest.raises(ScoreError, match=r"split must be 3D, got '2D'; this benchmark is CV-Bench-3D, use cv_bench"):
+        score_file("CV-Bench-3D", write_jsonl(tmp_path / "both.jsonl", rows))
 
 
 # ---------------------------------------------------------------- yes / no
@@ -223,6 +315,20 @@ def test_score_pope_precision_recall_f1_with_yes_positive():
     assert result["categories"]["popular"] == {"f1": 100.0, "accuracy": 100.0, "precision": 100.0, "recall": 100.0}
 
 
+def test_score_pope_vlmevalkit_compares_the_answer_as_written_and_keeps_category_spaces():
+    rows = [
+        {"answer": "yes", "prediction": "Yes", "category": "adversarial, popular"},  # a negative there: FP twice
+        {"answer": "Yes", "prediction": "Yes", "category": "random"},  # TP
+    ]
+    result = score_pope(rows)
+    assert result["precision"] == pytest.approx(100 / 3) and result["recall"] == 100.0  # TP 1, FP 2
+    assert set(result["categories"]) == {"adversarial", " popular", "random"}
+    with pytest.raises(ScoreError, match="answer must be Yes or No"):
+        score_pope([{"answer": "maybe", "prediction": "Yes"}], rules="lenient")
+    lenient = score_pope(rows[:1], rules="lenient")
+    assert lenient["score"] == 100.0 and set(lenient["categories"]) == {"adversarial", "popular"}
+
+
 def test_score_hallusionbench_figure_and_question_groups():
     def row(index, answer, prediction):
         l2 = index.split("_")[1]
@@ -278,10 +384,19 @@ def test_score_chartqa_relaxed_accuracy_per_split():
         {"answer": "['2019', '2020']", "prediction": "2020", "split": "augmented"},  # right: any answer
         {"answer": "25", "prediction": "24.2", "split": "augmented"},  # right: 3.2% off
     ]
-    result = score_chartqa(rows)
+    result = score_chartqa(rows, rules="lenient")
     assert result["score"] == pytest.approx(75.0)  # 6 of 8
-    assert result["relaxed_accuracy_vlmevalkit"] == pytest.approx(50.0)  # 4 of 8
     assert result["splits"] == {"augmented": 75.0, "human": 75.0}
+    result = score_chartqa(rows)
+    assert result["score"] == pytest.approx(50.0)  # VLMEvalKit: 4 of 8
+    assert result["splits"] == {"augmented": 75.0, "human": 25.0}
+
+
+def test_score_chartqa_vlmevalkit_reads_cells_as_pandas_does():
+    # "None" is a missing cell there, printed "nan", and float("nan") equals nothing, not even itself
+    rows = [{"answer": "None", "prediction": "None"}, {"answer": "Yes", "prediction": "yes"}]
+    assert score_chartqa(rows)["score"] == pytest.approx(50.0)
+    assert score_chartqa(rows, rules="lenient")["score"] == pytest.approx(100.0)
 
 
 def mathvista_row(answer, prediction, question_type="free_form", answer_type="integer", **extra):
@@ -308,14 +423,30 @@ def test_score_mathvista_rule_extraction():
         mathvista_row("3", "3.5"),  # wrong: not an integer
         mathvista_row("[2007, 2008]", "It peaks between [2007, 2008].", answer_type="list"),  # right
     ]
-    result = score_mathvista(rows)
+    result = score_mathvista(rows, rules="lenient")
     assert result["score"] == pytest.approx(75.0)  # 6 of 8
     assert result["question_types"] == {"free_form": pytest.approx(100 * 4 / 6), "multi_choice": 100.0}
     assert result["skills"] == {"arithmetic reasoning": 75.0}
     assert result["judge_calls"] == 0
+    # VLMEvalKit with a judge that never answers: only what it reads as written counts, here rows 1-3
+    assert score_mathvista(rows)["score"] == pytest.approx(100 * 3 / 8)
 
 
-def test_score_mathvista_judge_extracts_only_what_the_rule_cannot_settle():
+def test_score_mathvista_vlmevalkit_without_judge_and_its_quirks():
+    mc = {"question_type": "multi_choice", "answer_type": "text", "choices": "['an', 'the']"}
+    rows = [
+        mathvista_row("14", " 14 "),  # right: int(" 14 ") == 14 (14.0 once its column is read back, still 14)
+        mathvista_row("14", "14.0"),  # wrong: int("14.0") fails
+        mathvista_row("1.45", "1.449", answer_type="float", precision="2"),  # wrong: floats compared exactly
+        mathvista_row("0", "0"),  # wrong: right as written, but post_check returns 0, which reads as "not read"
+        mathvista_row("[1, 2]", "[1, 2]", answer_type="list"),  # wrong: lists are never credited
+        # right: the judge's empty extraction is read back as "nan", which contains the text of option A
+        mathvista_row("an", "I cannot tell.", answer_option="A", **mc),
+    ]
+    assert score_mathvista(rows)["score"] == pytest.approx(100 * 2 / 6)
+
+
+def test_score_mathvista_judge_extracts_only_what_the_rules_cannot_settle():
     rows = [mathvista_row("14", "14"), mathvista_row("14", "After counting I get fourteen.")]
     prompts = []
 
@@ -323,11 +454,13 @@ def test_score_mathvista_judge_extracts_only_what_the_rule_cannot_settle():
         prompts.append(prompt)
         return "14"
 
-    assert score_mathvista(rows)["score"] == pytest.approx(50.0)  # no number in the second answer
-    result = score_mathvista(rows, judge)
+    assert score_mathvista(rows, rules="lenient")["score"] == pytest.approx(50.0)  # no number in the second answer
+    result = score_mathvista(rows, judge, rules="lenient")
     assert result["score"] == pytest.approx(100.0)  # the judge extracted 14
     assert result["judge_calls"] == 1 and len(prompts) == 1
-    assert "After counting I get fourteen." in prompts[0]
+    assert prompts[0] == mathvista_prompt("", "After counting I get fourteen.")
+    assert prompts[0].endswith("\nModel respone: After counting I get fourteen.Extracted answer:")  # as VLMEvalKit
+    assert score_mathvista(rows, judge)["score"] == pytest.approx(100.0)  # VLMEvalKit asks the same row
 
 
 # ---------------------------------------------------------------- files and CLI
@@ -374,10 +507,27 @@ def test_resolve_benchmark_aliases(name, key):
     assert resolve_benchmark(name) == key
 
 
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("MMBench_DEV_EN", "mmbench_en"), ("MMBench_DEV_CN", "mmbench_cn"), ("MMBench_DEV_EN_V11", "mmbench_en"),
+        ("MMBench_TEST_CN_V11", "mmbench_cn"), ("MathVista_MINI", "mathvista"), ("AI2D_TEST", "ai2d"),
+        ("AI2D_TEST_NO_MASK", "ai2d"), ("ChartQA_TEST", "chartqa"), ("MME", "mme"), ("POPE", "pope"),
+        ("HallusionBench", "hallusionbench"), ("MMStar", "mmstar"), ("MMMU_DEV_VAL", "mmmu"), ("MMMU_TEST", "mmmu"),
+        ("BLINK", "blink"), ("SEEDBench2_Plus", "seed_2_plus"), ("Q-Bench1_VAL", "q_bench"),
+        ("Q-Bench1_TEST", "q_bench"), ("MMVet", "mm_vet"), ("MMVet_Hard", "mm_vet"), ("CV-Bench-2D", "cv_bench_2d"),
+        ("CV-Bench-3D", "cv_bench_3d"),
+    ],
+)  # fmt: skip
+def test_vlmevalkit_dataset_names_are_accepted(name, key):
+    assert resolve_benchmark(name) == key
+
+
 def test_every_benchmark_is_registered():
     assert set(SCORERS) == {
         "mme", "mmbench_en", "mmbench_cn", "pope", "hallusionbench", "chartqa", "ai2d", "mmstar", "mmmu",
-        "mathvista", "blink", "seed_2_plus", "cv_bench", "q_bench", "mm_vet", "mm_vet_v2", "llava_wilder",
+        "mathvista", "blink", "seed_2_plus", "cv_bench", "cv_bench_2d", "cv_bench_3d", "q_bench", "mm_vet",
+        "mm_vet_v2", "llava_wilder",
     }  # fmt: skip
 
 
@@ -418,9 +568,25 @@ def test_cli_prints_json(tmp_path, capsys):
     path = write_tsv(tmp_path / "pope.tsv", rows)
     assert run_cli("--benchmark", "POPE", "--predictions", str(path)) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["benchmark"] == "pope"
+    assert list(out)[:5] == ["benchmark", "rules", "score", "score_vlmevalkit", "score_lenient"]
+    assert out["benchmark"] == "pope" and out["rules"] == "vlmevalkit"
     assert out["accuracy"] == pytest.approx(50.0)  # 1 of 2
-    assert out["score"] == pytest.approx(100 * 2 * 0.5 * 1.0 / 1.5)  # P = 1/2, R = 1/1
+    assert out["score"] == out["score_vlmevalkit"] == out["score_lenient"] == pytest.approx(100 * 2 * 0.5 / 1.5)
+
+
+def test_cli_rules_choose_the_headline_and_both_numbers_are_always_there(tmp_path, capsys):
+    rows = [{"answer": "1234", "prediction": "1,234"}, {"answer": "12", "prediction": "12"}]
+    path = write_tsv(tmp_path / "chartqa.tsv", rows)
+    assert run_cli("--benchmark", "ChartQA_TEST", "--predictions", str(path)) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert run_cli("--benchmark", "chartqa", "--predictions", str(path), "--rules", "lenient") == 0
+    lenient = json.loads(capsys.readouterr().out)
+    assert default["rules"] == "vlmevalkit" and default["score"] == pytest.approx(50.0)  # "1,234" is text there
+    assert lenient["rules"] == "lenient" and lenient["score"] == pytest.approx(100.0)
+    for out in (default, lenient):
+        assert out["score_vlmevalkit"] == pytest.approx(50.0) and out["score_lenient"] == pytest.approx(100.0)
+    with pytest.raises(ScoreError, match="unknown rules 'strict'; use vlmevalkit or lenient"):
+        score_file("chartqa", path, rules="strict")
 
 
 @pytest.mark.parametrize(

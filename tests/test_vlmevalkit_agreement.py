@@ -1,10 +1,11 @@
-"""`vlsi score` gives VLMEvalKit's numbers on predictions files that VLMEvalKit itself scored.
+"""`vlsi score` gives VLMEvalKit's numbers by default, on predictions files that VLMEvalKit itself scored.
 
 tests/data/vlmevalkit/ holds generated predictions files (VLMEvalKit's TSV layout, free-text answers of every kind)
 and expected.json: for each file the headline number VLMEvalKit's own evaluation code gave at the commit it names,
 with its judge set to exact matching, or for the judge-scored benchmarks a stand-in judge that replays the file's
-`judge_replies` column (docs/EVALUATION.md, "Agreement with VLMEvalKit", says how it was run). Files marked `differs`
-exhibit one of the documented deliberate differences: there vlsi must give its own number (`vlsi`).
+`judge_replies` column (docs/EVALUATION.md, "Agreement with VLMEvalKit", says how it was run). The default rules must
+give that number as `score` on every file. Files marked `differs` exhibit one of the lenient rules: there
+`--rules lenient` must give its own number (`lenient`), which the default output also carries as `score_lenient`.
 """
 
 import csv
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlsi.eval import score_file
+from vlsi.eval import ScoreError, score_file
 from vlsi.eval.numeric import relaxed_match_vlmevalkit
 
 DATA = Path(__file__).parent / "data" / "vlmevalkit"
@@ -32,7 +33,8 @@ def extraction_judge(path: Path):
         extracted = {row["prediction"]: row["extracted"] for row in csv.DictReader(f, delimiter="\t")}
 
     def judge(prompt, *, temperature=0.0, system=None):
-        prediction = prompt.rsplit("\nModel response: ", 1)[1].rsplit("\nExtracted answer:", 1)[0]
+        # VLMEvalKit's prompt ends "...Model respone: <prediction>Extracted answer:"
+        prediction = prompt.rsplit("\nModel respone: ", 1)[1].rsplit("Extracted answer:", 1)[0]
         return extracted[prediction]
 
     return judge
@@ -67,56 +69,74 @@ def test_expected_names_the_vlmevalkit_commit_and_covers_every_checked_benchmark
     assert len(EXPECTED["vlmevalkit_commit"]) == 40
     covered = {FILES[name]["benchmark"] for name in AGREE}
     assert covered == {
-        "ai2d", "blink", "chartqa", "cv_bench", "hallusionbench", "mathvista", "mmbench_cn", "mmbench_en", "mme",
-        "mmmu", "mmstar", "pope", "q_bench", "seed_2_plus", "mm_vet", "llava_wilder",
+        "ai2d", "blink", "chartqa", "cv_bench_2d", "cv_bench_3d", "hallusionbench", "mathvista", "mmbench_cn",
+        "mmbench_en", "mme", "mmmu", "mmstar", "pope", "q_bench", "seed_2_plus", "mm_vet", "llava_wilder",
     }  # fmt: skip
     assert sorted(p.name for p in DATA.glob("*.tsv")) == sorted(FILES)
 
 
-@pytest.mark.parametrize("name", AGREE)
-def test_same_headline_as_vlmevalkit(name):
+def vlmevalkit_headline(name: str) -> float:
+    """VLMEvalKit's number for the file as scored without a judge (MathVista: its number when the judge never
+    answers) or with the file's replayed judge."""
+    entry = FILES[name]
+    return entry.get("vlmevalkit_prefetch_only", entry["vlmevalkit"])
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_default_score_is_vlmevalkits_headline(name):
     entry = FILES[name]
     result = score_file(entry["benchmark"], DATA / name, judge_for(name))
-    assert result["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
+    assert result["rules"] == "vlmevalkit"
+    assert result["score"] == pytest.approx(vlmevalkit_headline(name), abs=TOLERANCE)
+    assert result["score_vlmevalkit"] == result["score"]
+    assert result["score_lenient"] == pytest.approx(entry.get("lenient", result["score"]), abs=TOLERANCE)
     for key, value in entry.get("vlmevalkit_details", {}).items():
         assert result[key] == pytest.approx(value, abs=TOLERANCE), key
     if "vlmevalkit_categories" in entry:  # LLaVA-Wilder: relative score per category
         assert result["categories"] == pytest.approx(entry["vlmevalkit_categories"], abs=TOLERANCE)
     for key, value in entry.get("vlmevalkit_capability_sets", {}).items():  # MM-Vet
         assert result["capability_sets"][key] == pytest.approx(value, abs=TOLERANCE), key
+    if "vlmevalkit_capabilities" in entry:  # MM-Vet: VLMEvalKit's table, quirk included
+        assert result["capabilities"] == pytest.approx(entry["vlmevalkit_capabilities"], abs=TOLERANCE)
 
 
-def test_mm_vet_retries_as_vlmevalkit_and_counts_each_row_once_per_capability():
+@pytest.mark.parametrize("name", [name for name in sorted(FILES) if FILES[name]["vlmevalkit_dataset"] != "LLaVABench"])
+def test_vlmevalkits_dataset_name_selects_the_benchmark(name):
+    entry = FILES[name]
+    assert score_file(entry["vlmevalkit_dataset"], DATA / name, judge_for(name))["benchmark"] == entry["benchmark"]
+
+
+@pytest.mark.parametrize("name", DIFFER)
+def test_lenient_rules_give_their_own_number_only_when_asked(name):
+    entry = FILES[name]
+    result = score_file(entry["benchmark"], DATA / name, judge_for(name), rules="lenient")
+    assert result["rules"] == "lenient"
+    assert result["score"] == pytest.approx(entry["lenient"], abs=TOLERANCE)
+    assert result["score_vlmevalkit"] == pytest.approx(vlmevalkit_headline(name), abs=TOLERANCE)
+    assert abs(entry["lenient"] - vlmevalkit_headline(name)) > TOLERANCE  # the file does show the difference
+
+
+def test_mm_vet_retries_as_vlmevalkit_and_counts_capabilities_by_the_rules():
     entry = FILES["mm_vet.tsv"]
     calls: list = []
     result = score_file("mm_vet", DATA / "mm_vet.tsv", replay_judge(DATA / "mm_vet.tsv", calls))
-    # The same calls as VLMEvalKit: an unreadable or out-of-range grade is re-asked at 0.5, 1.0, 1.5, 2.0.
+    # The same calls as VLMEvalKit: an unreadable or out-of-range grade is re-asked at 0.5, 1.0, 1.5, 2.0; the lenient
+    # rules read the same replies and need no call of their own.
     assert len(calls) == entry["vlmevalkit_judge_calls"]
     assert all(temperature == 0.5 * n for _, n, temperature, _ in calls)
     assert result["judge_failures"] == 1
-    # Difference 13: VLMEvalKit's grades per row, each row counted once in each of its capabilities.
-    assert result["capabilities"] == pytest.approx(entry["capabilities_from_vlmevalkit_grades"], abs=TOLERANCE)
-    assert result["capabilities"] != pytest.approx(entry["vlmevalkit_capabilities"], abs=TOLERANCE)
+    lenient = score_file("mm_vet", DATA / "mm_vet.tsv", replay_judge(DATA / "mm_vet.tsv"), rules="lenient")
+    # VLMEvalKit counts a row whose category is one capability twice in it; the lenient rules once per capability.
+    assert lenient["capabilities"] == pytest.approx(entry["capabilities_from_vlmevalkit_grades"], abs=TOLERANCE)
+    assert lenient["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
 
 
-@pytest.mark.parametrize("name", [name for name in AGREE if FILES[name]["benchmark"] == "mathvista"])
+@pytest.mark.parametrize("name", [name for name in sorted(FILES) if FILES[name]["benchmark"] == "mathvista"])
 def test_mathvista_with_the_same_extraction_judge_as_vlmevalkit(name):
     entry = FILES[name]
     result = score_file(entry["benchmark"], DATA / name, extraction_judge(DATA / name))
     assert result["score"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
-
-
-@pytest.mark.parametrize("name", DIFFER)
-def test_documented_differences_give_vlsis_own_number(name):
-    entry = FILES[name]
-    result = score_file(entry["benchmark"], DATA / name, judge_for(name))
-    assert result["score"] == pytest.approx(entry["vlsi"], abs=TOLERANCE)
-    assert abs(entry["vlsi"] - entry["vlmevalkit"]) > TOLERANCE  # the file does show the difference
-    if entry["benchmark"] == "chartqa":  # VLMEvalKit's own reading is still reported
-        assert result["relaxed_accuracy_vlmevalkit"] == pytest.approx(entry["vlmevalkit"], abs=TOLERANCE)
-    if "vlsi_with_judge" in entry:
-        judged = score_file(entry["benchmark"], DATA / name, extraction_judge(DATA / name))
-        assert judged["score"] == pytest.approx(entry["vlsi_with_judge"], abs=TOLERANCE)
+    assert result["score_lenient"] == pytest.approx(entry["lenient_with_judge"], abs=TOLERANCE)
 
 
 def test_cv_bench_2d_and_3d_together_is_the_mean_of_vlmevalkits_two_numbers(tmp_path):
@@ -133,7 +153,9 @@ def test_cv_bench_2d_and_3d_together_is_the_mean_of_vlmevalkits_two_numbers(tmp_
     result = score_file("cv_bench", path)
     assert result["2d"] == pytest.approx(entry["vlmevalkit_parts"]["2d"], abs=TOLERANCE)
     assert result["3d"] == pytest.approx(entry["vlmevalkit_parts"]["3d"], abs=TOLERANCE)
-    assert result["score"] == pytest.approx(entry["vlsi"], abs=TOLERANCE)
+    assert result["score"] == result["score_lenient"] == pytest.approx(entry["score"], abs=TOLERANCE)
+    with pytest.raises(ScoreError, match="CV-Bench split must be 2D, got '3D'; this benchmark is CV-Bench-2D"):
+        score_file("CV-Bench-2D", path)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,15 @@
-"""Benchmark scoring: read a predictions file, score it the way VLMEvalKit does, return the metrics; and
-`evaluate`, which first answers the benchmark with a model (vlsi eval).
+"""Benchmark scoring: read a predictions file, score it the way VLMEvalKit does (or by the lenient rules), return
+the metrics; and `evaluate`, which first answers the benchmark with a model (vlsi eval).
 
 from vlsi.eval import score_file
-score_file("mmbench_en", "preds/MMBench_DEV_EN.tsv")["score"]
+score_file("MMBench_DEV_EN", "preds/MMBench_DEV_EN.tsv")["score"]  # VLMEvalKit's number
+score_file("chartqa", "preds/ChartQA_TEST.tsv", rules="lenient")["score"]
 from vlsi.eval import evaluate
 evaluate("OUT/model", "mmbench_en", "MMBench_DEV_EN.tsv", "eval/mmbench")["score"]
 """
 
 from .benchmarks import JUDGED, SCORERS, resolve_benchmark
+from .common import RULES
 from .io import ScoreError, read_predictions
 from .judge import Judge, JudgeError
 from .score import score_file
@@ -34,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "JUDGED",
+    "RULES",
     "SCORERS",
     "EvalError",
     "Judge",

@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from .extract import is_missing
 from .io import ScoreError
 
+# Which rules produce `score`: VLMEvalKit's exact-matching evaluation, or the lenient reading (docs/EVALUATION.md).
+VLMEVALKIT, LENIENT = "vlmevalkit", "lenient"
+RULES = (VLMEVALKIT, LENIENT)
+
 # Detail keys for the grouping columns of VLMEvalKit's `report_acc`.
 GROUP_COLUMNS = {"split": "splits", "l2-category": "l2_categories", "category": "categories"}
 

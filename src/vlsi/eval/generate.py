@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .benchmarks import JUDGED, REQUIRED, SCORERS
-from .common import percent
+from .common import RULES, percent
 from .extract import (
     infer_option,
     is_missing,
@@ -52,7 +52,20 @@ SHORT_SUFFIX = "Answer the question using a single word or phrase."
 # hint and choices in it) or the benchmark wants a free answer for a judge to grade.
 PROMPT_FAMILY = {
     **dict.fromkeys(
-        ("ai2d", "blink", "cv_bench", "mmbench_cn", "mmbench_en", "mmmu", "mmstar", "q_bench", "seed_2_plus"), "mcq"
+        (
+            "ai2d",
+            "blink",
+            "cv_bench",
+            "cv_bench_2d",
+            "cv_bench_3d",
+            "mmbench_cn",
+            "mmbench_en",
+            "mmmu",
+            "mmstar",
+            "q_bench",
+            "seed_2_plus",
+        ),
+        "mcq",
     ),
     **dict.fromkeys(("hallusionbench", "mme", "pope"), "yes_no"),
     "chartqa": "short",
@@ -112,7 +125,7 @@ def benchmark_prompt(benchmark: str, row: dict) -> str:
 def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
     """Rows of a VLMEvalKit-layout .tsv (or .jsonl with the same fields), image column kept, each with a string
     `index` (the row number when the file has none). Raises EvalError for a file the benchmark cannot use,
-    including what its scorer would reject (checked now, before any generation)."""
+    including what its scorer would reject under either rules (checked now, before any generation)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: no such file; pass the benchmark's TSV (VLMEvalKit layout) with --data")
@@ -147,7 +160,8 @@ def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
             raise EvalError(f"{path}: row with index {row['index']}: empty question")
     if benchmark not in JUDGED:
         try:
-            SCORERS[benchmark]([{**row, "prediction": ""} for row in rows])
+            for rules in RULES:
+                SCORERS[benchmark]([{**row, "prediction": ""} for row in rows], rules=rules)
         except ScoreError as e:
             raise EvalError(f"{path}: {e}") from None
     return rows

@@ -2,10 +2,12 @@
 
     vlsi eval --model OUT/model --benchmark mmbench_en --data MMBench_DEV_EN.tsv --output eval/mmbench
     vlsi eval --model OUT/model --benchmark custom --data heldout.json --image-root imgs --output eval/heldout
+    vlsi eval --model OUT/model --benchmark ChartQA_TEST --data ChartQA_TEST.tsv --output eval/chartqa --rules lenient
 
 Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction`; one line per row as
 batches finish), OUTPUT/scores.json and OUTPUT/eval.json (the settings). Rerunning with the same settings
-resumes: rows already in predictions.jsonl are skipped, and a finished run is only rescored.
+resumes: rows already in predictions.jsonl are skipped, and a finished run is only rescored (also under other
+--rules, which change only the scoring).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vlsi.data import DataError, read_dataset
 from vlsi.models.loading import ModelError, load_model, load_processor
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, SCORERS, resolve_benchmark
+from .common import RULES, VLMEVALKIT
 from .generate import (
     EvalError,
     Item,
@@ -36,7 +39,7 @@ from .generate import (
 )
 from .io import ScoreError, read_predictions
 from .judge import JudgeFn
-from .score import judge_from_args, score_file
+from .score import add_rules_argument, judge_from_args, score_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +61,14 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     judge: JudgeFn | None = None,
+    rules: str = VLMEVALKIT,
 ) -> dict:
-    """Generate the missing predictions into `output`, score the whole file and return the scores.
+    """Generate the missing predictions into `output`, score the whole file under `rules` and return the scores.
 
     Raises EvalError (or ScoreError, DataError, ModelError) with a one-line message on bad input.
     """
+    if rules not in RULES:
+        raise EvalError(f"unknown rules {rules!r}; use {' or '.join(RULES)}")
     name = CUSTOM if benchmark.strip().lower() == CUSTOM else resolve_benchmark(benchmark)
     data = Path(data)
     root = Path(image_root) if image_root is not None else data.parent
@@ -99,7 +105,7 @@ def evaluate(
         logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
     if pending:
         _generate(pending, len(indices), len(finished), out / PREDICTIONS, settings, batch_size, device, dtype)
-    scores = _score(name, out / PREDICTIONS, judge)
+    scores = _score(name, out / PREDICTIONS, judge, rules)
     (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
     return scores
 
@@ -149,7 +155,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
-def _score(name: str, predictions: Path, judge: JudgeFn | None) -> dict:
+def _score(name: str, predictions: Path, judge: JudgeFn | None, rules: str) -> dict:
     if name == CUSTOM:
         return score_custom(read_predictions(predictions, ("answer",), CUSTOM))
     if name in JUDGED and judge is None:
@@ -158,8 +164,8 @@ def _score(name: str, predictions: Path, judge: JudgeFn | None) -> dict:
             f"(they are kept), or run `vlsi score --benchmark {name} --predictions {predictions} --judge-url ...`"
         )
         print(f"vlsi eval: {note}", file=sys.stderr)
-        return {"benchmark": name, "score": None, "scored": False, "note": note}
-    return score_file(name, predictions, judge if name in JUDGED | JUDGE_OPTIONAL else None)
+        return {"benchmark": name, "rules": rules, "score": None, "scored": False, "note": note}
+    return score_file(name, predictions, judge if name in JUDGED | JUDGE_OPTIONAL else None, rules)
 
 
 def _model_id(model: str) -> str:
@@ -264,6 +270,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="auto",
         help="weights' dtype (default: bf16 on a GPU that supports it, else fp32)",
     )
+    add_rules_argument(parser)
     parser.add_argument(
         "--judge-url",
         help="OpenAI-compatible endpoint for the LLM judge (as for `vlsi score`); without it mm_vet, mm_vet_v2 "
@@ -291,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             judge=judge_from_args(args),
+            rules=args.rules,
         )
     except (EvalError, ScoreError, DataError, ModelError, OSError) as e:
         print(f"vlsi eval: error: {str(e).strip()}", file=sys.stderr)

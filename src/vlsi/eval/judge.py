@@ -10,11 +10,13 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -135,13 +137,51 @@ def grade_all(
         pool.shutdown(cancel_futures=True)
 
 
-# MM-Vet's official few-shot grading prompt (github.com/yuweihao/MM-Vet), also used for MM-Vet v2.
+class SharedReplies:
+    """One judge's replies shared by several scoring procedures (the VLMEvalKit and the lenient rules).
+
+    Each `session()` is a judge callable; the n-th time a session sends a (prompt, temperature, system), it gets the
+    reply to the n-th such request, which the judge is asked only once over all sessions. Both numbers thus come
+    from the same replies, and the judge is asked only what the procedures together need.
+    """
+
+    def __init__(self, judge: JudgeFn):
+        self._judge = judge
+        self._replies: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+
+    def session(self) -> JudgeFn:
+        sent: Counter = Counter()
+
+        def ask(prompt: str, *, temperature: float = 0.0, system: str | None = None) -> str:
+            request = (prompt, temperature, system)
+            with self._lock:
+                key = (*request, sent[request])
+                sent[request] += 1
+                reply = self._replies.get(key)
+                asking = reply is None
+                if asking:
+                    reply = self._replies[key] = Future()
+            if asking:
+                try:
+                    reply.set_result(self._judge(prompt, temperature=temperature, system=system))
+                except BaseException as e:
+                    reply.set_exception(e)
+            return reply.result()
+
+        return ask
+
+
+# MM-Vet's few-shot grading prompt as VLMEvalKit sends it (vlmeval/dataset/utils/mmvet.py): the official MM-Vet
+# prompt with its long lines wrapped; used under both rules, so that one set of replies serves both numbers.
 MMVET_PROMPT = (
-    "Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. "
-    "<AND> in the ground truth means it is totally right only when all elements in the ground truth are present "
-    "in the prediction, and <OR> means it is totally right when any one element in the ground truth is present "
-    "in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, "
-    "0.9, or 1.0 (totally right). Just complete the last space of the correctness score.\n"
+    "\nCompare the ground truth and prediction from AI models, to give a correctness score for the prediction.\n"
+    "<AND> in the ground truth means it is totally right\n"
+    "only when all elements in the ground truth are present in the prediction,\n"
+    "and <OR> means it is totally right when any one element in the ground truth is present in the prediction.\n"
+    "The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally "
+    "right).\n"
+    "Just complete the last space of the correctness score.\n"
     "\n"
     "Question | Ground truth | Prediction | Correctness\n"
     "--- | --- | --- | ---\n"
@@ -150,21 +190,22 @@ MMVET_PROMPT = (
     "What is x in the equation? | -1 <AND> -5 | x = -5 | 0.5\n"
     "What is x in the equation? | -1 <AND> -5 | x = -5 or 5 | 0.5\n"
     "What is x in the equation? | -1 <AND> -5 | x = -1 or x = -5 | 1.0\n"
-    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and "
-    "Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while "
-    "Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the "
-    "names of these countries do not accurately represent their landscapes. | The meme talks about Iceland and "
-    "Greenland. It's pointing out that despite their names, Iceland is not very icy and Greenland isn't very "
-    "green. | 0.4\n"
-    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries Iceland and "
-    "Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes, while "
-    "Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues because the "
-    "names of these countries do not accurately represent their landscapes. | The meme is using humor to point "
-    "out the misleading nature of Iceland's and Greenland's names. Iceland, despite its name, has lush green "
-    "landscapes while Greenland is mostly covered in ice and snow. The text 'This is why I have trust issues' is "
-    "a playful way to suggest that these contradictions can lead to distrust or confusion. The humor in this meme "
-    "is derived from the unexpected contrast between the names of the countries and their actual physical "
-    "characteristics. | 1.0\n"
+    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries\n"
+    "Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes,\n"
+    "while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues\n"
+    "because the names of these countries do not accurately represent their landscapes. |\n"
+    "The meme talks about Iceland and Greenland. It's pointing out that despite their names,\n"
+    "Iceland is not very icy and Greenland isn't very green. | 0.4\n"
+    "Can you explain this meme? | This meme is poking fun at the fact that the names of the countries\n"
+    "Iceland and Greenland are misleading. Despite its name, Iceland is known for its beautiful green landscapes,\n"
+    "while Greenland is mostly covered in ice and snow. The meme is saying that the person has trust issues\n"
+    "because the names of these countries do not accurately represent their landscapes. |\n"
+    "The meme is using humor to point out the misleading nature of Iceland's and Greenland's names.\n"
+    "Iceland, despite its name, has lush green landscapes while Greenland is mostly covered in ice and snow.\n"
+    "The text 'This is why I have trust issues' is a playful way to suggest\n"
+    "that these contradictions can lead to distrust or confusion.\n"
+    "The humor in this meme is derived from the unexpected contrast between the names of the countries\n"
+    "and their actual physical characteristics. | 1.0\n"
 )
 # VLMEvalKit re-asks an unparsable MM-Vet grade up to 5 times at temperature 0, 0.5, ..., 2.0.
 MMVET_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -172,17 +213,26 @@ MMVET_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 def mmvet_prompt(question: str, answer: str, prediction: str) -> str:
     truth = answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
-    return f"{MMVET_PROMPT}\n{question} | {truth} | {prediction} |"
+    return f"{MMVET_PROMPT}\n{question} | {truth} | {prediction} | "
 
 
 def parse_mmvet_grade(reply: str) -> float | None:
-    """The grade in [0, 1] that starts the reply ("0.6", "0.6 because ..."), or None."""
+    """The grade in [0, 1] that starts the reply ("0.6", "0.6 because ..."), or None (lenient rule)."""
     words = reply.split()
     try:
         grade = float(words[0].rstrip(".,")) if words else None
     except ValueError:
         return None
     return grade if grade is not None and 0.0 <= grade <= 1.0 else None
+
+
+def parse_mmvet_grade_vlmevalkit(reply: str) -> float | None:
+    """VLMEvalKit's rule: the whole stripped reply is a number not below 0 or above 1 ("nan" passes), or None."""
+    try:
+        grade = float(reply.strip())
+    except ValueError:
+        return None
+    return None if grade < 0 or grade > 1 else grade
 
 
 # LLaVA-Bench's reviewer (as in VLMEvalKit's LLaVABench and lmms-eval's LLaVA-Wilder): the reference answer is
@@ -213,7 +263,7 @@ def wilder_prompt(question: str, reference: str, prediction: str) -> str:
 
 
 def parse_wilder_scores(reply: str) -> tuple[float, float] | None:
-    """(reference score, model score) from the review's first line ("8 7" or "8, 7"), or None."""
+    """(reference score, model score) from the review's first line ("8 7", "8, 7", "8  7"), or None (lenient)."""
     lines = reply.strip().splitlines()
     values = lines[0].replace(",", " ").split() if lines else []
     if len(values) != 2:
@@ -224,31 +274,56 @@ def parse_wilder_scores(reply: str) -> tuple[float, float] | None:
         return None
 
 
-MATHVISTA_PROMPT = (
-    "Read a model's response to a math question and copy out its final answer only: the number for a numeric "
-    "question (no units), the option letter for a multiple-choice question, the Python list for a list question.\n"
-    "\n"
-    "Question: How many apples are left if Tom eats 2 of the 7 apples?\n"
-    "Model response: Tom starts with 7 apples and eats 2, so 5 apples remain.\n"
-    "Extracted answer: 5\n"
-    "\n"
-    "Question: What is the slope of the line? Answer with a float with two decimal places.\n"
-    "Model response: Rise over run is 3/4, which is 0.75.\n"
-    "Extracted answer: 0.75\n"
-    "\n"
-    "Question: Which shape is largest?\nChoices: (A) circle (B) square (C) triangle\n"
-    "Model response: Comparing the areas, the square covers the most space, so the answer is (B) square.\n"
-    "Extracted answer: B\n"
-    "\n"
-    "Question: In which two years did sales peak? Answer with a Python list.\n"
-    "Model response: Sales were highest in 2010 and in 2014.\n"
-    "Extracted answer: [2010, 2014]\n"
-    "\n"
+def parse_wilder_scores_vlmevalkit(reply: str) -> tuple[float, float] | None:
+    """VLMEvalKit's LLaVABench rule: the stripped review's first line, commas read as spaces, cut at every single
+    space, must give exactly two numbers ("8 7", "8,7"; not "8, 7" or "8  7"), or None."""
+    values = reply.strip().split("\n")[0].replace(",", " ").split(" ")
+    try:
+        return (float(values[0]), float(values[1])) if len(values) == 2 else None
+    except ValueError:
+        return None
+
+
+# MathVista's answer-extraction prompt as VLMEvalKit sends it (vlmeval/dataset/utils/mathvista.py, from MathVista's
+# own evaluation): five worked examples, then the row's question and the response, spelled "respone" and with no
+# line break before "Extracted answer:", as there. Used under both rules.
+MATHVISTA_EXAMPLES = (
+    "\nHint: Please answer the question requiring an integer answer and provide the final value,\n"
+    "e.g., 1, 2, 3, at the end.\n\n"
+    "Question: Which number is missing?\n\n"
+    "Model response: The number missing in the sequence is 14.\n\n"
+    "Extracted answer: 14\n",
+    "\nHint: Please answer the question requiring a floating-point number with one decimal place and provide the "
+    "final value,\ne.g., 1.2, 1.3, 1.4, at the end.\n\n"
+    "Question: What is the fraction of females facing the camera?\n\n"
+    "Model response: The fraction of females facing the camera is 0.6,\n"
+    "which means that six out of ten females in the group are facing the camera.\n\n"
+    "Extracted answer: 0.6\n",
+    "\nHint: Please answer the question requiring a floating-point number with two decimal places and provide the "
+    "final value,\ne.g., 1.23, 1.34, 1.45, at the end.\n\n"
+    "Question: How much money does Luca need to buy a sour apple candy and a butter-scotch candy? (Unit: $)\n\n"
+    "Model response: Luca needs $1.45 to buy a sour apple candy and a butterscotch candy.\n\n"
+    "Extracted answer: 1.45\n",
+    "\nHint: Please answer the question requiring a Python list as an answer and provide the final list,\n"
+    "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.\n\n"
+    "Question: Between which two years does the line graph saw its maximum peak?\n\n"
+    "Model response: The line graph saw its maximum peak between 2007 and 2008.\n\n"
+    "Extracted answer: [2007, 2008]\n",
+    "\nHint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n\n"
+    "Question: What fraction of the shape is blue?\n\n"
+    "Choices: (A) 3/11 (B) 8/11 (C) 6/11 (D) 3/5\n\n"
+    "Model response: The correct answer is (B) 8/11.\n\n"
+    "Extracted answer: B\n",
+)
+MATHVISTA_TASK = (
+    "\nPlease read the following example.\n"
+    "Then extract the answer from the model response and type it at the end of the prompt.\n\n"
 )
 
 
 def mathvista_prompt(question: str, prediction: str) -> str:
-    return f"{MATHVISTA_PROMPT}Question: {question}\nModel response: {prediction}\nExtracted answer:"
+    examples = "".join(example + "\n" for example in MATHVISTA_EXAMPLES)
+    return f"{MATHVISTA_TASK}{examples}{question}\nModel respone: {prediction}Extracted answer:"
 
 
 def parse_extracted(reply: str) -> str | None:

@@ -19,9 +19,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `demo` on an argparse subparsers object."""
     from .experiment import DemoSettings
 
-    fields = ", ".join(f.name for f in dataclasses.fields(DemoSettings))
-    parser = subparsers.add_parser(
+    parser = _experiment_parser(
+        subparsers,
         "demo",
+        DemoSettings,
+        run,
         help="compare SFT only, SFT with the teacher's answers, final-layer KD and VLsI on CPU, in about 4 minutes",
         description=(
             "150 labelled questions and 2000 more that the shipped tiny Qwen2-VL teacher answers "
@@ -31,12 +33,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "evaluated on a held-out test split, before and after their last SFT stage, compared pair by pair on "
             "the same questions; writes DIR/results.json and DIR/report.md. No network, no GPU. See docs/DEMO.md."
         ),
+        fast_help="a tiny budget that finishes in seconds (CI smoke test)",
     )
-    parser.add_argument("--output", default="vlsi-demo", help="output folder (default: ./vlsi-demo)")
-    parser.add_argument("--fast", action="store_true", help="a tiny budget that finishes in seconds (CI smoke test)")
     parser.add_argument("--seed", type=int, help="seed of the students' training (default 0)")
-    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"demo settings: {fields}")
-    parser.set_defaults(func=run)
+    return parser
+
+
+def _experiment_parser(subparsers, name: str, settings, func, help: str, description: str, fast_help: str):
+    """A `vlsi demo / ablate / study` parser: --output, --fast and the experiment's key=value settings."""
+    fields = ", ".join(f.name for f in dataclasses.fields(settings))
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("--output", default=f"vlsi-{name}", help=f"output folder (default: ./vlsi-{name})")
+    parser.add_argument("--fast", action="store_true", help=fast_help)
+    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"{name} settings: {fields}")
+    parser.set_defaults(func=func)
     return parser
 
 
@@ -78,9 +88,11 @@ def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
     """Register `ablate` on an argparse subparsers object."""
     from .ablate import AblateSettings
 
-    fields = ", ".join(f.name for f in dataclasses.fields(AblateSettings))
-    parser = subparsers.add_parser(
+    return _experiment_parser(
+        subparsers,
         "ablate",
+        AblateSettings,
+        run_ablate_command,
         help="the paper's ablations (matching, loss operations, SFT stage) at demo scale, 3 seeds, on CPU",
         description=(
             "Reproduce the paper's ablation tables on the demo's task and models: matching strategies (random, "
@@ -90,58 +102,50 @@ def add_ablate_parser(subparsers) -> argparse.ArgumentParser:
             "DIR/results.json and DIR/report.md (mean +- std per row, the paper's numbers beside them). "
             "Re-running the same command reuses finished runs. No network, no GPU. See docs/ABLATE.md."
         ),
+        fast_help="a tiny budget and 2 seeds (CI smoke test)",
     )
-    parser.add_argument("--output", default="vlsi-ablate", help="output folder (default: ./vlsi-ablate)")
-    parser.add_argument("--fast", action="store_true", help="a tiny budget and 2 seeds (CI smoke test)")
-    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"ablation settings: {fields}")
-    parser.set_defaults(func=run_ablate_command)
-    return parser
-
-
-def run_ablate_command(args: argparse.Namespace) -> int:
-    """Run the ablation. Bad settings, a changed output folder or a missing shipped model raise errors that
-    `vlsi.cli.main` prints as one line (exit 2); a failed run is reported the same way, naming its log."""
-    from .ablate import FAST, AblateSettings, run_ablate
-
-    settings = parse_settings(AblateSettings, args.settings, dict(FAST) if args.fast else {}, "ablate")
-    try:
-        run_ablate(Path(args.output), settings, fast=args.fast)
-    except RuntimeError as e:  # raised by run_ablate for a failed run, with the path of that run's log
-        print(f"vlsi ablate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Register `study` on an argparse subparsers object."""
     from .study import StudySettings
 
-    fields = ", ".join(f.name for f in dataclasses.fields(StudySettings))
-    parser = subparsers.add_parser(
+    return _experiment_parser(
+        subparsers,
         "study",
+        StudySettings,
+        run_study_command,
         help="should I distil? accuracy vs labelled questions for SFT only, KD and VLsI, 3 seeds, on CPU",
         description=(
             "On the demo's task and models: for several numbers of labelled training questions (sizes=...), train "
-            "SFT only, final-layer KD and VLsI as `vlsi demo` does (with a pool of questions the teacher answers), "
-            "several seeds each; writes DIR/results.json, DIR/report.md and DIR/study.png (accuracy vs labelled "
-            "questions, mean +- std). Re-running the same command reuses finished runs. No network, no GPU."
+            "the demo's four students (SFT only, SFT with the teacher's answers, final-layer KD, VLsI; with a pool "
+            "of questions the teacher answers), several seeds each; writes DIR/results.json, DIR/report.md and "
+            "DIR/study.png (accuracy vs labelled questions, mean +- std). Re-running the same command reuses "
+            "finished runs. No network, no GPU. See docs/STUDY.md."
         ),
+        fast_help="two tiny sizes, one seed, a tiny budget (CI smoke test)",
     )
-    parser.add_argument("--output", default="vlsi-study", help="output folder (default: ./vlsi-study)")
-    parser.add_argument("--fast", action="store_true", help="two tiny sizes, one seed, a tiny budget (CI smoke test)")
-    parser.add_argument("settings", nargs="*", metavar="key=value", help=f"study settings: {fields}")
-    parser.set_defaults(func=run_study_command)
-    return parser
+
+
+def run_ablate_command(args: argparse.Namespace) -> int:
+    from .ablate import FAST, AblateSettings, run_ablate
+
+    return _run_jobs(args, "ablate", AblateSettings, FAST, run_ablate)
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    """Run the study; errors are printed by `vlsi.cli.main` as one line (exit 2), a failed run names its log."""
     from .study import FAST, StudySettings, run_study
 
-    settings = parse_settings(StudySettings, args.settings, dict(FAST) if args.fast else {}, "study")
+    return _run_jobs(args, "study", StudySettings, FAST, run_study)
+
+
+def _run_jobs(args: argparse.Namespace, name: str, settings, fast: dict, runner) -> int:
+    """Run `vlsi ablate` / `vlsi study`. Bad settings, a changed output folder or a missing shipped model raise
+    errors that `vlsi.cli.main` prints as one line (exit 2); a failed run is reported the same way, naming its log."""
+    chosen = parse_settings(settings, args.settings, dict(fast) if args.fast else {}, name)
     try:
-        run_study(Path(args.output), settings, fast=args.fast)
+        runner(Path(args.output), chosen, fast=args.fast)
     except RuntimeError as e:  # raised for a failed run, with the path of that run's log
-        print(f"vlsi study: error: {e}", file=sys.stderr)
+        print(f"vlsi {name}: error: {e}", file=sys.stderr)
         return 2
     return 0

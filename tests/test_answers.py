@@ -12,6 +12,7 @@ from vlsi import answers as answers_module
 from vlsi.cli import main
 from vlsi.config import ConfigError, load_config
 from vlsi.data import IGNORE_INDEX, DataError, encode, read_dataset
+from vlsi.eval import generate as generate_module
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_processor
 from vlsi.stages.common import load_samples
@@ -53,7 +54,7 @@ def calls(monkeypatch):
         batches.append([item.index for item in items])
         return generate_answers(model, processor, items, max_new_tokens)
 
-    monkeypatch.setattr(answers_module, "generate_answers", counting)
+    monkeypatch.setattr(generate_module, "generate_answers", counting)
     return batches
 
 
@@ -148,7 +149,7 @@ def test_a_cache_made_otherwise_is_refused(toy, tmp_path, calls):
 
 
 def test_empty_answers_are_left_out(toy, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(answers_module, "generate_answers", lambda model, processor, items, n: [""] * len(items))
+    monkeypatch.setattr(generate_module, "generate_answers", lambda model, processor, items, n: [""] * len(items))
     with caplog.at_level(logging.WARNING, logger="vlsi"):
         samples = load_samples(_cfg(toy, tmp_path / "out"))
     assert not UNANSWERED & {s.id for s in samples} and len(samples) == 2

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
-from .eval.generate import Item, generate_answers
+from .eval.generate import Item, append_answers
 from .models.loading import compute_dtype, load_model, load_processor
 from .stages.loop import process_state, truncate_jsonl
 
@@ -180,26 +180,28 @@ def _generate(
     truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
     model = load_model(cfg.teacher, compute_dtype(cfg.precision), cfg.trust_remote_code)
     model = model.to(process_state().device).eval()
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     size = cfg.data.answer_batch_size
+
+    def record(item: Item, text: str) -> dict:
+        answers[item.index] = text
+        return {"id": item.index, "answer": text}
+
     bar = tqdm(total=index["count"], initial=done, desc="teacher answers", unit="prompt", mininterval=1.0)
-    with (folder / ANSWERS).open("a", encoding="utf-8") as f, bar:
-        for start in range(0, len(pending), size):
-            batch = pending[start : start + size]
-            items = [Item(s.id, s.messages, list(s.images), {}) for s in batch]
-            try:
-                texts = generate_answers(model, processor, items, cfg.data.answer_max_tokens)
-            except torch.cuda.OutOfMemoryError:
-                raise ConfigError(
-                    f"out of memory answering with the teacher at data.answer_batch_size={size}; lower it and rerun "
-                    f"to resume ({done + start} answers are saved in {folder / ANSWERS})"
-                ) from None
-            for sample, text in zip(batch, texts, strict=True):
-                answers[sample.id] = text
-                f.write(json.dumps({"id": sample.id, "answer": text}) + "\n")
-            f.flush()  # a kill loses at most the batch being generated
-            bar.update(len(batch))
+    with bar:
+        append_answers(
+            model,
+            processor,
+            [Item(s.id, s.messages, list(s.images), {}) for s in pending],
+            cfg.data.answer_max_tokens,
+            size,
+            folder / ANSWERS,
+            record,
+            bar,
+            lambda saved: ConfigError(
+                f"out of memory answering with the teacher at data.answer_batch_size={size}; lower it and rerun "
+                f"to resume ({done + saved} answers are saved in {folder / ANSWERS})"
+            ),
+        )
     del model
     gc.collect()  # the stages load their models next: the teacher's memory must be free
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ import base64
 import binascii
 import csv
 import io
+import json
 import math
 import re
 from collections import defaultdict
@@ -260,6 +261,27 @@ def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -
     )
     new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # [B, new]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def append_answers(
+    model, processor, items: list[Item], max_new_tokens: int, batch_size: int, path: Path, record, bar, out_of_memory
+) -> None:
+    """Greedy answers for `items`, `batch_size` at a time: each batch's `record(item, answer)` dicts are appended to
+    the JSONL file `path` and flushed, so a killed run loses at most the batch being generated and resumes with the
+    rest. A batch that does not fit on the device raises `out_of_memory(saved)`, saved = items of `items` written."""
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    with path.open("a", encoding="utf-8") as f:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            try:
+                answers = generate_answers(model, processor, batch, max_new_tokens)
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory(start) from None
+            for item, answer in zip(batch, answers, strict=True):
+                f.write(json.dumps(record(item, answer), ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(batch))
 
 
 # ---------------------------------------------------------------- the custom benchmark

@@ -30,10 +30,10 @@ from .common import RULES, VLMEVALKIT
 from .generate import (
     EvalError,
     Item,
+    append_answers,
     benchmark_item,
     custom_item,
     default_max_new_tokens,
-    generate_answers,
     read_benchmark,
     score_custom,
 )
@@ -122,23 +122,22 @@ def _generate(
 ) -> None:
     processor = load_processor(settings["model"])
     model = load_model(settings["model"], DTYPES[dtype]).to(device).eval()
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     bar = tqdm(total=total, initial=finished, desc=settings["benchmark"], unit="row", mininterval=1.0)
-    with path.open("a", encoding="utf-8") as f, bar:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            try:
-                answers = generate_answers(model, processor, batch, settings["max_new_tokens"])
-            except torch.cuda.OutOfMemoryError:
-                raise EvalError(
-                    f"out of memory on {device} at --batch-size {batch_size}; lower it and rerun to resume "
-                    f"({finished + start} rows are saved)"
-                ) from None
-            for item, answer in zip(batch, answers, strict=True):
-                f.write(json.dumps({**item.row, "prediction": answer}, ensure_ascii=False) + "\n")
-            f.flush()  # a kill loses at most the batch being written
-            bar.update(len(batch))
+    with bar:
+        append_answers(
+            model,
+            processor,
+            pending,
+            settings["max_new_tokens"],
+            batch_size,
+            path,
+            lambda item, answer: {**item.row, "prediction": answer},
+            bar,
+            lambda saved: EvalError(
+                f"out of memory on {device} at --batch-size {batch_size}; lower it and rerun to resume "
+                f"({finished + saved} rows are saved)"
+            ),
+        )
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:

@@ -230,6 +230,10 @@ def _results(**over) -> dict:
         "before_sft": {"sft": 0.48, "sft_teacher": 0.52, "kd": 0.53, "vlsi": 0.6},
         "paired": {f"{a}_vs_{b}": paired(hits[a], hits[b]) for a, b in PAIRS},
         "by_task": {n: {t: 0.5 for t in ("compare", "sequence")} for n in ("teacher", "init", *hits)},
+        "layer_accuracy": {
+            "teacher": {"sequence": {"block 5": 0.83, "block 6": 0.93, "output": 0.947}},
+            "vlsi": {"sequence": {"block 2": 0.567, "output": 0.59}},
+        },
         "budget": budget(DemoSettings()),
         "train_seconds": {
             "sft": 30.0,
@@ -254,6 +258,7 @@ def test_report_states_the_numbers_and_the_verdict(tmp_path):
     assert "6.2 points above final-layer KD" in text and "Best student: VLsI" in text
     assert "7.2 points above SFT with the teacher's answers" in text
     assert "not charged: it took 5 s" in text
+    assert "| teacher | block 5 | block 6 | output |" in text and "| sequence | 56.7 | 59.0 |" in text
     from vlsi.demo.stats import paired
 
     same = paired([1] * 100, [1] * 100)
@@ -291,10 +296,15 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert set(results["before_sft"]) == {"sft", "sft_teacher", "kd", "vlsi"}
     assert set(results["paired"]) == set(results["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
     assert set(results["match_entropy"]) == {f"match_entropy/layer{i}" for i in STUDENT_TARGET_LAYERS}
+    for name, layers in (("teacher", TEACHER_TARGET_LAYERS), ("vlsi", STUDENT_TARGET_LAYERS)):
+        for accuracy in results["layer_accuracy"][name].values():
+            assert list(accuracy) == [f"block {i}" for i in layers] + ["output"]
+            assert all(0.0 <= a <= 1.0 for a in accuracy.values())
     answers = out / "runs" / "kd" / "answers" / "answers.jsonl"
     assert len(answers.read_text().splitlines()) == 48, "the teacher answered every unlabelled question, once"
     assert (out / "runs" / "vlsi" / "answers" / "answers.jsonl").read_text() == answers.read_text()
     text = (out / "report.md").read_text()
+    assert "## What each layer knows" in text
     for key, label in ROWS:
         assert f"| {label} | **{100 * results[key]:.1f}** |" in text
     assert f"**{results['n_test']} questions**" in text

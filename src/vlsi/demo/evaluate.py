@@ -80,3 +80,32 @@ def evaluate(model, processor, items: list[Item], batches: list[dict] | None = N
     batches = batches if batches is not None else encode_batches(processor, items, batch_size)
     replies = generate_answers(model, processor, batches)
     return {**score(items, replies), "replies": replies}
+
+
+@torch.inference_mode()
+def layer_accuracy(
+    model, verbalizers, processor, items: list[Item], batches: list[dict]
+) -> dict[str, dict[str, float]]:
+    """{task: {"block N": accuracy, ..., "output": accuracy}}: how often each verbalized layer's most likely next token
+    after the prompt is the answer's first token (teacher forcing; the demo's answers are one token). `batches` from
+    `encode_batches`: left-padded, so every prompt's last token is in the last column."""
+    from ..models.family import capture, model_parts
+
+    model.eval()
+    parts = model_parts(model)
+    tokenizer = processor.tokenizer
+    gold = torch.tensor([tokenizer(item.answer, add_special_tokens=False).input_ids[0] for item in items])
+    heads = {
+        f"block {layer}": verbalizers.head(k, parts.norm, parts.lm_head, len(tokenizer))
+        for k, layer in enumerate(verbalizers.target_layers)
+    }
+    guesses: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for inputs in batches:
+        with capture(parts.layers, verbalizers.target_layers) as states:
+            logits = model(**inputs).logits[:, -1]  # [B, V]
+        for layer in verbalizers.target_layers:
+            guesses[f"block {layer}"].append(heads[f"block {layer}"](states[layer][:, -1]).argmax(-1))
+        guesses["output"].append(logits.argmax(-1))
+    right = {name: (torch.cat(g) == gold).float() for name, g in guesses.items()}  # [N] each
+    tasks = {task: torch.tensor([item.task == task for item in items]) for task in sorted({i.task for i in items})}
+    return {task: {name: float(hits[mask].mean()) for name, hits in right.items()} for task, mask in tasks.items()}

@@ -33,13 +33,14 @@ import torch
 from ..config import load_config, save_config
 from ..data import VLDataset, read_dataset
 from ..models.loading import load_model, load_processor
+from ..models.verbalizer import Verbalizers
 from ..pipeline import run_train
 from ..plots import plot_verbalizer_loss
 from ..stages.common import load_samples
 from ..stages.loop import MetricsLog
 from ..stages.sft import sft
 from ..stages.verbalize import verbalize
-from .evaluate import encode_batches, evaluate
+from .evaluate import encode_batches, evaluate, layer_accuracy
 from .models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
@@ -322,6 +323,22 @@ def comparisons(evals: dict[str, dict], pairs=PAIRS) -> dict[str, dict]:
     return {f"{a}_vs_{b}": paired(evals[a]["hits"], evals[b]["hits"]) for a, b in pairs}
 
 
+def layer_accuracies(interacted: Path, test, batch_size: int = 128) -> dict[str, dict]:
+    """Per task, how often each verbalized layer of the teacher and of the VLsI student after its interaction stage
+    (with the verbalizers trained alongside it) names the answer: {"teacher" | "vlsi": {task: {layer: accuracy}}}."""
+    processor = load_processor(str(TEACHER_DIR))
+    batches = encode_batches(processor, test, batch_size)
+    return {
+        name: layer_accuracy(
+            load_model(str(model), torch.float32), Verbalizers.load(verbalizers), processor, test, batches
+        )
+        for name, model, verbalizers in (
+            ("teacher", TEACHER_DIR, TEACHER_VERBALIZERS),
+            ("vlsi", interacted / "student", interacted / "verbalizers"),
+        )
+    }
+
+
 def match_sharpness(metrics: Path) -> dict[str, float]:
     """Mean normalised entropy of each student layer's match draw over the interaction stage (1: uniform)."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -366,6 +383,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     )
     evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test)
     earlier = evaluate_all(before, test)
+    layers = layer_accuracies(out / "runs" / "vlsi" / "stages" / "interact", test)
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"
@@ -392,6 +410,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         "by_task_before_sft": {name: e["by_task"] for name, e in earlier.items()},
         "by_style": {name: e["by_style"] for name, e in evals.items()},
         "match_entropy": match_sharpness(out / "runs" / "vlsi" / "metrics.jsonl"),
+        "layer_accuracy": layers,
         "budget": budget(s),
         "train_seconds": {m: round(t, 1) for m, t in seconds.items()},
         "peak_memory_mib": peak_memory_mib(),

@@ -129,6 +129,18 @@ def _budget(r: dict) -> list[str]:
     ]
 
 
+def _layers(r: dict) -> list[str]:
+    """One row per model and task: how often each verbalized layer names the answer (teacher forcing)."""
+    lines = []
+    for name, label in (("teacher", "teacher"), ("vlsi", "VLsI student after interaction")):
+        by_task = r["layer_accuracy"][name]
+        columns = list(next(iter(by_task.values())))
+        lines += ["| " + " | ".join([label, *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
+        lines += ["| " + " | ".join([task, *(pct(v) for v in acc.values())]) + " |" for task, acc in by_task.items()]
+        lines.append("")
+    return lines
+
+
 def _example(example: dict | None) -> list[str]:
     if not example:
         return ["(no example: per-layer decoding was not available)"]
@@ -189,6 +201,13 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         f"digits); answered as: {s['styles']} (of: a number, yes/no, a multiple-choice letter). The student's "
         "initialisation reads digits and counts shapes but has never compared or continued a sequence.",
         "",
+        "## What each layer knows",
+        "",
+        "How often each verbalized layer's most likely next token after the question is the answer (teacher "
+        "forcing), per task: the teacher, and the VLsI student after its interaction stage with the verbalizers "
+        "trained alongside it.",
+        "",
+        *_layers(r),
         "## Per-layer verbalizer loss",
         "",
         "![verbalizer loss](verbalizer_loss.png)",

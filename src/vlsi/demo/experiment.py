@@ -178,6 +178,7 @@ def demo_config(
 def stage_config(
     s: DemoSettings, out: Path, stages: dict[str, int], data: Path, extra: list[str] = (), num_workers: int = 1
 ):
+    """`demo_config` with the demo settings' seed, batch, learning rates and schedule, training on `data`."""
     cfg = demo_config(
         out,
         stages,
@@ -244,7 +245,8 @@ def train_students(
     _banner(f"the teacher answers the {s.n_pool} unlabelled training questions")
     start = time.time()
     answered = answer_pool(s, runs / "kd", mixed)
-    shutil.copytree(runs / "kd" / "answers", runs / "vlsi" / "answers", dirs_exist_ok=True)  # VLsI's: the same
+    if (runs / "kd" / "answers").is_dir():  # none with n_pool=0
+        shutil.copytree(runs / "kd" / "answers", runs / "vlsi" / "answers", dirs_exist_ok=True)  # VLsI's: the same
     seconds["teacher_answers"] = time.time() - start
     gold, _ = read_dataset(labelled)
     share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"])

@@ -103,7 +103,8 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
     size = int(job.name.removeprefix("n"))
     shutil.rmtree(folder / "runs", ignore_errors=True)  # a run killed midway starts afresh
     (folder / "runs" / "vlsi").mkdir(parents=True)
-    shutil.copytree(answers, folder / "runs" / "kd" / "answers")  # the pool, answered once for the whole study
+    if answers.is_dir():  # the pool, answered once for the whole study (none with n_pool=0)
+        shutil.copytree(answers, folder / "runs" / "kd" / "answers")
     start = time.time()
     settings = dataclasses.replace(s, n_labelled=size, seed=job.seed)
     with open(folder / "log.txt", "w") as stream, output_to(stream):

@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy[name] = {}
         for split, split_items in (("val", val), ("test", test)):
             result = evaluate(model, processor, split_items)
-            result.pop("replies")
+            for detail in ("replies", "hits"):  # per-item: teacher.json keeps the summary
+                result.pop(detail)
             accuracy[name][split] = result
             log(f"{name} {split}: {result['accuracy']:.3f} {json.dumps(result['by_task'])}")
 

@@ -181,7 +181,8 @@ def _score(path: Path, test_path: Path) -> dict:
         _TEST_CACHE[key] = (processor, items, encode_batches(processor, items, 128))
     processor, items, batches = _TEST_CACHE[key]
     result = evaluate(load_model(str(path), torch.float32), processor, items, batches)
-    result.pop("replies")
+    for detail in ("replies", "hits"):  # per-item: score.json keeps the summary
+        result.pop(detail)
     return result
 
 

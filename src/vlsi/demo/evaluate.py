@@ -61,9 +61,9 @@ def generate_answers(model, processor, batches: list[dict], max_new_tokens: int 
 
 
 def score(items: list[Item], replies: list[str]) -> dict:
-    """{"accuracy", "n", "by_task": {task: accuracy}, "by_style": {style: accuracy}}."""
-    hits = [is_correct(reply, item) for item, reply in zip(items, replies, strict=True)]
-    groups: dict[str, dict[str, list[bool]]] = {"by_task": defaultdict(list), "by_style": defaultdict(list)}
+    """{"accuracy", "n", "by_task": {task: accuracy}, "by_style": {style: accuracy}, "hits": [0 or 1 per item]}."""
+    hits = [int(is_correct(reply, item)) for item, reply in zip(items, replies, strict=True)]
+    groups: dict[str, dict[str, list[int]]] = {"by_task": defaultdict(list), "by_style": defaultdict(list)}
     for item, hit in zip(items, hits):
         groups["by_task"][item.task].append(hit)
         groups["by_style"][item.style].append(hit)
@@ -72,6 +72,7 @@ def score(items: list[Item], replies: list[str]) -> dict:
         "accuracy": mean(hits),
         "n": len(hits),
         **{name: {k: mean(v) for k, v in sorted(g.items())} for name, g in groups.items()},
+        "hits": hits,
     }
 
 

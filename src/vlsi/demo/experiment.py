@@ -51,7 +51,7 @@ from .models import (
     teacher_card,
 )
 from .stats import paired
-from .tasks import STYLES, TASKS, chance_accuracy, is_correct, make_split, write_split
+from .tasks import STYLES, TASKS, chance_accuracy, make_split, write_split
 
 log = logging.getLogger("vlsi")
 METHODS = ("sft", "sft_teacher", "kd", "vlsi")
@@ -303,15 +303,19 @@ def train_students(
     return finals, before, seconds
 
 
-def evaluate_all(models: dict[str, Path], test, batch_size: int = 128) -> dict[str, dict]:
-    """Accuracy of each model on the test items (one encoding of the test split for all), with per-item `hits`."""
+def encode_test(test, batch_size: int = 128) -> tuple:
+    """(processor, left-padded batches) of the test questions: encoded once, shared by every model scored."""
     processor = load_processor(str(TEACHER_DIR))
-    batches = encode_batches(processor, test, batch_size)
+    return processor, encode_batches(processor, test, batch_size)
+
+
+def evaluate_all(models: dict[str, Path], test, encoded: tuple) -> dict[str, dict]:
+    """Accuracy of each model on the test items (`encoded` from `encode_test`), with per-item `hits`."""
+    processor, batches = encoded
     results = {}
     for name, path in models.items():
         model = load_model(str(path), torch.float32)
         results[name] = evaluate(model, processor, test, batches)
-        results[name]["hits"] = [int(is_correct(reply, item)) for reply, item in zip(results[name]["replies"], test)]
         del model
     return results
 
@@ -325,11 +329,10 @@ def comparisons(evals: dict[str, dict], pairs=PAIRS) -> dict[str, dict]:
     return {f"{a}_vs_{b}": paired(evals[a]["hits"], evals[b]["hits"]) for a, b in pairs}
 
 
-def layer_accuracies(interacted: Path, test, batch_size: int = 128) -> dict[str, dict]:
+def layer_accuracies(interacted: Path, test, encoded: tuple) -> dict[str, dict]:
     """Per task, how often each verbalized layer of the teacher and of the VLsI student after its interaction stage
     (with the verbalizers trained alongside it) names the answer: {"teacher" | "vlsi": {task: {layer: accuracy}}}."""
-    processor = load_processor(str(TEACHER_DIR))
-    batches = encode_batches(processor, test, batch_size)
+    processor, batches = encoded
     return {
         name: layer_accuracy(
             load_model(str(model), torch.float32), Verbalizers.load(verbalizers), processor, test, batches
@@ -383,9 +386,10 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         f"evaluating the teacher, the student initialisation and the four students on {len(test)} {s.eval_split} "
         "questions"
     )
-    evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test)
-    earlier = evaluate_all(before, test)
-    layers = layer_accuracies(out / "runs" / "vlsi" / "stages" / "interact", test)
+    encoded = encode_test(test)
+    evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test, encoded)
+    earlier = evaluate_all(before, test, encoded)
+    layers = layer_accuracies(out / "runs" / "vlsi" / "stages" / "interact", test, encoded)
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"

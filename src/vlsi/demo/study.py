@@ -1,7 +1,8 @@
-"""`vlsi study`: should I distil? Accuracy against the number of labelled questions, for SFT only, final-layer KD
-and VLsI, several seeds each, on the demo's task and models, with a pool of questions the teacher answers.
+"""`vlsi study`: should I distil? Accuracy against the number of labelled questions for the demo's four students
+(SFT only, SFT with the teacher's answers, final-layer KD, VLsI), several seeds each, on the demo's task and
+models, with a pool of questions the teacher answers.
 
-    vlsi study --output /tmp/s            # about 45 minutes on 2 CPU cores; no network, no GPU
+    vlsi study --output /tmp/s            # about 30 minutes on 2 CPU cores (docs/STUDY.md); no network, no GPU
     vlsi study --output /tmp/s --fast     # a one-minute smoke run of the same code path (what CI runs)
 
 Each (labelled-set size, seed) is one `vlsi demo` comparison (`experiment.train_students`): the same first
@@ -10,8 +11,8 @@ once for the whole study), the demo's budget and schedule. Runs go `jobs` at a t
 run's own output is in its folder's `log.txt`.
 
 DIR/
-  results.json   per size and method: accuracy mean, std and per seed, before its last SFT stage too; paired
-                 comparisons (VLsI vs SFT only, VLsI vs KD, KD vs SFT only) over every seed's test items
+  results.json   per size and student: accuracy mean, std and per seed, before its last SFT stage too; paired
+                 comparisons (`experiment.PAIRS`) over every seed's test items
   report.md      the table, the plot and what they say
   study.png      accuracy vs labelled questions, mean +- std over seeds, teacher and student initialisation
   runs/n<size>-seed<k>/   each run (as `vlsi demo`'s runs/) + score.json + log.txt
@@ -37,7 +38,15 @@ import torch
 from tqdm import tqdm
 
 from .ablate import Job, execute_jobs, output_to
-from .experiment import METHODS, DemoSettings, comparisons, evaluate_all, peak_memory_mib, train_students
+from .experiment import (
+    METHODS,
+    DemoSettings,
+    comparisons,
+    encode_test,
+    evaluate_all,
+    peak_memory_mib,
+    train_students,
+)
 from .stats import mean_std
 from .study_report import METHOD_NAMES, write_study_report
 
@@ -92,7 +101,7 @@ def write_data(s: StudySettings, data: Path) -> tuple[dict[int, tuple[Path, Path
 
 
 def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
-    """Train and score the three students of one (size, seed) on one torch thread; -> its score.json contents."""
+    """Train and score the four students of one (size, seed) on one torch thread; -> its score.json contents."""
     from .tasks import read_split
 
     torch.set_num_threads(1)
@@ -112,7 +121,8 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
             settings, folder, data / f"labelled-n{size}.json", data / f"train-n{size}.json", num_workers=0
         )
         test = read_split(data / f"{s.eval_split}.json")
-        final, early = evaluate_all(finals, test), evaluate_all(before, test)
+        encoded = encode_test(test)
+        final, early = evaluate_all(finals, test, encoded), evaluate_all(before, test, encoded)
     scores = {
         "size": size,
         "seed": job.seed,
@@ -199,7 +209,7 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     files, first_mixed, test = write_data(s, data)
     print("== vlsi study: the teacher answers the pool (once) and is scored", file=sys.stderr)
     answer_pool(s, out / "pool", first_mixed)
-    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR}, test)
+    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR}, test, encode_test(test))
 
     # largest first: the longest runs start first, so the last ones finish together
     jobs = [Job("study", f"n{n}", k, str(runs_dir / f"n{n}-seed{k}")) for n in reversed(sizes) for k in range(s.seeds)]

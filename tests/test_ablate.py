@@ -102,7 +102,7 @@ def test_fast_ablation_writes_both_tables_and_resumes(tmp_path, capsys):
     assert time.time() - start < 30
     capsys.readouterr()
     assert main(["ablate", "--fast", "--output", str(out), "lr=0.01"]) == 2
-    assert "other settings (lr: 0.0003 -> 0.01)" in capsys.readouterr().err
+    assert "other settings (lr: 0.001 -> 0.01)" in capsys.readouterr().err
 
 
 def test_a_failed_run_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
@@ -112,7 +112,7 @@ def test_a_failed_run_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
         raise ValueError("boom")
 
     monkeypatch.setattr(ablate, "run_job", fail)
-    assert main(["ablate", "--fast", "--output", str(tmp_path), "jobs=1", "n_train=8", "n_test=4"]) == 2
+    assert main(["ablate", "--fast", "--output", str(tmp_path), "jobs=1", "n_labelled=8", "n_test=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vlsi ablate: error: verbalize seed 0 failed (boom); its log: ")
     assert err.endswith("runs/verbalize/seed-0/log.txt")

@@ -4,15 +4,18 @@ docs/METHOD.md#ablations-reported-by-the-paper) at demo scale, on the demo's tas
     vlsi ablate --output /tmp/a            # about 25 minutes on 2 CPU cores; no network, no GPU
     vlsi ablate --output /tmp/a --fast     # a one-minute smoke run of the same code path (what CI runs)
 
-Every VLsI row starts from the shipped student initialisation and the student verbalizers of its seed (stage 1,
-trained once per seed on the frozen student and shared by every row), then runs `interact_steps` of interaction
-with the row's setting and `sft_steps` of SFT. Rows differ in nothing else. Runs go `jobs` at a time, one torch
-thread each; each run's own output (progress bars, logs) is in its folder's `log.txt`.
+The setting is `vlsi demo`'s (docs/DEMO.md): compare + sequence questions, `n_labelled` with gold answers and
+`n_pool` more answered by the teacher (once, for the whole ablation), each stage warmed up and decayed to
+`min_lr_ratio` x lr. Every VLsI row starts from the shipped student initialisation and the student verbalizers of its
+seed (stage 1, trained once per seed on the frozen student and shared by every row), then runs `distill_steps` of
+interaction with the row's setting and `sft_steps` of SFT. Rows differ in nothing else. Runs go `jobs` at a time,
+one torch thread each; each run's own output (progress bars, logs) is in its folder's `log.txt`.
 
 DIR/
   results.json   per table and row: accuracy mean, standard deviation and per seed, the paper's numbers
   report.md      the three tables with the paper's numbers beside them, and what they say
   runs/<run>/seed-<n>/   each run: an ordinary `vlsi train` output folder + score.json + log.txt
+  pool/answers/  the teacher's answers to the unlabelled training questions (copied into every run)
   data/          the training and evaluation splits (LLaVA JSON + PNG)
 
 Re-running the same command reuses every finished run; other settings into the same DIR are refused.
@@ -37,6 +40,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .experiment import ANSWERED, DemoSettings, stage_config
+
 log = logging.getLogger("vlsi")
 
 PAPER_COLUMNS = ("MMB", "BLINK", "MM-Vet", "MMMU")
@@ -59,6 +64,7 @@ RUNS: dict[str, list[str]] = {
     "l2-kld": ["interact.intermediate_loss=l2", "interact.last_loss=kld"],
     "kld-none": ["interact.intermediate_loss=kld", "interact.last_loss=none"],
     "kld-ce": ["interact.intermediate_loss=kld", "interact.last_loss=ce"],
+    "kd": ["interact.intermediate_loss=none", "interact.last_loss=kld"],  # final-layer KD: not in the paper's table
     "sft": [],
 }
 
@@ -95,6 +101,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
             Row("l2-kld", "L2 / KLD", "l2-kld", (81.5, None, None, None)),
             Row("kld-none", "KLD / none", "kld-none", (83.0, 55.0, 69.5, 61.0)),
             Row("kld-ce", "KLD / CE", "kld-ce", (81.5, None, None, None)),
+            Row("kd", "none / KLD (final-layer KD, not in the paper)", "kd", (None, None, None, None)),
             Row("kld-kld", "KLD / KLD (VLsI)", "vlsi", VLSI),
         ],
     ),
@@ -102,7 +109,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         "The SFT stage (docs/METHOD.md)",
         [
             Row("init", "student initialisation, untrained", "init", (None, None, None, None)),
-            Row("sft", "student + SFT only (stage 3's steps)", "sft", (81.8, 52.3, 63.7, 55.2)),
+            Row("sft", "student + SFT only (stage 3's steps and data)", "sft", (81.8, 52.3, 63.7, 55.2)),
             Row("no-sft", "VLsI without stage 3", "vlsi", (82.1, 49.6, 60.5, 52.9), checkpoint="interact"),
             Row("vlsi", "VLsI (verbalize, interact, SFT)", "vlsi", VLSI),
         ],
@@ -111,40 +118,29 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
 
 
 @dataclass
-class AblateSettings:
-    """Sizes and budget: per seed, stage 1 of the student once (`verbalize_steps`), then for every VLsI row
-    `interact_steps` + `sft_steps` optimizer steps of `batch_size` examples; the SFT-only row gets `sft_steps`."""
+class AblateSettings(DemoSettings):
+    """The demo's task, data, schedule and budget (`DemoSettings`), then seeds, parallel runs and tables. Per seed:
+    stage 1 of the student once (`verbalize_steps`), then for every VLsI row `distill_steps` interaction steps +
+    `sft_steps` SFT steps of `batch_size` examples; the SFT-only row gets the `sft_steps` alone."""
 
-    n_train: int = 2000
-    n_test: int = 1200
-    verbalize_steps: int = 50
-    interact_steps: int = 100
-    sft_steps: int = 60
-    batch_size: int = 32
-    lr: float = 3e-4  # chosen on the validation split: at 1e-3 (the demo's) these short runs fall below the init
-    verbalize_lr: float = 3e-3
     seeds: int = 3  # seeds 0 .. seeds-1
     jobs: int = 2  # runs at once, one torch thread each
     tables: str = "matching,losses,sft"
-    eval_split: str = "test"  # "val" while choosing settings: the test split is for the final numbers only
 
     def check(self) -> AblateSettings:
-        if min(self.verbalize_steps, self.interact_steps, self.sft_steps) < 1:
-            raise ValueError("ablate settings verbalize_steps, interact_steps and sft_steps must be >= 1")
-        if min(self.n_train, self.n_test, self.batch_size, self.seeds, self.jobs) < 1:
-            raise ValueError("ablate settings n_train, n_test, batch_size, seeds and jobs must be >= 1")
+        if min(self.seeds, self.jobs) < 1:
+            raise ValueError("ablate settings seeds and jobs must be >= 1")
         unknown = [t for t in self.table_names() if t not in TABLES]
         if unknown or not self.table_names():
             raise ValueError(f"ablate setting tables: unknown {unknown}; choose from {','.join(TABLES)}")
-        if self.eval_split not in ("test", "val"):
-            raise ValueError(f"ablate setting eval_split must be test or val, got {self.eval_split!r}")
+        super().check()
         return self
 
     def table_names(self) -> list[str]:
         return [t for t in self.tables.split(",") if t]
 
 
-FAST = dict(n_train=64, n_test=48, verbalize_steps=2, interact_steps=2, sft_steps=2, batch_size=8, seeds=2)
+FAST = dict(n_labelled=16, n_pool=48, n_test=48, distill_steps=2, sft_steps=2, verbalize_steps=2, batch_size=8, seeds=2)
 
 
 def needed_runs(s: AblateSettings) -> list[str]:
@@ -186,15 +182,14 @@ def _score(path: Path, test_path: Path) -> dict:
     return result
 
 
-def run_job(job: Job, s: AblateSettings, data: Path) -> dict:
+def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
     """Do one job on one torch thread, its output into `job.folder/log.txt`; -> its score.json contents (empty
-    for verbalize)."""
-    from ..data import read_dataset
+    for verbalize). `answers`: the teacher's answers to the pool, copied into the run (never answered again)."""
     from ..pipeline import run_train
+    from ..stages.common import load_samples
     from ..stages.loop import MetricsLog
     from ..stages.sft import sft
     from ..stages.verbalize import verbalize
-    from .experiment import demo_config
     from .models import STUDENT_DIR, TEACHER_DIR
 
     torch.set_num_threads(1)
@@ -215,19 +210,12 @@ def run_job(job: Job, s: AblateSettings, data: Path) -> dict:
             elif job.name == "sft":
                 steps = {"sft": s.sft_steps}
             else:
-                steps = {"verbalize": s.verbalize_steps, "interact": s.interact_steps, "sft": s.sft_steps}
-            cfg = demo_config(
-                folder,
-                steps,
-                seed=job.seed,
-                batch_size=s.batch_size,
-                lr=s.lr,
-                verbalize_lr=s.verbalize_lr,
-                extra=[*RUNS.get(job.name, []), "verbalize.models=[student]"],
-                num_workers=0,
-            )
-            cfg.data.path = str(data / "train.json")
-            samples, _ = read_dataset(cfg.data.path)
+                steps = {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps}
+            extra = [*RUNS.get(job.name, []), "verbalize.models=[student]", *ANSWERED]
+            cfg = stage_config(dataclasses.replace(s, seed=job.seed), folder, steps, data / "train.json", extra, 0)
+            if answers.is_dir() and not (folder / "answers").exists():
+                shutil.copytree(answers, folder / "answers")
+            samples = load_samples(cfg)
             metrics = MetricsLog(folder / "metrics.jsonl")
             if job.kind == "verbalize":
                 verbalize(cfg, str(STUDENT_DIR), "student", folder / "verbalizers" / "student", metrics, samples)
@@ -354,9 +342,8 @@ def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
 
 def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     """The whole ablation; writes DIR/results.json and DIR/report.md and returns the results."""
-    from ..data import read_dataset
     from .ablate_report import write_ablate_report
-    from .experiment import peak_memory_mib, share_length_scans
+    from .experiment import answer_pool, peak_memory_mib, share_length_scans
     from .models import teacher_card
     from .tasks import chance_accuracy, make_split, write_split
 
@@ -365,12 +352,18 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     start = time.time()
     _check_same_settings(out, s)
     data, runs_dir = out / "data", out / "runs"
-    print(f"== vlsi ablate: data: {s.n_train} training and {s.n_test} {s.eval_split} questions", file=sys.stderr)
-    test = make_split(s.eval_split, s.n_test)
-    train_path = write_split(make_split("train", s.n_train), data, "train")
+    tasks, styles = s.task_list, s.style_list
+    print(
+        f"== vlsi ablate: data: {s.n_labelled} labelled + {s.n_pool} unlabelled training questions, {s.n_test} "
+        f"{s.eval_split} questions ({', '.join(tasks)}; answered as {', '.join(styles)})",
+        file=sys.stderr,
+    )
+    test = make_split(s.eval_split, s.n_test, tasks, styles)
+    mixed = write_split(make_split("train", s.n_labelled + s.n_pool, tasks, styles), data, "train", s.n_labelled)
     write_split(test, data, s.eval_split)
+    print("== vlsi ablate: the teacher answers the unlabelled questions (once for every run)", file=sys.stderr)
+    samples = answer_pool(s, out / "pool", mixed)
     first, rest = _jobs(s, runs_dir)
-    samples, _ = read_dataset(train_path)
     share_length_scans(samples, runs_dir / ".cache", [Path(j.folder) for j in first + rest if j.kind != "score"])
 
     print(
@@ -383,7 +376,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
         pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
-            work = functools.partial(run_job, s=s, data=data)
+            work = functools.partial(run_job, s=s, data=data, answers=out / "pool" / "answers")
             done = execute_jobs(first, work, pool, bar)
             done |= execute_jobs(rest, work, pool, bar)
     finally:
@@ -398,7 +391,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
         "chance": chance_accuracy(test),
         "budget": {
             "verbalize_steps (once per seed, shared)": s.verbalize_steps,
-            "interact_steps": s.interact_steps,
+            "interact_steps": s.distill_steps,
             "sft_steps": s.sft_steps,
             "batch_size": s.batch_size,
         },

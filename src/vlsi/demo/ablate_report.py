@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+from .report import pct
 
 
 def rank_correlation(a: list[float], b: list[float]) -> float | None:
@@ -97,6 +95,10 @@ def write_ablate_report(out: Path, r: dict) -> Path:
         "(the seed sets the data order, the initialisation of the verbalizers and the matching draws; the test "
         "questions are the same for every seed).",
         "",
+        f"Data ({', '.join(s['tasks'].split(','))} questions, answered as {s['styles']}): {s['n_labelled']} "
+        f"labelled training questions and {s['n_pool']} more answered by the teacher (once, shared by every run); "
+        f"every stage warms up for {s['warmup']:.0%} of its steps and decays (cosine) from lr {s['lr']:g} to "
+        f"{s['min_lr_ratio']:g} x lr. "
         f"Budget of every VLsI row, per seed: the student's verbalizers trained once "
         f"({b['verbalize_steps (once per seed, shared)']} steps, shared by every row of that seed), then "
         f"{b['interact_steps']} interaction steps with the row's setting and {b['sft_steps']} SFT steps, batch "

@@ -296,7 +296,11 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert set(results["before_sft"]) == {"sft", "sft_teacher", "kd", "vlsi"}
     assert set(results["paired"]) == set(results["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
     assert set(results["match_entropy"]) == {f"match_entropy/layer{i}" for i in STUDENT_TARGET_LAYERS}
-    for name, layers in (("teacher", TEACHER_TARGET_LAYERS), ("vlsi", STUDENT_TARGET_LAYERS)):
+    assert set(results["layer_accuracy"]) == {"teacher", "init", "kd", "vlsi", "vlsi_own"}
+    assert (out / "runs" / "kd" / "probe_verbalizers" / "verbalizers.safetensors").is_file()
+    for name, layers in [("teacher", TEACHER_TARGET_LAYERS)] + [
+        (m, STUDENT_TARGET_LAYERS) for m in ("init", "kd", "vlsi", "vlsi_own")
+    ]:
         for accuracy in results["layer_accuracy"][name].values():
             assert list(accuracy) == [f"block {i}" for i in layers] + ["output"]
             assert all(0.0 <= a <= 1.0 for a in accuracy.values())

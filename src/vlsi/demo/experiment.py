@@ -329,18 +329,40 @@ def comparisons(evals: dict[str, dict], pairs=PAIRS) -> dict[str, dict]:
     return {f"{a}_vs_{b}": paired(evals[a]["hits"], evals[b]["hits"]) for a, b in pairs}
 
 
-def layer_accuracies(interacted: Path, test, encoded: tuple) -> dict[str, dict]:
-    """Per task, how often each verbalized layer of the teacher and of the VLsI student after its interaction stage
-    (with the verbalizers trained alongside it) names the answer: {"teacher" | "vlsi": {task: {layer: accuracy}}}."""
+def probe_layers(s: DemoSettings, runs: Path, data: Path, samples, num_workers: int = 1) -> dict[str, Path]:
+    """Fresh verbalizers for the KD and the VLsI student after their interaction stage: stage 1 (`verbalize_steps` on
+    the frozen model, the same data), so both students' layers are read by the same probe. Not charged to any
+    method: analysis only. -> {"kd" | "vlsi": verbalizers folder}"""
+    probes = {}
+    for method in ("kd", "vlsi"):
+        run = runs / method
+        cfg = stage_config(
+            s, run, {"verbalize": s.verbalize_steps}, data, ["verbalize.models=[student]", *ANSWERED], num_workers
+        )
+        model = run / "stages" / "interact" / "student"
+        metrics = MetricsLog(run / "probe_metrics.jsonl")
+        probes[method] = verbalize(cfg, str(model), "student", run / "probe_verbalizers", metrics, samples)
+    return probes
+
+
+def layer_accuracies(runs: Path, probes: dict[str, Path], test, encoded: tuple) -> dict[str, dict]:
+    """Per task, how often each verbalized layer names the answer: {model: {task: {layer: accuracy}}} for the teacher
+    (its shipped verbalizers), the student initialisation (VLsI's stage-1 verbalizers), the KD and the VLsI students
+    after interaction (`probe_layers`), and the VLsI student with the verbalizers trained alongside it."""
     processor, batches = encoded
+    interacted = runs / "vlsi" / "stages" / "interact"
+    models = (
+        ("teacher", TEACHER_DIR, TEACHER_VERBALIZERS),
+        ("init", STUDENT_DIR, runs / "vlsi" / "verbalizers" / "student"),
+        ("kd", runs / "kd" / "stages" / "interact" / "student", probes["kd"]),
+        ("vlsi", interacted / "student", probes["vlsi"]),
+        ("vlsi_own", interacted / "student", interacted / "verbalizers"),
+    )
     return {
         name: layer_accuracy(
             load_model(str(model), torch.float32), Verbalizers.load(verbalizers), processor, test, batches
         )
-        for name, model, verbalizers in (
-            ("teacher", TEACHER_DIR, TEACHER_VERBALIZERS),
-            ("vlsi", interacted / "student", interacted / "verbalizers"),
-        )
+        for name, model, verbalizers in models
     }
 
 
@@ -389,7 +411,13 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     encoded = encode_test(test)
     evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test, encoded)
     earlier = evaluate_all(before, test, encoded)
-    layers = layer_accuracies(out / "runs" / "vlsi" / "stages" / "interact", test, encoded)
+    _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
+    start = time.time()
+    probes = probe_layers(
+        s, out / "runs", mixed, load_samples(stage_config(s, out / "runs" / "kd", {}, mixed, ANSWERED))
+    )
+    layers = layer_accuracies(out / "runs", probes, test, encoded)
+    seconds["probes"] = time.time() - start
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"

@@ -129,16 +129,31 @@ def _budget(r: dict) -> list[str]:
     ]
 
 
+STUDENT_PROBES = (
+    ("init", "student initialisation"),
+    ("kd", "KD, after interaction"),
+    ("vlsi", "VLsI, after interaction"),
+    ("vlsi_own", "VLsI, its own verbalizers"),
+)
+
+
 def _layers(r: dict) -> list[str]:
-    """One row per model and task: how often each verbalized layer names the answer (teacher forcing)."""
-    lines = []
-    for name, label in (("teacher", "teacher"), ("vlsi", "VLsI student after interaction")):
-        by_task = r["layer_accuracy"][name]
-        columns = list(next(iter(by_task.values())))
-        lines += ["| " + " | ".join([label, *columns]) + " |", "|" + "---|" * (len(columns) + 1)]
-        lines += ["| " + " | ".join([task, *(pct(v) for v in acc.values())]) + " |" for task, acc in by_task.items()]
-        lines.append("")
-    return lines
+    """How often each verbalized layer names the answer (teacher forcing): the teacher's table, then one row per
+    student and task."""
+    acc = r["layer_accuracy"]
+    teacher = acc["teacher"]
+    columns = list(next(iter(teacher.values())))
+    lines = ["| teacher | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join([task, *(pct(v) for v in a.values())]) + " |" for task, a in teacher.items()]
+    students = [(key, label) for key, label in STUDENT_PROBES if key in acc]
+    if students:
+        columns = list(next(iter(acc[students[0][0]].values())))
+        lines += ["", "| student | task | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+        for key, label in students:
+            lines += [
+                "| " + " | ".join([label, task, *(pct(v) for v in a.values())]) + " |" for task, a in acc[key].items()
+            ]
+    return [*lines, ""]
 
 
 def _example(example: dict | None) -> list[str]:
@@ -204,8 +219,10 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         "## What each layer knows",
         "",
         "How often each verbalized layer's most likely next token after the question is the answer (teacher "
-        "forcing), per task: the teacher, and the VLsI student after its interaction stage with the verbalizers "
-        "trained alongside it.",
+        "forcing), per task. The teacher reads through its shipped verbalizers; the student initialisation through "
+        "VLsI's stage-1 verbalizers; the KD and VLsI students after their interaction stage through fresh "
+        f"verbalizers trained the same way ({s['verbalize_steps']} steps of stage 1 on the frozen student: the same "
+        "probe for both, not charged to either); last, the VLsI student through the verbalizers trained alongside it.",
         "",
         *_layers(r),
         "## Per-layer verbalizer loss",

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from ..eval.generate import greedy
 from .tasks import Item, is_correct
 
 
@@ -42,22 +43,12 @@ def encode_batches(processor, items: list[Item], batch_size: int) -> list[dict[s
         tokenizer.padding_side = side
 
 
-@torch.inference_mode()
 def generate_answers(model, processor, batches: list[dict], max_new_tokens: int = 4) -> list[str]:
-    """Greedy replies (special tokens removed) for pre-encoded batches, in order."""
+    """Greedy replies (special tokens removed) for pre-encoded batches, in order; the demo's models stop at the
+    tokenizer's end-of-turn token."""
     model.eval()
-    tokenizer = processor.tokenizer
-    replies = []
-    for inputs in batches:
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        replies += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return replies
+    eos = processor.tokenizer.eos_token_id
+    return [reply for inputs in batches for reply in greedy(model, processor, inputs, max_new_tokens, eos_token_id=eos)]
 
 
 def score(items: list[Item], replies: list[str]) -> dict:

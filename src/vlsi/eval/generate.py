@@ -255,9 +255,20 @@ def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -
         inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
     finally:
         processor.tokenizer.padding_side = side
-    inputs = inputs.to(model.device)
+    return greedy(model, processor, inputs.to(model.device), max_new_tokens)
+
+
+@torch.inference_mode()
+def greedy(model, processor, inputs: dict, max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """Greedy continuations of left-padded `inputs` (the processor's tensors), special tokens dropped and whitespace
+    stripped. Left padding puts every prompt's last token in the last column, so the new tokens of every row start
+    at the same column."""
     generated = model.generate(
-        **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id
+        **inputs,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        **generate_kwargs,
     )
     new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # [B, new]
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]

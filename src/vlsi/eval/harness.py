@@ -39,7 +39,7 @@ from .generate import (
 )
 from .io import ScoreError, read_predictions
 from .judge import JudgeFn
-from .score import add_rules_argument, judge_from_args, score_file
+from .score import add_judge_arguments, add_rules_argument, judge_from_args, score_file
 
 logger = logging.getLogger(__name__)
 
@@ -270,15 +270,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="weights' dtype (default: bf16 on a GPU that supports it, else fp32)",
     )
     add_rules_argument(parser)
-    parser.add_argument(
-        "--judge-url",
-        help="OpenAI-compatible endpoint for the LLM judge (as for `vlsi score`); without it mm_vet, mm_vet_v2 "
-        "and llava_wilder are generated but not scored",
-    )
-    parser.add_argument("--judge-model", help="judge model name sent to the endpoint, e.g. gpt-4-turbo")
-    parser.add_argument(
-        "--judge-key-env", help="environment variable holding the judge's API key (default OPENAI_API_KEY)"
-    )
+    add_judge_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 

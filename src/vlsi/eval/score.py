@@ -71,6 +71,22 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """--judge-url, --judge-model, --judge-key-env (read by `judge_from_args`): `vlsi score` and `vlsi eval`."""
+    parser.add_argument(
+        "--judge-url",
+        help="OpenAI-compatible endpoint for the LLM judge, e.g. https://api.openai.com/v1 or "
+        "http://127.0.0.1:8000/v1; needed to score mm_vet, mm_vet_v2 and llava_wilder (`vlsi eval` generates "
+        "their answers without it), optional for mathvista (answer extraction by the judge)",
+    )
+    parser.add_argument("--judge-model", help="judge model name sent to the endpoint, e.g. gpt-4-turbo")
+    parser.add_argument(
+        "--judge-key-env",
+        help=f"name of the environment variable holding the judge's API key (default {DEFAULT_KEY_ENV}; "
+        "unset means no key is sent); the key itself is never printed",
+    )
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `score` on an argparse subparsers object; the parsed args go to `run`."""
     parser = subparsers.add_parser(
@@ -94,17 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="TSV or JSONL file with the benchmark's fields in VLMEvalKit's layout plus a `prediction` column",
     )
     add_rules_argument(parser)
-    parser.add_argument(
-        "--judge-url",
-        help="OpenAI-compatible endpoint for the LLM judge, e.g. https://api.openai.com/v1 or "
-        "http://127.0.0.1:8000/v1; required for mm_vet, mm_vet_v2, llava_wilder, optional for mathvista",
-    )
-    parser.add_argument("--judge-model", help="judge model name sent to the endpoint, e.g. gpt-4-turbo")
-    parser.add_argument(
-        "--judge-key-env",
-        help=f"name of the environment variable holding the judge's API key (default {DEFAULT_KEY_ENV}; "
-        "unset means no key is sent); the key itself is never printed",
-    )
+    add_judge_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 

@@ -292,6 +292,7 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
         assert 0.0 <= results[key] <= 1.0
     assert results["n_test"] == len(read_split(out / "data" / "test.json")) == 48
     assert results["seeds"] == [0] and results["seconds"] > 0
+    assert results["seconds"] >= sum(results["train_seconds"].values()), "the whole run takes at least its parts"
     assert results["budget"]["examples_per_student"] == 6 * 8
     assert set(results["before_sft"]) == {"sft", "sft_teacher", "kd", "vlsi"}
     assert set(results["paired"]) == set(results["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}

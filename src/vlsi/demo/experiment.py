@@ -412,12 +412,12 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test, encoded)
     earlier = evaluate_all(before, test, encoded)
     _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
-    start = time.time()
+    probe_start = time.time()
     probes = probe_layers(
         s, out / "runs", mixed, load_samples(stage_config(s, out / "runs" / "kd", {}, mixed, ANSWERED))
     )
     layers = layer_accuracies(out / "runs", probes, test, encoded)
-    seconds["probes"] = time.time() - start
+    seconds["probes"] = time.time() - probe_start
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"

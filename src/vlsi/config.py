@@ -26,6 +26,9 @@ class DataConfig:
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
     overlong: str = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
+    validate: str = "eager"  # eager: check + length-scan everything first | lazy: check each record as it loads
+    max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it
+    num_proc: int = 0  # processes that check and length-scan the data (0: every core this process may use)
     num_workers: int = 0
     answers: str = "gold"  # gold: records carry their answers | teacher: the teacher answers unanswered records
     answer_max_tokens: int = 256  # data.answers=teacher: most new tokens the teacher generates per answer
@@ -47,9 +50,10 @@ class LoraConfig:
     r: int = 64
     alpha: int = 64
     dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # nn.Linear names in the language model; null: the family's row (vlsi.models.family.FAMILIES), attention + MLP
+    # and, where the family has them, fused gate_up_proj (GLM-4.1V) or linear-attention projections (Qwen3.5)
+    target_modules: list[str] | None = None
+    experts: bool = False  # also LoRA on MoE expert weights (3-D parameters; needs dropout=0): docs/CONFIG.md
 
 
 @dataclass
@@ -102,6 +106,15 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
+class CacheConfig:
+    # the teacher's cached targets (`vlsi cache`, `teacher_cache=C`; docs/CACHE.md)
+    top_k: int = 64  # log-probabilities kept per token and layer, plus the tail mass as one bucket; 0: all (exact)
+    dtype: str = "float32"  # of the cached log-probabilities: float32 | float16 | bfloat16 (ids are int32)
+    shard_size: int = 256  # samples per shard file (the unit of resuming and of a process's share)
+    batch_size: int = 8  # samples per teacher forward pass while caching
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 100  # optimizer steps between mid-stage checkpoints in OUT/checkpoints (0: none)
 
@@ -112,11 +125,13 @@ class TrainConfig:
     student: str = ""
     output: str = ""
     teacher_verbalizers: str = ""  # reuse teacher verbalizers trained earlier (`vlsi verbalize`) instead of training
+    teacher_cache: str = ""  # folder of the teacher's cached targets: interaction reads them, never loads the teacher
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
     interact: InteractConfig = field(default_factory=InteractConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     max_nonfinite_steps: int = 10  # a step with a non-finite loss is skipped; this many in a row stop the run
@@ -131,12 +146,14 @@ TRACKERS = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"}
 CHOICES = {
     "data.overlong": {"drop", "error"},
     "data.answers": {"gold", "teacher"},
+    "data.validate": {"eager", "lazy"},
     "precision": {"auto", "bf16", "fp32"},
     "interact.match.strategy": {"adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"},
     "interact.match.temperature": {"scale_over_range", "range_over_scale"},
     "interact.divergence": {"forward", "reverse", "jsd"},
     "interact.intermediate_loss": {"kld", "l2", "ce", "none"},
     "interact.last_loss": {"kld", "ce", "none"},
+    "cache.dtype": {"float32", "float16", "bfloat16"},
 }
 
 
@@ -228,11 +245,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"report_to: unknown tracker(s) {sorted(unknown)}; use {', '.join(sorted(TRACKERS))}")
     if cfg.checkpoint.every < 0 or cfg.max_nonfinite_steps < 1:
         raise ConfigError("checkpoint.every must be >= 0 and max_nonfinite_steps >= 1")
+    if cfg.cache.top_k < 0 or cfg.cache.shard_size < 1 or cfg.cache.batch_size < 1:
+        raise ConfigError(
+            f"need cache.top_k >= 0 (0: the whole distribution), cache.shard_size >= 1, cache.batch_size >= 1; got "
+            f"{cfg.cache.top_k}, {cfg.cache.shard_size}, {cfg.cache.batch_size}"
+        )
     if cfg.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
     for name in ("answer_max_tokens", "answer_batch_size"):
         if getattr(cfg.data, name) < 1:
             raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg.data, name)}")
+    if cfg.data.num_proc < 0 or not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError("data.num_proc must be >= 0 (0: every core) and data.max_bad_fraction between 0 and 1")
+    if cfg.data.validate == "lazy" and cfg.data.answers == "teacher":
+        raise ConfigError(
+            "data.validate=lazy does not go with data.answers=teacher: the teacher answers every record before "
+            "training, so they are all read first anyway; use data.validate=eager"
+        )
     return cfg
 
 

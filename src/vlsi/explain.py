@@ -199,7 +199,7 @@ def prompt_inputs(processor, image: Image.Image, question: str) -> dict[str, Ten
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # One image list per text, as in vlsi.data.encode: LLaVA-OneVision reads a flat list as one image per sample.
-    return dict(processor(text=[text], images=[[image.convert("RGB")]], return_tensors="pt"))
+    return dict(processor(text=[text], images=[[image.convert("RGB")]], add_special_tokens=False, return_tensors="pt"))
 
 
 def eos_ids(model: nn.Module, processor) -> set[int]:

@@ -6,6 +6,8 @@ hard-coded role markers, so any processor whose template renders earlier turns u
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from PIL import Image
 from torch import Tensor
@@ -31,15 +33,17 @@ def encode(sample: Sample, processor, max_length: int | None = None) -> dict[str
     """
     text = processor.apply_chat_template(sample.messages, tokenize=False)
     images = [_rgb(path) for path in sample.images]
-    # One image list per text: LLaVA-OneVision treats a flat list as one image per sample (batch_num_images).
-    inputs = dict(processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+    # One image list per text: LLaVA-OneVision treats a flat list as one image per sample (batch_num_images). The
+    # template already wrote the special tokens: no second <bos> (Gemma's tokenizer adds one by default).
+    images_arg = [images] if images else None
+    inputs = dict(processor(text=[text], images=images_arg, add_special_tokens=False, return_tensors="pt"))
     ids = inputs["input_ids"][0]  # [T]
     if max_length is not None and len(ids) > max_length:
         raise Overlong(sample.id, len(ids), max_length)
     spans = _assistant_spans(sample, processor, text)  # a token is labelled when it overlaps a span
     tokens = processor.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     in_span = [any(start < b and a < end for a, b in spans) for start, end in tokens["offset_mapping"]]
-    media = {getattr(processor, name, None) for name in ("image_token_id", "video_token_id")} - {None}
+    media = _media_ids(processor)
     mask = _expand(in_span, tokens["input_ids"], ids.tolist(), media, sample.id)
     inputs["labels"] = torch.where(torch.tensor(mask)[None], inputs["input_ids"], IGNORE_INDEX)  # [1, T]
     return inputs
@@ -59,6 +63,14 @@ def response_positions(labels: Tensor) -> Tensor:
 def _rgb(path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def _media_ids(processor) -> set[int]:
+    """Ids of the image/video tokens: the placeholder the template writes and the token the processor repeats
+    (the same id for most families; Gemma 3 writes `<start_of_image>` and repeats `<image_soft_token>`)."""
+    owners = (processor, processor.tokenizer)
+    ids = {getattr(o, f"{kind}_token_id", None) for o in owners for kind in ("image", "video")}
+    return {i for i in ids if isinstance(i, int) and i >= 0}
 
 
 def _assistant_spans(sample: Sample, processor, text: str) -> list[tuple[int, int]]:
@@ -82,22 +94,43 @@ def _assistant_spans(sample: Sample, processor, text: str) -> list[tuple[int, in
 
 def _expand(mask: list[bool], text_ids: list[int], ids: list[int], media: set[int], sample_id: str) -> list[bool]:
     """Carry `mask` (one flag per token of the template text tokenized alone, `text_ids`) over to the processor's
-    `ids`, where each image/video placeholder became a run of the same token; those runs are never labelled."""
-    out, i, j = [], 0, 0
-    while i < len(text_ids) and j < len(ids) and text_ids[i] == ids[j]:
-        if ids[j] in media:
-            token = ids[j]
-            while i < len(text_ids) and text_ids[i] == token:
-                i += 1
-            while j < len(ids) and ids[j] == token:
-                out.append(False)
-                j += 1
-        else:
-            out.append(mask[i])
-            i, j = i + 1, j + 1
-    if i < len(text_ids) or j < len(ids):
-        raise ValueError(
-            f"sample {sample_id}: the processor's input_ids differ from its tokenizer's at token {j} "
-            f"(processor {ids[j : j + 3]} vs tokenizer {text_ids[i : i + 3]}); only image/video placeholders may expand"
-        )
+    `ids`, where each image/video placeholder became the processor's expansion: a run of `media` tokens, for some
+    families wrapped in start / end / tile tokens and newlines (InternVL `<img>` ... `</img>`, Gemma 3
+    `\n\n<start_of_image>` ... `<end_of_image>\n\n`, Idefics3 / SmolVLM `<fake_token_around_image><row_1_col_1>` ...),
+    whose newlines may merge with the neighbouring text's. Tokens outside the expansions match one to one and keep
+    their flag; expansion tokens are never labelled.
+
+    Raises ValueError, naming the sample, when ids and text_ids differ away from an expansion, or when an expansion
+    would swallow an assistant token (labels would no longer cover exactly the assistant turns).
+    """
+    # Common prefix and suffix first (linear): the diff then only runs over the stretch holding the expansions.
+    head = 0
+    while head < min(len(text_ids), len(ids)) and text_ids[head] == ids[head] and ids[head] not in media:
+        head += 1
+    tail = 0
+    while (
+        tail < min(len(text_ids), len(ids)) - head
+        and text_ids[-1 - tail] == ids[-1 - tail]
+        and ids[-1 - tail] not in media
+    ):
+        tail += 1
+    out = mask[:head] + [False] * (len(ids) - head - tail) + mask[len(mask) - tail :]
+    a, b = text_ids[head : len(text_ids) - tail], ids[head : len(ids) - tail]
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            for k in range(i2 - i1):
+                out[head + j1 + k] = mask[head + i1 + k] and b[j1 + k] not in media
+            continue
+        near_media = media & ({*b[max(j1 - 1, 0) : j2 + 1]} | {*a[max(i1 - 1, 0) : i2 + 1]})
+        where = f"at token {head + j1} (processor {b[j1 : j1 + 3]} vs tokenizer {a[i1 : i1 + 3]})"
+        if not near_media:
+            raise ValueError(
+                f"sample {sample_id}: the processor's input_ids differ from its tokenizer's {where}, away from any "
+                "image/video placeholder; only image/video placeholders may expand"
+            )
+        if any(mask[head + i1 : head + i2]):
+            raise ValueError(
+                f"sample {sample_id}: the processor's image/video expansion {where} changes assistant tokens; "
+                "put images in user turns, or separate them from the answer text"
+            )
     return out

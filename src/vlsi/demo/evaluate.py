@@ -34,6 +34,7 @@ def encode_batches(processor, items: list[Item], batch_size: int) -> list[dict[s
                     text=texts[k : k + batch_size],
                     images=[[item.render()] for item in items[k : k + batch_size]],
                     padding=True,
+                    add_special_tokens=False,  # the chat template wrote the special tokens
                     return_tensors="pt",
                 )
             )

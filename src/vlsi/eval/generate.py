@@ -252,7 +252,13 @@ def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -
     # processor may encode training samples afterwards.
     side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
     try:
-        inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+        inputs = processor(
+            text=texts,
+            images=images if any(images) else None,
+            padding=True,
+            add_special_tokens=False,  # the chat template already wrote any BOS (Gemma 3 would get two)
+            return_tensors="pt",
+        )
     finally:
         processor.tokenizer.padding_side = side
     return greedy(model, processor, inputs.to(model.device), max_new_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -44,14 +45,26 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, e
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # the checkpoint's tensors do not fit the model transformers built
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+        fix = "check that the folder holds one consistent checkpoint"
+        if is_deepspeed_zero3_enabled():  # huggingface/transformers#43257: MoE expert conversion skipped under ZeRO-3
+            fix = "transformers does not convert MoE expert weights when loading under ZeRO-3: launch with fsdp2.yaml"
+        raise ModelError(f"cannot load the weights of '{path}': {detail} ({fix})") from None
 
 
 def check_same_vocabulary(teacher_processor, student_processor, teacher: str, student: str) -> None:
     """Teacher and student must give the same ids to the same tokens
-    (docs/METHOD.md#models-and-the-shared-vocabulary); sizes alone are not enough."""
+    (docs/METHOD.md#models-and-the-shared-vocabulary); sizes alone are not enough. Then they must also label an
+    answer alike (`check_same_answer_tokens`)."""
     t_vocab = teacher_processor.tokenizer.get_vocab()
     s_vocab = student_processor.tokenizer.get_vocab()
     if t_vocab == s_vocab:
+        check_same_answer_tokens(teacher_processor, student_processor, teacher, student)
         return
     differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])
     token, _ = differing[0]
@@ -62,19 +75,84 @@ def check_same_vocabulary(teacher_processor, student_processor, teacher: str, st
     )
 
 
+# A text-only conversation both processors encode, to check they label an answer with the same token ids
+_PROBE = [
+    {"role": "user", "content": [{"type": "text", "text": "How many objects are there? Answer with a number."}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "There are 3 objects: a cat, a dog and 1 fox."}]},
+]
+
+
+def check_same_answer_tokens(teacher_processor, student_processor, teacher: str, student: str) -> None:
+    """Teacher and student must label an answer with the same token ids, end-of-turn token included: the
+    interaction stage compares their predictions position by position over the answer tokens. A shared vocabulary
+    is not enough when the tokenizers split text differently or the chat templates end a turn differently
+    (e.g. a mixed-family pair)."""
+    from ..data.encode import IGNORE_INDEX, encode
+    from ..data.records import Sample
+
+    probe = Sample("probe", _PROBE, [])
+    answers = {}
+    for name, processor in (("teacher", teacher_processor), ("student", student_processor)):
+        labels = encode(probe, processor)["labels"][0]  # [T]
+        answers[name] = labels[labels != IGNORE_INDEX].tolist()
+    if answers["teacher"] != answers["student"]:
+        t = teacher_processor.tokenizer.convert_ids_to_tokens(answers["teacher"])
+        s = student_processor.tokenizer.convert_ids_to_tokens(answers["student"])
+        raise ModelError(
+            f"teacher '{teacher}' and student '{student}' label the same answer with different tokens "
+            f"(teacher {t} vs student {s}): their tokenizers split text or their chat templates end a turn "
+            "differently, and VLsI compares the two models token by token on the answers; pick a student of the "
+            "teacher's family"
+        )
+
+
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
 
 
-def add_lora(model: nn.Module, parts: Parts, r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """Wrap `model` with LoRA adapters on the language model's linear layers only (never the vision tower)."""
+def add_lora(
+    model: nn.Module,
+    parts: Parts,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | None = None,
+    experts: bool = False,
+):
+    """Wrap `model` with LoRA adapters on the language model only (never the vision tower): on its nn.Linear layers
+    named in `target_modules` (None: the family's row, `Parts.lora_targets`) and, with `experts`, on its MoE expert
+    weights (3-D parameters, through peft's `target_parameters`; docs/CONFIG.md#lora-and-moe-experts)."""
     from peft import LoraConfig, get_peft_model
 
-    names = "|".join(re.escape(m) for m in target_modules)
-    pattern = rf"{re.escape(parts.language_model_path)}\..*\.({names})"
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
+    prefix = f"{parts.language_model_path}."
+    present = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)
+    }
+    names = list(parts.lora_targets) if target_modules is None else list(target_modules)
+    unmatched = [n for n in names if n not in present]
+    if target_modules is None:  # the row lists every kind of block the family may have (e.g. dense MLPs in a MoE)
+        names = [n for n in names if n in present]
+    if (unmatched and target_modules is not None) or not names:
+        raise ModelError(
+            f"lora.target_modules: no linear layer named {unmatched or names} in the {parts.family} language model "
+            f"({parts.language_model_path}); its linear layers are {', '.join(sorted(present))}"
+        )
+    extra = {}
+    if experts:
+        if not parts.experts:
+            raise ModelError(
+                f"lora.experts=true, but model type '{parts.family}' has no MoE expert weights in vlsi's family "
+                "table (vlsi.models.family.FAMILIES); set lora.experts=false"
+            )
+        if dropout:
+            raise ModelError("lora.experts=true needs lora.dropout=0 (peft cannot drop out inside expert weights)")
+        if "target_parameters" not in inspect.signature(LoraConfig).parameters:
+            raise ModelError("lora.experts=true needs peft >= 0.17 (LoraConfig.target_parameters); upgrade peft")
+        extra["target_parameters"] = list(parts.experts)
+    pattern = rf"{re.escape(parts.language_model_path)}\..*\.({'|'.join(re.escape(m) for m in names)})"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none", **extra)
     return get_peft_model(model, config)
 
 

@@ -41,7 +41,7 @@ def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractCo
     parts = model_parts(model)
     if lora.enabled:
         freeze(model)
-        model = add_lora(model, parts, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        model = add_lora(model, parts, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.experts)
     freeze(parts.lm_head)
     if isinstance(stage, InteractConfig):
         # Interaction: every verbalizer head is lm_head(norm(verb_ffn(h))) with the norm and LM head frozen and

@@ -310,17 +310,41 @@ def test_length_scan_is_cached(tiny, images, monkeypatch):
     samples, _ = read_dataset(write_jsonl(images / "d.jsonl", [llava("a"), llava("b", image=None)]))
     cache = images / "cache" / "lengths.json"
     first = VLDataset(samples, {"student": processor}, max_length=60, cache_path=cache)
-    assert json.loads(cache.read_text())["lengths"].keys() == {"a", "b"}
+    cached = json.loads(cache.read_text())
+    assert cached["keys"] == [dataset_module.processor_key(processor)] and len(cached["lengths"]) == 2
 
-    def no_encoding(*args, **kwargs):
+    def no_scan(*args, **kwargs):
         raise AssertionError("re-scanned")
 
-    monkeypatch.setattr(dataset_module, "encode", no_encoding)
+    monkeypatch.setattr(dataset_module, "_count", no_scan)
     again = VLDataset(samples, {"student": processor}, max_length=40, cache_path=cache)  # max_length: same scan
     assert again.lengths == [n for n in first.lengths if n <= 40]
     edited = [samples[0], Sample("b", [samples[1].messages[0], {"role": "assistant", "content": [text("no")]}], [])]
     with pytest.raises(AssertionError, match="re-scanned"):
         VLDataset(edited, {"student": processor}, max_length=60, cache_path=cache)
+
+
+def test_length_scan_is_shared_by_stages_and_follows_the_images(tiny, images, monkeypatch):
+    """Another stage's scan file in the same folder serves a processor it holds; an image whose file changed (size,
+    mtime) makes the samples new, and they are scanned again."""
+    processor, other = tiny["qwen2_vl"][1], tiny["llava_onevision"][1]
+    path = write_jsonl(images / "d.jsonl", [llava("a"), llava("b", image=None)])
+    samples, _ = read_dataset(path)
+    folder = images / "cache"
+    VLDataset(samples, {"teacher": processor, "student": other}, max_length=200, cache_path=folder / "interact.json")
+    scanned = []
+    real_count = dataset_module._count
+    monkeypatch.setattr(
+        dataset_module, "_count", lambda s, p, names, n: scanned.append(names) or real_count(s, p, names, n)
+    )
+    sft = VLDataset(samples, {"model": other}, max_length=200, cache_path=folder / "sft.json")
+    assert scanned == [] and sft.lengths == VLDataset(samples, {"model": other}, max_length=200).lengths
+    assert scanned == [["model"]]  # the one without a cache scans
+
+    Image.new("RGB", (81, 40)).save(images / "a.png")
+    samples, _ = read_dataset(path)
+    VLDataset(samples, {"model": other}, max_length=200, cache_path=folder / "sft.json")
+    assert scanned == [["model"], ["model"]]
 
 
 def test_teacher_and_student_must_agree_on_response_tokens(tiny, images):
@@ -349,9 +373,9 @@ def test_processors_that_encode_alike_encode_once(tiny, images, monkeypatch):
     real_encode = dataset_module.encode
     monkeypatch.setattr(dataset_module, "encode", lambda sample, p, *a: calls.append(p) or real_encode(sample, p, *a))
     dataset = VLDataset(samples, {"teacher": processor, "student": twin}, max_length=200)
-    assert len(calls) == 2, "the length scan encodes each sample once"
+    assert calls == [] and list(dataset_module._COUNTERS) == ["teacher"], "the scan counts with one processor"
     item = dataset[0]
-    assert len(calls) == 3 and calls[-1] is processor
+    assert len(calls) == 1 and calls[-1] is processor
     reference = real_encode(samples[0], twin, 200)
     for name in ("teacher", "student"):
         assert item[name].keys() == reference.keys()

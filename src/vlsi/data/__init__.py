@@ -3,13 +3,15 @@
 from vlsi.data.collate import collate, make_collate
 from vlsi.data.dataset import VLDataset
 from vlsi.data.encode import IGNORE_INDEX, Overlong, encode, response_positions
-from vlsi.data.records import DataError, Sample, load_records, read_dataset
+from vlsi.data.records import BadRecord, DataError, Sample, Samples, load_records, read_dataset
 
 __all__ = [
     "IGNORE_INDEX",
+    "BadRecord",
     "DataError",
     "Overlong",
     "Sample",
+    "Samples",
     "VLDataset",
     "collate",
     "encode",

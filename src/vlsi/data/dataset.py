@@ -1,59 +1,81 @@
-"""Samples encoded lazily for every model's processor, after a one-off length scan that drops or rejects
-over-long samples and checks that teacher and student see the same response tokens."""
+"""Samples encoded lazily for every model's processor, after a one-off length scan (cached, shared by the stages)
+that drops or rejects over-long samples and checks that teacher and student see the same response tokens."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from vlsi.data.encode import IGNORE_INDEX, encode
-from vlsi.data.records import DataError, Sample
+from vlsi.data.encode import IGNORE_INDEX, Overlong, encode
+from vlsi.data.parallel import chunks, default_num_proc, run_chunks
+from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample, Samples
+from vlsi.data.scan import TokenCounter
+from vlsi.data.skipping import SKIPPED
 
 
 class VLDataset(Dataset):
     """Item i is `{name: encode(samples[i], processors[name], max_length)}` for every processor.
 
     `overlong="drop"` removes samples longer than `max_length` under any processor (their ids in `self.dropped`);
-    `"error"` raises DataError. The scan (token and response-token counts per sample and processor) is saved to
-    `cache_path` and reused when the samples, their image files and the processors are unchanged.
+    `"error"` raises DataError. The scan (token and response-token counts per sample and processor, `scan.py`: no
+    image is loaded) runs on `num_proc` processes (default: every core this process may use) and is saved to
+    `cache_path`; a later scan of the same samples (the same records and image files) takes each processor's counts
+    from any scan file in that folder that holds them, so every stage scans each processor once.
     Processors that encode alike (same class, configuration, tokenizer and chat template: a teacher and a student
     of one family) encode each sample once and share the result.
+
+    `lazy` (data.validate=lazy): no scan; each sample is checked, encoded and measured when it is loaded. Loading a
+    sample that turns out bad (an invalid record, an image that does not decode, too long, teacher and student
+    disagreeing on its response tokens) takes the next good sample in its place and reports the bad one under the
+    item's "skipped" key (`skipping.py`), for the training loop to log and count.
     """
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: Sequence[Sample],
         processors: dict,
         max_length: int,
         overlong: str = "drop",
         cache_path: str | os.PathLike | None = None,
+        num_proc: int | None = None,
+        lazy: bool = False,
+        max_bad_fraction: float = 0.01,
     ):
         if overlong not in ("drop", "error"):
             raise ValueError(f"data.overlong must be 'drop' or 'error', got {overlong!r}")
-        self.processors, self.max_length = processors, max_length
+        self.processors, self.max_length, self.overlong, self.lazy = processors, max_length, overlong, lazy
+        self.max_bad_fraction = max_bad_fraction  # read by the training loop (`skipping.SkippedRecords`)
         keys = {name: processor_key(p) for name, p in processors.items()}
         self.same_as = same_encoding(keys)
-        scan = _scan(samples, processors, cache_path, self.same_as, keys)  # {id: {name: [tokens, response tokens]}}
-        longest = {s.id: max(tokens for tokens, _ in scan[s.id].values()) for s in samples}
-        self.dropped = [s.id for s in samples if longest[s.id] > max_length]
+        self.dropped: list[str] = []
+        if lazy:
+            self.samples, self.lengths = samples, None
+            return
+        counts = _scan(samples, processors, cache_path, self.same_as, keys, num_proc)  # {name: [n, 2]}
+        longest = np.max([c[:, 0] for c in counts.values()], axis=0)  # [n]
+        over = np.flatnonzero(longest > max_length)
+        self.dropped = [samples[int(i)].id for i in over]
         if self.dropped and overlong == "error":
             raise DataError(
-                [f"sample {i}: {longest[i]} tokens" for i in self.dropped],
+                [f"sample {i}: {n} tokens" for i, n in zip(self.dropped, longest[over].tolist(), strict=True)],
                 f"{len(self.dropped)} samples longer than data.max_length={max_length} tokens "
-                f"(set data.max_length={max(longest.values())} or data.overlong=drop):",
+                f"(set data.max_length={int(longest.max())} or data.overlong=drop):",
             )
-        self.samples = [s for s in samples if longest[s.id] <= max_length]
-        self.lengths = [longest[s.id] for s in self.samples]  # max over processors, for length-grouped sampling
+        kept = np.flatnonzero(longest <= max_length)
+        self.samples = _take(samples, kept)
+        self.lengths = longest[kept].tolist()  # max over processors, for length-grouped sampling
+        responses = np.stack([c[kept, 1] for c in counts.values()])  # [processors, kept]
         mismatched = [
-            f"sample {s.id}: " + ", ".join(f"{n} for {name}" for name, (_, n) in scan[s.id].items())
-            for s in self.samples
-            if len({n for _, n in scan[s.id].values()}) > 1
+            f"sample {self.samples[int(i)].id}: "
+            + ", ".join(f"{n} for {name}" for name, n in zip(counts, responses[:, i].tolist(), strict=True))
+            for i in np.flatnonzero((responses != responses[0]).any(axis=0))
         ]
         if mismatched:
             raise DataError(
@@ -69,13 +91,67 @@ class VLDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, dict]:
-        sample = self.samples[index]
+    def __getitem__(self, index: int) -> dict:
+        """The encoded sample at `index`; when it cannot be loaded, the next one that can, with the ones passed over
+        under "skipped" as (position, message, counts as bad)."""
+        skipped = []
+        for position in (i % len(self) for i in range(index, index + MAX_IN_A_ROW)):
+            try:
+                items = self._encode(self.samples[position])
+            except SKIPPABLE as error:
+                if isinstance(error, Overlong) and self.overlong == "error":
+                    raise DataError([str(error)], f"{error} (set data.overlong=drop to skip such samples)") from None
+                skipped.append((position, _message(self.samples, position, error), not isinstance(error, Overlong)))
+                continue
+            return items | ({SKIPPED: skipped} if skipped else {})
+        raise DataError(
+            [message for _, message, _ in skipped[:MAX_SHOWN]],
+            f"{MAX_IN_A_ROW} samples in a row could not be loaded, from position {index}; check data.path and "
+            "data.image_root:",
+        )
+
+    def _encode(self, sample: Sample) -> dict[str, dict]:
         items: dict[str, dict] = {}
         for name, processor in self.processors.items():
             first = self.same_as[name]
             items[name] = encode(sample, processor, self.max_length) if first == name else dict(items[first])
+        if self.lazy:
+            responses = {name: int((item["labels"] != IGNORE_INDEX).sum()) for name, item in items.items()}
+            if len(set(responses.values())) > 1:
+                counts = ", ".join(f"{n} for {name}" for name, n in responses.items())
+                raise ResponseMismatch(f"response token counts differ ({counts}); their tokenizers must split it alike")
         return items
+
+
+class ResponseMismatch(ValueError):
+    """Teacher and student processors give one sample different numbers of response tokens."""
+
+
+MAX_IN_A_ROW = 100  # consecutive samples that fail to load before the run stops: the data is probably wrong
+# What loading a sample can raise that marks the sample, not the run, as bad: an invalid record (lazy), an image
+# whose header read but whose pixels do not decode (OSError, SyntaxError; or one too large for PIL), too many tokens.
+SKIPPABLE = (BadRecord, OSError, SyntaxError, Image.DecompressionBombError, Overlong, ResponseMismatch)
+
+
+def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
+    """One line: file, record and line (when known), what is wrong and what happens to it."""
+    if isinstance(error, BadRecord):
+        return f"{error}; skipped"
+    sample = samples[position]
+    where = f"record {sample.id}"
+    if isinstance(samples, Samples):
+        where = f"{samples.path}: {where} (line {int(samples.table[position, 3])})"
+    if isinstance(error, Overlong):
+        return f"{where}: {error.length} tokens > data.max_length={error.max_length}; dropped"
+    if isinstance(error, ResponseMismatch):
+        return f"{where}: {error}; skipped"
+    return f"{where}: an image cannot be decoded ({type(error).__name__}: {error}); skipped, replace the image"
+
+
+def _take(samples: Sequence[Sample], positions: np.ndarray) -> Sequence[Sample]:
+    if isinstance(samples, Samples):
+        return samples if len(positions) == len(samples) else samples.take(positions)
+    return [samples[int(i)] for i in positions]
 
 
 def processor_key(processor) -> str:
@@ -95,39 +171,74 @@ def same_encoding(keys: dict[str, str]) -> dict[str, str]:
 
 
 def _scan(
-    samples: list[Sample],
+    samples: Sequence[Sample],
     processors: dict,
     cache_path: str | os.PathLike | None,
     same_as: dict[str, str],
     keys: dict[str, str],
-) -> dict[str, dict]:
-    """{sample id: {processor name: [token count, response token count]}}, from `cache_path` when it matches."""
-    fingerprint = _fingerprint(samples, keys)
+    num_proc: int | None = None,
+) -> dict[str, np.ndarray]:
+    """{processor name: [n, 2] (token count, response token count) per sample}, each processor's counts taken from a
+    scan file in `cache_path`'s folder made for the same samples when one holds them, else scanned and saved."""
+    fingerprint = getattr(samples, "fingerprint", None) or _fingerprint(samples)
     cache = Path(cache_path) if cache_path is not None else None
-    if cache is not None and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("fingerprint") == fingerprint:
-            return cached["lengths"]
-    lengths = {}
-    for sample in tqdm(samples, desc="length scan", unit="sample", disable=not sys.stderr.isatty()):
-        counts = {}
-        for name, processor in processors.items():
-            if same_as[name] != name:
-                counts[name] = counts[same_as[name]]
-                continue
-            labels = encode(sample, processor)["labels"]  # [1, T]
-            counts[name] = [labels.shape[1], int((labels != IGNORE_INDEX).sum())]
-        lengths[sample.id] = counts
-    if cache is not None:
+    found = _cached(cache, fingerprint, set(keys.values())) if cache is not None else {}
+    missing = [name for name in processors if same_as[name] == name and keys[name] not in found]
+    if missing:
+        found |= {keys[name]: column for name, column in _count(samples, processors, missing, num_proc).items()}
+    unique = list(dict.fromkeys(keys.values()))
+    if cache is not None and (missing or not cache.is_file()):
         cache.parent.mkdir(parents=True, exist_ok=True)
+        lengths = np.stack([found[key] for key in unique], axis=1).tolist()  # [n, keys, 2]
         partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # ranks may write at once: replace atomically
-        partial.write_text(json.dumps({"fingerprint": fingerprint, "lengths": lengths}))
+        partial.write_text(json.dumps({"fingerprint": fingerprint, "keys": unique, "lengths": lengths}))
         partial.replace(cache)
-    return lengths
+    return {name: found[keys[name]] for name in processors}
 
 
-def _fingerprint(samples: list[Sample], keys: dict[str, str]) -> str:
-    """Hash of what the lengths depend on: ids, messages, image files (path, size, mtime) and each processor's
-    `processor_key`. max_length is left out: lengths do not depend on it."""
+def _cached(cache: Path, fingerprint: str, wanted: set[str]) -> dict[str, np.ndarray]:
+    """{processor key: [n, 2]} of the wanted processors, from the scan files of `cache`'s folder for these samples
+    (`cache` itself first)."""
+    found: dict[str, np.ndarray] = {}
+    candidates = [cache, *sorted(p for p in cache.parent.glob("*.json") if p != cache)] if cache.parent.is_dir() else []
+    for path in candidates:
+        if not path.is_file() or wanted <= found.keys():
+            continue
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint or "keys" not in cached:
+            continue
+        lengths = np.asarray(cached["lengths"], dtype=np.int64).reshape(-1, len(cached["keys"]), 2)
+        found |= {key: lengths[:, k] for k, key in enumerate(cached["keys"]) if key in wanted and key not in found}
+    return found
+
+
+def _count(samples: Sequence[Sample], processors: dict, names: list[str], num_proc: int | None) -> dict:
+    """{name: [n, 2]} for the processors `names`, scanned in chunks on `num_proc` processes."""
+    global _COUNTERS
+    _COUNTERS = {name: TokenCounter(processors[name]) for name in names}  # probed here, inherited by the workers
+    ranges = chunks(len(samples))
+    num_proc = min(num_proc or default_num_proc(), len(ranges))
+    tasks = [(_take(samples, np.arange(r.start, r.stop)),) for r in ranges]  # small: sub-indexes of the file
+    columns: dict[str, list] = {name: [] for name in names}
+    for counted in run_chunks(_count_chunk, tasks, [len(r) for r in ranges], num_proc, "length scan", len(samples)):
+        for name in names:
+            columns[name] += counted[name]
+    return {name: np.asarray(rows, dtype=np.int64).reshape(-1, 2) for name, rows in columns.items()}
+
+
+_COUNTERS: dict[str, TokenCounter] = {}
+
+
+def _count_chunk(samples: Sequence[Sample]) -> dict[str, list[list[int]]]:
+    samples = list(samples)
+    return {name: counter(samples) for name, counter in _COUNTERS.items()}
+
+
+def _fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of what the lengths depend on: ids, messages and image files (path, size, mtime). (Samples read by
+    `read_dataset` carry one made by its check: the records' bytes and their images' path, size and mtime.)"""
     data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in samples]
-    return hashlib.sha256(json.dumps([data, keys], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

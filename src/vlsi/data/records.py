@@ -1,51 +1,145 @@
 """Conversation records -> validated `Sample`s in Hugging Face chat format.
 
 Reads a JSON array or JSONL file of LLaVA-style (`conversations`) or OpenAI-style (`messages`) records. Every
-problem in the file is collected and reported at once, each naming the file, the record and its line.
+problem in the file is collected and reported at once, each naming the file, the record and its line. Records are
+checked in chunks on several processes and kept as an index into the file (`Samples`), not as Python objects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from codecs import BOM_UTF8
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
+import numpy as np
 from PIL import Image
+
+from vlsi.data.parallel import chunks, default_num_proc, run_chunks
 
 IMAGE_PLACEHOLDER = "<image>"
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
 REMOTE_PREFIXES = ("http://", "https://", "data:")
 MAX_SHOWN = 20
-_SEPARATORS = re.compile(r"[\s,]*")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass
 class Sample:
-    """One conversation: `messages` in HF chat format, `{"type": "image"}` items in the order of `images`."""
+    """One conversation: `messages` in HF chat format, `{"type": "image"}` items in the order of `images`.
+    `sizes`: (width, height) of each image, read from its header by the check (None when not read)."""
 
     id: str
     messages: list[dict]
     images: list[Path]
+    sizes: list[tuple[int, int]] | None = field(default=None, compare=False, repr=False)
 
 
 class DataError(ValueError):
     """Invalid data: `problems` holds one line per problem; `str()` shows a header and the first MAX_SHOWN."""
 
     def __init__(self, problems: list[str], header: str):
-        self.problems = problems
+        self.problems, self.header = problems, header
         more = [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
         super().__init__("\n".join([header, *problems[:MAX_SHOWN], *more]))
+
+    def __reduce__(self):  # sent between processes (the main process's check, DataLoader workers)
+        return DataError, (self.problems, self.header)
+
+
+class BadRecord(DataError):
+    """One record found invalid when it was loaded (data.validate=lazy); `index` is its position in the file."""
+
+    def __init__(self, index: int, problem: str):
+        self.index = index
+        super().__init__([problem], problem)
+
+    def __reduce__(self):
+        return BadRecord, (self.index, self.header)
+
+
+class Samples(Sequence):
+    """The records of a data file as `Sample`s, read back from the file on access. Held in memory is an index, not
+    the records: per record its position in the file, byte offset, byte length and line (24 bytes), plus 8 bytes
+    per image for its size. Eager (`read_dataset`): only records that passed the check are indexed. Lazy
+    (`read_dataset(lazy=True)`): every record is, and each is checked when accessed, raising BadRecord."""
+
+    def __init__(self, path: Path, root: Path, unanswered: bool, table: np.ndarray, sizes: np.ndarray | None = None,
+                 starts: np.ndarray | None = None, fingerprint: str | None = None, lazy: bool = False):  # fmt: skip
+        self.path, self.root, self.unanswered, self.lazy = path, root, unanswered, lazy
+        self.table = table  # [n, 4] int64: index in the file, byte offset, byte length, line
+        self.sizes, self.starts = sizes, starts  # [images, 2] (width, height); [n + 1] first image of each record
+        self.fingerprint = fingerprint  # hash of the records' bytes and their images' (path, size, mtime)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        with open(self.path, "rb") as f:
+            return self._read(f, i)
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:  # one file handle for them all
+            for i in range(len(self)):
+                yield self._read(f, i)
+
+    def _read(self, f, i: int) -> Sample:
+        index, offset, length, line = (int(v) for v in self.table[i])
+        f.seek(offset)
+        raw = f.read(length)
+        if self.lazy:
+            (sample_id, reasons, sizes, _), *_ = _check_records([(index, line, raw)], self.root, self.unanswered)
+            if reasons:
+                raise BadRecord(index, f"{self.path}: record {sample_id} (line {line}): {'; '.join(reasons)}")
+            sample = _to_sample(json.loads(raw), sample_id, self.root, self.unanswered)[0]
+            sample.sizes = sizes
+            return sample
+        record = json.loads(raw)
+        sample = _to_sample(record, _record_id(record, index), self.root, self.unanswered)[0]
+        if self.sizes is not None:
+            sample.sizes = [tuple(size) for size in self.sizes[self.starts[i] : self.starts[i + 1]].tolist()]
+        return sample
+
+    def take(self, positions) -> Samples:
+        """The records at `positions` (a sub-index; its fingerprint is left to be computed from the records)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.sizes is None:
+            return Samples(self.path, self.root, self.unanswered, self.table[positions], lazy=self.lazy)
+        counts = np.diff(self.starts)[positions]
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        picked = np.repeat(self.starts[positions] - starts[:-1], counts) + np.arange(starts[-1])  # their images
+        sizes = self.sizes[picked]
+        return Samples(self.path, self.root, self.unanswered, self.table[positions], sizes, starts, lazy=self.lazy)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON array (or single object) or JSONL file, in order; DataError if it is empty or malformed."""
-    entries, problems = _parse(Path(path))
+    path = Path(path)
+    table, problems = _locate(path)
+    records = []
+    for (index, _, _, line), raw in zip(table.tolist(), _read_spans(path, table), strict=True):
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as error:
+            problems.append(
+                f"{path}: record {index} (line {line}): malformed JSON at column {error.colno}: {error.msg}"
+            )
     if problems:
         raise DataError(problems, f"{path} is not a valid JSON / JSONL data file:")
-    return [record for _, _, record in entries]
+    return records
 
 
 def read_dataset(
@@ -53,90 +147,248 @@ def read_dataset(
     image_root: str | os.PathLike | None = None,
     skip_invalid: bool = False,
     unanswered: bool = False,
-) -> tuple[list[Sample], list[str]]:
+    num_proc: int | None = None,
+    lazy: bool = False,
+) -> tuple[Samples, list[str]]:
     """Validated samples of a data file and the problems of the records skipped (only with `skip_invalid`).
 
     Relative image paths resolve against `image_root`, by default the data file's directory. Without `skip_invalid`
     any problem raises DataError listing all of them; with it, invalid records are dropped, unless none is left.
     `unanswered` accepts records with no assistant turn that end with a user turn (data.answers=teacher: the teacher
-    answers them before training, `vlsi.answers`).
+    answers them before training, `vlsi.answers`). The records are checked on `num_proc` processes (default: every
+    core this process may use); an image's header is read (format, size), its pixels are not decoded. `lazy`: only
+    the file's structure is checked here, each record when it is accessed (`Samples`, data.validate=lazy).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    entries, problems = _parse(path)
-    samples, lines_by_id, image_problems = [], {}, {}
-    for index, line, record in entries:
-        sample_id = str(record["id"]) if isinstance(record, dict) and "id" in record else str(index)
-        sample, reasons = _to_sample(record, sample_id, root, image_problems, unanswered)
-        if sample_id in lines_by_id:
-            reasons.append(f"duplicate id (also on line {lines_by_id[sample_id]}); ids must be unique")
-        lines_by_id.setdefault(sample_id, line)
-        problems += [f"{path}: record {sample_id} (line {line}): {reason}" for reason in reasons]
-        if not reasons:
-            samples.append(sample)
-    if problems and (not skip_invalid or not samples):
-        fix = "set data.skip_invalid=true to skip them" if samples else "no valid record"
+    table, problems = _locate(path)
+    if problems:
+        raise DataError(problems, f"{len(problems)} invalid records in {path} (no valid record):")
+    if lazy:
+        return Samples(path, root, unanswered, table, lazy=True), []
+    num_proc = num_proc or default_num_proc()
+    ranges = chunks(len(table))
+    results = run_chunks(
+        _check_span,
+        [(path, root, unanswered, table[r.start : r.stop]) for r in ranges],
+        [len(r) for r in ranges],
+        min(num_proc, len(ranges)),
+        f"checking {path.name}",
+        len(table),
+    )
+    keep, sizes, counts, digest, lines_by_id = [], [], [], hashlib.sha256(str(path.resolve()).encode()), {}
+    for r, (checked, chunk_digest) in zip(ranges, results, strict=True):
+        digest.update(chunk_digest)
+        for position, (sample_id, reasons, image_sizes, parsed) in zip(r, checked, strict=True):
+            line = int(table[position, 3])
+            if parsed:
+                if sample_id in lines_by_id:
+                    reasons.append(f"duplicate id (also on line {lines_by_id[sample_id]}); ids must be unique")
+                lines_by_id.setdefault(sample_id, line)
+            problems += [f"{path}: record {sample_id} (line {line}): {reason}" for reason in reasons]
+            if not reasons:
+                keep.append(position)
+                sizes += image_sizes
+                counts.append(len(image_sizes))
+    if problems and (not skip_invalid or not keep):
+        fix = "set data.skip_invalid=true to skip them" if keep else "no valid record"
         raise DataError(problems, f"{len(problems)} invalid records in {path} ({fix}):")
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    sizes = np.array(sizes, dtype=np.int32).reshape(-1, 2)
+    samples = Samples(path, root, unanswered, table[keep], sizes, starts, digest.hexdigest())
     return samples, problems
 
 
-def _parse(path: Path) -> tuple[list[tuple[int, int, object]], list[str]]:
-    """(index, line, value) of every record in the file, and the problems that kept records from being parsed."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        return [], [f"{path}: not UTF-8 text (byte {error.start}); save the data file as UTF-8 JSON or JSONL"]
-    if not text.strip():
-        return [], [f"{path}: empty file"]
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        if text.lstrip().startswith("["):
-            return [], [f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"]
-        return _parse_jsonl(path, text)
-    if not isinstance(value, list):
-        leading = text[: len(text) - len(text.lstrip())]
-        return [(0, leading.count("\n") + 1, value)], []
-    if not value:
-        return [], [f"{path}: empty JSON array, no records"]
-    return [(i, line, record) for i, (line, record) in enumerate(zip(_array_item_lines(text), value, strict=True))], []
+def _record_id(record: object, index: int) -> str:
+    return str(record["id"]) if isinstance(record, dict) and "id" in record else str(index)
 
 
-def _parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, int, object]], list[str]]:
-    entries, problems = [], []
-    numbered = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    for index, (n, line) in enumerate(numbered):
+def _check_span(path: Path, root: Path, unanswered: bool, table: np.ndarray) -> tuple[list, bytes]:
+    """Check the records of `table` rows (one chunk, in a worker process): [(id, reasons, image sizes, parsed)] and
+    a digest of their bytes and their images' (path, size, mtime)."""
+    raws = _read_spans(path, table)
+    digest = hashlib.sha256()
+    checked = _check_records(
+        [(int(row[0]), int(row[3]), raw) for row, raw in zip(table, raws, strict=True)], root, unanswered, digest
+    )
+    return checked, digest.digest()
+
+
+def _check_records(records: list[tuple[int, int, bytes]], root: Path, unanswered: bool, digest=None) -> list[tuple]:
+    """[(id, reasons, image sizes, whether it parsed)] for (index, line, bytes) records."""
+    out, images = [], {}
+    for index, _, raw in records:
+        if digest is not None:
+            digest.update(raw)
         try:
-            entries.append((index, n, json.loads(line)))
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            column = getattr(error, "colno", getattr(error, "start", 0) + 1)
+            out.append((str(index), [f"malformed JSON at column {column}: {getattr(error, 'msg', error)}"], [], False))
+            continue
+        sample_id = _record_id(record, index)
+        sample, reasons, refs = _to_sample(record, sample_id, root, unanswered)
+        sizes = []
+        for ref, image in zip(refs, sample.images if sample else [], strict=True):
+            if image not in images:
+                images[image] = _image_info(image, ref)
+            size, problem, stat = images[image]
+            if digest is not None:
+                digest.update(json.dumps([str(image), stat]).encode())
+            if problem:
+                reasons.append(problem)
+            sizes.append(size)
+        out.append((sample_id, reasons, sizes, True))
+    return out
+
+
+def _image_info(path: Path, ref: str) -> tuple[tuple[int, int] | None, str | None, list | None]:
+    """(width, height), the reason the image is unusable (None if its header reads) and [size, mtime] of its file.
+    Only the header is read: decoding the pixels is what made checking slow. A file whose header is sound but whose
+    pixel data is damaged is found when its sample is loaded for training, and skipped there (`VLDataset`)."""
+    if ref.startswith(REMOTE_PREFIXES):
+        return None, f"image {ref[:60]!r}: remote images are not supported; download them and give a local path", None
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not S_ISREG(stat.st_mode):
+        return None, f"image {ref!r}: file not found ({path})", None
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except Exception as error:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
+        return None, f"image {ref!r}: cannot be decoded ({type(error).__name__}: {error})", None
+    return size, None, [stat.st_size, stat.st_mtime_ns]
+
+
+def _locate(path: Path) -> tuple[np.ndarray, list[str]]:
+    """[n, 4] int64 rows (index in the file, byte offset, byte length, line) of every record of a JSON array, single
+    JSON value or JSONL file, and the problems that concern the whole file (then no rows). JSONL is read line by
+    line; a JSON array is held as text while its items are located."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    bom = len(BOM_UTF8) if head.startswith(BOM_UTF8) else 0
+    first = head[bom:].lstrip()[:1]
+    if first == b"[":
+        return _locate_array(path, bom)
+    rows, problems = _locate_lines(path, bom)
+    if problems or len(rows) <= 1:
+        return np.array(rows, dtype=np.int64).reshape(-1, 4), problems
+    _, offset, length, _ = rows[0]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        first_line = f.read(length)
+    try:
+        json.loads(first_line)
+    except json.JSONDecodeError:  # perhaps one JSON value over several lines
+        text = path.read_bytes()[bom:].decode()
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSONL with a malformed first line: reported with the record
+        else:
+            start = len(text) - len(text.lstrip())
+            rows = [(0, bom + start, len(text.encode()) - start, text[:start].count("\n") + 1)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4), problems
+
+
+def _locate_lines(path: Path, bom: int) -> tuple[list[tuple[int, int, int, int]], list[str]]:
+    rows, offset = [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            start = bom if n == 1 else 0
+            try:
+                raw[start:].decode()
+            except UnicodeDecodeError as error:
+                byte = offset + start + error.start
+                return [], [f"{path}: not UTF-8 text (byte {byte}); save the data file as UTF-8 JSON or JSONL"]
+            if raw.strip():
+                rows.append((len(rows), offset + start, len(raw) - start, n))
+            offset += len(raw)
+    if not rows:
+        return [], [f"{path}: empty file"]
+    return rows, []
+
+
+def _locate_array(path: Path, bom: int) -> tuple[np.ndarray, list[str]]:
+    data = path.read_bytes()
+    try:
+        text = data[bom:].decode()
+    except UnicodeDecodeError as error:
+        return np.zeros((0, 4), np.int64), [
+            f"{path}: not UTF-8 text (byte {bom + error.start}); save the data file as UTF-8 JSON or JSONL"
+        ]
+    try:
+        spans = _array_items(text)
+    except (json.JSONDecodeError, ValueError, IndexError):
+        try:
+            json.loads(text)
+            raise AssertionError(f"{path}: valid JSON array that could not be indexed")  # noqa: TRY301
         except json.JSONDecodeError as error:
-            problems.append(f"{path}: record {index} (line {n}): malformed JSON at column {error.colno}: {error.msg}")
-    return entries, problems
+            return np.zeros((0, 4), np.int64), [
+                f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+            ]
+    if not spans:
+        return np.zeros((0, 4), np.int64), [f"{path}: empty JSON array, no records"]
+    ascii_only = text.isascii()
+    rows, chars, byte = [], 0, bom
+    for index, (line, start, end) in enumerate(spans):
+        if not ascii_only:  # characters -> bytes, one item at a time
+            byte += len(text[chars:start].encode())
+            length = len(text[start:end].encode())
+            byte_start, chars = byte, end
+            byte += length
+        else:
+            byte_start, length = bom + start, end - start
+        rows.append((index, byte_start, length, line))
+    return np.array(rows, dtype=np.int64), []
 
 
-def _array_item_lines(text: str) -> list[int]:
-    """1-based line on which each element of a valid top-level JSON array starts."""
+def _array_items(text: str) -> list[tuple[int, int, int]]:
+    """(line, start, end) in characters of each element of a top-level JSON array; raises on malformed JSON."""
     decoder = json.JSONDecoder()
-    lines, line, seen, pos = [], 1, 0, text.index("[") + 1
-    while True:
-        pos = _SEPARATORS.match(text, pos).end()
-        if text[pos] == "]":
-            return lines
-        line, seen = line + text.count("\n", seen, pos), pos
-        lines.append(line)
-        _, pos = decoder.raw_decode(text, pos)
+    items, line, seen = [], 1, 0
+    pos = _WHITESPACE.match(text, text.index("[") + 1).end()
+    if text[pos] != "]":
+        while True:
+            line, seen = line + text.count("\n", seen, pos), pos
+            _, end = decoder.raw_decode(text, pos)
+            items.append((line, pos, end))
+            pos = _WHITESPACE.match(text, end).end()
+            if text[pos] == ",":
+                pos = _WHITESPACE.match(text, pos + 1).end()
+            elif text[pos] == "]":
+                break
+            else:
+                raise ValueError(pos)
+    if text[pos + 1 :].strip(" \t\n\r"):
+        raise ValueError(pos)
+    return items
+
+
+def _read_spans(path: Path, table: np.ndarray) -> list[bytes]:
+    """The bytes of each record of `table`."""
+    raws = []
+    with open(path, "rb") as f:
+        for _, offset, length, _ in table.tolist():
+            f.seek(offset)
+            raws.append(f.read(length))
+    return raws
 
 
 def _to_sample(
-    record: object, sample_id: str, root: Path, image_problems: dict[Path, str | None], unanswered: bool = False
-) -> tuple[Sample | None, list[str]]:
-    """The record as a Sample, and the reasons it is invalid (the sample is only usable when there are none).
-    `unanswered`: a record with no assistant turn is valid when it ends with a user turn (the teacher answers it)."""
+    record: object, sample_id: str, root: Path, unanswered: bool = False
+) -> tuple[Sample | None, list[str], list[str]]:
+    """The record as a Sample (its images' files unchecked), the reasons it is invalid (the sample is only usable
+    when there are none) and its image references. `unanswered`: a record with no assistant turn is valid when it
+    ends with a user turn (the teacher answers it)."""
     if isinstance(record, dict) and isinstance(record.get("conversations"), list):
         messages, refs, reasons = _from_llava(record)
     elif isinstance(record, dict) and isinstance(record.get("messages"), list):
         messages, refs, reasons = _from_openai(record)
     else:
-        return None, ["neither LLaVA format (a 'conversations' list) nor OpenAI format (a 'messages' list)"]
+        return None, ["neither LLaVA format (a 'conversations' list) nor OpenAI format (a 'messages' list)"], []
     asks = bool(messages) and messages[-1]["role"] == "user"
     if not any(m["role"] == "assistant" for m in messages) and not (unanswered and asks):
         fix = "; set data.answers=teacher to have the teacher answer it" if asks else ""
@@ -147,13 +399,14 @@ def _to_sample(
         text = "".join(item.get("text", "") for item in message["content"])
         if message["role"] == "assistant" and not text.strip():
             reasons.append(f"turn {i}: assistant turn has no text")
-    images = []
-    for ref in refs:
-        image, problem = _check_image(ref, root, image_problems)
-        images.append(image)
-        if problem:
-            reasons.append(problem)
-    return Sample(sample_id, messages, images), reasons
+    return Sample(sample_id, messages, [_resolve(ref, root) for ref in refs]), reasons, refs
+
+
+def _resolve(ref: str, root: Path) -> Path:
+    if ref.startswith(REMOTE_PREFIXES):
+        return Path(ref)
+    path = Path(ref.removeprefix("file://"))
+    return path if path.is_absolute() else root / path
 
 
 def _from_llava(record: dict) -> tuple[list[dict], list[str], list[str]]:
@@ -230,26 +483,3 @@ def _image_ref(item: object) -> str | None:
     url = item.get("image_url")
     url = url.get("url") if isinstance(url, dict) else None
     return url if item.get("type") == "image_url" and isinstance(url, str) else None
-
-
-def _check_image(ref: str, root: Path, image_problems: dict[Path, str | None]) -> tuple[Path, str | None]:
-    """Resolved path of an image reference and why it is unusable (None if it decodes); memoised per path."""
-    if ref.startswith(REMOTE_PREFIXES):
-        return Path(ref), f"image {ref[:60]!r}: remote images are not supported; download them and give a local path"
-    path = Path(ref.removeprefix("file://"))
-    path = path if path.is_absolute() else root / path
-    if path not in image_problems:
-        image_problems[path] = _image_problem(path)
-    problem = image_problems[path]
-    return path, problem and f"image {ref!r}: {problem}"
-
-
-def _image_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return f"file not found ({path})"
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as error:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
-        return f"cannot be decoded ({type(error).__name__}: {error})"
-    return None

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..answers import teacher_answers
 from ..config import ConfigError, TrainConfig
-from ..data import VLDataset, make_collate, read_dataset, response_positions
+from ..data import DataError, VLDataset, make_collate, read_dataset, response_positions
+from ..data.skipping import with_skipped
 from ..models.family import Parts, check_target_layers, default_target_layers
 from ..models.loading import freeze, load_model
 
@@ -46,26 +47,61 @@ def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
 
 def load_samples(cfg: TrainConfig):
     """The data's samples; with data.answers=teacher the unanswered ones carry the teacher's answers (generated
-    once, cached in OUT/answers: `vlsi.answers`)."""
+    once, cached in OUT/answers: `vlsi.answers`). The main process checks the data (on data.num_proc processes) and
+    sends the result, an index into the data file, to the others."""
     teacher = cfg.data.answers == "teacher"
-    samples, skipped = read_dataset(cfg.data.path, cfg.data.image_root or None, cfg.data.skip_invalid, teacher)
+    args = (cfg.data.image_root or None, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None)
+    samples, skipped = _on_main_process(read_dataset, cfg.data.path, *args, cfg.data.validate == "lazy")
     if skipped:
         log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(skipped), cfg.data.path)
     return teacher_answers(cfg, samples) if teacher else samples
 
 
+def _on_main_process(fn, *args):
+    """`fn(*args)` run by the main process only, its result (or DataError) sent to the others."""
+    from .loop import process_state
+
+    state = process_state()
+    if state.num_processes == 1:
+        return fn(*args)
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if state.is_main_process:
+        try:
+            box = [(fn(*args), None)]
+        except DataError as error:
+            box = [(None, error)]
+    broadcast_object_list(box)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, seed: int, name: str):
-    """A seeded, shuffling loader; the length scan is cached in OUT/.cache/NAME-lengths.json for restarts."""
+    """A seeded, shuffling loader. The length scan runs on the main process (the others wait, then read it) and is
+    cached in OUT/.cache/NAME-lengths.json, where the later stages find each processor's counts."""
+    from .loop import make_loader, process_state
+
     cache = Path(cfg.output) / ".cache" / f"{name}-lengths.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    dataset = VLDataset(samples, processors, cfg.data.max_length, cfg.data.overlong, cache_path=cache)
+    options = dict(num_proc=cfg.data.num_proc or None, lazy=cfg.data.validate == "lazy")
+    with process_state().main_process_first():
+        dataset = VLDataset(
+            samples,
+            processors,
+            cfg.data.max_length,
+            cfg.data.overlong,
+            cache,
+            **options,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
     if dataset.n_dropped:
         log.warning("dropped %d samples longer than data.max_length=%d tokens", dataset.n_dropped, cfg.data.max_length)
     if len(dataset) == 0:
         raise ValueError(f"{cfg.data.path}: no usable samples (all were invalid or longer than data.max_length)")
-    from .loop import make_loader
-
-    return make_loader(dataset, batch_size, make_collate(processors), seed, cfg.data.num_workers)
+    return make_loader(dataset, batch_size, with_skipped(make_collate(processors)), seed, cfg.data.num_workers)
 
 
 def chunk_agreement(accelerator: Accelerator, chunk_size: int) -> Callable[[int], int]:

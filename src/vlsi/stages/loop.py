@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
+from ..data.skipping import SKIPPED, SkippedRecords
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
@@ -134,6 +135,17 @@ def make_loader(dataset, batch_size: int, collate_fn, seed: int, num_workers: in
     )
 
 
+def _everyones(accelerator: Accelerator, mine: list) -> list:
+    """[each process's `mine`], in process order (a collective)."""
+    if accelerator.num_processes == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    everyone = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 class NonFiniteLoss(RuntimeError):
     """Too many optimizer steps in a row had a NaN or infinite loss."""
 
@@ -184,6 +196,7 @@ def train(
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
 
     step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
+    progress = {}
     saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
     if saved is not None:
         progress = checkpoint.load(
@@ -197,6 +210,8 @@ def train(
         )
         step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
         log.info("%s: resuming from %s", name, saved)
+    # samples passed over so far (bad records found while loading): part of the data position
+    skipped = SkippedRecords.of(loader.dataset, accelerator.process_index, accelerator.num_processes, progress)
     metrics.truncate(name, step)
     if accelerator.log_with:
         accelerator.init_trackers(name.replace("/", "-"))
@@ -219,6 +234,8 @@ def train(
     stream = batches()
     while step < stage.max_steps:
         batch = next(stream)
+        if isinstance(batch, dict):  # a VLDataset batch: the samples passed over while loading it
+            skipped.add(batch.pop(SKIPPED, []))
         with accelerator.accumulate(module):
             loss, logs = module(batch)
             finite = torch.isfinite(loss.detach()).float()
@@ -264,13 +281,15 @@ def train(
         sums.clear()
         bad_step = False
         if every and checkpoint_dir is not None and step % every == 0 and step < stage.max_steps:
+            position = {"step": step, "epoch": epoch, "consumed": consumed}
+            position["skipped"] = _everyones(accelerator, skipped.state())
             checkpoint.save(
                 checkpoint_dir,
                 step,
                 accelerator.unwrap_model(module),
                 optimizer,
                 scheduler,
-                {"step": step, "epoch": epoch, "consumed": consumed},
+                position,
                 generators,
                 accelerator.process_index,
                 accelerator.is_main_process,

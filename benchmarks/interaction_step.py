@@ -9,13 +9,16 @@ batch 4 x 2048 tokens of which the last 256 per sample are the response. Each st
             forward/backward, KL(teacher || student) of the final outputs on response tokens
   vlsi      vlsi.stages.interact.InteractStep as trained: capture hooks, Verbalizers, divergence_matrix scoring
             without autograd, layer_match (adaptive), chunked KL on the matched layers + the final-layer KL
-A step is forward + backward (no optimizer update: that costs the same in all three). Reported: median wall time of
+  kd_final_cached, vlsi_cached (with --cache K): the same two steps trained from a teacher cache (vlsi.cache, top K
+            per token and layer, 0: whole distributions), built once from the same batch: the teacher does not run
+A step is forward + backward (no optimizer update: that costs the same in all of them). Reported: median wall time of
 `--repeats` steps after `--warmup` (device-synchronised), peak memory over the timed steps (all weights included),
 and the FLOP floor: the step's matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
 
     python benchmarks/interaction_step.py --out benchmarks/results/interaction-h100.json          # one GPU
     python benchmarks/interaction_step.py --teacher-layers 80 --out benchmarks/results/deep80.json
     python benchmarks/interaction_step.py --tiny                                   # CPU smoke run, one thread, seconds
+    python benchmarks/interaction_step.py --tiny --cache 64                        # + the steps from a teacher cache
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from vlsi.cache import teacher_targets
 from vlsi.config import TrainConfig
 from vlsi.models.family import default_target_layers, model_parts
 from vlsi.models.loading import add_lora, freeze
 from vlsi.models.verbalizer import Verbalizers
+from vlsi.stages.common import split_batch
 from vlsi.stages.interact import InteractStep
 from vlsi.stages.sft import SFTStep
 
@@ -86,6 +91,7 @@ TINY = dict(
     response=16,
 )
 STEPS = ("sft", "kd_final", "vlsi")
+CACHED = ("kd_final_cached", "vlsi_cached")
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
@@ -129,7 +135,13 @@ def step_flops(args, size: dict, s_cfg: dict, t_cfg: dict, params: tuple[int, in
     teacher = 2 * t_params * n + t_attn + 2 * dt * v * nr
     s_verb = t_s * (6 * 3 * ds * ds + 4 * ds * v) * nr
     t_verb = t_l * 2 * (3 * dt * dt + dt * v) * nr
-    return {"sft": student, "kd_final": student + teacher, "vlsi": student + teacher + s_verb + t_verb}
+    return {
+        "sft": student,
+        "kd_final": student + teacher,
+        "vlsi": student + teacher + s_verb + t_verb,
+        "kd_final_cached": student,
+        "vlsi_cached": student + s_verb,
+    }
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -187,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument(
+        "--cache",
+        type=int,
+        metavar="K",
+        help="also time kd_final and vlsi from a teacher cache of the top K per token and layer (0: whole)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -225,14 +243,24 @@ def main(argv: list[str] | None = None) -> int:
         "vlsi": InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator),
     }
     batch = make_batch(size, vocab, device, torch.Generator().manual_seed(args.seed))
+    batches = dict.fromkeys(STEPS, batch)
+    if args.cache is not None:  # built once, outside the timing: the teacher forward the cached steps no longer run
+        inputs, mask, _ = split_batch(batch["teacher"])
+        cached = teacher_targets(teacher, t_parts, t_verb, inputs, mask, vocab, args.cache, args.chunk_size)
+        names = ("log_probs", "ids", "log_tail") if args.cache else ("log_probs",)
+        cached_batch = {"student": batch["student"], "teacher": dict(zip(names, cached))}
+        steps["kd_final_cached"] = InteractStep(student, s_parts, s_verb, None, None, None, kd_cfg, vocab, generator)
+        steps["vlsi_cached"] = InteractStep(student, s_parts, s_verb, None, None, None, cfg, vocab, generator)
+        batches |= dict.fromkeys(CACHED, cached_batch)
+        args.steps = [*args.steps, *CACHED]
     rate = matmul_rate(device, dtype)
     flops = step_flops(args, size, s_cfg, t_cfg, (s_params, t_params), (len(s_layers), len(t_layers)), vocab)
 
     results = {}
     for name in args.steps:
-        s_verb.requires_grad_(name == "vlsi")  # as `interact` freezes them without intermediate losses
+        s_verb.requires_grad_(name.startswith("vlsi"))  # as `interact` freezes them without intermediate losses
         try:
-            result = measure(steps[name], batch, device, args.repeats, args.warmup)
+            result = measure(steps[name], batches[name], device, args.repeats, args.warmup)
         except torch.OutOfMemoryError:
             result = {"ms": None, "peak_gib": "OOM"}
             for p in steps[name].parameters():
@@ -260,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_params_B": sum(p.numel() for p in teacher.parameters()) / 1e9,
         "lora": args.lora,
         "chunk_size": args.chunk_size,
+        "cache_top_k": args.cache,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "steps": results,
@@ -269,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         report["vlsi_over_kd_time"] = vl["ms"] / kd["ms"]
         if kd["peak_gib"] and vl["peak_gib"]:
             report["vlsi_over_kd_memory"] = vl["peak_gib"] / kd["peak_gib"]
+    for name in ("kd_final", "vlsi"):
+        live, cached = results.get(name, {}), results.get(f"{name}_cached", {})
+        if live.get("ms") and cached.get("ms"):
+            report[f"{name}_cached_over_live_time"] = cached["ms"] / live["ms"]
     print(table(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +326,9 @@ def table(report: dict) -> str:
     for key in ("vlsi_over_kd_time", "vlsi_over_kd_memory"):
         if key in report:
             rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (goal <= 1.10x)")
+    for key in ("kd_final_cached_over_live_time", "vlsi_cached_over_live_time"):
+        if key in report:
+            rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (cache top-k {report['cache_top_k']})")
     return "\n".join(rows)
 
 

@@ -17,6 +17,10 @@ from vlsi.losses import (
     divergence_matrix,
     kl_from_logits,
     shared_vocab_size,
+    top_k,
+    topk_divergence,
+    topk_divergence_matrix,
+    topk_kl_from_logits,
 )
 
 F64 = torch.float64
@@ -249,3 +253,90 @@ def test_chunked_divergence_keeps_no_logits_for_backward(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         divergence(student_head(student_hidden), teacher_head(teacher_hidden).detach())
     assert sum(held) > n * v * 4
+
+
+# --- the top-k estimator against a cached teacher (docs/CACHE.md#the-estimator) ---
+
+TOPK_KINDS = ("forward", "reverse", "jsd")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_whole_distribution_is_the_exact_divergence(kind):
+    s, t = _logits(seed=20), _logits(seed=21)
+    cached = top_k(t.log_softmax(-1), 0)
+    assert cached.ids is None
+    torch.testing.assert_close(topk_kl_from_logits(s, cached, kind), kl_from_logits(s, t, kind), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", TOPK_KINDS)
+def test_topk_at_full_vocabulary_equals_the_exact_divergence_in_value_and_gradient(kind):
+    t = _logits(seed=22)
+    s1, s2 = _logits(seed=23).requires_grad_(), _logits(seed=23).requires_grad_()
+    cached = top_k(t.log_softmax(-1), t.shape[-1])  # k = V: every token kept, in another order, tail empty
+    assert torch.isneginf(cached.log_tail).all()
+    estimate, exact = topk_kl_from_logits(s1, cached, kind), kl_from_logits(s2, t, kind)
+    torch.testing.assert_close(estimate, exact, rtol=1e-10, atol=1e-12)
+    estimate.sum().backward()
+    exact.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", TOPK_KINDS)
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_estimate_never_exceeds_the_exact_divergence(kind, k):
+    s, t = _logits(seed=24, v=11), _logits(seed=25, v=11)
+    estimate = topk_kl_from_logits(s, top_k(t.log_softmax(-1), k), kind)
+    assert (estimate <= kl_from_logits(s, t, kind) + 1e-12).all()
+    assert torch.isfinite(estimate).all() and (estimate >= -1e-12).all()
+
+
+def test_topk_forward_bias_is_tail_mass_times_kl_within_the_tail():
+    s, t, k = _logits(seed=26), _logits(seed=27), 4
+    cached = top_k(t.log_softmax(-1), k)
+    p_t, p_s = t.softmax(-1), s.softmax(-1)
+    outside = torch.ones_like(p_t, dtype=torch.bool).scatter(-1, cached.ids, False)  # [N, V]
+    tail_t, tail_s = (p_t * outside).sum(-1), (p_s * outside).sum(-1)
+    torch.testing.assert_close(cached.log_tail.exp(), tail_t)
+    within_t, within_s = p_t * outside / tail_t[:, None], p_s * outside / tail_s[:, None]
+    within_kl = torch.where(outside, within_t * (within_t / within_s).log(), 0.0).sum(-1)
+    gap = kl_from_logits(s, t, "forward") - topk_kl_from_logits(s, cached, "forward")
+    torch.testing.assert_close(gap, tail_t * within_kl, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+@pytest.mark.parametrize("k", [0, 4])
+def test_chunked_topk_divergence_matches_plain(chunk_size, k):
+    n, d, v = 9, 6, 13
+    head = _head(d, v, seed=3)
+    hidden = torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    cached = top_k(_logits(n=n, v=v, seed=28).log_softmax(-1), k)
+    plain = topk_divergence(head(hidden), cached)
+    plain.backward()
+    grads = [hidden.grad.clone(), *(p.grad.clone() for p in head.parameters())]
+    hidden.grad = None
+    head.zero_grad()
+    chunked = losses.chunked_topk_divergence(hidden, head, cached, "forward", chunk_size, min_chunks=12)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(grads, [hidden.grad, *(p.grad for p in head.parameters())]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", TOPK_KINDS)
+def test_topk_divergence_matrix_matches_double_loop(kind):
+    n, d, v, t_s, t_l = 8, 5, 12, 2, 3
+    heads = [_head(d, v, seed=i) for i in range(t_s)]
+    hiddens = [torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(30 + i)) for i in range(t_s)]
+    teachers = [top_k(_logits(n=n, v=v, seed=40 + j).log_softmax(-1), 5) for j in range(t_l)]
+    d_mat = topk_divergence_matrix(hiddens, heads, teachers, kind, chunk_size=3)
+    with torch.no_grad():
+        loop = torch.tensor(
+            [[topk_divergence(heads[i](hiddens[i]), teachers[j], kind).item() for i in range(t_s)] for j in range(t_l)],
+            dtype=F64,
+        )
+    torch.testing.assert_close(d_mat, loop)
+
+
+def test_topk_l2_needs_the_whole_distribution():
+    with pytest.raises(ValueError, match="cache.top_k=0"):
+        topk_kl_from_logits(_logits(), top_k(_logits(seed=9).log_softmax(-1), 3), "l2")

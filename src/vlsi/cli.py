@@ -2,6 +2,7 @@
 
 vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [--config F.yaml] [k=v ...]
 vlsi verbalize --model M --data train.json --output OUT [k=v ...]
+vlsi cache --teacher T --data train.json --output C teacher_verbalizers=DIR [cache.top_k=64] [k=v ...]
 vlsi sft --model M --data train.json --output OUT [--teacher T data.answers=teacher] [k=v ...]
 vlsi eval --model M --benchmark NAME --data FILE --output OUT
 vlsi score --benchmark NAME --predictions FILE
@@ -104,6 +105,31 @@ def cmd_sft(args) -> int:
     return _one_stage(args, "model", run, teacher=args.teacher)
 
 
+def cmd_cache(args) -> int:
+    from .cache import build_cache
+    from .config import ConfigError, save_config
+    from .models.verbalizer import META, WEIGHTS
+    from .stages.loop import process_state
+
+    cfg = _config(args, teacher=args.teacher)
+    if not cfg.teacher_verbalizers:
+        raise ConfigError(
+            "vlsi cache needs the teacher's verbalizers: add teacher_verbalizers=DIR (from `vlsi verbalize --who "
+            "teacher`, or OUT/verbalizers/teacher of a `vlsi train` run)"
+        )
+    missing = [n for n in (META, WEIGHTS) if not (Path(cfg.teacher_verbalizers) / n).is_file()]
+    if missing:
+        raise ConfigError(f"teacher_verbalizers={cfg.teacher_verbalizers}: no {' or '.join(missing)} there")
+    out = Path(cfg.output)
+    if process_state().is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    build_cache(cfg, out, cfg.teacher_verbalizers)
+    if process_state().is_main_process:
+        print(f"teacher cache written to {out}; train from it with teacher_cache={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlsi",
@@ -147,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser(
+        "cache",
+        help="run the teacher once and cache its verbalized targets, for training students without it",
+        description="Cache the top-k of every teacher target layer's verbalized distribution and of its output, per "
+        "response token (docs/CACHE.md); `vlsi train ... teacher_cache=OUTPUT` then never loads the teacher.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher model: a local directory or a hub id")
+    _common(p)
+    p.set_defaults(func=cmd_cache)
 
     from .demo import add_ablate_parser, add_study_parser
     from .demo import add_parser as add_demo_parser

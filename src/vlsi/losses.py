@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,12 @@ def _chunks(n: int, chunk_size: int, min_chunks: int = 0) -> list[slice]:
 def _log_probs(logits: Tensor) -> Tensor:
     # [..., V] -> [..., V]; bf16 would lose the tail of a 150k-way softmax, so upcast to (at least) fp32 first
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """Log-probabilities [..., V] of logits [..., V], in at least fp32: what every divergence here compares (and what
+    a teacher cache stores, so that a cached teacher gives the live one's numbers)."""
+    return _log_probs(logits)
 
 
 def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
@@ -194,5 +201,140 @@ def divergence_matrix(
         for h, head in zip(teacher_hiddens, teacher_heads, strict=True):
             lt = _log_probs(head(h[rows]))  # [c, V]
             chunk_sums.append(torch.stack([_divergence_from_log_probs(ls, lt, kind).sum() for ls in student_lp]))
+        sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
+    return sums / n
+
+
+# --- a cached teacher (docs/CACHE.md): its k most likely tokens per position, the rest of its mass as one bucket ---
+
+_EMPTY_BUCKET = -1e4  # log-mass of a tail bucket that holds nothing (k = V): exp() is 0, and it meets itself
+
+
+class TopK(NamedTuple):
+    """A teacher distribution as cached: the k largest log-probabilities [N, k], their token ids [N, k] (integer)
+    and the log of the mass left outside them [N] (-inf where nothing is left). `ids` None: `log_probs` is the
+    whole distribution [N, V] (`cache.top_k=0`) and `log_tail` is unused."""
+
+    log_probs: Tensor
+    ids: Tensor | None = None
+    log_tail: Tensor | None = None
+
+    def rows(self, r: slice) -> TopK:
+        return TopK(*(None if t is None else t[r] for t in self))
+
+
+def top_k(log_probs: Tensor, k: int) -> TopK:
+    """Keep the k largest of log-probabilities [N, V] (k = 0: all of them, no ids); the tail is the log-sum-exp of
+    the others, exactly -inf when k >= V (never 1 - sum, which rounds to a spurious positive mass)."""
+    if k == 0:
+        return TopK(log_probs)
+    values, ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # [N, k], sorted
+    return TopK(values, ids, log_probs.scatter(-1, ids, -math.inf).logsumexp(-1))
+
+
+def topk_kl_from_logits(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+    """Per-token divergence [N] between student logits [N, V] and a cached teacher.
+
+    With a whole distribution (`teacher.ids` None) this is `kl_from_logits`. With a top-k one both distributions are
+    coarsened to k + 1 buckets (the teacher's k tokens, and everything else as one bucket whose mass is the tail) and
+    compared there: the estimator of docs/CACHE.md#the-estimator. Forward, reverse KL and JSD are f-divergences, so the
+    coarsened value never exceeds the exact one; forward KL falls short by exactly
+    tail_t * KL(teacher || student within the tail). It equals the exact divergence when k = V. "l2" needs the whole
+    distribution.
+    """
+    _check_kind(kind)
+    return _topk_divergence_from_log_probs(_log_probs(student_logits), teacher, kind)
+
+
+def _topk_divergence_from_log_probs(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
+    # student log-probs [N, V], cached teacher -> per-token divergence [N]
+    lt = teacher.log_probs.to(ls.dtype)
+    if teacher.ids is None:
+        if lt.shape != ls.shape:
+            raise ValueError(f"cached teacher log-probs {tuple(lt.shape)} and student logits {tuple(ls.shape)} differ")
+        return _divergence_from_log_probs(ls, lt, kind)
+    if kind == "l2":
+        raise ValueError("the l2 distance needs the whole teacher distribution: a cache with cache.top_k=0")
+    ids = teacher.ids.long()
+    has_tail = teacher.log_tail > -math.inf  # [N]; False where the k tokens hold all the mass
+    outside = torch.where(has_tail[:, None], ls.scatter(-1, ids, -math.inf), 0.0)  # 0: keeps logsumexp's grad finite
+    ls_tail = torch.where(has_tail, outside.logsumexp(-1), _EMPTY_BUCKET)  # [N] student mass off the teacher's top-k
+    lt_tail = torch.where(has_tail, teacher.log_tail.to(ls.dtype), _EMPTY_BUCKET)
+    ls_c = torch.cat([ls.gather(-1, ids), ls_tail[:, None]], -1)  # [N, k + 1]
+    lt_c = torch.cat([lt, lt_tail[:, None]], -1)
+    return _divergence_from_log_probs(ls_c, lt_c, kind)
+
+
+def topk_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+    """`topk_kl_from_logits` averaged over tokens: the last-layer term against a cached teacher output."""
+    return topk_kl_from_logits(student_logits, teacher, kind).mean()
+
+
+def _chunk_topk_divergence_sum(student_hidden: Tensor, student_head: Head, kind: str, *teacher: Tensor) -> Tensor:
+    return topk_kl_from_logits(student_head(student_hidden), TopK(*teacher), kind).sum()
+
+
+def _check_cached_rows(n: int, teachers: Sequence[TopK]) -> None:
+    if any(t.log_probs.shape[0] != n for t in teachers):
+        raise ValueError(f"the student has {n} response tokens but the cached teacher rows differ; same tokens needed")
+    if n == 0:
+        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
+
+
+def chunked_topk_divergence(
+    student_hidden: Tensor,
+    student_head: Head,
+    teacher: TopK,
+    kind: str = "forward",
+    chunk_size: int = 1024,
+    min_chunks: int = 0,
+) -> Tensor:
+    """`chunked_divergence` against a cached teacher: `topk_divergence(student_head(student_hidden), teacher, kind)`
+    over token chunks, each chunk's student logits recomputed during backward. student_hidden [N, d]."""
+    _check_kind(kind)
+    _check_chunk_size(chunk_size)
+    n = student_hidden.shape[0]
+    _check_cached_rows(n, [teacher])
+    total = sum(
+        checkpoint(
+            _chunk_topk_divergence_sum,
+            student_hidden[r],
+            student_head,
+            kind,
+            *teacher.rows(r),
+            use_reentrant=False,
+        )
+        for r in _chunks(n, chunk_size, min_chunks)
+    )
+    return total / n
+
+
+@torch.no_grad()
+def topk_divergence_matrix(
+    student_hiddens: Sequence[Tensor],
+    student_heads: Sequence[Head],
+    teachers: Sequence[TopK],
+    kind: str = "forward",
+    chunk_size: int = 1024,
+    min_chunks: int = 0,
+) -> Tensor:
+    """`divergence_matrix` against cached teacher layers: D [t_l, t_s], D[j, i] = token-averaged
+    topk divergence(student layer i || cached teacher layer j), no autograd, chunked over tokens."""
+    _check_kind(kind)
+    _check_chunk_size(chunk_size)
+    if len(student_hiddens) != len(student_heads):
+        raise ValueError("need one head per student hidden-state tensor")
+    n = student_hiddens[0].shape[0]
+    if any(h.shape[0] != n for h in student_hiddens):
+        raise ValueError("every student layer must hold the same tokens")
+    _check_cached_rows(n, teachers)
+    sums = 0
+    for rows in _chunks(n, chunk_size, min_chunks):
+        # t_s x [c, V], computed once and held against every cached teacher layer
+        student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
+        chunk_sums = [
+            torch.stack([_topk_divergence_from_log_probs(ls, t.rows(rows), kind).sum() for ls in student_lp])
+            for t in teachers
+        ]
         sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
     return sums / n

@@ -10,6 +10,7 @@ OUT/
                          student layer
   verbalizers/teacher/   verbalizers.safetensors + verbalizers.json
   verbalizers/student/
+  (teacher_cache=C: C holds the teacher's cached targets, built here after the teacher's verbalizers if absent)
   stages/interact/       the student after interaction (merged) and its verbalizers
   student/               the final student: a plain Hugging Face checkpoint + processor
   verbalizer_loss.png, layer_match.png
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .cache import build_cache
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .models.loading import check_same_vocabulary, load_processor
 from .plots import plot_layer_match, plot_verbalizer_loss
@@ -102,6 +104,8 @@ def run_train(cfg: TrainConfig) -> Path:
     if interacted.exists():
         log.info("interaction: reusing %s", interacted)
     else:
+        if cfg.teacher_cache:  # the teacher runs once, into the cache (or a matching cache is reused), not here
+            build_cache(cfg, cfg.teacher_cache, teacher_verb, samples)
         interact(cfg, out, metrics, samples)
     if state.is_main_process:
         plot_layer_match(out / "layer_match.jsonl", out / "layer_match.png")

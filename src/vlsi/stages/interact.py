@@ -9,6 +9,8 @@ response tokens only. Per batch:
             each layer's draw was (normalised entropy, top probability)
   loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked)
           + KL(teacher output || student output)
+With `teacher_cache=C` the teacher is never loaded: every teacher distribution comes from the cache (`vlsi.cache`),
+top-k with the tail as one bucket (docs/CACHE.md#the-estimator), and the same samples arrive in the same order.
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ import torch
 from accelerate.utils import gather_object
 from torch import nn
 
-from ..config import TrainConfig
+from ..cache import CachedTeacher, TeacherCache, cache_identity, cached_layers
+from ..config import ConfigError, TrainConfig
+from ..data import make_collate
 from ..losses import (
     chunked_cross_entropy,
     chunked_divergence,
+    chunked_topk_divergence,
     cross_entropy_from_logits,
     divergence,
     divergence_matrix,
     shared_vocab_size,
+    topk_divergence,
+    topk_divergence_matrix,
 )
 from ..matching import layer_match, normalized_entropy
 from ..models.family import Parts, capture, model_parts
@@ -52,12 +59,13 @@ from .common import (
     substate,
     tracking,
 )
-from .loop import MetricsLog, make_accelerator, train, truncate_jsonl
+from .loop import MetricsLog, make_accelerator, make_loader, train, truncate_jsonl
 from .sft import export_student, prepare_student
 
 
 class InteractStep(nn.Module):
-    """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside."""
+    """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside; teacher None (with
+    t_parts and t_verb None): a cached teacher, whose targets arrive in `batch["teacher"]` (`vlsi.cache`)."""
 
     def __init__(
         self,
@@ -89,15 +97,17 @@ class InteractStep(nn.Module):
         (s_parts,) = self.s_parts
         s_verb, cfg, vocab, chunk = self.verbalizers, self.cfg, self.vocab, self.chunk_size
         s_inputs, s_mask, targets = split_batch(batch["student"])
-        t_inputs, t_mask, _ = split_batch(batch["teacher"])
-
-        with torch.no_grad(), capture(t_parts.layers, t_verb.target_layers) as t_states:
-            t_logits = teacher(**t_inputs, logits_to_keep=t_mask).logits[:, :vocab]  # [N, V]
+        if teacher is None:  # cached: t_l + 1 TopK [N, k], the last one the teacher's output
+            *t_cached, t_out = cached_layers(batch["teacher"])
+        else:
+            t_inputs, t_mask, _ = split_batch(batch["teacher"])
+            with torch.no_grad(), capture(t_parts.layers, t_verb.target_layers) as t_states:
+                t_logits = teacher(**t_inputs, logits_to_keep=t_mask).logits[:, :vocab]  # [N, V]
+            t_hidden = [t_states[layer][t_mask] for layer in t_verb.target_layers]  # t_l x [N, d_t]
+            t_heads = [t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab) for j in range(len(t_verb))]
         with capture(s_parts.layers, s_verb.target_layers) as s_states:
             s_logits = self.student(**s_inputs, logits_to_keep=s_mask).logits[:, :vocab]  # [N, V]
-        t_hidden = [t_states[layer][t_mask] for layer in t_verb.target_layers]  # t_l x [N, d_t]
         s_hidden = [s_states[layer][s_mask] for layer in s_verb.target_layers]  # t_s x [N, d_s]
-        t_heads = [t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab) for j in range(len(t_verb))]
         s_heads = [s_verb.head(i, s_parts.norm, s_parts.lm_head, vocab) for i in range(len(s_verb))]
 
         logs: dict = {}
@@ -106,7 +116,16 @@ class InteractStep(nn.Module):
         if cfg.intermediate_loss in ("kld", "l2"):
             # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
-            scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk, min_chunks)  # [t_l, t_s]
+            if teacher is None:
+                scores = topk_divergence_matrix(s_hidden, s_heads, t_cached, kind, chunk, min_chunks)  # [t_l, t_s]
+            else:
+                scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk, min_chunks)
+
+            def matched(i: int, j: int) -> torch.Tensor:  # student layer i against teacher layer j, with gradient
+                if teacher is None:
+                    return chunked_topk_divergence(s_hidden[i], s_heads[i], t_cached[j], kind, chunk, min_chunks)
+                return chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
+
             m = cfg.match
             match, probabilities = layer_match(
                 scores,
@@ -124,12 +143,7 @@ class InteractStep(nn.Module):
             )
             for i, (chosen, p) in enumerate(zip(match, probabilities)):
                 layer = s_verb.target_layers[i]
-                layer_loss = torch.stack(
-                    [
-                        chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
-                        for j in chosen
-                    ]
-                ).mean()
+                layer_loss = torch.stack([matched(i, j) for j in chosen]).mean()
                 logs[f"{'l2' if kind == 'l2' else 'kl'}/layer{layer}"] = layer_loss.item()
                 loss = loss + layer_loss
                 if p is not None:  # a sampled match: how sharp its draw was (p [candidates])
@@ -141,7 +155,9 @@ class InteractStep(nn.Module):
                 layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk, min_chunks)
                 logs[f"ce/layer{layer}"] = layer_loss.item()
                 loss = loss + layer_loss
-        if cfg.last_loss == "kld":
+        if cfg.last_loss == "kld" and teacher is None:
+            last = topk_divergence(s_logits, t_out, cfg.divergence)
+        elif cfg.last_loss == "kld":
             last = divergence(s_logits, t_logits, cfg.divergence)
         elif cfg.last_loss == "ce":
             last = cross_entropy_from_logits(s_logits, targets)
@@ -164,24 +180,39 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         load_processor(cfg.student, cfg.trust_remote_code),
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
+    samples = samples if samples is not None else load_samples(cfg)
 
-    teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
-    t_parts = model_parts(teacher)
-    t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
+    cache = teacher = t_parts = t_verb = None
+    if cfg.teacher_cache:  # the teacher's weights are never loaded: its targets come from the cache
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples))
+        if cache.index["top_k"] and stage.intermediate_loss == "l2":
+            raise ConfigError(
+                f"interact.intermediate_loss=l2 needs the whole teacher distributions, but {cfg.teacher_cache} keeps "
+                f"the top {cache.index['top_k']}: use a cache built with cache.top_k=0"
+            )
+        n_teacher, t_rows = len(cache.target_layers), cache.vocab
+    else:
+        teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
+        t_parts = model_parts(teacher)
+        t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
+        n_teacher, t_rows = len(t_verb), t_parts.vocab_rows
     s_verb = Verbalizers.load(out / "verbalizers" / "student")
-    if len(s_verb) > len(t_verb):
+    if len(s_verb) > n_teacher:
         raise ValueError(
-            f"the student has {len(s_verb)} target layers but the teacher only {len(t_verb)}: each student layer "
+            f"the student has {len(s_verb)} target layers but the teacher only {n_teacher}: each student layer "
             "needs its own teacher layer (set verbalizer.student_layers / verbalizer.teacher_layers)"
         )
     torch.manual_seed(cfg.seed)
     student, s_parts = prepare_student(cfg.student, dtype, stage, cfg)
     if stage.intermediate_loss == "none":
         freeze(s_verb)
-    vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_parts.vocab_rows)
-
-    teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
-    t_verb.to(accelerator.device, dtype)
+    vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_rows)
+    if cache is not None:
+        cache.check_vocab(vocab)
+    else:
+        teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
+        t_verb.to(accelerator.device, dtype)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
     step = InteractStep(
         student,
@@ -195,8 +226,11 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         generator,
         chunk_agreement(accelerator, cfg.chunk_size),
     )
-    samples = samples if samples is not None else load_samples(cfg)
-    loader = build_loader(cfg, samples, {"teacher": t_proc, "student": s_proc}, stage.batch_size, cfg.seed, "interact")
+    processors = {"teacher": t_proc, "student": s_proc}
+    loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")
+    if cache is not None:  # the same samples in the same order, each with its cached targets as "teacher"
+        dataset = CachedTeacher(loader.dataset, cache)
+        loader = make_loader(dataset, stage.batch_size, make_collate(processors), cfg.seed, cfg.data.num_workers)
 
     match_log = out / "layer_match.jsonl"
     resume = checkpointing(cfg, "interact")

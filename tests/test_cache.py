@@ -1,0 +1,357 @@
+"""The teacher cache (`vlsi cache`, `teacher_cache=C`): what it stores, that a whole-distribution cache trains the
+live run's student without loading the teacher, refusal of mismatched, truncated and missing data, resume after a
+real SIGKILL, and the `vlsi train` path that builds the cache first."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlsi import cli
+from vlsi.cache import INDEX, CachedTeacher, TeacherCache, build_cache, cache_identity, shard_name, teacher_targets
+from vlsi.config import ConfigError, load_config
+from vlsi.data import VLDataset, make_collate, read_dataset
+from vlsi.models.family import model_parts
+from vlsi.models.loading import freeze, load_model, load_processor
+from vlsi.models.verbalizer import Verbalizers
+from vlsi.stages import interact as interact_module
+from vlsi.stages.common import split_batch
+from vlsi.stages.interact import InteractStep, interact
+from vlsi.stages.loop import MetricsLog
+from vlsi.toy import write_digits_dataset, write_tiny_pair
+
+TEACHER_LAYERS, STUDENT_LAYERS = [0, 2, 4], [0, 2]
+ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Tiny teacher and student, 8 digit samples, and saved verbalizers of both: (root, teacher, student, data)."""
+    root = tmp_path_factory.mktemp("toy")
+    teacher, student = write_tiny_pair(root)
+    data = write_digits_dataset(root, n=8)
+    torch.manual_seed(0)
+    for who, path, layers in (("teacher", teacher, TEACHER_LAYERS), ("student", student, STUDENT_LAYERS)):
+        hidden = model_parts(load_model(str(path), torch.float32)).hidden_size
+        Verbalizers(hidden, layers).save(root / "verbalizers" / who)
+    return root, str(teacher), str(student), data
+
+
+def _cfg(toy, output, *overrides):
+    root, teacher, student, data = toy
+    cfg = load_config(
+        None,
+        [
+            f"verbalizer.teacher_layers={TEACHER_LAYERS}",
+            f"verbalizer.student_layers={STUDENT_LAYERS}",
+            "chunk_size=7",
+            "precision=fp32",
+            "interact.max_steps=2",
+            "interact.grad_accum=2",
+            "interact.batch_size=2",
+            "interact.lr=1e-2",
+            "interact.lora.enabled=false",
+            "checkpoint.every=0",
+            "cache.shard_size=3",
+            "cache.batch_size=2",
+            *overrides,
+        ],
+        teacher=teacher,
+        student=student,
+        output=str(output),
+        teacher_verbalizers=str(root / "verbalizers" / "teacher"),
+    )
+    cfg.data.path = str(data)
+    return cfg
+
+
+def _run_folder(toy, out):
+    """An output folder as `vlsi train` leaves it before the interaction stage: both models' verbalizers."""
+    shutil.copytree(toy[0] / "verbalizers", out / "verbalizers")
+    return out
+
+
+def _cache(toy, folder, *overrides):
+    cfg = _cfg(toy, folder, *overrides)
+    return cfg, build_cache(cfg, folder, toy[0] / "verbalizers" / "teacher")
+
+
+def test_cache_holds_every_layers_top_k_and_tail(toy, tmp_path):
+    cfg, folder = _cache(toy, tmp_path / "c", "cache.top_k=5")
+    index = json.loads((folder / INDEX).read_text())
+    assert index["complete"] and index["top_k"] == 5 and index["target_layers"] == TEACHER_LAYERS
+    assert [s["file"] for s in index["shards"]] == [shard_name(i) for i in range(3)]  # 8 samples, 3 per shard
+    shards = [load_file(folder / s["file"]) for s in index["shards"]]
+    log_probs = torch.cat([s["log_probs"] for s in shards])
+    assert log_probs.shape == (index["rows"], 4, 5)  # 3 target layers + the output, k = 5
+    assert torch.cat([s["ids"] for s in shards]).dtype == torch.int32
+    tail = torch.cat([s["log_tail"] for s in shards])
+    total = torch.logsumexp(torch.cat([log_probs, tail[..., None]], -1), -1)  # the k tokens and the tail: all mass
+    torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-5, rtol=0)
+
+    # the rows are the live teacher's targets, sample by sample
+    processor = load_processor(cfg.teacher)
+    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+    verbalizers = Verbalizers.load(toy[0] / "verbalizers" / "teacher")
+    samples, _ = read_dataset(cfg.data.path)
+    batch = make_collate({"t": processor})([VLDataset(samples[:1], {"t": processor}, 512)[0]])["t"]
+    inputs, mask, _ = split_batch(batch)
+    live = teacher_targets(teacher, model_parts(teacher), verbalizers, inputs, mask, index["vocab"], 5, 7)
+    cached = TeacherCache(folder).rows(samples[0].id)
+    torch.testing.assert_close(cached["log_probs"], live.log_probs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached["ids"].long(), live.ids)
+
+
+def test_whole_distribution_cache_trains_the_live_student_without_the_teacher(toy, tmp_path, monkeypatch):
+    live_out = _run_folder(toy, tmp_path / "live")
+    cfg = _cfg(toy, live_out)
+    samples = read_dataset(cfg.data.path)[0]
+    interact(cfg, live_out, MetricsLog(live_out / "metrics.jsonl"), samples)
+
+    cached_out = _run_folder(toy, tmp_path / "cached")
+    cfg = _cfg(toy, cached_out, "cache.top_k=0", f"teacher_cache={tmp_path / 'c'}")
+    build_cache(cfg, cfg.teacher_cache, cached_out / "verbalizers" / "teacher", samples)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher's weights were loaded")
+
+    monkeypatch.setattr(interact_module, "load_frozen", no_teacher)
+    interact(cfg, cached_out, MetricsLog(cached_out / "metrics.jsonl"), samples)
+
+    live = load_file(live_out / "stages" / "interact" / "student" / "model.safetensors")
+    cached = load_file(cached_out / "stages" / "interact" / "student" / "model.safetensors")
+    assert live.keys() == cached.keys()
+    worst = max((live[k] - cached[k]).abs().max().item() for k in live)
+    # The cache's teacher ran on other batches (other padding, other thread splits), so its float32 log-probs differ
+    # from the live ones in the last bits; Adam's normalised steps carry that into the weights at ~1e-5 (2e-5 seen
+    # with two threads). A wrong target would move weights by the learning rate per step.
+    assert worst <= 1e-4, f"the student trained from the cache differs from the live one by {worst}"
+    assert (live_out / "layer_match.jsonl").read_text() == (cached_out / "layer_match.jsonl").read_text()
+    live_rows, cached_rows = (
+        [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in (live_out, cached_out)
+    )
+    for a, b in zip(live_rows, cached_rows, strict=True):
+        assert a.keys() == b.keys() and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_mismatched_cache_is_refused_naming_what_differs(toy, tmp_path):
+    cfg, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    with pytest.raises(ConfigError, match=r"another cache.top_k \(3 -> 4\)"):
+        build_cache(_cfg(toy, folder, "cache.top_k=4"), folder, toy[0] / "verbalizers" / "teacher")
+    other = tmp_path / "other_verbalizers"
+    torch.manual_seed(1)
+    Verbalizers(96, TEACHER_LAYERS).save(other)
+    processor = load_processor(cfg.teacher)
+    samples = read_dataset(cfg.data.path)[0]
+    with pytest.raises(ConfigError, match="another teacher verbalizers \\(its teacher") as refused:
+        TeacherCache(folder).check(cache_identity(cfg, other, processor, samples))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match="another data"):
+        TeacherCache(folder).check(cache_identity(cfg, toy[0] / "verbalizers" / "teacher", processor, samples[:5]))
+
+
+def test_truncated_or_missing_shard_is_named(toy, tmp_path):
+    _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    shard = folder / shard_name(1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(ConfigError, match=f"{shard}: truncated or corrupt"):
+        TeacherCache(folder)
+    shard.unlink()
+    with pytest.raises(ConfigError, match=f"{shard}: shard missing"):
+        TeacherCache(folder)
+    with pytest.raises(ConfigError, match="no teacher cache here"):
+        TeacherCache(tmp_path / "empty")
+
+
+def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
+    out = _run_folder(toy, tmp_path / "run")
+    cfg = _cfg(toy, out, "cache.top_k=3", f"teacher_cache={tmp_path / 'c'}", "interact.intermediate_loss=l2")
+    build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
+    with pytest.raises(ConfigError, match="cache.top_k=0"):
+        interact(cfg, out, MetricsLog(out / "metrics.jsonl"))
+
+
+def _cache_command(toy, folder):
+    root, teacher, _, data = toy
+    return [
+        sys.executable,
+        "-m",
+        "vlsi",
+        "cache",
+        "--teacher",
+        teacher,
+        "--data",
+        str(data),
+        "--output",
+        str(folder),
+        f"teacher_verbalizers={root / 'verbalizers' / 'teacher'}",
+        f"verbalizer.teacher_layers={TEACHER_LAYERS}",
+        "precision=fp32",
+        "cache.top_k=4",
+        "cache.shard_size=1",
+        "cache.batch_size=1",
+    ]
+
+
+def test_cache_build_killed_then_resumed_computes_only_the_missing_shards(toy, tmp_path, capsys):
+    reference = tmp_path / "whole"
+    assert cli.main(_cache_command(toy, reference)[3:]) == 0  # in-process: `vlsi cache ...`
+    assert "teacher cache written to" in capsys.readouterr().out
+
+    folder = tmp_path / "killed"
+    process = subprocess.Popen(_cache_command(toy, folder), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline and not (folder / shard_name(2)).is_file():
+        time.sleep(0.002)
+    assert process.poll() is None, "the build finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
+    assert 3 <= len(kept) < 8 and not json.loads((folder / INDEX).read_text())["complete"]
+    with pytest.raises(ConfigError, match="incomplete"):
+        TeacherCache(folder)
+
+    done = subprocess.run(_cache_command(toy, folder), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all((folder / name).stat().st_mtime_ns == mtime for name, mtime in kept.items()), "finished shards reused"
+    assert not list(folder.glob("*.tmp"))
+    for i in range(8):
+        a, b = load_file(folder / shard_name(i)), load_file(reference / shard_name(i))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert TeacherCache(folder).index["rows"] == TeacherCache(reference).index["rows"]
+
+
+def test_cache_command_needs_the_teacher_verbalizers(toy, tmp_path, capsys):
+    _, teacher, _, data = toy
+    code = cli.main(["cache", "--teacher", teacher, "--data", str(data), "--output", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "teacher_verbalizers=DIR" in err
+
+
+def test_train_builds_the_cache_then_trains_from_it(toy, tmp_path):
+    root, teacher, student, data = toy
+    folder, out = tmp_path / "c", tmp_path / "run"
+    steps = [f"{stage}.{key}=1" for stage in ("verbalize", "interact", "sft") for key in ("max_steps", "grad_accum")]
+    code = cli.main(
+        ["train", "--teacher", teacher, "--student", student, "--data", str(data), "--output", str(out)]
+        + [f"verbalizer.teacher_layers={TEACHER_LAYERS}", f"verbalizer.student_layers={STUDENT_LAYERS}"]
+        + [f"teacher_verbalizers={root / 'verbalizers' / 'teacher'}", f"teacher_cache={folder}", "precision=fp32"]
+        + ["cache.top_k=8", "checkpoint.every=0", "interact.lora.r=4", "sft.lora.r=4", *steps]
+    )
+    assert code == 0
+    assert json.loads((folder / INDEX).read_text())["complete"]
+    assert (out / "student" / "model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (out / "layer_match.jsonl").read_text().splitlines()] == [1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_each_cache_their_share_of_the_same_cache(toy, tmp_path):
+    """`accelerate launch` (two gloo processes on the CPU): process r writes shards r, r + 2, ...; the cache equals
+    the one a single process builds."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    two = subprocess.run(
+        [*launch, *_cache_command(toy, tmp_path / "two")[3:]],
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun gives each process
+    try:
+        assert cli.main(_cache_command(toy, tmp_path / "one")[3:]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
+    assert one.index["rows"] == two.index["rows"] and len(two.index["shards"]) == 8
+    for entry in one.index["shards"]:
+        a, b = load_file(tmp_path / "one" / entry["file"]), load_file(tmp_path / "two" / entry["file"])
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@pytest.fixture(scope="module")
+def whole_cache(toy, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    cfg = _cfg(toy, folder, "cache.top_k=0")
+    return build_cache(cfg, folder, toy[0] / "verbalizers" / "teacher")
+
+
+@pytest.mark.parametrize(
+    "intermediate, last, kind",
+    [
+        ("kld", "kld", "forward"),
+        ("kld", "kld", "reverse"),
+        ("kld", "kld", "jsd"),
+        ("l2", "kld", "forward"),
+        ("none", "kld", "forward"),  # final-layer KD, the ablation baseline
+        ("ce", "kld", "forward"),
+        ("kld", "none", "forward"),
+    ],
+)
+def test_cached_step_equals_the_live_step_for_every_loss(toy, whole_cache, intermediate, last, kind):
+    cfg = _cfg(
+        toy,
+        whole_cache,
+        f"interact.intermediate_loss={intermediate}",
+        f"interact.last_loss={last}",
+        f"interact.divergence={kind}",
+    )
+    processors = {"teacher": load_processor(cfg.teacher), "student": load_processor(cfg.student)}
+    dataset = VLDataset(read_dataset(cfg.data.path)[0], processors, 512)
+    collate = make_collate(processors)
+    cached_dataset = CachedTeacher(dataset, TeacherCache(whole_cache))
+    live_batch, cached_batch = collate([dataset[i] for i in range(4)]), collate([cached_dataset[i] for i in range(4)])
+    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+    t_verb = freeze(Verbalizers.load(toy[0] / "verbalizers" / "teacher"))
+    student = load_model(cfg.student, torch.float32)
+    s_parts = model_parts(student)
+    s_verb = Verbalizers.load(toy[0] / "verbalizers" / "student")
+    vocab = TeacherCache(whole_cache).vocab
+    results = []
+    for t, t_parts, tv, batch in (
+        (teacher, model_parts(teacher), t_verb, live_batch),
+        (None, None, None, cached_batch),
+    ):
+        step = InteractStep(student, s_parts, s_verb, t, t_parts, tv, cfg, vocab, torch.Generator().manual_seed(0))
+        loss, logs = step(batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in s_verb.parameters() if p.grad is not None]
+        student.zero_grad(), s_verb.zero_grad()
+        results.append((loss, logs, grads))
+    (live_loss, live_logs, live_grads), (cached_loss, cached_logs, cached_grads) = results
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=1e-6)
+    assert cached_logs.keys() == live_logs.keys() and cached_logs.get("match") == live_logs.get("match")
+    for a, b in zip(live_grads, cached_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sample_that_cannot_be_loaded_is_left_out_and_named_when_asked_for(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path / "c", "cache.top_k=3")
+    samples = list(read_dataset(cfg.data.path)[0])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(samples[1].images[0].read_bytes()[:50])  # a cut PNG: the record is valid, the image is not
+    samples[1] = dataclasses.replace(samples[1], images=[broken])
+    build_cache(cfg, tmp_path / "c", toy[0] / "verbalizers" / "teacher", samples)
+    cache = TeacherCache(tmp_path / "c")
+    assert samples[0].id in cache.where and samples[1].id not in cache.where and len(cache.where) == 7
+    with pytest.raises(ConfigError, match=f"sample {samples[1].id} is not in the teacher cache"):
+        cache.rows(samples[1].id)

@@ -23,6 +23,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     GradientAccumulationPlugin,
+    gather_object,
     parse_flag_from_env,
 )
 from torch import nn
@@ -133,17 +134,6 @@ def make_loader(dataset, batch_size: int, collate_fn, seed: int, num_workers: in
         num_workers=num_workers,
         drop_last=len(dataset) >= batch_size,
     )
-
-
-def _everyones(accelerator: Accelerator, mine: list) -> list:
-    """[each process's `mine`], in process order (a collective)."""
-    if accelerator.num_processes == 1:
-        return [mine]
-    import torch.distributed as dist
-
-    everyone = [None] * accelerator.num_processes
-    dist.all_gather_object(everyone, mine)
-    return everyone
 
 
 class NonFiniteLoss(RuntimeError):
@@ -282,7 +272,7 @@ def train(
         bad_step = False
         if every and checkpoint_dir is not None and step % every == 0 and step < stage.max_steps:
             position = {"step": step, "epoch": epoch, "consumed": consumed}
-            position["skipped"] = _everyones(accelerator, skipped.state())
+            position["skipped"] = gather_object([skipped.state()])  # [each process's], in process order
             checkpoint.save(
                 checkpoint_dir,
                 step,

@@ -361,6 +361,21 @@ def _qwen_ids(tokenizer) -> dict:
     )
 
 
+def _merger_vision(depth: int, out_hidden: int, **extra) -> dict:
+    """The tiny vision tower of Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V: width 32, 14-pixel patches merged 2 x 2
+    into one token of the text model's width `out_hidden`; `extra`: the family's own fields."""
+    return dict(
+        depth=depth,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        out_hidden_size=out_hidden,
+        **extra,
+    )
+
+
 def _qwen2_5_vl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_size):
     from transformers import (
         Qwen2_5_VLConfig,
@@ -372,17 +387,7 @@ def _qwen2_5_vl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, imag
     rope = {"type": "mrope", "mrope_section": _mrope(hidden // heads)}
     config = Qwen2_5_VLConfig(
         text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, rope_scaling=rope),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=hidden,
-            patch_size=14,
-            spatial_merge_size=2,
-            window_size=56,
-            fullatt_block_indexes=[vision_depth - 1],
-        ),
+        vision_config=_merger_vision(vision_depth, hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
         **_qwen_ids(tokenizer),
     )
     processor = _qwen_processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, tokenizer, image_size)
@@ -402,17 +407,8 @@ def _qwen3_vl_like(config_class, model_class, text_extra: dict, vision_extra: di
             text_config=_text(
                 tokenizer, hidden, layers, heads, vocab_rows, head_dim=head_dim, rope_parameters=rope, **text_extra
             ),
-            vision_config=dict(
-                depth=vision_depth,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=hidden,
-                num_position_embeddings=16,
-                **vision_extra,
+            vision_config=_merger_vision(
+                vision_depth, hidden, temporal_patch_size=2, num_position_embeddings=16, **vision_extra
             ),
             **_qwen_ids(tokenizer),
         )
@@ -487,17 +483,7 @@ def _glm4v(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_siz
     rope["mrope_section"] = _mrope(hidden // heads // 2)
     config = Glm4vConfig(
         text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, rope_parameters=rope),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            image_size=image_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-        ),
+        vision_config=_merger_vision(vision_depth, hidden, image_size=image_size, temporal_patch_size=2),
         image_token_id=ids("<|image|>"),
         video_token_id=ids("<|video|>"),
         image_start_token_id=ids("<|begin_of_image|>"),

@@ -1,7 +1,7 @@
 """`vlsi ablate`: the paper's ablations (matching strategies, loss operations, the SFT stage;
 docs/METHOD.md#ablations-reported-by-the-paper) at demo scale, on the demo's task and models, several seeds per row.
 
-    vlsi ablate --output /tmp/a            # about 25 minutes on 2 CPU cores; no network, no GPU
+    vlsi ablate --output /tmp/a            # about 30 minutes on 2 idle CPU cores; no network, no GPU
     vlsi ablate --output /tmp/a --fast     # a one-minute smoke run of the same code path (what CI runs)
 
 The setting is `vlsi demo`'s (docs/DEMO.md): compare + sequence questions, `n_labelled` with gold answers and

@@ -171,6 +171,32 @@ def test_interaction_loss_operations(toy, intermediate, last):
     assert got_grad == (intermediate != "none")
 
 
+@pytest.mark.parametrize("intermediate", ["kld", "ce"])
+def test_intermediate_reduction_mean_divides_the_layer_terms_only(toy, intermediate):
+    """`interact.intermediate_reduction=mean` against the plain sum on the same batch and the same match draw: the
+    layer terms and the last-layer term are the same, the loss adds the layer terms' mean instead of their sum."""
+    results = {}
+    for reduction in ("sum", "mean"):
+        cfg = _cfg(toy, f"interact.intermediate_loss={intermediate}", f"interact.intermediate_reduction={reduction}")
+        t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
+        teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
+        t_parts = model_parts(teacher)
+        torch.manual_seed(0)
+        t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
+        student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
+        s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
+        gen = torch.Generator().manual_seed(0)
+        step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), gen)
+        batch = next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])))
+        results[reduction] = step(batch)
+    (sum_loss, sum_logs), (mean_loss, mean_logs) = results["sum"], results["mean"]
+    terms = [v for k, v in sum_logs.items() if k.startswith(("kl/", "ce/"))]
+    assert len(terms) == 2 and terms == [v for k, v in mean_logs.items() if k.startswith(("kl/", "ce/"))]
+    assert sum_logs.get("match") == mean_logs.get("match") and sum_logs["last"] == mean_logs["last"]
+    assert sum_loss.item() == pytest.approx(sum(terms) + sum_logs["last"], rel=1e-5)
+    assert mean_loss.item() == pytest.approx(sum(terms) / 2 + mean_logs["last"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def interacted(toy, tmp_path_factory):
     """`interact` as `vlsi train` runs it, with full fine-tuning, from untrained verbalizers: (config, OUT)."""

@@ -95,6 +95,9 @@ class InteractConfig(StageConfig):
     divergence: str = "forward"  # forward KL(teacher||student) | reverse | jsd
     intermediate_loss: str = "kld"  # kld | l2 (matched layers) | ce (ground truth at each verbalizer) | none
     last_loss: str = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
+    # how the per-layer terms add up: sum (the paper: with t_s layers the last-layer term is 1/(t_s+1) of the loss)
+    # | mean (their mean: the layer terms together weigh as much as the last-layer term)
+    intermediate_reduction: str = "sum"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_vision: bool = True
 
@@ -153,6 +156,7 @@ CHOICES = {
     "interact.divergence": {"forward", "reverse", "jsd"},
     "interact.intermediate_loss": {"kld", "l2", "ce", "none"},
     "interact.last_loss": {"kld", "ce", "none"},
+    "interact.intermediate_reduction": {"sum", "mean"},
     "cache.dtype": {"float32", "float16", "bfloat16"},
 }
 

@@ -190,7 +190,7 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
     from ..stages.loop import MetricsLog
     from ..stages.sft import sft
     from ..stages.verbalize import verbalize
-    from .models import STUDENT_DIR, TEACHER_DIR
+    from .models import TEACHER_DIR
 
     torch.set_num_threads(1)
     folder = Path(job.folder)
@@ -203,7 +203,7 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
     scores: dict = {}
     with open(folder / "log.txt", "w") as stream, output_to(stream):
         if job.kind == "score":
-            scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else STUDENT_DIR, test)
+            scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else s.student_dir, test)
         else:
             if job.kind == "verbalize":
                 steps = {"verbalize": s.verbalize_steps}
@@ -218,9 +218,9 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
             samples = load_samples(cfg)
             metrics = MetricsLog(folder / "metrics.jsonl")
             if job.kind == "verbalize":
-                verbalize(cfg, str(STUDENT_DIR), "student", folder / "verbalizers" / "student", metrics, samples)
+                verbalize(cfg, str(s.student_dir), "student", folder / "verbalizers" / "student", metrics, samples)
             elif job.name == "sft":
-                scores["student"] = _score(sft(cfg, str(STUDENT_DIR), folder / "student", metrics, samples), test)
+                scores["student"] = _score(sft(cfg, str(s.student_dir), folder / "student", metrics, samples), test)
             else:
                 shared = folder.parent.parent / "verbalize" / f"seed-{job.seed}" / "verbalizers" / "student"
                 own = folder / "verbalizers" / "student"
@@ -364,7 +364,9 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     print("== vlsi ablate: the teacher answers the unlabelled questions (once for every run)", file=sys.stderr)
     samples = answer_pool(s, out / "pool", mixed)
     first, rest = _jobs(s, runs_dir)
-    share_length_scans(samples, runs_dir / ".cache", [Path(j.folder) for j in first + rest if j.kind != "score"])
+    share_length_scans(
+        samples, runs_dir / ".cache", [Path(j.folder) for j in first + rest if j.kind != "score"], s.student_dir
+    )
 
     print(
         f"== vlsi ablate: {len(needed_runs(s))} runs x {s.seeds} seeds, {s.jobs} at a time; "

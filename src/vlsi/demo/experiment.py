@@ -88,6 +88,17 @@ class DemoSettings:
     seed: int = 0
     threads: int = 1  # torch threads; one more core feeds the data loader (data.num_workers=1)
     eval_split: str = "test"  # "val" while choosing settings: the test split is for the final numbers only
+    intermediate_reduction: str = "sum"  # VLsI's layer terms: their sum (the paper) or mean (interact.* in CONFIG.md)
+    student: str = ""  # another student initialisation (a folder with the shipped tokenizer); "": the shipped one
+    student_layers: str = ""  # its target layers, e.g. 0,1,2,3,4; "": the shipped student's (0,1,2)
+
+    @property
+    def student_dir(self) -> Path:
+        return Path(self.student) if self.student else STUDENT_DIR
+
+    @property
+    def student_target_layers(self) -> list[int]:
+        return [int(x) for x in self.student_layers.split(",")] if self.student_layers else STUDENT_TARGET_LAYERS
 
     @property
     def task_list(self) -> tuple[str, ...]:
@@ -109,6 +120,12 @@ class DemoSettings:
             raise ValueError("demo settings need 0 <= warmup < 1 and 0 < min_lr_ratio <= 1")
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"demo setting eval_split must be test or val, got {self.eval_split!r}")
+        if self.intermediate_reduction not in ("sum", "mean"):
+            raise ValueError(f"demo setting intermediate_reduction: sum or mean, not {self.intermediate_reduction!r}")
+        if self.student and not (self.student_dir / "config.json").is_file():
+            raise ValueError(f"demo setting student={self.student}: no Hugging Face checkpoint (config.json) there")
+        if self.student_layers and not all(x.strip().isdigit() for x in self.student_layers.split(",")):
+            raise ValueError(f"demo setting student_layers={self.student_layers!r}: write block indices, e.g. 0,1,2")
         return self
 
 
@@ -140,6 +157,8 @@ def demo_config(
     num_workers: int = 1,
     warmup: float = 0.0,
     min_lr_ratio: float = 0.1,
+    student: Path = STUDENT_DIR,
+    student_layers: list[int] = STUDENT_TARGET_LAYERS,
 ):
     """A `vlsi train` configuration for the demo's models: `stages` gives each stage's optimizer steps (0: none);
     every stage warms up for `warmup` of its steps and decays to `min_lr_ratio` x its learning rate."""
@@ -150,7 +169,7 @@ def demo_config(
         "checkpoint.every=0",  # every run starts afresh: mid-stage checkpoints would only cost time
         f"seed={seed}",
         f"verbalizer.teacher_layers={json.dumps(TEACHER_TARGET_LAYERS)}",
-        f"verbalizer.student_layers={json.dumps(STUDENT_TARGET_LAYERS)}",
+        f"verbalizer.student_layers={json.dumps(student_layers)}",
     ]
     for stage in ("verbalize", "interact", "sft"):
         stage_lr = verbalize_lr if stage == "verbalize" else lr
@@ -169,7 +188,7 @@ def demo_config(
         None,
         [*overrides, *extra],
         teacher=str(TEACHER_DIR),
-        student=str(STUDENT_DIR),
+        student=str(student),
         output=str(out),
         teacher_verbalizers=str(TEACHER_VERBALIZERS),
     )
@@ -190,15 +209,18 @@ def stage_config(
         warmup=s.warmup,
         min_lr_ratio=s.min_lr_ratio,
         num_workers=num_workers,
+        student=s.student_dir,
+        student_layers=s.student_target_layers,
     )
+    cfg.interact.intermediate_reduction = s.intermediate_reduction
     cfg.data.path = str(data)
     return cfg
 
 
-def share_length_scans(samples, scans: Path, runs: list[Path], max_length: int = 128) -> None:
+def share_length_scans(samples, scans: Path, runs: list[Path], student: Path, max_length: int = 128) -> None:
     """Scan the training samples' lengths once (into `scans`) and give every run folder the scan
     (`vlsi.data.VLDataset` checks each copy against its samples and processors, so a stale copy is only ignored)."""
-    processor = load_processor(str(STUDENT_DIR))
+    processor = load_processor(str(student))
     VLDataset(samples, {"model": processor}, max_length, cache_path=scans / "sft-lengths.json")
     VLDataset(samples, {"teacher": processor, "student": processor}, max_length, cache_path=scans / "interact.json")
     for run in runs:
@@ -249,8 +271,10 @@ def train_students(
         shutil.copytree(runs / "kd" / "answers", runs / "vlsi" / "answers", dirs_exist_ok=True)  # VLsI's: the same
     seconds["teacher_answers"] = time.time() - start
     gold, _ = read_dataset(labelled)
-    share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"])
-    share_length_scans(answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"])
+    share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"], s.student_dir)
+    share_length_scans(
+        answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"], s.student_dir
+    )
 
     _banner(f"(a) SFT only, {s.n_labelled} labelled questions: {s.distill_steps} + {s.sft_steps} SFT steps")
     start = time.time()
@@ -345,7 +369,9 @@ def probe_layers(s: DemoSettings, runs: Path, data: Path, samples, num_workers: 
     return probes
 
 
-def layer_accuracies(runs: Path, probes: dict[str, Path], test, encoded: tuple) -> dict[str, dict]:
+def layer_accuracies(
+    runs: Path, probes: dict[str, Path], test, encoded: tuple, student: Path = STUDENT_DIR
+) -> dict[str, dict]:
     """Per task, how often each verbalized layer names the answer: {model: {task: {layer: accuracy}}} for the teacher
     (its shipped verbalizers), the student initialisation (VLsI's stage-1 verbalizers), the KD and the VLsI students
     after interaction (`probe_layers`), and the VLsI student with the verbalizers trained alongside it."""
@@ -353,7 +379,7 @@ def layer_accuracies(runs: Path, probes: dict[str, Path], test, encoded: tuple) 
     interacted = runs / "vlsi" / "stages" / "interact"
     models = (
         ("teacher", TEACHER_DIR, TEACHER_VERBALIZERS),
-        ("init", STUDENT_DIR, runs / "vlsi" / "verbalizers" / "student"),
+        ("init", student, runs / "vlsi" / "verbalizers" / "student"),
         ("kd", runs / "kd" / "stages" / "interact" / "student", probes["kd"]),
         ("vlsi", interacted / "student", probes["vlsi"]),
         ("vlsi_own", interacted / "student", interacted / "verbalizers"),
@@ -409,14 +435,14 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         "questions"
     )
     encoded = encode_test(test)
-    evals = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR, **finals}, test, encoded)
+    evals = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir, **finals}, test, encoded)
     earlier = evaluate_all(before, test, encoded)
     _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
     probe_start = time.time()
     probes = probe_layers(
         s, out / "runs", mixed, load_samples(stage_config(s, out / "runs" / "kd", {}, mixed, ANSWERED))
     )
-    layers = layer_accuracies(out / "runs", probes, test, encoded)
+    layers = layer_accuracies(out / "runs", probes, test, encoded, s.student_dir)
     seconds["probes"] = time.time() - probe_start
 
     _banner("plots and one test example read layer by layer")

@@ -54,6 +54,18 @@ def build_model(out_dir: Path | None, size: dict, seed: int, tokenizer=None):
     return model, processor
 
 
+def model_size(folder: Path) -> dict:
+    """`TEACHER` / `STUDENT`-style sizes of a demo checkpoint, read from its config.json."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    text = config["text_config"]
+    return dict(
+        hidden=text["hidden_size"],
+        layers=text["num_hidden_layers"],
+        heads=text["num_attention_heads"],
+        vision_depth=config["vision_config"]["depth"],
+    )
+
+
 def teacher_card() -> dict:
     """The shipped teacher's record: sizes, training command and steps, seed, accuracy per split."""
     if not TEACHER_CARD.is_file():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models import STUDENT, STUDENT_DIR, TEACHER, TEACHER_DIR, TEACHER_VERBALIZERS
+from .models import STUDENT, STUDENT_DIR, TEACHER, TEACHER_DIR, TEACHER_VERBALIZERS, model_size
 from .tasks import TASKS, Item, is_correct
 
 ROWS = (
@@ -200,9 +200,12 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         verdict(r),
         "",
         f"Teacher: Qwen2-VL architecture, {_size(TEACHER)}, trained from scratch "
-        f"(`{card.get('command', 'scripts/train_demo_teacher.py')}`). "
-        f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
-        "and counting only; compare and sequence questions are new to it).",
+        f"(`{card.get('command', 'scripts/train_demo_teacher.py')}`). "(
+            f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
+            "and counting only; compare and sequence questions are new to it)."
+            if not s.get("student")
+            else f"Student: {_size(model_size(s['student']))}, initialised from `{s['student']}` (setting `student`)."
+        ),
         "",
         "## Budget",
         "",

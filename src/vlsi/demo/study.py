@@ -193,7 +193,7 @@ def _check_same_settings(out: Path, s: StudySettings) -> None:
 def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     """The whole study; writes DIR/results.json, DIR/report.md and DIR/study.png and returns the results."""
     from .experiment import answer_pool
-    from .models import STUDENT_DIR, TEACHER_DIR, teacher_card
+    from .models import TEACHER_DIR, teacher_card
 
     s.check()
     teacher_card()
@@ -209,7 +209,7 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     files, first_mixed, test = write_data(s, data)
     print("== vlsi study: the teacher answers the pool (once) and is scored", file=sys.stderr)
     answer_pool(s, out / "pool", first_mixed)
-    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": STUDENT_DIR}, test, encode_test(test))
+    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir}, test, encode_test(test))
 
     # largest first: the longest runs start first, so the last ones finish together
     jobs = [Job("study", f"n{n}", k, str(runs_dir / f"n{n}-seed{k}")) for n in reversed(sizes) for k in range(s.seeds)]

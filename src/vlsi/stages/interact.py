@@ -7,7 +7,8 @@ response tokens only. Per batch:
   D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
   match   = layer_match(D)  (search range, order preservation, adaptive temperature); logged with how sharp
             each layer's draw was (normalised entropy, top probability)
-  loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked)
+  loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked; their mean
+            with interact.intermediate_reduction=mean)
           + KL(teacher output || student output)
 With `teacher_cache=C` the teacher is never loaded: every teacher distribution comes from the cache (`vlsi.cache`),
 top-k with the tail as one bucket (docs/CACHE.md#the-estimator), and the same samples arrive in the same order.
@@ -113,6 +114,7 @@ class InteractStep(nn.Module):
         logs: dict = {}
         loss = s_logits.new_zeros((), dtype=torch.float32)
         min_chunks = self.min_chunks(len(targets)) if cfg.intermediate_loss != "none" else 0
+        layer_terms: list[torch.Tensor] = []  # one per student layer, added up by interact.intermediate_reduction
         if cfg.intermediate_loss in ("kld", "l2"):
             # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
@@ -145,7 +147,7 @@ class InteractStep(nn.Module):
                 layer = s_verb.target_layers[i]
                 layer_loss = torch.stack([matched(i, j) for j in chosen]).mean()
                 logs[f"{'l2' if kind == 'l2' else 'kl'}/layer{layer}"] = layer_loss.item()
-                loss = loss + layer_loss
+                layer_terms.append(layer_loss)
                 if p is not None:  # a sampled match: how sharp its draw was (p [candidates])
                     logs[f"match_entropy/layer{layer}"] = normalized_entropy(p).item()  # 1 = uniform, 0 = one-hot
                     logs[f"match_pmax/layer{layer}"] = p.max().item()
@@ -154,7 +156,10 @@ class InteractStep(nn.Module):
             for i, layer in enumerate(s_verb.target_layers):
                 layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk, min_chunks)
                 logs[f"ce/layer{layer}"] = layer_loss.item()
-                loss = loss + layer_loss
+                layer_terms.append(layer_loss)
+        if layer_terms:
+            layer_sum = torch.stack(layer_terms).sum()
+            loss = loss + (layer_sum / len(layer_terms) if cfg.intermediate_reduction == "mean" else layer_sum)
         if cfg.last_loss == "kld" and teacher is None:
             last = topk_divergence(s_logits, t_out, cfg.divergence)
         elif cfg.last_loss == "kld":

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vlsi.config import StageConfig
-from vlsi.data import DataError, Sample, VLDataset, make_collate, parallel, read_dataset
+from vlsi.data import DataError, Sample, VLDataset, make_collate, parallel, read_dataset, scan
 from vlsi.data import dataset as dataset_module
 from vlsi.data.records import BadRecord
 from vlsi.data.scan import TokenCounter, _full
@@ -21,6 +21,8 @@ from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
 
 # families whose processors are known to expand an image into a run of one token counted by a size rule
 RULE_FAMILIES = {"qwen2_vl", "llava_onevision"}
+# ... and those whose expansions merge with the text or are not runs (Gemma 3's newlines, Idefics3 / SmolVLM tiles)
+EXPAND_FAMILIES = {"gemma3", "idefics3", "smolvlm", "internvl"}
 
 
 def llava(id, image="a.png", answer="a cat", question="<image>\nWhat is this?"):
@@ -35,14 +37,15 @@ def write_jsonl(path, records):
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """40 samples: 0, 1 or 2 images of random sizes (16-900 px a side), one or two turns, PNG and JPEG."""
+    """40 samples: 0, 1 or 2 images of random sizes (16-900 px a side), one or two turns (7 with one more image in the
+    second question), PNG and JPEG."""
     folder = tmp_path_factory.mktemp("mixed")
     rng = random.Random(0)
     samples = []
     for k in range(40):
-        n = [0, 1, 1, 1, 2][k % 5]
+        n, later = [0, 1, 1, 1, 2][k % 5], int(k % 6 == 3)
         paths = []
-        for i in range(n):
+        for i in range(n + later):
             path = folder / f"{k}-{i}.{'png' if (k + i) % 2 else 'jpg'}"
             Image.new("RGB", (rng.randint(16, 900), rng.randint(16, 900)), (k, 2 * k, 3 * k)).save(path)
             paths.append(path)
@@ -52,8 +55,9 @@ def mixed(tmp_path_factory):
             {"role": "assistant", "content": [{"type": "text", "text": "a cat sat " * rng.randint(1, 4)}]},
         ]
         if k % 3 == 0:
+            colour = [{"type": "image"}] * later + [{"type": "text", "text": "And the colour?"}]
             messages += [
-                {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]},
+                {"role": "user", "content": colour},
                 {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
             ]
         samples.append(Sample(str(k), messages, paths))
@@ -63,7 +67,8 @@ def mixed(tmp_path_factory):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_token_counts_without_images_equal_the_full_processor(family, mixed):
     """Every family tiny.py builds: the counts from image sizes equal `encode`'s on the real images; a family whose
-    processor has no usable rule falls back to the processor itself (blank images, or the full path)."""
+    processor has no usable rule expands each image placeholder into the processor's text for it (from blank images
+    of the same layout), or falls back to the processor itself (blank images, or the full path)."""
     try:
         _, processor = build_tiny_vlm(family=family)
     except ImportError as error:  # e.g. SmolVLM's processor needs num2words
@@ -72,6 +77,19 @@ def test_token_counts_without_images_equal_the_full_processor(family, mixed):
     assert counter(mixed) == [_full(sample, processor) for sample in mixed], counter.describe()
     if family in RULE_FAMILIES:
         assert counter.mode == "rule"
+    if family in EXPAND_FAMILIES:
+        assert (counter.mode, counter.by_size) == ("expand", False)
+
+
+def test_expansions_are_memoised_per_size_where_the_layout_does_not_fix_them(mixed, monkeypatch):
+    """Idefics3 keyed without its tile grid: 2 x 1 and 1 x 2 tiles (probe sizes 80 x 40 and 30 x 90) hold as many
+    tokens but expand differently; the probe finds it and memoises expansions per size, still exact."""
+    layouts = scan.layouts
+    monkeypatch.setattr(scan, "layouts", lambda processor, sizes: [key[:2] for key in layouts(processor, sizes)])
+    _, processor = build_tiny_vlm(family="idefics3")
+    counter = TokenCounter(processor)
+    assert (counter.mode, counter.by_size) == ("expand", True)
+    assert counter(mixed) == [_full(sample, processor) for sample in mixed]
 
 
 @pytest.fixture

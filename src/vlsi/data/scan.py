@@ -1,13 +1,23 @@
 """Token counts of samples as `encode` gives them, without loading an image or running the image processor.
 
-`encode` tokenizes the chat-template text and lets the processor expand each image placeholder token. Where the
-expansion adds a fixed number of tokens per image that depends only on the image's size (a run of N image tokens,
-possibly between fixed start / end tokens), a sample has len(text tokens) + sum(N_i - 1) tokens with N_i from the
-processor's own rule (`processor._get_num_multimodal_tokens`), and its response tokens are the text tokens inside
-assistant turns; texts are rendered and tokenized in batches. Each processor is probed once against `encode` on
-blank images of several sizes: where its rule disagrees, N comes from running the processor on blank images of the
-sample's sizes (memoised); where even that does not match `encode` (an expansion whose newlines merge with the
-neighbouring text's, e.g. Gemma 3), every sample of that processor goes through `encode` (the full path)."""
+`encode` tokenizes the chat-template text and lets the processor expand each image placeholder token. A sample's
+response tokens are the text tokens inside assistant turns; texts are rendered and tokenized in batches. Its length
+is counted in the cheapest of these ways that matches `encode` on probe samples (blank images of several sizes, and
+one two-image sample), probed once per processor:
+
+- rule: the expansion is a run of N tokens (possibly between fixed start / end tokens) that merges with nothing, so
+  a sample has len(text tokens) + sum(N_i - 1) tokens, N_i from the processor's own size rule
+  (`processor._get_num_multimodal_tokens`). Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4.1V, LLaVA-OneVision.
+- expand: the expansion is text whose edges merge with the neighbouring text's tokens (Gemma 3's two newlines
+  either side of `<start_of_image>...<end_of_image>`) or that holds more than N tokens (Idefics3 / SmolVLM tiles:
+  row / column markers, a newline after each row, a global image; InternVL's `<img>` and `</img>` around the run),
+  so each placeholder in the text is replaced by its expansion and the expanded text is tokenized. The expansion
+  comes from the processor's own text path (`return_text_replacement_offsets`) run once on blank images, memoised by
+  what the processor's rules say fixes it (token and tile counts, tile grid: `layouts`), else by the sizes
+  themselves. Gemma 3, Idefics3, SmolVLM, InternVL.
+- blank: N per image from the processor run on blank images of the sample's sizes (memoised), for expansions that
+  are runs of one token the rule miscounts (LLaVA-OneVision's two-image samples).
+- full: `encode` on every sample, where nothing else matches."""
 
 from __future__ import annotations
 
@@ -29,13 +39,15 @@ PROBE_SIZES = [(56, 56), (80, 40), (30, 90), (333, 127), (640, 480), (37, 1000)]
 
 class TokenCounter:
     """`counter(samples)` -> [[tokens, response tokens]] per sample, equal to `encode(sample, processor)`'s
-    (input_ids length, number of labelled tokens). `mode`: how image tokens are counted (rule, blank, full)."""
+    (input_ids length, number of labelled tokens). `mode`: how image tokens are counted (rule, expand, blank, full);
+    `by_size`: expansions memoised per image sizes, not per layout."""
 
     def __init__(self, processor):
         self.processor = processor
         self.media = {getattr(processor, n, None) for n in ("image_token_id", "video_token_id")} - {None}
         self.memo: dict[tuple, list[int]] = {}
-        self.mode, self.multi_rule, self.direct = "full", False, True
+        self.expansions_memo: dict[tuple, list[str]] = {}
+        self.mode, self.multi_rule, self.by_size, self.direct = "full", False, False, True
         backend = getattr(processor.tokenizer, "backend_tokenizer", None)
         plain = backend is not None and backend.truncation is None and backend.padding is None
         self.backend = backend if plain else None
@@ -48,6 +60,7 @@ class TokenCounter:
     def describe(self) -> str:
         return {
             "rule": "the processor's size rule",
+            "expand": f"the processor's expansion of each image, per {'size' if self.by_size else 'layout'}",
             "blank": "the processor on blank images of the same sizes (no rule matched it)",
             "full": "the full processor on the real images (its images do not expand into runs of one token)",
         }[self.mode]
@@ -57,11 +70,28 @@ class TokenCounter:
             return [_full(sample, self.processor) for sample in samples]
         texts = self.render([s.messages for s in samples], False)
         spans = self.assistant_spans(samples, texts)
-        image_tokens = self.image_tokens([sample_sizes(s) for s in samples])
-        counts = []
-        for (ids, offsets), turns, images in zip(self.tokenize(texts), spans, image_tokens, strict=True):
-            counts.append([len(ids) + sum(images) - len(images), _in_spans(ids, offsets, turns, self.media)])
-        return counts
+        tokens = self.tokenize(texts)
+        lengths = self.lengths(texts, tokens, [sample_sizes(s) for s in samples])
+        return [
+            [length, _in_spans(ids, offsets, turns, self.media)]
+            for length, (ids, offsets), turns in zip(lengths, tokens, spans, strict=True)
+        ]
+
+    def lengths(self, texts: list[str], tokens: list[tuple], sizes: list[list[tuple[int, int]]]) -> list[int]:
+        """Tokens per sample once the processor has expanded its images: the text's tokens plus N - 1 per image, or
+        (expand) the tokens of the text with each image placeholder replaced by its expansion, tokenized in a batch."""
+        if self.mode != "expand":
+            images = self.image_tokens(sizes)
+            return [len(ids) + sum(n) - len(n) for (ids, _), n in zip(tokens, images, strict=True)]
+        lengths = [len(ids) for ids, _ in tokens]
+        with_images = [i for i, s in enumerate(sizes) if s]
+        if with_images:
+            placeholder = self.processor.image_token
+            expansions = self.expansions([sizes[i] for i in with_images])
+            expanded = [_expand(texts[i], placeholder, e) for i, e in zip(with_images, expansions, strict=True)]
+            for i, (ids, _) in zip(with_images, self.tokenize(expanded), strict=True):
+                lengths[i] = len(ids)
+        return lengths
 
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, character offsets) of each text, as `processor.tokenizer(text, add_special_tokens=False)` gives them:
@@ -116,6 +146,20 @@ class TokenCounter:
                 out[i] = self.memo[key]
         return out
 
+    def expansions(self, sizes: list[list[tuple[int, int]]]) -> list[list[str]]:
+        """The text each image placeholder becomes, per sample with images: from the processor run on blank images of
+        the sample's sizes, memoised by its images' layouts (their sizes with `by_size`). Per sample, not per image:
+        a processor may expand an image differently beside others (LLaVA-OneVision)."""
+        flat = [size for s in sizes for size in s]
+        keys = flat if self.by_size else layouts(self.processor, flat)
+        out, start = [], 0
+        for s in sizes:
+            key, start = tuple(keys[start : start + len(s)]), start + len(s)
+            if key not in self.expansions_memo:
+                self.expansions_memo[key] = blank_expansions(self.processor, s)
+            out.append(self.expansions_memo[key])
+        return out
+
     def _probe(self) -> None:
         """Keep the cheapest way of counting image tokens that matches `encode` on probe samples."""
         with tempfile.TemporaryDirectory() as folder:
@@ -143,9 +187,11 @@ class TokenCounter:
             self.multi_rule = self._matches(probes[-1:], expected[-1:])
             if self._matches(probes[:-1], expected[:-1]):
                 return
-            self.mode, self.multi_rule = "blank", False
-        if not self._matches(probes, expected):
-            self.mode = "full"
+        for self.mode, self.by_size in (("expand", False), ("blank", False), ("expand", True)):
+            self.expansions_memo.clear()  # expansions memoised under a key that failed must not serve the next
+            if self._matches(probes, expected):
+                return
+        self.mode = "full"
 
     def _matches(self, samples: list[Sample], expected: list[list[int]]) -> bool:
         try:
@@ -175,6 +221,31 @@ def rule_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
     """N per image from the processor's own size rule (it takes (height, width))."""
     data = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
     return [int(n) for n in data.num_image_tokens]
+
+
+def layouts(processor, sizes: list[tuple[int, int]]) -> list[tuple]:
+    """Per (width, height), what the processor's rules say fixes its expansion: its image-token and tile counts
+    (`_get_num_multimodal_tokens`) and, where the image processor gives one, its tile grid (Idefics3 / SmolVLM put
+    as many tokens in 2 x 1 tiles as in 1 x 2, with other row markers). The probe checks that they fix it."""
+    data = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])
+    tiles = data.num_image_patches or [None] * len(sizes)
+    grid = getattr(processor.image_processor, "get_number_of_image_patches", None)
+    options = processor._merge_kwargs()["images_kwargs"] if grid else None
+    grids = [grid(h, w, options) if grid else None for w, h in sizes]
+    return list(zip(data.num_image_tokens, tiles, grids, strict=True))
+
+
+def blank_expansions(processor, sizes: list[tuple[int, int]]) -> list[str]:
+    """The text the processor's own text path puts for each image placeholder, run on blank images of `sizes`."""
+    images = [Image.new("RGB", size) for size in sizes]
+    out = processor(text=[processor.image_token * len(sizes)], images=[images], return_text_replacement_offsets=True)
+    return [offset["replacement"] for offset in out["text_replacement_offsets"][0]]
+
+
+def _expand(text: str, placeholder: str, expansions: list[str]) -> str:
+    """`text` with its i-th `placeholder` replaced by expansions[i], as the processor's text path replaces them."""
+    parts = text.split(placeholder)
+    return "".join(part + expansion for part, expansion in zip(parts, [*expansions, ""], strict=True))
 
 
 def blank_tokens(processor, sizes: list[tuple[int, int]], media: set[int]) -> list[int]:

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.cli import main
 from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
+from vlsi.models.verbalizer import Verbalizers
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
@@ -138,6 +139,28 @@ def test_different_tokenizers_stop_before_loading(toy, tmp_path):
     assert result.returncode == 2
     assert "different tokenizers" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "verbalizers").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["verbalizer.teacher_layers=[1]", "verbalizer.student_layers=[0,1]"], "student has 2 target layers"),
+        (["teacher_verbalizers={other}"], "hidden size 32, but"),
+        (["teacher_verbalizers={mine}", "verbalizer.teacher_layers=[0,1]"], "verbalizer.teacher_layers=[0, 1], but"),
+        (["teacher_verbalizers={mine}", "verbalizer.student_layers=[0,1,2,3]"], "student has 4 target layers"),
+    ],
+)
+def test_layer_mistakes_stop_before_anything_trains(toy, tmp_path, capsys, extra, message):
+    """Target-layer counts and copied verbalizers are checked from the model configs before any stage runs."""
+    _, teacher, _, _ = toy
+    Verbalizers(32, [0], family="qwen2_vl").save(tmp_path / "other")
+    hidden = AutoModelForImageTextToText.from_pretrained(teacher).config.text_config.hidden_size
+    Verbalizers(hidden, [0, 2], family="qwen2_vl").save(tmp_path / "mine")
+    extra = [e.format(other=tmp_path / "other", mine=tmp_path / "mine") for e in extra]
+    assert _train(toy, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "verbalizers").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_llava_onevision_pair(tmp_path):

@@ -8,7 +8,6 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.explain import (
-    ExplainError,
     LayerAnswer,
     add_parser,
     align,
@@ -23,7 +22,7 @@ from vlsi.explain import (
 )
 from vlsi.models.family import model_parts
 from vlsi.models.tiny import build_tiny_vlm
-from vlsi.models.verbalizer import Verbalizers
+from vlsi.models.verbalizer import VerbalizerError, Verbalizers
 from vlsi.toy import write_tiny_pair
 
 QUESTION = "Which digit is this?"
@@ -150,7 +149,7 @@ def test_decoding_stops_at_eos_and_at_max_new_tokens(tiny):
 )
 def test_verbalizers_of_another_model_are_refused(verbalizers, match):
     model, processor = build_tiny_vlm(layers=4)
-    with pytest.raises(ExplainError, match=match):
+    with pytest.raises(VerbalizerError, match=match):
         explain(model, processor, verbalizers, _image(), QUESTION)
 
 

@@ -9,10 +9,11 @@ from vlsi.config import load_config
 from vlsi.data import VLDataset, make_collate, read_dataset
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
+from vlsi.models.student import prepare_student
 from vlsi.models.verbalizer import Verbalizers
 from vlsi.stages.interact import InteractStep, interact
 from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
-from vlsi.stages.sft import SFTStep, prepare_student
+from vlsi.stages.sft import SFTStep
 from vlsi.stages.verbalize import VerbalizeStep
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 

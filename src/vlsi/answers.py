@@ -45,9 +45,10 @@ from tqdm import tqdm
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
+from .distributed import process_state
 from .eval.generate import Item, append_answers
 from .models.loading import compute_dtype, load_model, load_processor
-from .stages.loop import process_state, truncate_jsonl
+from .stages.loop import truncate_jsonl
 
 log = logging.getLogger("vlsi")
 

@@ -48,12 +48,12 @@ from .answers import WEIGHT_SUFFIXES, prompts_key
 from .config import ConfigError, TrainConfig
 from .data import VLDataset, encode, make_collate
 from .data.dataset import processor_key
+from .distributed import process_state
 from .losses import TopK, log_probs, top_k
 from .models.family import capture, model_parts
 from .models.loading import compute_dtype, freeze, load_model, load_processor
 from .models.verbalizer import META, WEIGHTS, Verbalizers
 from .stages.common import load_samples, split_batch
-from .stages.loop import process_state
 
 log = logging.getLogger("vlsi")
 

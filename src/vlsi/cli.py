@@ -51,8 +51,8 @@ def _config(args, **top):
 
 
 def cmd_train(args) -> int:
+    from .distributed import process_state
     from .pipeline import run_train
-    from .stages.loop import process_state
 
     cfg = _config(args, teacher=args.teacher, student=args.student)
     final = run_train(cfg)
@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
 def _one_stage(args, folder: str, run, **top) -> int:
     """`vlsi verbalize` / `vlsi sft`: one stage on --model; writes OUT/config.yaml, OUT/metrics.jsonl, OUT/<folder>."""
     from .config import save_config
-    from .stages.loop import MetricsLog, process_state
+    from .distributed import process_state
+    from .stages.loop import MetricsLog
 
     cfg = _config(args, student=args.model, **top)
     out = Path(cfg.output)
@@ -108,8 +109,8 @@ def cmd_sft(args) -> int:
 def cmd_cache(args) -> int:
     from .cache import build_cache
     from .config import ConfigError, save_config
+    from .distributed import process_state
     from .models.verbalizer import META, WEIGHTS
-    from .stages.loop import process_state
 
     cfg = _config(args, teacher=args.teacher)
     if not cfg.teacher_verbalizers:

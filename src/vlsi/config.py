@@ -11,8 +11,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+# Allowed values, declared once: the config checks them, the code that uses them reads them from here.
+Strategy = Literal["adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"]
+Temperature = Literal["range_over_scale", "scale_over_range"]
+Divergence = Literal["forward", "reverse", "jsd"]
 
 
 class ConfigError(ValueError):
@@ -24,13 +30,15 @@ class DataConfig:
     path: str = ""  # training records: LLaVA-style or OpenAI-style JSON / JSONL
     image_root: str = ""  # image paths are relative to this (default: the data file's folder)
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
-    overlong: str = "drop"  # drop (and count) | error
+    overlong: Literal["drop", "error"] = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
-    validate: str = "eager"  # eager: check + length-scan everything first | lazy: check each record as it loads
+    # eager: check + length-scan everything first | lazy: check each record as it loads
+    validate: Literal["eager", "lazy"] = "eager"
     max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it
     num_proc: int = 0  # processes that check and length-scan the data (0: every core this process may use)
     num_workers: int = 0
-    answers: str = "gold"  # gold: records carry their answers | teacher: the teacher answers unanswered records
+    # gold: records carry their answers | teacher: the teacher answers unanswered records
+    answers: Literal["gold", "teacher"] = "gold"
     answer_max_tokens: int = 256  # data.answers=teacher: most new tokens the teacher generates per answer
     answer_batch_size: int = 8  # data.answers=teacher: prompts per generation batch (main process only)
 
@@ -75,13 +83,13 @@ class VerbalizeConfig(StageConfig):
 
 @dataclass
 class MatchConfig:
-    strategy: str = "adaptive"  # adaptive | multinomial | bottom_k | uniform | random | fixed
+    strategy: Strategy = "adaptive"
     search_range: bool = True
     order: bool = True
     # range_over_scale: T = (max - min + eps) / scale, a logit span of `scale` whatever the units of d (the default:
     # it discriminates at any KL scale) | scale_over_range: T = scale / (max - min + eps), the paper's formula as
     # printed, near-uniform when candidate KLs differ by tenths of a nat (docs/CONFIG.md, docs/DEMO.md)
-    temperature: str = "range_over_scale"
+    temperature: Temperature = "range_over_scale"
     scale: float = 2.0
     eps: float = 1e-6
     fixed_temperature: float = 1.0  # strategy=multinomial
@@ -92,12 +100,13 @@ class MatchConfig:
 @dataclass
 class InteractConfig(StageConfig):
     match: MatchConfig = field(default_factory=MatchConfig)
-    divergence: str = "forward"  # forward KL(teacher||student) | reverse | jsd
-    intermediate_loss: str = "kld"  # kld | l2 (matched layers) | ce (ground truth at each verbalizer) | none
-    last_loss: str = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
+    divergence: Divergence = "forward"  # forward KL(teacher||student) | reverse | jsd
+    # kld | l2 (matched layers) | ce (ground truth at each verbalizer) | none
+    intermediate_loss: Literal["kld", "l2", "ce", "none"] = "kld"
+    last_loss: Literal["kld", "ce", "none"] = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
     # how the per-layer terms add up: sum (the paper: with t_s layers the last-layer term is 1/(t_s+1) of the loss)
     # | mean (their mean: the layer terms together weigh as much as the last-layer term)
-    intermediate_reduction: str = "sum"
+    intermediate_reduction: Literal["sum", "mean"] = "sum"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_vision: bool = True
 
@@ -112,7 +121,7 @@ class SFTConfig(StageConfig):
 class CacheConfig:
     # the teacher's cached targets (`vlsi cache`, `teacher_cache=C`; docs/CACHE.md)
     top_k: int = 64  # log-probabilities kept per token and layer, plus the tail mass as one bucket; 0: all (exact)
-    dtype: str = "float32"  # of the cached log-probabilities: float32 | float16 | bfloat16 (ids are int32)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # of the cached log-probabilities (ids are int32)
     shard_size: int = 256  # samples per shard file (the unit of resuming and of a process's share)
     batch_size: int = 8  # samples per teacher forward pass while caching
 
@@ -139,31 +148,22 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     max_nonfinite_steps: int = 10  # a step with a non-finite loss is skipped; this many in a row stop the run
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 where the GPU has it, else fp32) | bf16 | fp32
     gradient_checkpointing: bool = False
     chunk_size: int = 1024  # tokens per chunk when verbalizing (bounds the [tokens x vocab] logits kept)
     trust_remote_code: bool = False
 
 
 TRACKERS = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml"}
-CHOICES = {
-    "data.overlong": {"drop", "error"},
-    "data.answers": {"gold", "teacher"},
-    "data.validate": {"eager", "lazy"},
-    "precision": {"auto", "bf16", "fp32"},
-    "interact.match.strategy": {"adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"},
-    "interact.match.temperature": {"scale_over_range", "range_over_scale"},
-    "interact.divergence": {"forward", "reverse", "jsd"},
-    "interact.intermediate_loss": {"kld", "l2", "ce", "none"},
-    "interact.last_loss": {"kld", "ce", "none"},
-    "interact.intermediate_reduction": {"sum", "mean"},
-    "cache.dtype": {"float32", "float16", "bfloat16"},
-}
 
 
 def _check_type(key: str, value, annotation):
     """Return `value` coerced to `annotation` (ints accepted for floats), or raise ConfigError naming `key`."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(typing.get_args(annotation))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -220,13 +220,18 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def _check_choices(obj, prefix: str = "") -> None:
+    """Every `Literal` setting holds one of its values, also when code set it directly (not through `_merge`)."""
+    for name, annotation in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{name}.")
+        elif typing.get_origin(annotation) is Literal:
+            _check_type(f"{prefix}{name}", value, annotation)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(sorted(allowed))}")
+    _check_choices(cfg)
     for stage in ("verbalize", "interact", "sft"):
         sc = getattr(cfg, stage)
         for name in ("max_steps", "batch_size", "grad_accum"):

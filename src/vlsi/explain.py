@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .models.family import model_parts
-from .models.verbalizer import Verbalizers, final_head
+from .models.verbalizer import Verbalizers, check_verbalizers, final_head
 
 EOS_TOKEN = "<|im_end|>"
 
@@ -224,32 +224,6 @@ def load_image(path: str | Path) -> Image.Image:
         raise ExplainError(
             f"image {path} cannot be decoded ({type(e).__name__}: {e}): give a PNG or JPEG file"
         ) from None
-
-
-def check_verbalizers(
-    verbalizers: Verbalizers,
-    family: str,
-    hidden_size: int,
-    num_layers: int,
-    verbalizers_name: str = "the verbalizers",
-    model_name: str = "the model",
-) -> None:
-    """Verbalizers must come from this model: same family, hidden size, and target layers within its blocks."""
-    fix = f"give the verbalizers trained for {model_name} (`vlsi verbalize --model {model_name}` writes them)"
-    if verbalizers.family and verbalizers.family != family:
-        raise ExplainError(
-            f"{verbalizers_name} were trained for a {verbalizers.family} model, but {model_name} is {family}: {fix}"
-        )
-    if verbalizers.hidden_size != hidden_size:
-        raise ExplainError(
-            f"{verbalizers_name} have hidden size {verbalizers.hidden_size}, but {model_name} has hidden size "
-            f"{hidden_size}: {fix}"
-        )
-    if not verbalizers.target_layers or max(verbalizers.target_layers) >= num_layers:
-        raise ExplainError(
-            f"{verbalizers_name} are for blocks {verbalizers.target_layers}, but {model_name} has {num_layers} "
-            f"decoder blocks: {fix}"
-        )
 
 
 def format_answers(answers: list[LayerAnswer]) -> str:

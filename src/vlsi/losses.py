@@ -49,6 +49,22 @@ def _chunks(n: int, chunk_size: int, min_chunks: int = 0) -> list[slice]:
     return rows + [slice(n, n)] * (min_chunks - len(rows))
 
 
+def _check_tokens(n: int) -> None:
+    if n == 0:
+        raise ValueError("no tokens to score; drop batches without response tokens before the loss")
+
+
+def _checkpointed_sum(chunk_sum: Callable, rows: Sequence, fixed: tuple, chunk_size: int, min_chunks: int) -> Tensor:
+    """The sum over token chunks r of `chunk_sum(*(t[r] for t in rows), *fixed)`, each chunk checkpointed: only the
+    row slices are kept for backward, and the chunk's [c, V] logits are recomputed then."""
+    n = rows[0].shape[0]
+    _check_tokens(n)
+    return sum(
+        checkpoint(chunk_sum, *(None if t is None else t[r] for t in rows), *fixed, use_reentrant=False)
+        for r in _chunks(n, chunk_size, min_chunks)
+    )
+
+
 def _log_probs(logits: Tensor) -> Tensor:
     # [..., V] -> [..., V]; bf16 would lose the tail of a 150k-way softmax, so upcast to (at least) fp32 first
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -126,24 +142,11 @@ def chunked_divergence(
     n = student_hidden.shape[0]
     if teacher_hidden.shape[0] != n:
         raise ValueError(f"student has {n} tokens, teacher {teacher_hidden.shape[0]}; they must be the same tokens")
-    if n == 0:
-        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
-    total = sum(
-        checkpoint(
-            _chunk_divergence_sum,
-            student_hidden[r],
-            teacher_hidden[r],
-            student_head,
-            teacher_head,
-            kind,
-            use_reentrant=False,
-        )
-        for r in _chunks(n, chunk_size, min_chunks)
-    )
-    return total / n
+    rows, fixed = (student_hidden, teacher_hidden), (student_head, teacher_head, kind)
+    return _checkpointed_sum(_chunk_divergence_sum, rows, fixed, chunk_size, min_chunks) / n
 
 
-def _chunk_cross_entropy_sum(hidden: Tensor, head: Head, targets: Tensor) -> Tensor:
+def _chunk_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: Head) -> Tensor:
     # [c, d], [c] -> scalar sum over the chunk's non-ignored targets
     logits = head(hidden)
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
@@ -159,12 +162,7 @@ def chunked_cross_entropy(
     _check_chunk_size(chunk_size)
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
-    if hidden.shape[0] == 0:
-        raise ValueError("no tokens to score; drop batches without response tokens before the loss")
-    total = sum(
-        checkpoint(_chunk_cross_entropy_sum, hidden[r], head, targets[r], use_reentrant=False)
-        for r in _chunks(hidden.shape[0], chunk_size, min_chunks)
-    )
+    total = _checkpointed_sum(_chunk_cross_entropy_sum, (hidden, targets), (head,), chunk_size, min_chunks)
     return total / (targets != -100).sum()
 
 
@@ -191,8 +189,7 @@ def divergence_matrix(
     n = student_hiddens[0].shape[0]
     if any(h.shape[0] != n for h in [*student_hiddens, *teacher_hiddens]):
         raise ValueError("every student and teacher layer must hold the same tokens")
-    if n == 0:
-        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
+    _check_tokens(n)
     sums = 0
     for rows in _chunks(n, chunk_size, min_chunks):
         # t_s x [c, V]
@@ -270,15 +267,14 @@ def topk_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward"
     return topk_kl_from_logits(student_logits, teacher, kind).mean()
 
 
-def _chunk_topk_divergence_sum(student_hidden: Tensor, student_head: Head, kind: str, *teacher: Tensor) -> Tensor:
-    return topk_kl_from_logits(student_head(student_hidden), TopK(*teacher), kind).sum()
+def _chunk_topk_divergence_sum(student_hidden: Tensor, log_probs, ids, log_tail, student_head: Head, kind: str):
+    return topk_kl_from_logits(student_head(student_hidden), TopK(log_probs, ids, log_tail), kind).sum()
 
 
 def _check_cached_rows(n: int, teachers: Sequence[TopK]) -> None:
     if any(t.log_probs.shape[0] != n for t in teachers):
         raise ValueError(f"the student has {n} response tokens but the cached teacher rows differ; same tokens needed")
-    if n == 0:
-        raise ValueError("no tokens to compare; drop batches without response tokens before the loss")
+    _check_tokens(n)
 
 
 def chunked_topk_divergence(
@@ -295,18 +291,8 @@ def chunked_topk_divergence(
     _check_chunk_size(chunk_size)
     n = student_hidden.shape[0]
     _check_cached_rows(n, [teacher])
-    total = sum(
-        checkpoint(
-            _chunk_topk_divergence_sum,
-            student_hidden[r],
-            student_head,
-            kind,
-            *teacher.rows(r),
-            use_reentrant=False,
-        )
-        for r in _chunks(n, chunk_size, min_chunks)
-    )
-    return total / n
+    rows = (student_hidden, *teacher)
+    return _checkpointed_sum(_chunk_topk_divergence_sum, rows, (student_head, kind), chunk_size, min_chunks) / n
 
 
 @torch.no_grad()

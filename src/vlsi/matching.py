@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 import operator
+import typing
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-STRATEGIES = ("adaptive", "multinomial", "bottom_k", "random", "uniform", "fixed")
-TEMPERATURES = ("scale_over_range", "range_over_scale")
+from .config import Strategy, Temperature
+
+STRATEGIES = typing.get_args(Strategy)
+TEMPERATURES = typing.get_args(Temperature)
 
 
 def match_probabilities(

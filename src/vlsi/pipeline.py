@@ -22,15 +22,19 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
 
 from .cache import build_cache
 from .config import ConfigError, TrainConfig, save_config, to_dict
-from .models.loading import check_same_vocabulary, load_processor
+from .distributed import process_state
+from .models.family import model_parts
+from .models.loading import check_same_vocabulary, load_model, load_processor
+from .models.verbalizer import Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
-from .stages.common import load_samples
+from .stages.common import load_samples, target_layers
 from .stages.interact import interact
-from .stages.loop import MetricsLog, process_state
+from .stages.loop import MetricsLog
 from .stages.sft import sft
 from .stages.verbalize import verbalize
 
@@ -62,6 +66,36 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def check_target_layers(cfg: TrainConfig, out: Path) -> None:
+    """Before anything trains: each model's target layers, from its architecture built on the meta device (no weight
+    read); verbalizers given with teacher_verbalizers=DIR, or reused from OUT, against the model they claim to
+    verbalize and against verbalizer.*_layers; and at least as many teacher target layers as student ones (each
+    student layer is matched to its own teacher layer)."""
+    count = {}
+    for who, path, given in (("teacher", cfg.teacher, cfg.teacher_verbalizers), ("student", cfg.student, "")):
+        parts = model_parts(load_model(path, torch.float32, cfg.trust_remote_code, empty=True))
+        reused = out / "verbalizers" / who
+        folder = reused if reused.exists() else Path(given) if given else None
+        if folder is None:
+            count[who] = len(target_layers(cfg, parts, who))
+            continue
+        verbalizers = Verbalizers.load(folder)
+        name = f"verbalizers in {folder}"
+        check_verbalizers(verbalizers, parts.family, parts.hidden_size, parts.num_layers, name, path)
+        wanted = getattr(cfg.verbalizer, f"{who}_layers")
+        if wanted is not None and wanted != verbalizers.target_layers:
+            raise ConfigError(
+                f"verbalizer.{who}_layers={wanted}, but the {name} are for blocks {verbalizers.target_layers}: "
+                f"drop verbalizer.{who}_layers, or give verbalizers trained for those blocks"
+            )
+        count[who] = len(verbalizers)
+    if count["student"] > count["teacher"]:
+        raise ConfigError(
+            f"the student has {count['student']} target layers but the teacher only {count['teacher']}: each student "
+            "layer needs its own teacher layer (set verbalizer.student_layers / verbalizer.teacher_layers)"
+        )
+
+
 def run_train(cfg: TrainConfig) -> Path:
     for key in ("teacher", "student", "output"):
         if not getattr(cfg, key):
@@ -78,6 +112,7 @@ def run_train(cfg: TrainConfig) -> Path:
         load_processor(cfg.student, cfg.trust_remote_code),
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
+    check_target_layers(cfg, out)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,10 @@ WEIGHTS = "verbalizers.safetensors"
 META = "verbalizers.json"
 
 
+class VerbalizerError(ValueError):
+    """Verbalizers used with a model they were not trained for: the message names both and the fix."""
+
+
 class VerbFFN(nn.Module):
     """v(h) = W_down(SiLU(W_gate h) * W_up h): gated like the backbone MLP, no expansion (3 d^2 parameters)."""
 
@@ -90,3 +94,29 @@ def final_head(norm: nn.Module, lm_head: nn.Module, vocab: int):
         return lm_head(norm(h))[..., :vocab]
 
     return run
+
+
+def check_verbalizers(
+    verbalizers: Verbalizers,
+    family: str,
+    hidden_size: int,
+    num_layers: int,
+    verbalizers_name: str = "the verbalizers",
+    model_name: str = "the model",
+) -> None:
+    """Verbalizers must come from this model: same family, hidden size, and target layers within its blocks."""
+    fix = f"give the verbalizers trained for {model_name} (`vlsi verbalize --model {model_name}` writes them)"
+    if verbalizers.family and verbalizers.family != family:
+        raise VerbalizerError(
+            f"{verbalizers_name} were trained for a {verbalizers.family} model, but {model_name} is {family}: {fix}"
+        )
+    if verbalizers.hidden_size != hidden_size:
+        raise VerbalizerError(
+            f"{verbalizers_name} have hidden size {verbalizers.hidden_size}, but {model_name} has hidden size "
+            f"{hidden_size}: {fix}"
+        )
+    if not verbalizers.target_layers or max(verbalizers.target_layers) >= num_layers:
+        raise VerbalizerError(
+            f"{verbalizers_name} are for blocks {verbalizers.target_layers}, but {model_name} has {num_layers} "
+            f"decoder blocks: {fix}"
+        )

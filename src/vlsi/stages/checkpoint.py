@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+from ..distributed import gathered_weight, state_file, zero_optimizer
 
 PREFIX = "step-"
 
@@ -39,42 +40,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).cpu().contiguous()
 
 
-def _whole(param: nn.Parameter, modify: bool = False):
-    """DeepSpeed ZeRO-3 partitions weights: gather this one whole on every process for the block (a collective; one
-    weight at a time, so a checkpoint never holds the whole model on a device), and with `modify`, spread the main
-    process's change on leaving it. A no-op for other weights."""
-    if not hasattr(param, "ds_id"):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
-
-
-def _file(kind: str, partitioned: bool, process_index: int) -> str:
-    """`trainable` / `optimizer` file name: one per process when that part is partitioned, else one in all."""
-    return f"{kind}-rank{process_index}.safetensors" if partitioned else f"{kind}.safetensors"
-
-
-def _zero(optimizer) -> tuple[torch.optim.Optimizer, list[torch.Tensor]] | None:
-    """Under DeepSpeed ZeRO: the torch optimizer and the flat fp32 master partitions it steps on, whose states it
-    keeps (the module holds working copies, refreshed from the masters at every step). None otherwise."""
-    zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds DeepSpeed's ZeRO optimizer
-    for masters in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
-        if hasattr(zero, masters):
-            return zero.optimizer, list(getattr(zero, masters))
-    return None
-
-
 def layout(module: nn.Module, optimizer) -> dict[str, bool]:
     """Which parts of the training state are partitioned across processes (each process saves and loads its own)."""
     weights = any(isinstance(p, DTensor) for p in _trainable(module).values())  # ZeRO-3's are saved whole
-    return {"weights": weights, "optimizer": weights or _zero(optimizer) is not None}
+    return {"weights": weights, "optimizer": weights or zero_optimizer(optimizer) is not None}
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer's state into flat tensors (`state.<index>.<key>`, local shards of DTensors; under ZeRO also
     the masters, `master.<index>`) and a JSON-able rest."""
-    zero = _zero(optimizer)
+    zero = zero_optimizer(optimizer)
     if zero is None:
         state = optimizer.state_dict()
         entries, meta, tensors = state["state"], {"param_groups": state["param_groups"]}, {}
@@ -95,7 +70,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """The inverse of `_optimizer_tensors`."""
-    zero = _zero(optimizer)
+    zero = zero_optimizer(optimizer)
     if zero is None:
         optimizer.load_state_dict(_optimizer_state(tensors, meta, optimizer))
         return
@@ -203,14 +178,14 @@ def save(
     writes = parts["weights"] or is_main
     weights = {}
     for name, p in _trainable(module).items():
-        with _whole(p):
+        with gathered_weight(p):
             if writes:
                 weights[name] = _local(p)
     if writes:
-        save_file(weights, tmp / _file("trainable", parts["weights"], process_index))
+        save_file(weights, tmp / state_file("trainable", parts["weights"], process_index))
     if parts["optimizer"] or is_main:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / _file("optimizer", parts["optimizer"], process_index))
+        save_file(opt_tensors, tmp / state_file("optimizer", parts["optimizer"], process_index))
     if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         meta.update(layout=parts, processes=num_processes)
@@ -243,17 +218,17 @@ def load(
             f"{_describe(parts, num_processes)}; resume with the same launch configuration (number of processes, "
             "FSDP2 or ZeRO stage), or delete the folder to start the stage over"
         )
-    weights = load_file(path / _file("trainable", parts["weights"], process_index))
+    weights = load_file(path / state_file("trainable", parts["weights"], process_index))
     params = _trainable(module)
     if set(weights) != set(params):
         raise ValueError(
             f"{path}: the checkpoint's trainable parameters do not match this run's (was the configuration changed?); "
             "delete the folder to start the stage over"
         )
-    tensors = load_file(path / _file("optimizer", parts["optimizer"], process_index))
+    tensors = load_file(path / state_file("optimizer", parts["optimizer"], process_index))
     with torch.no_grad():
         for name, p in params.items():
-            with _whole(p, modify=True):
+            with gathered_weight(p, modify=True):
                 (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
     _load_optimizer(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])

@@ -16,6 +16,7 @@ top-k with the tail as one bucket (docs/CACHE.md#the-estimator), and the same sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 from ..cache import CachedTeacher, TeacherCache, cache_identity, cached_layers
 from ..config import ConfigError, TrainConfig
 from ..data import make_collate
+from ..distributed import chunk_agreement, load_frozen, prepare_frozen
 from ..losses import (
     chunked_cross_entropy,
     chunked_divergence,
@@ -40,28 +42,24 @@ from ..losses import (
 from ..matching import layer_match, normalized_entropy
 from ..models.family import Parts, capture, model_parts
 from ..models.loading import (
-    check_same_vocabulary,
     compute_dtype,
     freeze,
     load_processor,
 )
+from ..models.student import export_student, prepare_student
 from ..models.verbalizer import Verbalizers
 from .checkpoint import saved_step
 from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
-    chunk_agreement,
     drop_checkpoints,
-    load_frozen,
     load_samples,
-    prepare_frozen,
     split_batch,
     substate,
     tracking,
 )
 from .loop import MetricsLog, make_accelerator, make_loader, train, truncate_jsonl
-from .sft import export_student, prepare_student
 
 
 class InteractStep(nn.Module):
@@ -128,21 +126,9 @@ class InteractStep(nn.Module):
                     return chunked_topk_divergence(s_hidden[i], s_heads[i], t_cached[j], kind, chunk, min_chunks)
                 return chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
 
-            m = cfg.match
-            match, probabilities = layer_match(
-                scores,
-                m.strategy,
-                search_range=m.search_range,
-                order=m.order,
-                temperature=m.temperature,
-                scale=m.scale,
-                eps=m.eps,
-                fixed_temperature=m.fixed_temperature,
-                bottom_k=m.bottom_k,
-                fixed=m.fixed,
-                generator=self.generator,
-                return_probabilities=True,
-            )
+            # the interact.match section is layer_match's keyword arguments, one for one
+            options = dataclasses.asdict(cfg.match)
+            match, probabilities = layer_match(scores, **options, generator=self.generator, return_probabilities=True)
             for i, (chosen, p) in enumerate(zip(match, probabilities)):
                 layer = s_verb.target_layers[i]
                 layer_loss = torch.stack([matched(i, j) for j in chosen]).mean()
@@ -184,7 +170,6 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         load_processor(cfg.teacher, cfg.trust_remote_code),
         load_processor(cfg.student, cfg.trust_remote_code),
     )
-    check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
     samples = samples if samples is not None else load_samples(cfg)
 
     cache = teacher = t_parts = t_verb = None
@@ -196,18 +181,13 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
                 f"interact.intermediate_loss=l2 needs the whole teacher distributions, but {cfg.teacher_cache} keeps "
                 f"the top {cache.index['top_k']}: use a cache built with cache.top_k=0"
             )
-        n_teacher, t_rows = len(cache.target_layers), cache.vocab
+        t_rows = cache.vocab
     else:
         teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
         t_parts = model_parts(teacher)
         t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
-        n_teacher, t_rows = len(t_verb), t_parts.vocab_rows
-    s_verb = Verbalizers.load(out / "verbalizers" / "student")
-    if len(s_verb) > n_teacher:
-        raise ValueError(
-            f"the student has {len(s_verb)} target layers but the teacher only {n_teacher}: each student layer "
-            "needs its own teacher layer (set verbalizer.student_layers / verbalizer.teacher_layers)"
-        )
+        t_rows = t_parts.vocab_rows
+    s_verb = Verbalizers.load(out / "verbalizers" / "student")  # no more layers than the teacher's: pipeline checked
     torch.manual_seed(cfg.seed)
     student, s_parts = prepare_student(cfg.student, dtype, stage, cfg)
     if stage.intermediate_loss == "none":
@@ -264,7 +244,8 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
     target = out / "stages" / "interact"
     if accelerator.is_main_process:
         with atomic_dir(target) as tmp:
-            export_student(accelerator, state, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
+            weights = substate(state, "student")
+            export_student(accelerator, weights, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
             trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
             trained.load_state_dict(substate(state, "verbalizers"))
             trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)

@@ -21,16 +21,15 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
-    DistributedType,
     GradientAccumulationPlugin,
     gather_object,
-    parse_flag_from_env,
 )
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
 from ..data.skipping import SKIPPED, SkippedRecords
+from ..distributed import configure_plugins, full_state_dict, unwrap
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
@@ -68,11 +67,6 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig) -> tor
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def process_state() -> PartialState:
-    """This process's place in the launch (main or not), read as Accelerator reads it (`launch --cpu` included)."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class MetricsLog:
@@ -167,21 +161,7 @@ def train(
     generators = generators or {}
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = cosine_schedule(optimizer, stage)
-    if accelerator.is_fsdp2:
-        # Accelerate keeps one FSDP plugin per process and would reuse the first stage's wrap classes: each stage
-        # wraps the decoder blocks its own model lists (none for the verbalize step, whose backbone is frozen).
-        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = list(
-            getattr(step_module, "_no_split_modules", None) or []
-        )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # One DeepSpeed plugin serves every stage, and accelerate writes the first stage's batch settings into it:
-        # each stage sets its own. Clipping is DeepSpeed's (accelerator.clip_grad_norm_ only reports the norm).
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=stage.batch_size,
-            gradient_accumulation_steps=stage.grad_accum,
-            train_batch_size="auto",
-            gradient_clipping=stage.max_grad_norm,
-        )
+    configure_plugins(accelerator, step_module, stage)
     module, optimizer, loader = accelerator.prepare(step_module, optimizer, loader)
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
 
@@ -191,7 +171,7 @@ def train(
     if saved is not None:
         progress = checkpoint.load(
             saved,
-            accelerator.unwrap_model(module),
+            unwrap(accelerator, module),
             optimizer,
             scheduler,
             generators,
@@ -276,7 +256,7 @@ def train(
             checkpoint.save(
                 checkpoint_dir,
                 step,
-                accelerator.unwrap_model(module),
+                unwrap(accelerator, module),
                 optimizer,
                 scheduler,
                 position,
@@ -290,4 +270,4 @@ def train(
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage uses
         tracker.finish()
     accelerator.wait_for_everyone()
-    return accelerator.get_state_dict(module)
+    return full_state_dict(accelerator, module)

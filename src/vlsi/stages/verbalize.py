@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..distributed import chunk_agreement, load_frozen, prepare_frozen
 from ..losses import chunked_cross_entropy, shared_vocab_size
 from ..models.family import Parts, capture, model_parts
 from ..models.loading import compute_dtype, load_processor
@@ -22,11 +23,8 @@ from .common import (
     atomic_dir,
     build_loader,
     checkpointing,
-    chunk_agreement,
     drop_checkpoints,
-    load_frozen,
     load_samples,
-    prepare_frozen,
     split_batch,
     substate,
     target_layers,

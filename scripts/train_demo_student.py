@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from train_demo_teacher import PERCEPTION, instruction_tune, pretrain_vision
+from train_demo_teacher import PERCEPTION, instruction_config, instruction_tune, pretrain_vision
 
-from vlsi.config import load_config
 from vlsi.data import read_dataset
 from vlsi.demo.evaluate import evaluate
 from vlsi.demo.models import TEACHER_DIR, build_model
@@ -63,21 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     items = make_split("teacher", args.n_train)
     perception = [item for item in items if item.task in PERCEPTION]
     path = write_split(perception, work / "data", "perception")
-    cfg = load_config(
-        None,
-        [
-            "precision=fp32",
-            "data.num_workers=1",
-            f"sft.batch_size={args.batch_size}",
-            "sft.grad_accum=1",
-            f"sft.lr={args.lr}",
-            f"sft.min_lr={args.lr / 100}",
-            "sft.warmup_steps=50",
-            "sft.weight_decay=0.01",
-            f"seed={args.seed}",
-        ],
-        output=str(work),
-    )
+    cfg = instruction_config(work, args)
     cfg.data.path = str(path)
     size = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, vision_depth=args.vision_depth)
     torch.manual_seed(args.seed)

@@ -109,6 +109,27 @@ def pretrain_vision(model, processor, items, steps: int, batch_size: int, lr: fl
             log(f"vision pretraining {step + 1}/{steps}: loss {loss.item():.3f}")
 
 
+def instruction_config(work: Path, args: argparse.Namespace, extra: list[str] = ()):
+    """The instruction-tuning settings (fp32, warm-up 50 steps, decay to lr/100) with `args`' batch, lr and seed."""
+    lr = args.lr
+    return load_config(
+        None,
+        [
+            "precision=fp32",
+            "data.num_workers=1",
+            f"sft.batch_size={args.batch_size}",
+            "sft.grad_accum=1",
+            f"sft.lr={lr}",
+            f"sft.min_lr={lr / 100}",
+            "sft.warmup_steps=50",
+            "sft.weight_decay=0.01",
+            f"seed={args.seed}",
+            *extra,
+        ],
+        output=str(work),
+    )
+
+
 def instruction_tune(model, processor, cfg, samples, steps: int, name: str, metrics: MetricsLog) -> None:
     """SFT of everything but the vision tower, in place (one process: the trained module is `model` itself)."""
     freeze(model_parts(model).vision[0])
@@ -141,17 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {len(items)} questions, {len(perception)} of them on reading digits and counting")
 
     tokenizer = build_tokenizer(corpus=corpus(), vocab_size=VOCAB_SIZE)
-    cfg = load_config(
-        None,
+    cfg = instruction_config(
+        work,
+        args,
         [
-            "precision=fp32",
-            "data.num_workers=1",
-            f"sft.batch_size={args.batch_size}",
-            "sft.grad_accum=1",
-            f"sft.lr={args.lr}",
-            f"sft.min_lr={args.lr / 100}",
-            "sft.warmup_steps=50",
-            "sft.weight_decay=0.01",
             f"verbalize.max_steps={args.verbalize_steps}",
             f"verbalize.batch_size={args.batch_size}",
             "verbalize.grad_accum=1",
@@ -159,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "verbalize.min_lr=3e-5",
             f"verbalizer.teacher_layers={json.dumps(TEACHER_TARGET_LAYERS)}",
             f"verbalizer.student_layers={json.dumps(STUDENT_TARGET_LAYERS)}",
-            f"seed={args.seed}",
         ],
-        output=str(work),
     )
     metrics = MetricsLog(work / "metrics.jsonl")
     models = {}

@@ -189,6 +189,12 @@ ROWS_SHORT = (
 def write_report(out: Path, r: dict, example: dict | None) -> Path:
     s = r["settings"]
     card = r.get("teacher_card") or {}
+    student = (
+        f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
+        "and counting only; compare and sequence questions are new to it)."
+        if not s.get("student")
+        else f"Student: {_size(model_size(s['student']))}, initialised from `{s['student']}` (setting `student`)."
+    )
     lines = [
         "# vlsi demo: SFT only vs SFT with the teacher's answers vs final-layer KD vs VLsI",
         "",
@@ -200,12 +206,7 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         verdict(r),
         "",
         f"Teacher: Qwen2-VL architecture, {_size(TEACHER)}, trained from scratch "
-        f"(`{card.get('command', 'scripts/train_demo_teacher.py')}`). "(
-            f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
-            "and counting only; compare and sequence questions are new to it)."
-            if not s.get("student")
-            else f"Student: {_size(model_size(s['student']))}, initialised from `{s['student']}` (setting `student`)."
-        ),
+        f"(`{card.get('command', 'scripts/train_demo_teacher.py')}`). {student}",
         "",
         "## Budget",
         "",

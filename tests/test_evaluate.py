@@ -1,7 +1,6 @@
 """`vlsi eval` through its real argument parser on a tiny random-weight Qwen2-VL: predictions and scores written,
 batched generation equal to one row at a time, resume after a kill, the custom benchmark, prompts and errors."""
 
-import argparse
 import base64
 import csv
 import io
@@ -12,9 +11,9 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlsi.cli import main
 from vlsi.eval import SCORERS
 from vlsi.eval.generate import PROMPT_FAMILY, Item, benchmark_prompt, custom_hit, generate_answers, question_type
-from vlsi.eval.harness import add_parser
 from vlsi.models.tiny import build_tiny_vlm
 from vlsi.toy import write_digits_dataset
 
@@ -22,10 +21,7 @@ FAST = ["--max-new-tokens", "4", "--batch-size", "4"]
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="vlsi")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *argv])
-    return args.func(args)
+    return main(["eval", *argv])
 
 
 def png(color, width: int = 56) -> bytes:

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlsi.cli import main
 from vlsi.explain import (
     LayerAnswer,
     add_parser,
@@ -18,7 +19,6 @@ from vlsi.explain import (
     format_pair,
     greedy_decode,
     prompt_inputs,
-    run,
 )
 from vlsi.models.family import model_parts
 from vlsi.models.tiny import build_tiny_vlm
@@ -195,7 +195,7 @@ def test_cli_prints_every_target_layer_side_by_side(toy, capsys):
         *("--teacher-verbalizers", str(root / "vt"), "--image", str(root / "digit.png")),
         *("--question", QUESTION, "--max-new-tokens", "3"),
     )
-    assert run(args) == 0
+    assert args.func(args) == 0
     table = capsys.readouterr().out.splitlines()
     header = [cell.strip() for cell in table[0].split("|")]
     assert header == ["student", "student answer", "teacher", "teacher answer"]
@@ -218,7 +218,7 @@ def test_cli_student_alone(toy, capsys):
         *("--model", student, "--verbalizers", str(root / "vs"), "--image", str(root / "digit.png")),
         *("--question", QUESTION),
     )
-    assert run(args) == 0
+    assert args.func(args) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0].strip() for line in table[2:]] == ["block 1 / 4", "block 2 / 4", "final (block 3 / 4)"]
 
@@ -239,7 +239,7 @@ def test_cli_bad_input_is_one_line(toy, capsys, change, message):
     argv = ["--model", student, "--question", QUESTION]
     for key, value in paths.items():
         argv += [f"--{key}", str(root / value)]
-    assert run(_args(*argv)) == 2
+    assert main(["explain", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("vlsi explain: error: ") and captured.err.count("\n") == 1

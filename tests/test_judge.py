@@ -1,6 +1,5 @@
 """The OpenAI-compatible judge client against a real local HTTP server, and the judge-scored benchmarks."""
 
-import argparse
 import json
 import logging
 import socket
@@ -9,10 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from vlsi.cli import main
 from vlsi.eval import Judge, JudgeError, ScoreError, score_file
 from vlsi.eval.judge import MMVET_PROMPT, WILDER_SYSTEM
 from vlsi.eval.judged import score_llava_wilder, score_mm_vet, score_mm_vet_v2
-from vlsi.eval.score import add_parser
 
 SECRET = "sk-test-0123456789-secret"
 
@@ -224,10 +223,7 @@ def test_both_rules_read_one_set_of_replies(tmp_path):
 
 
 def run_cli(*argv):
-    parser = argparse.ArgumentParser(prog="vlsi")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["score", *argv])
-    return args.func(args)
+    return main(["score", *argv])
 
 
 def test_cli_scores_mm_vet_through_the_server_without_leaking_the_key(endpoint, tmp_path, monkeypatch, capsys, caplog):

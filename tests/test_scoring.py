@@ -4,19 +4,18 @@ Every headline number is worked out by hand in the comments next to the assertio
 default) and, where they differ, the lenient rules.
 """
 
-import argparse
 import csv
 import json
 
 import pytest
 
+from vlsi.cli import main
 from vlsi.eval import SCORERS, ScoreError, read_predictions, resolve_benchmark, score_file
 from vlsi.eval.cells import column_like_pandas, is_na, read_like_pandas
 from vlsi.eval.extract import infer_option, infer_option_vlmevalkit, number_values, yes_no, yes_no_vlmevalkit
 from vlsi.eval.judge import mathvista_prompt
 from vlsi.eval.mcq import score_cv_bench, score_mcq, score_mmbench, score_mmmu
 from vlsi.eval.numeric import relaxed_match, relaxed_match_vlmevalkit, score_chartqa, score_mathvista
-from vlsi.eval.score import add_parser
 from vlsi.eval.yesno import score_hallusionbench, score_mme, score_pope
 
 OPTIONS = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
@@ -557,10 +556,7 @@ def test_unknown_benchmark_lists_known_ones(tmp_path):
 
 
 def run_cli(*argv):
-    parser = argparse.ArgumentParser(prog="vlsi")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["score", *argv])
-    return args.func(args)
+    return main(["score", *argv])
 
 
 def test_cli_prints_json(tmp_path, capsys):

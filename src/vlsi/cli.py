@@ -225,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except (ConfigError, DataError, ModelError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
-        code = 2
-    except BrokenPipeError:  # output piped into `head` and the like
+    except BrokenPipeError:  # output piped into `head` and the like (an OSError: handled first)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except (ConfigError, DataError, ModelError, NonFiniteLoss, OSError, ValueError) as e:  # bad input: one line
+        print(f"vlsi {args.command}: error: {str(e).strip()}", file=sys.stderr)
+        code = 2
     end_process_group(synchronise=code == 0)
     return code
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,12 +287,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table and return 0; on bad input print one error line to stderr and return 2."""
-    try:
-        print(_explain_from_args(args))
-    except (ValueError, OSError) as e:
-        print(f"vlsi explain: error: {e}", file=sys.stderr)
-        return 2
+    """Print the table and return 0; bad input raises (ValueError, OSError), which `vlsi.cli.main` prints as one
+    line (exit 2)."""
+    print(_explain_from_args(args))
     return 0
 
 

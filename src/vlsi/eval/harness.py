@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vlsi.data import DataError, read_dataset
-from vlsi.models.loading import ModelError, load_model, load_processor
+from vlsi.data import read_dataset
+from vlsi.models.loading import load_model, load_processor
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, SCORERS, resolve_benchmark
 from .common import RULES, VLMEVALKIT
@@ -37,7 +37,7 @@ from .generate import (
     read_benchmark,
     score_custom,
 )
-from .io import ScoreError, read_predictions
+from .io import read_predictions
 from .judge import JudgeFn
 from .score import add_judge_arguments, add_rules_argument, judge_from_args, score_file
 
@@ -276,23 +276,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the scores JSON to stdout and return 0; on bad input print one error line to stderr and return 2."""
-    try:
-        scores = evaluate(
-            model=args.model,
-            benchmark=args.benchmark,
-            data=args.data,
-            output=args.output,
-            image_root=args.image_root,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=args.dtype,
-            judge=judge_from_args(args),
-            rules=args.rules,
-        )
-    except (EvalError, ScoreError, DataError, ModelError, OSError) as e:
-        print(f"vlsi eval: error: {str(e).strip()}", file=sys.stderr)
-        return 2
+    """Print the scores JSON to stdout and return 0; bad input raises (EvalError, ScoreError, DataError, ModelError:
+    ValueErrors; OSError), which `vlsi.cli.main` prints as one line (exit 2)."""
+    scores = evaluate(
+        model=args.model,
+        benchmark=args.benchmark,
+        data=args.data,
+        output=args.output,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        judge=judge_from_args(args),
+        rules=args.rules,
+    )
     print(json.dumps(scores, indent=2, ensure_ascii=False))
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, REQUIRED, SCORERS, resolve_benchmark
@@ -128,11 +127,8 @@ def judge_from_args(args: argparse.Namespace) -> Judge | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the metrics JSON to stdout and return 0; on bad input print one error line to stderr and return 2."""
-    try:
-        result = score_file(args.benchmark, args.predictions, judge_from_args(args), args.rules)
-    except (ScoreError, OSError) as e:
-        print(f"vlsi score: error: {e}", file=sys.stderr)
-        return 2
+    """Print the metrics JSON to stdout and return 0; bad input raises ScoreError or OSError, which
+    `vlsi.cli.main` prints as one line (exit 2)."""
+    result = score_file(args.benchmark, args.predictions, judge_from_args(args), args.rules)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

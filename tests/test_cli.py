@@ -236,6 +236,7 @@ def test_verbalize_and_sft_alone(toy, tmp_path):
 def test_help_explains_the_commands():
     result = subprocess.run([sys.executable, "-m", "vlsi", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--teacher" in result.stdout and "key=value" in result.stdout
+    assert "settings most runs change" in result.stdout and "teacher_cache=DIR" in result.stdout
 
 
 def test_bad_dataset_gets_one_report_and_no_traceback(toy, tmp_path):

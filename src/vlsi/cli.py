@@ -131,6 +131,18 @@ def cmd_cache(args) -> int:
     return 0
 
 
+SETTINGS_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
+  verbalize.max_steps, interact.max_steps, sft.max_steps     optimizer steps of each stage
+  interact.lr, interact.batch_size, interact.grad_accum      (and the same for verbalize., sft.)
+  interact.lora.enabled=false, sft.lora.r=64                 full fine-tuning, or the LoRA rank
+  verbalizer.teacher_layers=[...], verbalizer.student_layers=[...]   target blocks (default: every 4th from 2)
+  teacher_verbalizers=DIR                                    reuse the teacher's verbalizers (vlsi verbalize)
+  teacher_cache=DIR                                          train from the teacher's cached targets (vlsi cache)
+  data.answers=teacher                                       the teacher answers records without an answer
+  precision=bf16|fp32, seed=N, checkpoint.every=N
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlsi",
@@ -142,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="verbalize -> interact -> SFT: the whole method, one command",
         description="Distil TEACHER into STUDENT with VLsI. Stages already finished in --output are reused.",
+        epilog=SETTINGS_MOST_CHANGED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--teacher", help="teacher model: a local directory or a hub id")
     p.add_argument("--student", help="student model (same tokenizer as the teacher)")

@@ -12,18 +12,22 @@ batch 4 x 2048 tokens of which the last 256 per sample are the response. Each st
   kd_final_cached, vlsi_cached (with --cache K): the same two steps trained from a teacher cache (vlsi.cache, top K
             per token and layer, 0: whole distributions), built once from the same batch: the teacher does not run
 A step is forward + backward (no optimizer update: that costs the same in all of them). Reported: median wall time of
-`--repeats` steps after `--warmup` (device-synchronised), peak memory over the timed steps (all weights included),
-and the FLOP floor: the step's matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
+`--repeats` steps after `--warmup` (device-synchronised), peak memory over the timed steps (all weights included; on
+the CPU the process's peak RSS, Linux VmHWM reset before each step's timed repeats), and the FLOP floor: the step's
+matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
 
     python benchmarks/interaction_step.py --out benchmarks/results/interaction-h100.json          # one GPU
     python benchmarks/interaction_step.py --teacher-layers 80 --out benchmarks/results/deep80.json
     python benchmarks/interaction_step.py --tiny                                   # CPU smoke run, one thread, seconds
     python benchmarks/interaction_step.py --tiny --cache 64                        # + the steps from a teacher cache
+    python benchmarks/interaction_step.py --cpu --cache 0 --repeats 3 --warmup 1   # CPU, arithmetic-bound: minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -89,6 +93,31 @@ TINY = dict(
     batch=2,
     tokens=64,
     response=16,
+)
+# A CPU size where arithmetic dominates the step (`--cpu`): widths 512 / 1024, a 32k vocabulary, 512 tokens of which
+# 128 are the response; the teacher 4x the student's decoder weights, as in the demo's pair.
+CPU = dict(
+    student=dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        tie_word_embeddings=True,
+    ),
+    teacher=dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32064,
+        tie_word_embeddings=False,
+    ),
+    batch=1,
+    tokens=512,
+    response=128,
 )
 STEPS = ("sft", "kd_final", "vlsi")
 CACHED = ("kd_final_cached", "vlsi_cached")
@@ -164,6 +193,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window: freed heap handed back to the system (glibc `malloc_trim`), then the kernel's
+    high-water mark reset to the current RSS (`/proc/self/clear_refs` 5). False where that is not possible."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since `reset_peak_rss`) of this process, in GiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
+    return int(line.split()[1]) / 2**20
+
+
 def measure(step, batch: dict, device: torch.device, repeats: int, warmup: int) -> dict:
     params = [p for p in step.parameters() if p.requires_grad]
 
@@ -179,6 +226,8 @@ def measure(step, batch: dict, device: torch.device, repeats: int, warmup: int) 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    rss = device.type == "cpu" and reset_peak_rss()
+    before = rss_gib("VmRSS") if rss else None  # weights, inputs and what earlier steps left allocated
     times = []
     for _ in range(repeats):
         sync(device)
@@ -186,13 +235,20 @@ def measure(step, batch: dict, device: torch.device, repeats: int, warmup: int) 
         loss = once()
         sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_gib": peak, "loss": loss}
+    ms = [1000 * t for t in times]
+    result = {"ms": statistics.median(ms), "ms_all": ms, "peak_gib": None, "loss": loss}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif rss:  # the process's peak RSS, and the step's own memory: that peak above what was resident before it
+        peak = rss_gib("VmHWM")
+        result |= {"peak_gib": peak, "step_gib": peak - before}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU in fp32: a smoke run of seconds")
+    parser.add_argument("--cpu", action="store_true", help="the CPU size where arithmetic dominates (minutes)")
     parser.add_argument("--teacher-layers", type=int, default=None, help="teacher depth (80: a 72B-deep teacher)")
     parser.add_argument("--lora", type=int, default=0, help="train the student through LoRA of this rank (0: full)")
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size, help="tokens per loss chunk")
@@ -209,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
 
-    size = TINY if args.tiny else REAL
-    if args.tiny:
-        torch.set_num_threads(1)  # tiny kernels gain nothing from threads, and threads make CPU timings erratic
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    size = TINY if args.tiny else CPU if args.cpu else REAL
+    on_cpu = args.tiny or args.cpu or not torch.cuda.is_available()
+    if args.tiny or args.cpu:
+        torch.set_num_threads(1)  # tiny kernels gain nothing from threads; on a shared CPU threads make timings erratic
+    device = torch.device("cpu" if on_cpu else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     s_cfg, t_cfg = dict(size["student"]), dict(size["teacher"])
     if args.teacher_layers:
@@ -289,15 +346,21 @@ def main(argv: list[str] | None = None) -> int:
         "lora": args.lora,
         "chunk_size": args.chunk_size,
         "cache_top_k": args.cache,
+        "memory": "peak RSS (VmHWM; step_gib: above the RSS before the step)"
+        if device.type == "cpu"
+        else "torch.cuda.max_memory_allocated",
         "repeats": args.repeats,
         "warmup": args.warmup,
         "steps": results,
     }
-    kd, vl = results.get("kd_final", {}), results.get("vlsi", {})
-    if kd.get("ms") and vl.get("ms"):
-        report["vlsi_over_kd_time"] = vl["ms"] / kd["ms"]
-        if kd["peak_gib"] and vl["peak_gib"]:
-            report["vlsi_over_kd_memory"] = vl["peak_gib"] / kd["peak_gib"]
+    for suffix in ("", "_cached"):
+        kd, vl = results.get(f"kd_final{suffix}", {}), results.get(f"vlsi{suffix}", {})
+        if kd.get("ms") and vl.get("ms"):
+            report[f"vlsi_over_kd_time{suffix}"] = vl["ms"] / kd["ms"]
+            for memory in ("peak_gib", "step_gib"):
+                if isinstance(kd.get(memory), float) and isinstance(vl.get(memory), float):
+                    name = "memory" if memory == "peak_gib" else "step_memory"
+                    report[f"vlsi_over_kd_{name}{suffix}"] = vl[memory] / kd[memory]
     for name in ("kd_final", "vlsi"):
         live, cached = results.get(name, {}), results.get(f"{name}_cached", {})
         if live.get("ms") and cached.get("ms"):
@@ -315,17 +378,17 @@ def table(report: dict) -> str:
         f"({report['response_tokens']} response), student {_count(report['student_params_B'])} / teacher "
         f"{_count(report['teacher_params_B'])} parameters, {len(report['student']['target_layers'])} / "
         f"{len(report['teacher']['target_layers'])} target layers, matmul {report['matmul_tflops']:.2f} TFLOP/s",
-        "| step | time (ms) | floor (ms) | floor / time | peak memory (GiB) |",
-        "|---|---|---|---|---|",
+        "| step | time (ms) | floor (ms) | floor / time | peak memory (GiB) | step's own (GiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in report["steps"].items():
         ms = f"{r['ms']:.1f}" if r["ms"] else "out of memory"
         fraction = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "-"
-        peak = f"{r['peak_gib']:.1f}" if isinstance(r["peak_gib"], float) else (r["peak_gib"] or "n/a (CPU)")
-        rows.append(f"| {name} | {ms} | {r['floor_ms']:.1f} | {fraction} | {peak} |")
-    for key in ("vlsi_over_kd_time", "vlsi_over_kd_memory"):
-        if key in report:
-            rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (goal <= 1.10x)")
+        peak = f"{r['peak_gib']:.3f}" if isinstance(r["peak_gib"], float) else (r["peak_gib"] or "n/a")
+        own = f"{r['step_gib']:.3f}" if "step_gib" in r else "-"
+        rows.append(f"| {name} | {ms} | {r['floor_ms']:.1f} | {fraction} | {peak} | {own} |")
+    for key in [k for k in report if k.startswith("vlsi_over_kd_")]:
+        rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (goal <= 1.10x)")
     for key in ("kd_final_cached_over_live_time", "vlsi_cached_over_live_time"):
         if key in report:
             rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (cache top-k {report['cache_top_k']})")

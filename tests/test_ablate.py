@@ -117,3 +117,32 @@ def test_a_failed_run_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vlsi ablate: error: verbalize seed 0 failed (boom); its log: ")
     assert err.endswith("runs/verbalize/seed-0/log.txt")
+
+
+def test_the_teacher_runs_once_into_a_cache_that_every_interaction_run_reads(tmp_path, monkeypatch):
+    import vlsi.cache
+    from vlsi.stages import interact
+
+    built = []
+    compute = vlsi.cache._compute_shards
+
+    def counted(cfg, folder, *args):
+        built.append(folder)
+        compute(cfg, folder, *args)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("an interaction run loaded the teacher")
+
+    monkeypatch.setattr(vlsi.cache, "_compute_shards", counted)
+    monkeypatch.setattr(interact, "load_frozen", no_teacher)
+    out = tmp_path / "ablate"
+    settings = ["jobs=1", "tables=sft", "n_test=8"]  # one process: the patches hold in every run
+    assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
+    cache = out / "pool" / "cache"
+    assert built == [cache], "the teacher cache is built once, before the runs"
+    index = json.loads((cache / "index.json").read_text())
+    assert index["complete"] and index["top_k"] == 0
+    for seed in (0, 1):
+        run = out / "runs" / "vlsi" / f"seed-{seed}"
+        assert f"teacher_cache: {cache}" in (run / "config.yaml").read_text()
+        assert (run / "layer_match.jsonl").read_text()

@@ -22,6 +22,6 @@ def test_tiny_benchmark_reports_every_step(tmp_path):
     assert list(steps) == ["sft", "kd_final", "vlsi"]
     for step in steps.values():
         assert len(step["ms_all"]) == 2 and step["ms"] > 0 and math.isfinite(step["loss"])
-        assert step["floor_ms"] > 0 and step["peak_gib"] is None  # no peak memory on the CPU
+        assert step["floor_ms"] > 0 and 0 <= step["step_gib"] <= step["peak_gib"]  # CPU: peak RSS
     assert steps["sft"]["flops"] < steps["kd_final"]["flops"] < steps["vlsi"]["flops"]
     assert report["vlsi_over_kd_time"] == steps["vlsi"]["ms"] / steps["kd_final"]["ms"]

@@ -175,12 +175,34 @@ def test_truncated_or_missing_shard_is_named(toy, tmp_path):
         TeacherCache(tmp_path / "empty")
 
 
+def test_shard_with_other_bytes_of_the_same_size_is_named_and_rebuilt_once_deleted(toy, tmp_path):
+    _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    shard = folder / shard_name(1)
+    good = {name: t.clone() for name, t in load_file(shard).items()}  # not a view of the file overwritten next
+    bad = bytearray(shard.read_bytes())
+    bad[-8] ^= 0xFF  # one byte of the last tensor's payload: the header still parses, the size is unchanged
+    shard.write_bytes(bytes(bad))
+    with pytest.raises(ConfigError, match=f"{shard}: corrupt \\(its sha256 .*; delete it and rerun `vlsi cache`"):
+        TeacherCache(folder)
+    shard.unlink()  # the fix the message gives: rerunning the build computes that shard alone
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
+    _cache(toy, folder, "cache.top_k=3")
+    again = load_file(shard)  # the same tensors (the header's metadata may come in another order)
+    assert again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
+    assert all((folder / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert TeacherCache(folder).index["complete"]
+
+
 def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
     out = _run_folder(toy, tmp_path / "run")
     cfg = _cfg(toy, out, "cache.top_k=3", f"teacher_cache={tmp_path / 'c'}", "interact.intermediate_loss=l2")
     build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
     with pytest.raises(ConfigError, match="cache.top_k=0"):
         interact(cfg, out, MetricsLog(out / "metrics.jsonl"))
+    cfg = _cfg(toy, out, "cache.top_k=0", f"teacher_cache={tmp_path / 'whole'}", "interact.intermediate_loss=l2")
+    build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
+    interact(cfg, out, MetricsLog(out / "metrics.jsonl"))  # the ablation's L2 row, from whole distributions
+    assert (out / "stages" / "interact" / "student" / "model.safetensors").is_file()
 
 
 def _cache_command(toy, folder):

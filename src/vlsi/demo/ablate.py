@@ -6,8 +6,10 @@ docs/METHOD.md#ablations-reported-by-the-paper) at demo scale, on the demo's tas
 
 The setting is `vlsi demo`'s (docs/DEMO.md): compare + sequence questions, `n_labelled` with gold answers and
 `n_pool` more answered by the teacher (once, for the whole ablation), each stage warmed up and decayed to
-`min_lr_ratio` x lr. Every VLsI row starts from the shipped student initialisation and the student verbalizers of its
-seed (stage 1, trained once per seed on the frozen student and shared by every row), then runs `distill_steps` of
+`min_lr_ratio` x lr. The teacher then runs once more over all training questions into a teacher cache
+(docs/CACHE.md; whole distributions, exact), which every interaction run reads instead of running the teacher at
+each step. Every VLsI row starts from the shipped student initialisation and the student verbalizers of its seed
+(stage 1, trained once per seed on the frozen student and shared by every row), then runs `distill_steps` of
 interaction with the row's setting and `sft_steps` of SFT. Rows differ in nothing else. Runs go `jobs` at a time,
 one torch thread each; each run's own output (progress bars, logs) is in its folder's `log.txt`.
 
@@ -16,6 +18,7 @@ DIR/
   report.md      the three tables with the paper's numbers beside them, and what they say
   runs/<run>/seed-<n>/   each run: an ordinary `vlsi train` output folder + score.json + log.txt
   pool/answers/  the teacher's answers to the unlabelled training questions (copied into every run)
+  pool/cache/    the teacher's verbalized distributions at every target layer (`teacher_cache` of every VLsI row)
   data/          the training and evaluation splits (LLaVA JSON + PNG)
 
 Re-running the same command reuses every finished run; other settings into the same DIR are refused.
@@ -182,9 +185,10 @@ def _score(path: Path, test_path: Path) -> dict:
     return result
 
 
-def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
+def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple[str, ...] = ()) -> dict:
     """Do one job on one torch thread, its output into `job.folder/log.txt`; -> its score.json contents (empty
-    for verbalize). `answers`: the teacher's answers to the pool, copied into the run (never answered again)."""
+    for verbalize). `answers`: the teacher's answers to the pool, copied into the run (never answered again);
+    `cache`: the settings that make an interaction run read the teacher cache instead of running the teacher."""
     from ..pipeline import run_train
     from ..stages.common import load_samples
     from ..stages.loop import MetricsLog
@@ -212,6 +216,8 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path) -> dict:
             else:
                 steps = {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps}
             extra = [*RUNS.get(job.name, []), "verbalize.models=[student]", *ANSWERED]
+            if job.kind == "train" and job.name != "sft":  # the runs with an interaction stage
+                extra += cache
             cfg = stage_config(dataclasses.replace(s, seed=job.seed), folder, steps, data / "train.json", extra, 0)
             if answers.is_dir() and not (folder / "answers").exists():
                 shutil.copytree(answers, folder / "answers")
@@ -343,7 +349,7 @@ def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
 def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     """The whole ablation; writes DIR/results.json and DIR/report.md and returns the results."""
     from .ablate_report import write_ablate_report
-    from .experiment import answer_pool, peak_memory_mib, share_length_scans
+    from .experiment import answer_pool, peak_memory_mib, share_length_scans, teacher_cache
     from .models import teacher_card
     from .tasks import chance_accuracy, make_split, write_split
 
@@ -363,6 +369,8 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     write_split(test, data, s.eval_split)
     print("== vlsi ablate: the teacher answers the unlabelled questions (once for every run)", file=sys.stderr)
     samples = answer_pool(s, out / "pool", mixed)
+    print("== vlsi ablate: the teacher's distributions, cached once for every interaction run", file=sys.stderr)
+    cache = teacher_cache(s, out / "pool" / "cache", mixed, samples)
     first, rest = _jobs(s, runs_dir)
     share_length_scans(
         samples, runs_dir / ".cache", [Path(j.folder) for j in first + rest if j.kind != "score"], s.student_dir
@@ -378,7 +386,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
         pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
-            work = functools.partial(run_job, s=s, data=data, answers=out / "pool" / "answers")
+            work = functools.partial(run_job, s=s, data=data, answers=out / "pool" / "answers", cache=tuple(cache))
             done = execute_jobs(first, work, pool, bar)
             done |= execute_jobs(rest, work, pool, bar)
     finally:

@@ -13,6 +13,7 @@ DIR/
   layer_match.png       which teacher layer each student layer matched, early vs late in the interaction stage
   data/                 the training and test splits (LLaVA JSON + PNG)
   runs/sft, runs/sft_teacher, runs/kd, runs/vlsi   the four students (`student/`), their metrics and configs
+  runs/.teacher-cache   the teacher's verbalized distributions on the training questions, run once for KD and VLsI
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import build_cache
 from ..config import load_config, save_config
 from ..data import VLDataset, read_dataset
 from ..models.loading import load_model, load_processor
@@ -244,6 +246,17 @@ def answer_pool(s: DemoSettings, folder: Path, mixed: Path) -> list:
     return load_samples(stage_config(s, folder, {}, mixed, ANSWERED))
 
 
+def teacher_cache(s: DemoSettings, folder: Path, data: Path, samples) -> list[str]:
+    """Run the teacher once over the answered training `samples` of `data` into `folder` (docs/CACHE.md), every target
+    layer's whole distribution (`cache.top_k=0`: the vocabulary is 406 tokens, so exact and small), for every
+    interaction run on these samples to read instead of running the teacher at each step; -> the settings that make a
+    run read it."""
+    reads = [f"teacher_cache={folder}", "cache.top_k=0"]
+    cfg = stage_config(s, folder, {}, data, [*ANSWERED, *reads, "cache.batch_size=64"])
+    build_cache(cfg, folder, TEACHER_VERBALIZERS, samples)
+    return reads
+
+
 def sft_twice(s: DemoSettings, run: Path, data: Path, samples, num_workers: int) -> tuple[Path, Path]:
     """SFT in two stages of `distill_steps` and `sft_steps`, each with the stage schedule the other methods get;
     -> (student after the first stage, final student)."""
@@ -275,6 +288,10 @@ def train_students(
     share_length_scans(
         answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"], s.student_dir
     )
+    _banner("the teacher's verbalized distributions at every target layer, cached once for KD and VLsI")
+    start = time.time()
+    cached = teacher_cache(s, runs / ".teacher-cache", mixed, answered)
+    seconds["teacher_cache"] = time.time() - start
 
     _banner(f"(a) SFT only, {s.n_labelled} labelled questions: {s.distill_steps} + {s.sft_steps} SFT steps")
     start = time.time()
@@ -297,7 +314,7 @@ def train_students(
         run,
         {"verbalize": 0, "interact": kd["kd"], "sft": kd["sft"]},
         mixed,
-        ["interact.intermediate_loss=none", "interact.last_loss=kld", "verbalize.models=[student]", *ANSWERED],
+        ["interact.intermediate_loss=none", "interact.last_loss=kld", "verbalize.models=[student]", *ANSWERED, *cached],
         num_workers=num_workers,
     )
     finals["kd"] = run_train(cfg)
@@ -314,7 +331,7 @@ def train_students(
         run,
         {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
         mixed,
-        ["verbalize.models=[student]", *ANSWERED],
+        ["verbalize.models=[student]", *ANSWERED, *cached],
         num_workers=num_workers,
     )
     start = time.time()  # stage 1 on its own first, to time it; `run_train` then reuses its verbalizers

@@ -123,7 +123,8 @@ def _budget(r: dict) -> list[str]:
         f"- The teacher answered the {s['n_pool']} unlabelled questions once ({sec.get('teacher_answers', 0):.0f} s, "
         "`data.answers=teacher`); SFT only has no teacher, so it trains on the labelled questions alone.",
         "- Teacher forward passes (KD, VLsI) are not charged: the budget counts the student's training examples. "
-        "The wall times in the table show what they cost.",
+        f"The teacher ran once over the training questions into a cache both read ({sec.get('teacher_cache', 0):.0f} "
+        "s, not in their wall times; docs/CACHE.md) instead of running at every step.",
         "- Same optimizer (AdamW), learning rate, batch, data order seed, full fine-tuning of the language model, "
         "frozen vision tower, LM head and (in stage 2) final norm, for all four.",
     ]

@@ -193,6 +193,22 @@ def test_shard_with_other_bytes_of_the_same_size_is_named_and_rebuilt_once_delet
     assert TeacherCache(folder).index["complete"]
 
 
+def test_shards_are_hashed_again_only_when_changed_since_their_last_check(toy, tmp_path, monkeypatch):
+    import vlsi.cache as cache_module
+
+    _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    TeacherCache(folder)  # checked once: .verified.json records every shard
+    hashed = []
+    real = cache_module._sha256
+    monkeypatch.setattr(cache_module, "_sha256", lambda paths: hashed.append(paths) or real(paths))
+    TeacherCache(folder)
+    assert hashed == [], "unchanged shards are not read again"
+    shard = folder / shard_name(0)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))  # touched: checked again
+    TeacherCache(folder)
+    assert [list(p) for p in hashed] == [[shard]]
+
+
 def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
     out = _run_folder(toy, tmp_path / "run")
     cfg = _cfg(toy, out, "cache.top_k=3", f"teacher_cache={tmp_path / 'c'}", "interact.intermediate_loss=l2")

@@ -21,7 +21,6 @@ from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 
 from .config import ConfigError, StageConfig
-from .data import DataError
 from .models.family import Parts
 from .models.loading import freeze, load_model
 
@@ -34,7 +33,8 @@ def process_state() -> PartialState:
 
 
 def on_main_process(fn, *args):
-    """`fn(*args)` run by the main process only, its result (or DataError) sent to the others."""
+    """`fn(*args)` run by the main process only, its result (or its ValueError: bad data, a bad cache) sent to the
+    others."""
     state = process_state()
     if state.num_processes == 1:
         return fn(*args)
@@ -44,7 +44,7 @@ def on_main_process(fn, *args):
     if state.is_main_process:
         try:
             box = [(fn(*args), None)]
-        except DataError as error:
+        except ValueError as error:  # DataError, ConfigError: every process stops with the same one line
             box = [(None, error)]
     broadcast_object_list(box)
     result, error = box[0]

@@ -50,8 +50,10 @@ WEIGHTS = [
     "student/model.safetensors",
 ]
 # Measured on the 2-core CPU: 0.0 (bit-identical weights and metrics) with one thread per process; up to 5e-7 in
-# weights and metrics when the single process runs two threads (docs/DISTRIBUTED.md). The bounds leave that room.
-WEIGHT_ATOL = 1e-6
+# weights and metrics when the single process runs two threads; sharded launches up to 1.1e-6 on another machine of
+# the same kind, whose kernels round the float32 sums differently (docs/DISTRIBUTED.md). A real error (a gradient
+# averaged wrongly, a step lost) moves weights by lr x gradient, about 1e-3 here: 1e-5 leaves rounding room only.
+WEIGHT_ATOL = 1e-5
 METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-6
 
 

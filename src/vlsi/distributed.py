@@ -72,14 +72,20 @@ def configure_plugins(accelerator: Accelerator, step_module: nn.Module, stage: S
         )
 
 
-def _replicated(accelerator: Accelerator) -> bool:
-    """One whole copy of the trained module per process (one process, or DDP): nothing to gather."""
-    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+def _replicated(accelerator: Accelerator, module: nn.Module) -> bool:
+    """One whole copy of the trained module per process (one process, or DDP): nothing to gather. Asked of the
+    module's parameters too (DTensors: FSDP2 sharded it), as a CPU launch of FSDP2 may report the multi-CPU type."""
+    from torch.distributed.tensor import DTensor
+
+    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if accelerator.distributed_type not in plain or accelerator.is_fsdp2:
+        return False
+    return not any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def unwrap(accelerator: Accelerator, module: nn.Module) -> nn.Module:
     """The prepared module without its distributed wrapper (accelerate's `unwrap_model`, which imports DeepSpeed)."""
-    if _replicated(accelerator):
+    if _replicated(accelerator, module):
         return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
     return accelerator.unwrap_model(module)
 
@@ -87,7 +93,7 @@ def unwrap(accelerator: Accelerator, module: nn.Module) -> nn.Module:
 def full_state_dict(accelerator: Accelerator, module: nn.Module) -> dict[str, torch.Tensor]:
     """The trained module's whole state dict on the main process (FSDP2 and ZeRO-3 gather their shards: a collective
     every process must join)."""
-    if _replicated(accelerator):
+    if _replicated(accelerator, module):
         return unwrap(accelerator, module).state_dict()
     return accelerator.get_state_dict(module)
 

@@ -11,7 +11,7 @@ from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.student import prepare_student
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.interact import InteractStep, interact
+from vlsi.stages.interact import InteractStep, interact, setup
 from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
 from vlsi.stages.sft import SFTStep
 from vlsi.stages.verbalize import VerbalizeStep
@@ -139,28 +139,31 @@ def test_sft_trains_lora_only(toy, tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
+def _with_verbalizers(cfg, out):
+    """Fresh verbalizers in OUT/verbalizers, as stage 1 leaves them: teacher blocks [0, 2, 4], student [0, 2]."""
+    torch.manual_seed(0)  # the same fresh weights every time
+    for who, path, layers in (("teacher", cfg.teacher, [0, 2, 4]), ("student", cfg.student, [0, 2])):
+        Verbalizers(model_parts(load_model(path, torch.float32)).hidden_size, layers).save(out / "verbalizers" / who)
+
+
+def _interaction(toy, out, *overrides):
+    """The interaction stage as `vlsi train` sets it up (`interact.setup`), on the toy data."""
+    cfg = _cfg(toy, *overrides, output=out)
+    _with_verbalizers(cfg, out)
+    return setup(cfg, out, read_dataset(toy[3])[0])
+
+
 @pytest.mark.parametrize(
     "intermediate, last",
     [("kld", "kld"), ("l2", "kld"), ("ce", "ce"), ("ce", "none"), ("kld", "none"), ("none", "kld"), ("l2", "ce")],
 )
-def test_interaction_loss_operations(toy, intermediate, last):
+def test_interaction_loss_operations(toy, tmp_path, intermediate, last):
     """Every intermediate / last-layer loss pair of the paper's ablation
     (docs/METHOD.md#ablations-reported-by-the-paper) gives a loss that is the sum of its logged terms, and trains the
     student verbalizers exactly when an intermediate loss is on."""
-    cfg = _cfg(
-        toy, f"interact.intermediate_loss={intermediate}", f"interact.last_loss={last}", "interact.lora.enabled=false"
-    )
-    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
-    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
-    t_parts = model_parts(teacher)
-    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
-    student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
-    s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
-    step = InteractStep(
-        student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), torch.Generator().manual_seed(0)
-    )
-    batch = next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])))
-    loss, logs = step(batch)
+    losses = [f"interact.intermediate_loss={intermediate}", f"interact.last_loss={last}"]
+    run = _interaction(toy, tmp_path, *losses, "interact.lora.enabled=false")
+    loss, logs = run.step(next(iter(run.loader)))
     prefix = {"kld": "kl/", "l2": "l2/", "ce": "ce/", "none": None}[intermediate]
     layer_terms = {k: v for k, v in logs.items() if prefix and k.startswith(prefix)}
     assert len(layer_terms) == (0 if intermediate == "none" else 2)
@@ -168,28 +171,19 @@ def test_interaction_loss_operations(toy, intermediate, last):
     assert ("match" in logs) == (intermediate in ("kld", "l2"))
     assert loss.item() == pytest.approx(sum(layer_terms.values()) + logs.get("last", 0.0), rel=1e-5)
     loss.backward()
-    got_grad = all(p.grad is not None for p in s_verb.parameters())
+    got_grad = all(p.grad is not None for p in run.step.verbalizers.parameters())
     assert got_grad == (intermediate != "none")
 
 
 @pytest.mark.parametrize("intermediate", ["kld", "ce"])
-def test_intermediate_reduction_mean_divides_the_layer_terms_only(toy, intermediate):
+def test_intermediate_reduction_mean_divides_the_layer_terms_only(toy, tmp_path, intermediate):
     """`interact.intermediate_reduction=mean` against the plain sum on the same batch and the same match draw: the
     layer terms and the last-layer term are the same, the loss adds the layer terms' mean instead of their sum."""
     results = {}
     for reduction in ("sum", "mean"):
-        cfg = _cfg(toy, f"interact.intermediate_loss={intermediate}", f"interact.intermediate_reduction={reduction}")
-        t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
-        teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
-        t_parts = model_parts(teacher)
-        torch.manual_seed(0)
-        t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
-        student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
-        s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
-        gen = torch.Generator().manual_seed(0)
-        step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), gen)
-        batch = next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])))
-        results[reduction] = step(batch)
+        overrides = (f"interact.intermediate_loss={intermediate}", f"interact.intermediate_reduction={reduction}")
+        run = _interaction(toy, tmp_path / reduction, *overrides)
+        results[reduction] = run.step(next(iter(run.loader)))
     (sum_loss, sum_logs), (mean_loss, mean_logs) = results["sum"], results["mean"]
     terms = [v for k, v in sum_logs.items() if k.startswith(("kl/", "ce/"))]
     assert len(terms) == 2 and terms == [v for k, v in mean_logs.items() if k.startswith(("kl/", "ce/"))]
@@ -211,8 +205,7 @@ def interacted(toy, tmp_path_factory):
         "interact.lora.enabled=false",
         output=out,
     )
-    for who, path, layers in (("teacher", cfg.teacher, [0, 2, 4]), ("student", cfg.student, [0, 2])):
-        Verbalizers(model_parts(load_model(path, torch.float32)).hidden_size, layers).save(out / "verbalizers" / who)
+    _with_verbalizers(cfg, out)
     interact(cfg, out, MetricsLog(out / "metrics.jsonl"), read_dataset(toy[3])[0])
     return cfg, out
 

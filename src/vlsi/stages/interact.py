@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
@@ -160,8 +162,21 @@ class InteractStep(nn.Module):
         return loss, logs
 
 
-def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> Path:
-    """Run the interaction stage; writes OUT/stages/interact/{student,verbalizers} and OUT/layer_match.jsonl."""
+@dataclass
+class Interaction:
+    """Everything the interaction stage trains with, as `setup` builds it."""
+
+    accelerator: Accelerator
+    step: InteractStep
+    loader: object
+    generator: torch.Generator  # the matching draws' (each process its own), checkpointed with the run
+    student_processor: object
+    dtype: torch.dtype
+
+
+def setup(cfg: TrainConfig, out: Path, samples=None) -> Interaction:
+    """The teacher (frozen, placed as the launch distributes training) or its cache, the student and both models'
+    verbalizers from OUT/verbalizers, the step module and the data loader."""
     stage = cfg.interact
     dtype = compute_dtype(cfg.precision)
     # Without the last-layer loss the student blocks above its last target layer get no gradient.
@@ -199,56 +214,72 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
         t_verb.to(accelerator.device, dtype)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
-    step = InteractStep(
-        student,
-        s_parts,
-        s_verb,
-        teacher,
-        t_parts,
-        t_verb,
-        cfg,
-        vocab,
-        generator,
-        chunk_agreement(accelerator, cfg.chunk_size),
-    )
+    agreement = chunk_agreement(accelerator, cfg.chunk_size)
+    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator, agreement)
     processors = {"teacher": t_proc, "student": s_proc}
     loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")
     if cache is not None:  # the same samples in the same order, each with its cached targets as "teacher"
         dataset = CachedTeacher(loader.dataset, cache)
         loader = make_loader(dataset, stage.batch_size, make_collate(processors), cfg.seed, cfg.data.num_workers)
+    return Interaction(accelerator, step, loader, generator, s_proc, dtype)
 
+
+def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):
+    """-> `on_micro_step` for `train`: appends each micro-step's matches (every process's, in process order) to
+    OUT/layer_match.jsonl, after dropping those past the checkpoint a resumed run continues from."""
     match_log = out / "layer_match.jsonl"
-    resume = checkpointing(cfg, "interact")
-    if accelerator.is_main_process:  # keep the matches up to the checkpoint a resumed run continues from
-        resumed = saved_step(resume["checkpoint_dir"])
+    if accelerator.is_main_process:
+        resumed = saved_step(checkpointing(cfg, "interact")["checkpoint_dir"])
         truncate_jsonl(match_log, lambda row: row["step"] <= resumed)
 
-    def record_match(step_number: int, match: list[list[int]]) -> None:
-        matches = gather_object([match])  # one per process, in process order: the global batch's micro-batches
+    def record(step_number: int, match: list[list[int]]) -> None:
+        matches = gather_object([match])
         if accelerator.is_main_process:
             with match_log.open("a") as f:
                 for m in matches:
                     f.write(json.dumps({"step": step_number, "match": [i[0] if len(i) == 1 else i for i in m]}) + "\n")
 
-    state = train(
-        accelerator,
-        step,
-        loader,
-        stage,
-        "interact",
-        metrics,
-        on_micro_step=record_match,
-        generators={"match": generator},
-        **resume,
-    )
+    return record
+
+
+def save(cfg: TrainConfig, out: Path, run: Interaction, state: dict) -> Path:
+    """OUT/stages/interact/{student (merged, a plain checkpoint), verbalizers}, written by the main process."""
     target = out / "stages" / "interact"
-    if accelerator.is_main_process:
+    step = run.step
+    if run.accelerator.is_main_process:
         with atomic_dir(target) as tmp:
             weights = substate(state, "student")
-            export_student(accelerator, weights, cfg.student, dtype, stage, cfg, s_proc, tmp / "student")
+            export_student(
+                run.accelerator,
+                weights,
+                cfg.student,
+                run.dtype,
+                cfg.interact,
+                cfg,
+                run.student_processor,
+                tmp / "student",
+            )
+            s_verb, s_parts = step.verbalizers, step.s_parts[0]
             trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
             trained.load_state_dict(substate(state, "verbalizers"))
-            trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=vocab)
+            trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
         drop_checkpoints(cfg, "interact")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return target
+
+
+def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> Path:
+    """Stage 2: set up, train, save; writes OUT/stages/interact/{student,verbalizers} and OUT/layer_match.jsonl."""
+    run = setup(cfg, out, samples)
+    state = train(
+        run.accelerator,
+        run.step,
+        run.loader,
+        cfg.interact,
+        "interact",
+        metrics,
+        on_micro_step=match_recorder(cfg, out, run.accelerator),
+        generators={"match": run.generator},
+        **checkpointing(cfg, "interact"),
+    )
+    return save(cfg, out, run, state)

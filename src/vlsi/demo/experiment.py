@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -268,11 +269,15 @@ def sft_twice(s: DemoSettings, run: Path, data: Path, samples, num_workers: int)
     return first, sft(cfg, str(first), run / "student", metrics, samples)
 
 
-def train_students(
-    s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1
-) -> tuple[dict[str, Path], dict[str, Path], dict[str, float]]:
-    """Train the four students into out/runs (`num_workers` data-loader workers each); -> ({method: final
-    student}, {method: student before its last SFT stage}, {method or stage: wall seconds})."""
+class Trained(NamedTuple):
+    finals: dict[str, Path]  # method -> final student
+    before: dict[str, Path]  # method -> student before its last SFT stage
+    seconds: dict[str, float]  # method or stage -> wall seconds
+    answered: list  # the training samples, the unlabelled ones with the teacher's answers
+
+
+def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1) -> Trained:
+    """Train the four students into out/runs (`num_workers` data-loader workers each)."""
     runs = out / "runs"
     steps = budget(s)
     finals, before, seconds = {}, {}, {}
@@ -341,7 +346,7 @@ def train_students(
     finals["vlsi"] = run_train(cfg)
     before["vlsi"] = run / "stages" / "interact" / "student"
     seconds["vlsi"] = time.time() - start
-    return finals, before, seconds
+    return Trained(finals, before, seconds, answered)
 
 
 def encode_test(test, batch_size: int = 128) -> tuple:
@@ -445,7 +450,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     mixed = write_split(train_items, out / "data", "train", answered=s.n_labelled)
     write_split(test, out / "data", s.eval_split)
 
-    finals, before, seconds = train_students(s, out, labelled, mixed)
+    finals, before, seconds, answered = train_students(s, out, labelled, mixed)
 
     _banner(
         f"evaluating the teacher, the student initialisation and the four students on {len(test)} {s.eval_split} "
@@ -456,9 +461,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     earlier = evaluate_all(before, test, encoded)
     _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
     probe_start = time.time()
-    probes = probe_layers(
-        s, out / "runs", mixed, load_samples(stage_config(s, out / "runs" / "kd", {}, mixed, ANSWERED))
-    )
+    probes = probe_layers(s, out / "runs", mixed, answered)
     layers = layer_accuracies(out / "runs", probes, test, encoded, s.student_dir)
     seconds["probes"] = time.time() - probe_start
 

@@ -117,7 +117,7 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
     start = time.time()
     settings = dataclasses.replace(s, n_labelled=size, seed=job.seed)
     with open(folder / "log.txt", "w") as stream, output_to(stream):
-        finals, before, seconds = train_students(
+        finals, before, seconds, _ = train_students(
             settings, folder, data / f"labelled-n{size}.json", data / f"train-n{size}.json", num_workers=0
         )
         test = read_split(data / f"{s.eval_split}.json")

@@ -209,6 +209,20 @@ def test_shards_are_hashed_again_only_when_changed_since_their_last_check(toy, t
     assert [list(p) for p in hashed] == [[shard]]
 
 
+def test_a_cache_whose_folder_cannot_be_written_still_opens(toy, tmp_path, monkeypatch):
+    """The check's record is only a shortcut for the next run: a read-only cache folder (or another run replacing the
+    record at the same moment) must not stop this one."""
+    _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    (folder / ".verified.json").unlink(missing_ok=True)
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(f"[Errno 13] Permission denied: '{self}'")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert TeacherCache(folder).index["complete"]
+    assert not list(folder.glob(".verified.json*"))
+
+
 def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
     out = _run_folder(toy, tmp_path / "run")
     cfg = _cfg(toy, out, "cache.top_k=3", f"teacher_cache={tmp_path / 'c'}", "interact.intermediate_loss=l2")

@@ -355,10 +355,13 @@ def verify_shards(folder: Path, shards: list[dict]) -> None:
                 "the same settings to compute it again"
             )
         checked[entry["file"]] = mark
-    if checked != seen:
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(checked))
-        tmp.replace(record)
+    if checked != seen:  # a record for the next run; runs opening the cache at once each write their own file first
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(checked))
+            tmp.replace(record)
+        except OSError:  # a read-only cache folder: every run checks every shard
+            tmp.unlink(missing_ok=True)
 
 
 class TeacherCache:

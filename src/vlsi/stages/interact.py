@@ -145,9 +145,9 @@ class InteractStep(nn.Module):
                 layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk, min_chunks)
                 logs[f"ce/layer{layer}"] = layer_loss.item()
                 layer_terms.append(layer_loss)
-        weight = 1 / len(layer_terms) if layer_terms and cfg.intermediate_reduction == "mean" else 1
+        mean = cfg.intermediate_reduction == "mean"
         for term in layer_terms:  # one at a time, in layer order: a sum's rounding as the paper's plain loop gives it
-            loss = loss + term * weight if weight != 1 else loss + term
+            loss = loss + (term / len(layer_terms) if mean else term)
         if cfg.last_loss == "kld" and teacher is None:
             last = topk_divergence(s_logits, t_out, cfg.divergence)
         elif cfg.last_loss == "kld":

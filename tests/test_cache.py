@@ -18,15 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from vlsi import cli
-from vlsi.cache import INDEX, CachedTeacher, TeacherCache, build_cache, cache_identity, shard_name, teacher_targets
+from vlsi.cache import INDEX, TeacherCache, build_cache, cache_identity, shard_name, teacher_targets
 from vlsi.config import ConfigError, load_config
 from vlsi.data import VLDataset, make_collate, read_dataset
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
+from vlsi.pipeline import run_train
 from vlsi.stages import interact as interact_module
 from vlsi.stages.common import split_batch
-from vlsi.stages.interact import InteractStep, interact
+from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
@@ -225,14 +226,29 @@ def test_a_cache_whose_folder_cannot_be_written_still_opens(toy, tmp_path, monke
 
 def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
     out = _run_folder(toy, tmp_path / "run")
-    cfg = _cfg(toy, out, "cache.top_k=3", f"teacher_cache={tmp_path / 'c'}", "interact.intermediate_loss=l2")
-    build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
-    with pytest.raises(ConfigError, match="cache.top_k=0"):
-        interact(cfg, out, MetricsLog(out / "metrics.jsonl"))
     cfg = _cfg(toy, out, "cache.top_k=0", f"teacher_cache={tmp_path / 'whole'}", "interact.intermediate_loss=l2")
     build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
     interact(cfg, out, MetricsLog(out / "metrics.jsonl"))  # the ablation's L2 row, from whole distributions
     assert (out / "stages" / "interact" / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("given_verbalizers", [True, False])
+def test_train_refuses_a_cache_it_cannot_use_before_any_stage_trains(toy, tmp_path, given_verbalizers):
+    """A top-k cache with the l2 term, and a cache in C made for other settings: refused by `vlsi train` before stage
+    1, whether the teacher's verbalizers are given (teacher_verbalizers=DIR) or still to be trained."""
+    made = _cfg(toy, tmp_path / "c", "cache.top_k=3")
+    build_cache(made, tmp_path / "c", toy[0] / "verbalizers" / "teacher")
+    given = {} if given_verbalizers else {"teacher_verbalizers": ""}
+    for setting, error in (
+        (["cache.top_k=3", "interact.intermediate_loss=l2"], "l2 needs the whole teacher distributions"),
+        (["cache.top_k=5"], r"made for another cache.top_k \(3 -> 5\)"),
+        (["cache.top_k=3", "data.max_length=300"], r"another data.max_length"),
+    ):
+        out = tmp_path / "run"
+        cfg = dataclasses.replace(_cfg(toy, out, f"teacher_cache={tmp_path / 'c'}", *setting), **given)
+        with pytest.raises(ConfigError, match=error):
+            run_train(cfg)
+        assert not (out / "verbalizers").exists() and not (out / "metrics.jsonl").exists(), "nothing trained"
 
 
 def _cache_command(toy, folder):
@@ -359,36 +375,21 @@ def whole_cache(toy, tmp_path_factory):
         ("kld", "none", "forward"),
     ],
 )
-def test_cached_step_equals_the_live_step_for_every_loss(toy, whole_cache, intermediate, last, kind):
+def test_cached_step_equals_the_live_step_for_every_loss(toy, whole_cache, tmp_path, intermediate, last, kind):
     cfg = _cfg(
         toy,
-        whole_cache,
+        tmp_path,
+        "cache.top_k=0",
         f"interact.intermediate_loss={intermediate}",
         f"interact.last_loss={last}",
         f"interact.divergence={kind}",
     )
-    processors = {"teacher": load_processor(cfg.teacher), "student": load_processor(cfg.student)}
-    dataset = VLDataset(read_dataset(cfg.data.path)[0], processors, 512)
-    collate = make_collate(processors)
-    cached_dataset = CachedTeacher(dataset, TeacherCache(whole_cache))
-    live_batch, cached_batch = collate([dataset[i] for i in range(4)]), collate([cached_dataset[i] for i in range(4)])
-    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
-    t_verb = freeze(Verbalizers.load(toy[0] / "verbalizers" / "teacher"))
-    student = load_model(cfg.student, torch.float32)
-    s_parts = model_parts(student)
-    s_verb = Verbalizers.load(toy[0] / "verbalizers" / "student")
-    vocab = TeacherCache(whole_cache).vocab
     results = []
-    for t, t_parts, tv, batch in (
-        (teacher, model_parts(teacher), t_verb, live_batch),
-        (None, None, None, cached_batch),
-    ):
-        step = InteractStep(student, s_parts, s_verb, t, t_parts, tv, cfg, vocab, torch.Generator().manual_seed(0))
-        loss, logs = step(batch)
+    for teacher_cache in ("", str(whole_cache)):  # the live teacher, then its cache: set up as `vlsi train` does
+        run = interact_module.setup(dataclasses.replace(cfg, teacher_cache=teacher_cache), toy[0])
+        loss, logs = run.step(next(iter(run.loader)))
         loss.backward()
-        grads = [p.grad.clone() for p in s_verb.parameters() if p.grad is not None]
-        student.zero_grad(), s_verb.zero_grad()
-        results.append((loss, logs, grads))
+        results.append((loss, logs, [p.grad for p in run.step.verbalizers.parameters() if p.grad is not None]))
     (live_loss, live_logs, live_grads), (cached_loss, cached_logs, cached_grads) = results
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=1e-6)
     assert cached_logs.keys() == live_logs.keys() and cached_logs.get("match") == live_logs.get("match")

@@ -16,6 +16,7 @@ from vlsi.losses import (
     divergence,
     divergence_matrix,
     kl_from_logits,
+    row_chunks,
     shared_vocab_size,
     top_k,
     topk_divergence,
@@ -183,8 +184,9 @@ def test_divergence_matrix_matches_double_loop(kind, chunk_size):
 
 
 def test_padding_with_empty_chunks_changes_nothing_but_the_number_of_head_calls():
-    """`min_chunks` (DeepSpeed ZeRO-3: every process calls the heads equally often) adds empty chunks only: the same
-    values and gradients, and exactly `min_chunks` calls of the student head in forward and again in backward."""
+    """Row ranges padded with empty ones (`row_chunks(n, size, at_least)`, as DeepSpeed ZeRO-3 needs: every process
+    calls the heads equally often) change nothing but the calls: the same values and gradients, and one call of the
+    student head per range in forward and again in backward."""
     n, ds, dt, v = 13, 6, 10, 17
     student_head, teacher_head = _head(ds, v, seed=0), _head(dt, v, seed=1)
     student_hidden = torch.randn(n, ds, dtype=F64, requires_grad=True)
@@ -195,14 +197,15 @@ def test_padding_with_empty_chunks_changes_nothing_but_the_number_of_head_calls(
     student_head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
 
     losses = [
-        lambda **pad: chunked_divergence(
-            student_hidden, student_head, teacher_hidden, teacher_head, "forward", 4, **pad
+        lambda chunks=4: chunked_divergence(
+            student_hidden, student_head, teacher_hidden, teacher_head, "forward", chunks
         ),
-        lambda **pad: chunked_cross_entropy(student_hidden, student_head, targets, 4, **pad),
+        lambda chunks=4: chunked_cross_entropy(student_hidden, student_head, targets, chunks),
     ]
+    padding = row_chunks(n, 4, at_least=7)
     for loss in losses:
         calls.clear()
-        padded = loss(min_chunks=7)
+        padded = loss(padding)
         padded_grads = _grads(padded, trained)
         forward = [4, 4, 4, 1, 0, 0, 0]
         assert calls == forward + forward[::-1], "backward recomputes every chunk, the empty ones too"
@@ -212,8 +215,8 @@ def test_padding_with_empty_chunks_changes_nothing_but_the_number_of_head_calls(
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     calls.clear()
-    args = ([student_hidden], [student_head], [teacher_hidden], [teacher_head], "forward", 4)
-    torch.testing.assert_close(divergence_matrix(*args, min_chunks=7), divergence_matrix(*args), rtol=0, atol=0)
+    args = ([student_hidden], [student_head], [teacher_hidden], [teacher_head], "forward")
+    torch.testing.assert_close(divergence_matrix(*args, padding), divergence_matrix(*args, 4), rtol=0, atol=0)
     assert calls == [4, 4, 4, 1, 0, 0, 0] + [4, 4, 4, 1]
 
 
@@ -221,6 +224,9 @@ def test_chunked_bad_input_raises():
     head = _head(4, 5, seed=0)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_divergence(torch.randn(3, 4, dtype=F64), head, torch.randn(3, 4, dtype=F64), head, "forward", 0)
+    for gappy in ([slice(0, 2)], [slice(0, 1), slice(2, 3)], [slice(0, 3), slice(0, 3)]):
+        with pytest.raises(ValueError, match="do not cover rows 0..3"):
+            chunked_cross_entropy(torch.randn(3, 4, dtype=F64), head, torch.zeros(3, dtype=torch.long), gappy)
     with pytest.raises(ValueError, match="same tokens"):
         chunked_divergence(torch.randn(3, 4, dtype=F64), head, torch.randn(2, 4, dtype=F64), head)
     with pytest.raises(ValueError, match="no tokens"):
@@ -315,7 +321,9 @@ def test_chunked_topk_divergence_matches_plain(chunk_size, k):
     grads = [hidden.grad.clone(), *(p.grad.clone() for p in head.parameters())]
     hidden.grad = None
     head.zero_grad()
-    chunked = losses.chunked_topk_divergence(hidden, head, cached, "forward", chunk_size, min_chunks=12)
+    chunked = losses.chunked_topk_divergence(
+        hidden, head, cached, "forward", losses.row_chunks(n, chunk_size, at_least=12)
+    )
     chunked.backward()
     torch.testing.assert_close(chunked, plain)
     for a, b in zip(grads, [hidden.grad, *(p.grad for p in head.parameters())]):
@@ -328,7 +336,7 @@ def test_topk_divergence_matrix_matches_double_loop(kind):
     heads = [_head(d, v, seed=i) for i in range(t_s)]
     hiddens = [torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(30 + i)) for i in range(t_s)]
     teachers = [top_k(_logits(n=n, v=v, seed=40 + j).log_softmax(-1), 5) for j in range(t_l)]
-    d_mat = topk_divergence_matrix(hiddens, heads, teachers, kind, chunk_size=3)
+    d_mat = topk_divergence_matrix(hiddens, heads, teachers, kind, chunks=3)
     with torch.no_grad():
         loop = torch.tensor(
             [[topk_divergence(heads[i](hiddens[i]), teachers[j], kind).item() for i in range(t_s)] for j in range(t_l)],

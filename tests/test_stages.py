@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
+import vlsi.stages.interact as interact_stage
+import vlsi.stages.sft as sft_stage
+import vlsi.stages.verbalize as verbalize_stage
 from vlsi.config import load_config
-from vlsi.data import VLDataset, make_collate, read_dataset
+from vlsi.data import read_dataset
 from vlsi.models.family import model_parts
-from vlsi.models.loading import freeze, load_model, load_processor
-from vlsi.models.student import prepare_student
+from vlsi.models.loading import load_model
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.interact import InteractStep, interact, setup
-from vlsi.stages.loop import MetricsLog, make_accelerator, make_loader, train
-from vlsi.stages.sft import SFTStep
-from vlsi.stages.verbalize import VerbalizeStep
+from vlsi.stages.interact import interact
+from vlsi.stages.loop import MetricsLog, train
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
 
@@ -45,28 +45,18 @@ def _cfg(toy, *overrides, output=None):
     )
 
 
-def _loader(cfg, processors, data):
-    samples, _ = read_dataset(data)
-    return make_loader(VLDataset(samples, processors, 512), 4, make_collate(processors), seed=0)
+def _samples(toy):
+    return read_dataset(toy[3])[0]
 
 
 def test_verbalize_trains_only_the_verbalizers(toy, tmp_path):
-    cfg = _cfg(toy, "verbalize.max_steps=2", "verbalize.grad_accum=2", "verbalize.lr=1e-2")
-    processor = load_processor(cfg.student)
-    model = freeze(load_model(cfg.student, torch.float32)).eval()
-    parts = model_parts(model)
-    verb = Verbalizers(parts.hidden_size, [0, 2])
+    cfg = _cfg(toy, "verbalize.max_steps=2", "verbalize.grad_accum=2", "verbalize.lr=1e-2", output=tmp_path)
+    run = verbalize_stage.setup(cfg, cfg.student, "student", _samples(toy))
+    model, _ = run.step.frozen
+    verb = run.step.verbalizers
     before_model, before_verb = _snapshot(model), _snapshot(verb)
-    step = VerbalizeStep(model, parts, verb, len(processor.tokenizer), cfg.chunk_size)
-    assert {n for n, _ in step.named_parameters()} == {f"verbalizers.{n}" for n in before_verb}
-    train(
-        make_accelerator(cfg.verbalize, torch.float32),
-        step,
-        _loader(cfg, {"model": processor}, toy[3]),
-        cfg.verbalize,
-        "verbalize/student",
-        MetricsLog(tmp_path / "m.jsonl"),
-    )
+    assert {n for n, _ in run.step.named_parameters()} == {f"verbalizers.{n}" for n in before_verb}
+    train(run.accelerator, run.step, run.loader, cfg.verbalize, "verbalize/student", MetricsLog(tmp_path / "m.jsonl"))
     assert not _changed(before_model, model), "backbone, final norm and LM head stay bit-identical"
     assert _changed(before_verb, verb) == set(before_verb), "every verb-FFN weight trains"
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
@@ -75,35 +65,30 @@ def test_verbalize_trains_only_the_verbalizers(toy, tmp_path):
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
-    cfg = _cfg(
+    run = _interaction(
         toy,
+        tmp_path,
         "interact.max_steps=2",
         "interact.grad_accum=2",
         "interact.lr=1e-2",
         f"interact.lora.enabled={str(lora).lower()}",
         "interact.lora.r=4",
     )
-    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
-    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
-    t_parts = model_parts(teacher)
-    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
-    student, s_parts = prepare_student(cfg.student, torch.float32, cfg.interact, cfg)
-    s_verb = Verbalizers(s_parts.hidden_size, [0, 2])
+    step = run.step
+    teacher, _, t_verb = step.frozen_teacher
+    student, s_verb, (s_parts,) = step.student, step.verbalizers, step.s_parts
     before_teacher, before_t_verb = _snapshot(teacher), _snapshot(t_verb)
     before_student, before_s_verb = _snapshot(student), _snapshot(s_verb)
     head_before = s_parts.lm_head.weight.detach().clone()
     norm_before = [p.detach().clone() for p in s_parts.norm.parameters()]
     vision_before = [p.detach().clone() for m in s_parts.vision for p in m.parameters()]
-    step = InteractStep(
-        student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, len(s_proc.tokenizer), torch.Generator().manual_seed(0)
-    )
     matches = []
-    loader = _loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3])
+    cfg = step.cfg
     train(
-        make_accelerator(cfg.interact, torch.float32),
+        run.accelerator,
         step,
-        loader,
-        cfg.interact,
+        run.loader,
+        cfg,
         "interact",
         MetricsLog(tmp_path / "m.jsonl"),
         on_micro_step=lambda s, m: matches.append(m),
@@ -123,19 +108,11 @@ def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
 
 
 def test_sft_trains_lora_only(toy, tmp_path):
-    cfg = _cfg(toy, "sft.max_steps=2", "sft.grad_accum=1", "sft.lr=1e-2", "sft.lora.r=4")
-    processor = load_processor(cfg.student)
-    model, parts = prepare_student(cfg.student, torch.float32, cfg.sft, cfg)
-    before = _snapshot(model)
-    train(
-        make_accelerator(cfg.sft, torch.float32),
-        SFTStep(model, parts, len(processor.tokenizer)),
-        _loader(cfg, {"model": processor}, toy[3]),
-        cfg.sft,
-        "sft",
-        MetricsLog(tmp_path / "m.jsonl"),
-    )
-    changed = _changed(before, model)
+    cfg = _cfg(toy, "sft.max_steps=2", "sft.grad_accum=1", "sft.lr=1e-2", "sft.lora.r=4", output=tmp_path)
+    run = sft_stage.setup(cfg, cfg.student, _samples(toy))
+    before = _snapshot(run.step.student)
+    train(run.accelerator, run.step, run.loader, cfg.sft, "sft", MetricsLog(tmp_path / "m.jsonl"))
+    changed = _changed(before, run.step.student)
     assert changed and all("lora_" in n for n in changed)
 
 
@@ -150,7 +127,7 @@ def _interaction(toy, out, *overrides):
     """The interaction stage as `vlsi train` sets it up (`interact.setup`), on the toy data."""
     cfg = _cfg(toy, *overrides, output=out)
     _with_verbalizers(cfg, out)
-    return setup(cfg, out, read_dataset(toy[3])[0])
+    return interact_stage.setup(cfg, out, _samples(toy))
 
 
 @pytest.mark.parametrize(
@@ -231,27 +208,10 @@ def test_interact_logs_how_sharp_each_match_draw_is(interacted):
 
 
 @pytest.mark.parametrize("strategy", ["random", "bottom_k", "uniform"])
-def test_match_sharpness_is_logged_for_sampling_strategies_only(toy, strategy):
-    cfg = _cfg(toy, f"interact.match.strategy={strategy}", "interact.match.bottom_k=1")
-    t_proc, s_proc = load_processor(cfg.teacher), load_processor(cfg.student)
-    teacher = freeze(load_model(cfg.teacher, torch.float32)).eval()
-    t_parts = model_parts(teacher)
-    t_verb = freeze(Verbalizers(t_parts.hidden_size, [0, 2, 4]))
-    student = freeze(load_model(cfg.student, torch.float32))
-    s_parts = model_parts(student)
-    step = InteractStep(
-        student,
-        s_parts,
-        Verbalizers(s_parts.hidden_size, [0, 2]),
-        teacher,
-        t_parts,
-        t_verb,
-        cfg,
-        len(s_proc.tokenizer),
-        torch.Generator().manual_seed(0),
-    )
+def test_match_sharpness_is_logged_for_sampling_strategies_only(toy, tmp_path, strategy):
+    run = _interaction(toy, tmp_path, f"interact.match.strategy={strategy}", "interact.match.bottom_k=1")
     with torch.no_grad():
-        _, logs = step(next(iter(_loader(cfg, {"teacher": t_proc, "student": s_proc}, toy[3]))))
+        _, logs = run.step(next(iter(run.loader)))
     sharpness = {k for k in logs if k.startswith("match_")}
     if strategy != "random":
         assert not sharpness

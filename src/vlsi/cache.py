@@ -110,19 +110,37 @@ def teacher_key(path: str) -> str:
     return hashlib.sha256(json.dumps([config, weights]).encode()).hexdigest()
 
 
-def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path, processor, samples) -> dict:
-    """The IDENTITY entries for a run: what its teacher targets depend on."""
-    meta = json.loads((Path(verbalizers_dir) / META).read_text()) if (Path(verbalizers_dir) / META).is_file() else {}
-    return {
+def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> dict:
+    """The IDENTITY entries for a run: what its teacher targets depend on. `verbalizers_dir` None: the teacher's
+    verbalizers are not trained yet, and the two entries that describe them are left out."""
+    identity = {
         "teacher_identity": teacher_key(cfg.teacher),
-        "verbalizers": verbalizers_fingerprint(verbalizers_dir),
         "data_fingerprint": prompts_key(samples),
         "processor": processor_key(processor),
-        "target_layers": meta.get("target_layers"),
         "top_k": cfg.cache.top_k,
         "dtype": cfg.cache.dtype,
         "max_length": cfg.data.max_length,
     }
+    if verbalizers_dir is not None:
+        meta = Path(verbalizers_dir) / META
+        identity["verbalizers"] = verbalizers_fingerprint(verbalizers_dir)
+        identity["target_layers"] = json.loads(meta.read_text()).get("target_layers") if meta.is_file() else None
+    return identity
+
+
+def check_before_training(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> None:
+    """What `vlsi train` checks of teacher_cache=C before any stage trains: the l2 term needs whole distributions,
+    and a cache already in C must be for this teacher, data, processor and settings, and for these teacher
+    verbalizers when they exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks)."""
+    if cfg.interact.intermediate_loss == "l2" and cfg.cache.top_k:
+        raise ConfigError(
+            f"interact.intermediate_loss=l2 needs the whole teacher distributions, but teacher_cache="
+            f"{cfg.teacher_cache} keeps the top {cfg.cache.top_k} (cache.top_k): use a cache built with cache.top_k=0"
+        )
+    folder = Path(cfg.teacher_cache)
+    index = _read_index(folder)
+    if index is not None:
+        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples))
 
 
 def check_identity(folder: Path, index: dict, identity: dict) -> None:
@@ -131,7 +149,7 @@ def check_identity(folder: Path, index: dict, identity: dict) -> None:
     changed = [
         IDENTITY[key] if key in hashed else f"{IDENTITY[key]} ({index.get(key)} -> {identity[key]})"
         for key in IDENTITY
-        if index.get(key) != identity[key]
+        if key in identity and index.get(key) != identity[key]
     ]
     if changed:
         raise ConfigError(

@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 
 from .config import ConfigError, StageConfig
+from .losses import row_chunks
 from .models.family import Parts
 from .models.loading import freeze, load_model
 
@@ -98,22 +99,26 @@ def full_state_dict(accelerator: Accelerator, module: nn.Module) -> dict[str, to
     return accelerator.get_state_dict(module)
 
 
-def chunk_agreement(accelerator: Accelerator, chunk_size: int) -> Callable[[int], int]:
-    """-> a function from this process's number of response tokens to the `min_chunks` of the chunked losses.
+ChunkPlan = Callable[[int], list[slice]]  # a process's number of response tokens -> the row ranges to visit
+
+
+def chunk_plan(accelerator: Accelerator, chunk_size: int) -> ChunkPlan:
+    """-> a function from this process's number of response tokens to the row ranges the chunked losses visit
+    (`vlsi.losses`: `chunks`).
 
     DeepSpeed ZeRO-3 gathers a trained module's weights at each call, a collective every process must join, and the
     verbalizer heads are called once per chunk of response tokens, which processes hold different numbers of: under
-    ZeRO-3 every process runs as many chunks as the one with the most (the extra ones empty). Elsewhere: 0, no
-    padding and no communication."""
+    ZeRO-3 every process visits as many ranges as the one with the most (the extra ones empty). Elsewhere: ranges of
+    `chunk_size`, no padding and no communication."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if not (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3):
-        return lambda n: 0
+        return lambda n: row_chunks(n, chunk_size)
 
-    def most_chunks(n: int) -> int:
+    def agreed(n: int) -> list[slice]:
         chunks = torch.tensor([math.ceil(n / chunk_size)], device=accelerator.device)
-        return int(accelerator.reduce(chunks, "max").item())
+        return row_chunks(n, chunk_size, at_least=int(accelerator.reduce(chunks, "max").item()))
 
-    return most_chunks
+    return agreed
 
 
 def _zero3_config(accelerator: Accelerator, dtype: torch.dtype) -> dict:

@@ -5,8 +5,8 @@ Every distribution lives on the shared vocabulary: callers slice logits to `shar
 The maths runs in at least fp32 whatever the input dtype (bf16 in, fp32 out; fp64 stays fp64 for reference tests).
 The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`, in vlsi: verb-FFN -> frozen
 final norm -> frozen LM head -> shared-vocab slice) so that [tokens x vocab] logits exist for one chunk at a time
-and are recomputed during backward instead of being kept for it. `min_chunks` pads the loop with empty chunks so that
-every process calls the heads equally often (DeepSpeed ZeRO-3 gathers a head's weights at each call, a collective).
+and are recomputed during backward instead of being kept for it. `chunks` is the rows per chunk, or the row ranges
+themselves, visited in order (a distributed launch may add empty ones: `vlsi.distributed.chunk_plan`).
 """
 
 from __future__ import annotations
@@ -38,15 +38,27 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
 
 
-def _check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+Chunks = int | Sequence[slice]  # rows per chunk, or the row ranges to visit in order
 
 
-def _chunks(n: int, chunk_size: int, min_chunks: int = 0) -> list[slice]:
-    """Row ranges of `chunk_size` covering n rows, then empty ones up to `min_chunks` in all."""
-    rows = [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
-    return rows + [slice(n, n)] * (min_chunks - len(rows))
+def row_chunks(n: int, size: int, at_least: int = 0) -> list[slice]:
+    """Row ranges of `size` covering n rows, then empty ones up to `at_least` ranges in all."""
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {size}")
+    rows = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    return rows + [slice(n, n)] * (at_least - len(rows))
+
+
+def _chunks(n: int, chunks: Chunks) -> list[slice]:
+    """`chunks` as row ranges over n rows, checked to cover them in order, each once."""
+    if isinstance(chunks, int):
+        return row_chunks(n, chunks)
+    chunks = list(chunks)
+    spans = [r.indices(n) for r in chunks]  # (start, stop, step), clipped to the n rows
+    ends = [0] + [stop for _, stop, _ in spans]
+    if any(step != 1 or start != end for (start, _, step), end in zip(spans, ends)) or ends[-1] != n:
+        raise ValueError(f"the chunks {chunks} do not cover rows 0..{n} in order")
+    return chunks
 
 
 def _check_tokens(n: int) -> None:
@@ -54,14 +66,14 @@ def _check_tokens(n: int) -> None:
         raise ValueError("no tokens to score; drop batches without response tokens before the loss")
 
 
-def _checkpointed_sum(chunk_sum: Callable, rows: Sequence, fixed: tuple, chunk_size: int, min_chunks: int) -> Tensor:
+def _checkpointed_sum(chunk_sum: Callable, rows: Sequence, fixed: tuple, chunks: Chunks) -> Tensor:
     """The sum over token chunks r of `chunk_sum(*(t[r] for t in rows), *fixed)`, each chunk checkpointed: only the
     row slices are kept for backward, and the chunk's [c, V] logits are recomputed then."""
     n = rows[0].shape[0]
     _check_tokens(n)
     return sum(
         checkpoint(chunk_sum, *(None if t is None else t[r] for t in rows), *fixed, use_reentrant=False)
-        for r in _chunks(n, chunk_size, min_chunks)
+        for r in _chunks(n, chunks)
     )
 
 
@@ -128,8 +140,7 @@ def chunked_divergence(
     teacher_hidden: Tensor,
     teacher_head: Head,
     kind: str = "forward",
-    chunk_size: int = 1024,
-    min_chunks: int = 0,
+    chunks: Chunks = 1024,
 ) -> Tensor:
     """`divergence(student_head(student_hidden), teacher_head(teacher_hidden), kind)` over token chunks.
 
@@ -138,12 +149,11 @@ def chunked_divergence(
     and the parameters of `student_head`, never the teacher.
     """
     _check_kind(kind)
-    _check_chunk_size(chunk_size)
     n = student_hidden.shape[0]
     if teacher_hidden.shape[0] != n:
         raise ValueError(f"student has {n} tokens, teacher {teacher_hidden.shape[0]}; they must be the same tokens")
     rows, fixed = (student_hidden, teacher_hidden), (student_head, teacher_head, kind)
-    return _checkpointed_sum(_chunk_divergence_sum, rows, fixed, chunk_size, min_chunks) / n
+    return _checkpointed_sum(_chunk_divergence_sum, rows, fixed, chunks) / n
 
 
 def _chunk_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: Head) -> Tensor:
@@ -152,17 +162,14 @@ def _chunk_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: Head) -> Ten
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
-def chunked_cross_entropy(
-    hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024, min_chunks: int = 0
-) -> Tensor:
+def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunks: Chunks = 1024) -> Tensor:
     """`cross_entropy_from_logits(head(hidden), targets)` over token chunks, logits recomputed during backward.
 
     hidden [N, d], targets [N] (long, -100 ignored as in `F.cross_entropy`: the mean is over the other targets).
     """
-    _check_chunk_size(chunk_size)
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
-    total = _checkpointed_sum(_chunk_cross_entropy_sum, (hidden, targets), (head,), chunk_size, min_chunks)
+    total = _checkpointed_sum(_chunk_cross_entropy_sum, (hidden, targets), (head,), chunks)
     return total / (targets != -100).sum()
 
 
@@ -173,8 +180,7 @@ def divergence_matrix(
     teacher_hiddens: Sequence[Tensor],
     teacher_heads: Sequence[Head],
     kind: str = "forward",
-    chunk_size: int = 1024,
-    min_chunks: int = 0,
+    chunks: Chunks = 1024,
 ) -> Tensor:
     """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i, teacher layer j), no autograd.
 
@@ -183,7 +189,6 @@ def divergence_matrix(
     them; nothing outlives its chunk.
     """
     _check_kind(kind)
-    _check_chunk_size(chunk_size)
     if len(student_hiddens) != len(student_heads) or len(teacher_hiddens) != len(teacher_heads):
         raise ValueError("need one head per hidden-state tensor, for student and teacher")
     n = student_hiddens[0].shape[0]
@@ -191,7 +196,7 @@ def divergence_matrix(
         raise ValueError("every student and teacher layer must hold the same tokens")
     _check_tokens(n)
     sums = 0
-    for rows in _chunks(n, chunk_size, min_chunks):
+    for rows in _chunks(n, chunks):
         # t_s x [c, V]
         student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
         chunk_sums = []
@@ -274,7 +279,6 @@ def _chunk_topk_divergence_sum(student_hidden: Tensor, log_probs, ids, log_tail,
 def _check_cached_rows(n: int, teachers: Sequence[TopK]) -> None:
     if any(t.log_probs.shape[0] != n for t in teachers):
         raise ValueError(f"the student has {n} response tokens but the cached teacher rows differ; same tokens needed")
-    _check_tokens(n)
 
 
 def chunked_topk_divergence(
@@ -282,17 +286,15 @@ def chunked_topk_divergence(
     student_head: Head,
     teacher: TopK,
     kind: str = "forward",
-    chunk_size: int = 1024,
-    min_chunks: int = 0,
+    chunks: Chunks = 1024,
 ) -> Tensor:
     """`chunked_divergence` against a cached teacher: `topk_divergence(student_head(student_hidden), teacher, kind)`
     over token chunks, each chunk's student logits recomputed during backward. student_hidden [N, d]."""
     _check_kind(kind)
-    _check_chunk_size(chunk_size)
     n = student_hidden.shape[0]
     _check_cached_rows(n, [teacher])
     rows = (student_hidden, *teacher)
-    return _checkpointed_sum(_chunk_topk_divergence_sum, rows, (student_head, kind), chunk_size, min_chunks) / n
+    return _checkpointed_sum(_chunk_topk_divergence_sum, rows, (student_head, kind), chunks) / n
 
 
 @torch.no_grad()
@@ -301,21 +303,20 @@ def topk_divergence_matrix(
     student_heads: Sequence[Head],
     teachers: Sequence[TopK],
     kind: str = "forward",
-    chunk_size: int = 1024,
-    min_chunks: int = 0,
+    chunks: Chunks = 1024,
 ) -> Tensor:
     """`divergence_matrix` against cached teacher layers: D [t_l, t_s], D[j, i] = token-averaged
     topk divergence(student layer i || cached teacher layer j), no autograd, chunked over tokens."""
     _check_kind(kind)
-    _check_chunk_size(chunk_size)
     if len(student_hiddens) != len(student_heads):
         raise ValueError("need one head per student hidden-state tensor")
     n = student_hiddens[0].shape[0]
     if any(h.shape[0] != n for h in student_hiddens):
         raise ValueError("every student layer must hold the same tokens")
     _check_cached_rows(n, teachers)
+    _check_tokens(n)
     sums = 0
-    for rows in _chunks(n, chunk_size, min_chunks):
+    for rows in _chunks(n, chunks):
         # t_s x [c, V], computed once and held against every cached teacher layer
         student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
         chunk_sums = [

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from .cache import build_cache
+from .cache import check_before_training as check_cache_before_training
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .distributed import process_state
 from .models.family import model_parts
@@ -66,16 +67,23 @@ def check_same_run(cfg: TrainConfig, out: Path) -> None:
         )
 
 
+def existing_verbalizers(cfg: TrainConfig, out: Path, who: str) -> Path | None:
+    """The verbalizers this run will use for `who` without training them: reused from OUT, or (the teacher's) given
+    with teacher_verbalizers=DIR; None: stage 1 trains them."""
+    reused = out / "verbalizers" / who
+    given = cfg.teacher_verbalizers if who == "teacher" else ""
+    return reused if reused.exists() else Path(given) if given else None
+
+
 def check_target_layers(cfg: TrainConfig, out: Path) -> None:
     """Before anything trains: each model's target layers, from its architecture built on the meta device (no weight
     read); verbalizers given with teacher_verbalizers=DIR, or reused from OUT, against the model they claim to
     verbalize and against verbalizer.*_layers; and at least as many teacher target layers as student ones (each
     student layer is matched to its own teacher layer)."""
     count = {}
-    for who, path, given in (("teacher", cfg.teacher, cfg.teacher_verbalizers), ("student", cfg.student, "")):
+    for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
         parts = model_parts(load_model(path, torch.float32, cfg.trust_remote_code, empty=True))
-        reused = out / "verbalizers" / who
-        folder = reused if reused.exists() else Path(given) if given else None
+        folder = existing_verbalizers(cfg, out, who)
         if folder is None:
             count[who] = len(target_layers(cfg, parts, who))
             continue
@@ -114,6 +122,8 @@ def run_train(cfg: TrainConfig) -> Path:
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
     check_target_layers(cfg, out)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
+    if cfg.teacher_cache:
+        check_cache_before_training(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

@@ -1,13 +1,17 @@
-"""Small pieces the stages share: batch splitting, target-layer choice, data set-up, atomic output folders."""
+"""Small pieces the stages share: what a set-up returns, batch splitting, target-layer choice, data set-up, atomic
+output folders, saving trained verbalizers."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 
 from ..answers import teacher_answers
 from ..config import TrainConfig
@@ -15,8 +19,21 @@ from ..data import VLDataset, make_collate, read_dataset, response_positions
 from ..data.skipping import with_skipped
 from ..distributed import on_main_process, process_state
 from ..models.family import Parts, check_target_layers, default_target_layers
+from ..models.verbalizer import Verbalizers
 
 log = logging.getLogger("vlsi")
+
+
+@dataclass
+class Run:
+    """What a stage's `setup` builds, for its training call and its `save`."""
+
+    accelerator: Accelerator
+    step: nn.Module  # batch -> (loss, logs); its registered parameters are what trains
+    loader: object
+    dtype: torch.dtype
+    processor: object  # the trained (or verbalized) model's processor
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # checkpointed with the run
 
 
 def split_batch(batch: dict[str, torch.Tensor]):
@@ -77,6 +94,14 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
 def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a step module's state dict under `prefix.` (e.g. "student"), with the prefix removed."""
     return {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+
+
+def save_verbalizers(like: Verbalizers, state: dict[str, torch.Tensor], folder: Path, **meta) -> None:
+    """The verbalizers of a step module's gathered state dict (under `verbalizers.`), shaped as `like`, saved in
+    `folder` with `meta` (model, num_layers, vocab) beside them."""
+    trained = Verbalizers(like.hidden_size, like.target_layers, like.residual, like.family)
+    trained.load_state_dict(substate(state, "verbalizers"))
+    trained.save(folder, **meta)
 
 
 def tracking(cfg: TrainConfig) -> dict:

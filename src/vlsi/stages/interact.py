@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +26,9 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from ..cache import CachedTeacher, TeacherCache, cache_identity, cached_layers
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..data import make_collate
-from ..distributed import chunk_agreement, load_frozen, prepare_frozen
+from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import (
     chunked_cross_entropy,
     chunked_divergence,
@@ -37,6 +36,7 @@ from ..losses import (
     cross_entropy_from_logits,
     divergence,
     divergence_matrix,
+    row_chunks,
     shared_vocab_size,
     topk_divergence,
     topk_divergence_matrix,
@@ -52,11 +52,13 @@ from ..models.student import export_student, prepare_student
 from ..models.verbalizer import Verbalizers
 from .checkpoint import saved_step
 from .common import (
+    Run,
     atomic_dir,
     build_loader,
     checkpointing,
     drop_checkpoints,
     load_samples,
+    save_verbalizers,
     split_batch,
     substate,
     tracking,
@@ -79,7 +81,7 @@ class InteractStep(nn.Module):
         cfg: TrainConfig,
         vocab: int,
         generator: torch.Generator,
-        min_chunks=None,
+        chunks: ChunkPlan | None = None,
     ):
         super().__init__()
         self.student = student
@@ -88,15 +90,15 @@ class InteractStep(nn.Module):
         self.s_parts = (s_parts,)
         self.frozen_teacher = (teacher, t_parts, t_verb)
         self.cfg = cfg.interact
-        self.chunk_size = cfg.chunk_size
         self.vocab = vocab
         self.generator = generator
-        self.min_chunks = min_chunks or (lambda n: 0)  # `chunk_agreement`: equal head calls on every process
+        # response tokens -> the row ranges of the chunked losses (`distributed.chunk_plan`; alone: interact.chunk_size)
+        self.chunks = chunks or (lambda n: row_chunks(n, cfg.chunk_size))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         teacher, t_parts, t_verb = self.frozen_teacher
         (s_parts,) = self.s_parts
-        s_verb, cfg, vocab, chunk = self.verbalizers, self.cfg, self.vocab, self.chunk_size
+        s_verb, cfg, vocab = self.verbalizers, self.cfg, self.vocab
         s_inputs, s_mask, targets = split_batch(batch["student"])
         if teacher is None:  # cached: t_l + 1 TopK [N, k], the last one the teacher's output
             *t_cached, t_out = cached_layers(batch["teacher"])
@@ -113,20 +115,20 @@ class InteractStep(nn.Module):
 
         logs: dict = {}
         loss = s_logits.new_zeros((), dtype=torch.float32)
-        min_chunks = self.min_chunks(len(targets)) if cfg.intermediate_loss != "none" else 0
+        chunk = self.chunks(len(targets)) if cfg.intermediate_loss != "none" else None
         layer_terms: list[torch.Tensor] = []  # one per student layer, added up by interact.intermediate_reduction
         if cfg.intermediate_loss in ("kld", "l2"):
             # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
             if teacher is None:
-                scores = topk_divergence_matrix(s_hidden, s_heads, t_cached, kind, chunk, min_chunks)  # [t_l, t_s]
+                scores = topk_divergence_matrix(s_hidden, s_heads, t_cached, kind, chunk)  # [t_l, t_s]
             else:
-                scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk, min_chunks)
+                scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk)
 
             def matched(i: int, j: int) -> torch.Tensor:  # student layer i against teacher layer j, with gradient
                 if teacher is None:
-                    return chunked_topk_divergence(s_hidden[i], s_heads[i], t_cached[j], kind, chunk, min_chunks)
-                return chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk, min_chunks)
+                    return chunked_topk_divergence(s_hidden[i], s_heads[i], t_cached[j], kind, chunk)
+                return chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk)
 
             # the interact.match section is layer_match's keyword arguments, one for one
             options = dataclasses.asdict(cfg.match)
@@ -142,7 +144,7 @@ class InteractStep(nn.Module):
             logs["match"] = match
         elif cfg.intermediate_loss == "ce":
             for i, layer in enumerate(s_verb.target_layers):
-                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk, min_chunks)
+                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk)
                 logs[f"ce/layer{layer}"] = layer_loss.item()
                 layer_terms.append(layer_loss)
         mean = cfg.intermediate_reduction == "mean"
@@ -162,19 +164,7 @@ class InteractStep(nn.Module):
         return loss, logs
 
 
-@dataclass
-class Interaction:
-    """Everything the interaction stage trains with, as `setup` builds it."""
-
-    accelerator: Accelerator
-    step: InteractStep
-    loader: object
-    generator: torch.Generator  # the matching draws' (each process its own), checkpointed with the run
-    student_processor: object
-    dtype: torch.dtype
-
-
-def setup(cfg: TrainConfig, out: Path, samples=None) -> Interaction:
+def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
     """The teacher (frozen, placed as the launch distributes training) or its cache, the student and both models'
     verbalizers from OUT/verbalizers, the step module and the data loader."""
     stage = cfg.interact
@@ -191,11 +181,6 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Interaction:
     if cfg.teacher_cache:  # the teacher's weights are never loaded: its targets come from the cache
         cache = TeacherCache(cfg.teacher_cache)
         cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples))
-        if cache.index["top_k"] and stage.intermediate_loss == "l2":
-            raise ConfigError(
-                f"interact.intermediate_loss=l2 needs the whole teacher distributions, but {cfg.teacher_cache} keeps "
-                f"the top {cache.index['top_k']}: use a cache built with cache.top_k=0"
-            )
         t_rows = cache.vocab
     else:
         teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
@@ -214,14 +199,14 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Interaction:
         teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
         t_verb.to(accelerator.device, dtype)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
-    agreement = chunk_agreement(accelerator, cfg.chunk_size)
-    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator, agreement)
+    chunks = chunk_plan(accelerator, cfg.chunk_size)
+    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator, chunks)
     processors = {"teacher": t_proc, "student": s_proc}
     loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")
     if cache is not None:  # the same samples in the same order, each with its cached targets as "teacher"
         dataset = CachedTeacher(loader.dataset, cache)
         loader = make_loader(dataset, stage.batch_size, make_collate(processors), cfg.seed, cfg.data.num_workers)
-    return Interaction(accelerator, step, loader, generator, s_proc, dtype)
+    return Run(accelerator, step, loader, dtype, s_proc, generators={"match": generator})  # each process draws its own
 
 
 def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):
@@ -242,7 +227,7 @@ def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):
     return record
 
 
-def save(cfg: TrainConfig, out: Path, run: Interaction, state: dict) -> Path:
+def save(cfg: TrainConfig, out: Path, run: Run, state: dict) -> Path:
     """OUT/stages/interact/{student (merged, a plain checkpoint), verbalizers}, written by the main process."""
     target = out / "stages" / "interact"
     step = run.step
@@ -250,19 +235,11 @@ def save(cfg: TrainConfig, out: Path, run: Interaction, state: dict) -> Path:
         with atomic_dir(target) as tmp:
             weights = substate(state, "student")
             export_student(
-                run.accelerator,
-                weights,
-                cfg.student,
-                run.dtype,
-                cfg.interact,
-                cfg,
-                run.student_processor,
-                tmp / "student",
+                run.accelerator, weights, cfg.student, run.dtype, cfg.interact, cfg, run.processor, tmp / "student"
             )
-            s_verb, s_parts = step.verbalizers, step.s_parts[0]
-            trained = Verbalizers(s_verb.hidden_size, s_verb.target_layers, s_verb.residual, s_verb.family)
-            trained.load_state_dict(substate(state, "verbalizers"))
-            trained.save(tmp / "verbalizers", model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
+            (s_parts,) = step.s_parts
+            meta = dict(model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
+            save_verbalizers(step.verbalizers, state, tmp / "verbalizers", **meta)
         drop_checkpoints(cfg, "interact")
     run.accelerator.wait_for_everyone()
     return target
@@ -279,7 +256,7 @@ def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> 
         "interact",
         metrics,
         on_micro_step=match_recorder(cfg, out, run.accelerator),
-        generators={"match": run.generator},
+        generators=run.generators,
         **checkpointing(cfg, "interact"),
     )
     return save(cfg, out, run, state)

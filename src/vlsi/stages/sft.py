@@ -19,6 +19,7 @@ from ..models.family import Parts
 from ..models.loading import compute_dtype, load_processor
 from ..models.student import export_student, prepare_student
 from .common import (
+    Run,
     atomic_dir,
     build_loader,
     checkpointing,
@@ -44,21 +45,32 @@ class SFTStep(nn.Module):
         return cross_entropy_from_logits(logits, targets), {}
 
 
-def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None) -> Path:
-    """Fine-tune `model_path` on the data; save the merged model and its processor to `output`."""
-    stage = cfg.sft
+def setup(cfg: TrainConfig, model_path: str, samples=None) -> Run:
+    """The model prepared to train (LoRA by default), the step module and the data loader."""
     dtype = compute_dtype(cfg.precision)
-    accelerator = make_accelerator(stage, dtype, **tracking(cfg))
+    accelerator = make_accelerator(cfg.sft, dtype, **tracking(cfg))
     processor = load_processor(model_path, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
-    model, parts = prepare_student(model_path, dtype, stage, cfg)
+    model, parts = prepare_student(model_path, dtype, cfg.sft, cfg)
     vocab = min(len(processor.tokenizer), parts.vocab_rows)
     samples = samples if samples is not None else load_samples(cfg)
-    loader = build_loader(cfg, samples, {"model": processor}, stage.batch_size, cfg.seed, "sft")
-    state = train(accelerator, SFTStep(model, parts, vocab), loader, stage, "sft", metrics, **checkpointing(cfg, "sft"))
-    if accelerator.is_main_process:
+    loader = build_loader(cfg, samples, {"model": processor}, cfg.sft.batch_size, cfg.seed, "sft")
+    return Run(accelerator, SFTStep(model, parts, vocab), loader, dtype, processor)
+
+
+def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict) -> Path:
+    """The fine-tuned model (LoRA merged) and its processor in `output`, written by the main process."""
+    if run.accelerator.is_main_process:
         with atomic_dir(output) as tmp:
-            export_student(accelerator, substate(state, "student"), model_path, dtype, stage, cfg, processor, tmp)
+            weights = substate(state, "student")
+            export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, tmp)
         drop_checkpoints(cfg, "sft")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return output
+
+
+def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None) -> Path:
+    """Fine-tune `model_path` on the data; save the merged model and its processor to `output`."""
+    run = setup(cfg, model_path, samples)
+    state = train(run.accelerator, run.step, run.loader, cfg.sft, "sft", metrics, **checkpointing(cfg, "sft"))
+    return save(cfg, model_path, output, run, state)

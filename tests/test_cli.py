@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import CONFIG, train_argv
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -16,7 +17,6 @@ from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
 from vlsi.models.verbalizer import Verbalizers
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
-CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 SHORT = ["verbalize.max_steps=3", "interact.max_steps=3", "sft.max_steps=3", "interact.grad_accum=2"]
 
 
@@ -29,23 +29,8 @@ def toy(tmp_path_factory):
 
 
 def _train(toy, out, *extra):
-    root, teacher, student, data = toy
-    argv = [
-        "train",
-        "--teacher",
-        teacher,
-        "--student",
-        student,
-        "--data",
-        data,
-        "--output",
-        str(out),
-        "--config",
-        CONFIG,
-        *SHORT,
-        *extra,
-    ]
-    return main(argv)
+    _, teacher, student, data = toy
+    return main(train_argv(teacher, student, data, out, *SHORT, *extra))
 
 
 def _generate(directory: Path, image: Path) -> str:
@@ -115,27 +100,8 @@ def test_different_tokenizers_stop_before_loading(toy, tmp_path):
     other = build_tokenizer(corpus="a wholly different corpus of words " * 20, vocab_size=320)
     build_tiny_vlm(tmp_path / "alien", tokenizer=other)
     root, teacher, _, data = toy
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vlsi",
-            "train",
-            "--teacher",
-            teacher,
-            "--student",
-            str(tmp_path / "alien"),
-            "--data",
-            data,
-            "--output",
-            str(tmp_path / "run"),
-            "--config",
-            CONFIG,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, "-m", "vlsi", *train_argv(teacher, tmp_path / "alien", data, tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "different tokenizers" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "verbalizers").exists()
@@ -169,25 +135,18 @@ def test_llava_onevision_pair(tmp_path):
     build_tiny_vlm(tmp_path / "s", family="llava_onevision", layers=4, tokenizer=tokenizer, seed=1)
     data = write_digits_dataset(tmp_path, n=6)
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--teacher",
-        str(tmp_path / "t"),
-        "--student",
-        str(tmp_path / "s"),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--config",
-        CONFIG,
+    argv = train_argv(
+        tmp_path / "t",
+        tmp_path / "s",
+        data,
+        out,
         "verbalize.max_steps=2",
         "interact.max_steps=2",
         "sft.max_steps=2",
         "verbalize.batch_size=2",
         "interact.batch_size=2",
         "sft.batch_size=2",
-    ]
+    )
     assert main(argv) == 0
     assert _generate(out / "student", next((tmp_path / "images").glob("*.png"))) is not None
 
@@ -268,22 +227,7 @@ def test_bad_dataset_gets_one_report_and_no_traceback(toy, tmp_path):
     ]
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
-    command = [
-        sys.executable,
-        "-m",
-        "vlsi",
-        "train",
-        "--teacher",
-        teacher,
-        "--student",
-        student,
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "run"),
-        "--config",
-        CONFIG,
-    ]
+    command = [sys.executable, "-m", "vlsi", *train_argv(teacher, student, data, tmp_path / "run")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for needle in ("missing", "corrupt", "no-answer", "placeholders", "line 6"):
@@ -315,8 +259,71 @@ def test_settings_are_accepted_anywhere_on_the_command_line(capsys):
 
     args = parse_args(["train", "--teacher", "T", "a.b=1", "--data", "D", "--output", "O", "c=2", "a.b=3"])
     assert (args.teacher, args.data, args.output) == ("T", "D", "O")
-    assert args.overrides == ["a.b=1", "c=2", "a.b=3"], "in command-line order: the last value of a key wins"
-    assert parse_args(["demo", "--output", "d", "seed=3", "--fast", "n_pool=5"]).settings == ["seed=3", "n_pool=5"]
+    assert args.settings == ["a.b=1", "c=2", "a.b=3"], "in command-line order: the last value of a key wins"
+    for command in ("demo", "ablate", "study"):
+        args = parse_args([command, "seeds=2", "--output", "d", "seed=3", "--fast", "n_pool=5"])
+        assert (args.output, args.fast, args.settings) == ("d", True, ["seeds=2", "seed=3", "n_pool=5"]), command
     with pytest.raises(SystemExit) as stop:
         parse_args(["train", "--teacher", "T", "a=1", "--output", "O", "stray", "--bogus"])
     assert stop.value.code == 2 and "unrecognized arguments: stray --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["score", "--benchmark", "pope", "a=1", "--predictions", "p.tsv"])
+    assert stop.value.code == 2 and "unrecognized arguments: a=1" in capsys.readouterr().err, "score takes none"
+
+
+def test_score_and_eval_share_the_rules_and_judge_arguments(capsys):
+    from vlsi.cli import parse_args
+
+    tails = []
+    for command in ("score", "eval"):
+        with pytest.raises(SystemExit):
+            parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        tails.append(text[text.index("  --rules") :])  # the last arguments of both
+    assert tails[0] == tails[1]
+    for option in ("--judge-url", "--judge-model", "--judge-key-env", "OPENAI_API_KEY", "score_lenient"):
+        assert option in tails[0], option
+
+
+def test_experiment_help_lists_the_settings(capsys):
+    from vlsi.cli import parse_args
+
+    for command, names in [("demo", ["n_labelled", "seed"]), ("ablate", ["seeds", "tables"]), ("study", ["sizes"])]:
+        with pytest.raises(SystemExit):
+            parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"{command} settings: tasks, styles, n_labelled" in text and all(f" {n}" in text for n in names)
+
+
+def test_the_parser_and_vlsi_score_leave_torch_unloaded(tmp_path):
+    """`vlsi --help`, a usage error and `vlsi score` answer at once: torch is imported by the commands that need it."""
+    predictions = tmp_path / "pope.tsv"
+    predictions.write_text("answer\tprediction\nYes\tYes\n")
+    code = (
+        "import sys; from vlsi.cli import main; "
+        f"code = main(['score', '--benchmark', 'pope', '--predictions', {str(predictions)!r}]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "0 False", result.stdout + result.stderr
+
+
+def test_a_failed_run_is_one_line_and_any_other_runtime_error_a_traceback(tmp_path, monkeypatch, capsys):
+    import vlsi.demo.study as study
+    from vlsi.demo.ablate import RunFailed
+
+    def failed(out, settings, fast):
+        raise RunFailed("n8 seed 0 failed (boom); its log: runs/n8-seed0/log.txt")
+
+    monkeypatch.setattr(study, "run_study", failed)
+    assert main(["study", "--fast", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "vlsi study: error: n8 seed 0 failed (boom); its log: runs/n8-seed0/log.txt"
+    ]
+
+    def bug(out, settings, fast):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(study, "run_study", bug)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        main(["study", "--fast", "--output", str(tmp_path)])

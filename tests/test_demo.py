@@ -268,10 +268,10 @@ def test_report_states_the_numbers_and_the_verdict(tmp_path):
 
 def test_demo_is_a_vlsi_subcommand():
     from vlsi.cli import build_parser
-    from vlsi.demo import run
+    from vlsi.demo import demo_command
 
     args = build_parser().parse_args(["demo", "--fast", "--output", "d", "seed=3"])
-    assert args.func is run and args.fast and args.settings == ["seed=3"]
+    assert args.func is demo_command and args.fast and args.settings == ["seed=3"]
 
 
 @pytest.mark.parametrize(

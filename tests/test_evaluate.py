@@ -329,6 +329,17 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
         assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
+def test_the_parser_offers_every_dtype_and_evaluate_refuses_another(tmp_path):
+    from vlsi.cli import parse_args
+    from vlsi.eval import EvalError, evaluate
+    from vlsi.eval.harness import DTYPES
+
+    argv = ["eval", "--model", "m", "--benchmark", "mmbench", "--data", "d.tsv", "--output", "o", "--dtype"]
+    assert [parse_args([*argv, name]).dtype for name in ["auto", *DTYPES]] == ["auto", *DTYPES]
+    with pytest.raises(EvalError, match="--dtype 'fp8' is not a dtype; use auto, bf16, fp16, fp32"):
+        evaluate("m", "mmbench", tmp_path / "d.tsv", tmp_path / "o", dtype="fp8")
+
+
 def _has_cuda() -> bool:
     import torch
 

@@ -1,7 +1,5 @@
 """`vlsi explain`: per-layer verbalized decoding is exact, the final row is greedy `generate`, bad input is one line."""
 
-import argparse
-
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +8,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlsi.cli import main
 from vlsi.explain import (
     LayerAnswer,
-    add_parser,
     align,
     block_output,
     eos_ids,
@@ -52,12 +49,6 @@ def toy(tmp_path_factory):
     Verbalizers(96, [0, 2, 4], family="qwen2_vl").save(root / "vt")
     _image().save(root / "digit.png")
     return root, str(teacher), str(student)
-
-
-def _args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vlsi")
-    add_parser(parser.add_subparsers())
-    return parser.parse_args(["explain", *argv])
 
 
 def test_final_row_is_greedy_generate(tiny):
@@ -190,12 +181,12 @@ def test_explain_pair_aligns_the_two_models(toy):
 
 def test_cli_prints_every_target_layer_side_by_side(toy, capsys):
     root, teacher, student = toy
-    args = _args(
+    argv = [
         *("--model", student, "--verbalizers", str(root / "vs"), "--teacher", teacher),
         *("--teacher-verbalizers", str(root / "vt"), "--image", str(root / "digit.png")),
         *("--question", QUESTION, "--max-new-tokens", "3"),
-    )
-    assert args.func(args) == 0
+    ]
+    assert main(["explain", *argv]) == 0
     table = capsys.readouterr().out.splitlines()
     header = [cell.strip() for cell in table[0].split("|")]
     assert header == ["student", "student answer", "teacher", "teacher answer"]
@@ -214,11 +205,8 @@ def test_cli_prints_every_target_layer_side_by_side(toy, capsys):
 
 def test_cli_student_alone(toy, capsys):
     root, _, student = toy
-    args = _args(
-        *("--model", student, "--verbalizers", str(root / "vs"), "--image", str(root / "digit.png")),
-        *("--question", QUESTION),
-    )
-    assert args.func(args) == 0
+    argv = ["--model", student, "--verbalizers", str(root / "vs"), "--image", str(root / "digit.png")]
+    assert main(["explain", *argv, "--question", QUESTION]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[0].strip() for line in table[2:]] == ["block 1 / 4", "block 2 / 4", "final (block 3 / 4)"]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import train_argv
 from safetensors.torch import load_file
 
 from vlsi.config import StageConfig
 from vlsi.stages.loop import MetricsLog, NonFiniteLoss, make_accelerator, train
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
-CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 STEPS = [
     "verbalize.max_steps=4",
     "interact.max_steps=4",
@@ -41,24 +41,7 @@ def toy(tmp_path_factory):
 
 
 def _command(toy, out):
-    teacher, student, data = toy
-    return [
-        sys.executable,
-        "-m",
-        "vlsi",
-        "train",
-        "--teacher",
-        teacher,
-        "--student",
-        student,
-        "--data",
-        data,
-        "--output",
-        str(out),
-        "--config",
-        CONFIG,
-        *STEPS,
-    ]
+    return [sys.executable, "-m", "vlsi", *train_argv(*toy, out, *STEPS)]
 
 
 def _run(toy, out):

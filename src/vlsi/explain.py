@@ -15,7 +15,6 @@ from the `rope_deltas` its prefill stored. The "final" row uses the model's own 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -264,48 +263,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `explain` on an argparse subparsers object; the parsed args go to `run`."""
-    parser = subparsers.add_parser(
-        "explain",
-        help="print the answer each target layer gives through its verbalizer (teacher and student side by side)",
-        description=(
-            "Greedy-decode the answer to QUESTION about IMAGE through every target layer's verbalizer and through "
-            "the final layer, and print a table. With --teacher, student and teacher layers are shown side by side, "
-            "aligned by relative depth. See docs/EXPLAIN.md."
-        ),
-    )
-    parser.add_argument("--model", required=True, help="the (student) model: a local directory or a hub id")
-    parser.add_argument("--verbalizers", required=True, help="its verbalizers folder (e.g. OUT/verbalizers/student)")
-    parser.add_argument("--teacher", help="a teacher model to show beside it (needs --teacher-verbalizers)")
-    parser.add_argument("--teacher-verbalizers", help="the teacher's verbalizers folder (OUT/verbalizers/teacher)")
-    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
-    parser.add_argument("--question", required=True, help="question about the image")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer per layer (default 16)")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the table and return 0; bad input raises (ValueError, OSError), which `vlsi.cli.main` prints as one
-    line (exit 2)."""
-    print(_explain_from_args(args))
-    return 0
-
-
-def _explain_from_args(args: argparse.Namespace) -> str:
-    if (args.teacher is None) != (args.teacher_verbalizers is None):
+def explain_command(
+    model: str,
+    verbalizers: str,
+    image: str | Path,
+    question: str,
+    teacher: str | None = None,
+    teacher_verbalizers: str | None = None,
+    max_new_tokens: int = 16,
+) -> str:
+    """`vlsi explain`: the table of answers `model` gives through each of its verbalizers (a folder), side by side
+    with `teacher`'s when given. Bad input raises ExplainError (a ValueError) or OSError with a one-line message."""
+    if (teacher is None) != (teacher_verbalizers is None):
         raise ExplainError("--teacher and --teacher-verbalizers go together: give both or neither")
-    if args.max_new_tokens < 1:
-        raise ExplainError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    image = load_image(args.image)  # the cheap checks first: loading a large teacher takes minutes
-    models = [(args.model, args.verbalizers)] + ([(args.teacher, args.teacher_verbalizers)] if args.teacher else [])
-    verbalizers = [_load_verbalizers(model, directory) for model, directory in models]
+    if max_new_tokens < 1:
+        raise ExplainError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    image = load_image(image)  # the cheap checks first: loading a large teacher takes minutes
+    models = [(model, verbalizers)] + ([(teacher, teacher_verbalizers)] if teacher else [])
+    loaded = [_load_verbalizers(model_path, directory) for model_path, directory in models]
     answers = []
-    for (model_path, directory), verb in zip(models, verbalizers):
-        model, processor = _load(model_path, directory, verb)
-        answers.append(explain(model, processor, verb, image, args.question, args.max_new_tokens))
-        del model
+    for (model_path, directory), verb in zip(models, loaded):
+        vlm, processor = _load(model_path, directory, verb)
+        answers.append(explain(vlm, processor, verb, image, question, max_new_tokens))
+        del vlm
     return format_answers(answers[0]) if len(answers) == 1 else format_pair(align(*answers))
 
 

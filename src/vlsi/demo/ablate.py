@@ -287,16 +287,21 @@ def _check_same_settings(out: Path, s: AblateSettings) -> None:
     saved.write_text(json.dumps(now, indent=2) + "\n")
 
 
+class RunFailed(RuntimeError):
+    """A run of `vlsi ablate` or `vlsi study` failed; the message names the run and its log. `vlsi.cli.main` prints
+    it as one line (exit 2), as it does bad input."""
+
+
 def execute_jobs(jobs: list, work, pool, bar) -> dict:
     """{job: work(job)} for every job (each with .name, .seed, .folder), in `pool` if given (else here, in order);
-    the first failure cancels the rest and raises a RuntimeError naming the job's log."""
+    the first failure cancels the rest and raises RunFailed naming the job's log."""
     results: dict = {}
     if pool is None:
         for job in jobs:
             try:
                 results[job] = work(job)
             except Exception as e:
-                raise RuntimeError(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
+                raise RunFailed(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
             bar.update(1)
             bar.set_postfix_str(f"{job.name} seed {job.seed}")
         return results
@@ -310,7 +315,7 @@ def execute_jobs(jobs: list, work, pool, bar) -> dict:
             except Exception as e:
                 for other in pending:
                     other.cancel()
-                raise RuntimeError(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
+                raise RunFailed(f"{job.name} seed {job.seed} failed ({e}); its log: {job.folder}/log.txt") from e
             bar.update(1)
             bar.set_postfix_str(f"{job.name} seed {job.seed}")
     return results

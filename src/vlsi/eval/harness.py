@@ -12,7 +12,6 @@ resumes: rows already in predictions.jsonl are skipped, and a finished run is on
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from vlsi.data import read_dataset
 from vlsi.models.loading import load_model, load_processor
 
-from .benchmarks import JUDGE_OPTIONAL, JUDGED, SCORERS, resolve_benchmark
+from .benchmarks import JUDGE_OPTIONAL, JUDGED, resolve_benchmark
 from .common import RULES, VLMEVALKIT
 from .generate import (
     EvalError,
@@ -39,7 +38,7 @@ from .generate import (
 )
 from .io import read_predictions
 from .judge import JudgeFn
-from .score import add_judge_arguments, add_rules_argument, judge_from_args, score_file
+from .score import score_file
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +141,8 @@ def _generate(
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     """ "auto" resolved: the GPU when there is one, bf16 on a GPU that supports it, else fp32."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise EvalError(f"--dtype {dtype!r} is not a dtype; use auto, {', '.join(DTYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
         torch.device(device)
@@ -221,75 +222,3 @@ def _rewrite_if_truncated(path: Path, kept: list[str]) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     partial.write_text("".join(kept), encoding="utf-8")
     partial.replace(path)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `eval` on an argparse subparsers object; the parsed args go to `run`."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="answer a benchmark with a model (batched greedy decoding) and score it",
-        description=(
-            "Generate answers to every row of a benchmark file with MODEL's processor, chat template and the "
-            "benchmark's standard prompt; write OUTPUT/predictions.jsonl and OUTPUT/scores.json. A rerun with the "
-            "same OUTPUT resumes where the last one stopped. See docs/EVALUATION.md."
-        ),
-    )
-    parser.add_argument("--model", required=True, help="model: a local directory or a hub id")
-    parser.add_argument(
-        "--benchmark",
-        required=True,
-        help=f"benchmark name ({', '.join(sorted(SCORERS))}; aliases as for `vlsi score`), or `custom` for a "
-        "held-out file in the training format (reference answer = last assistant turn)",
-    )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="the benchmark's VLMEvalKit TSV (or JSONL with its fields; images base64 in `image` or files in "
-        "`image_path`); for custom, LLaVA-style or OpenAI-style JSON / JSONL records",
-    )
-    parser.add_argument("--image-root", help="folder image paths are relative to (default: the data file's folder)")
-    parser.add_argument("--output", required=True, help="output folder; rerunning with it resumes the run")
-    parser.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
-    parser.add_argument(
-        "--max-new-tokens",
-        type=_positive,
-        help="answer length limit (default 1024 for mm_vet, mm_vet_v2, llava_wilder, mathvista; 128 otherwise)",
-    )
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="weights' dtype (default: bf16 on a GPU that supports it, else fp32)",
-    )
-    add_rules_argument(parser)
-    add_judge_arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the scores JSON to stdout and return 0; bad input raises (EvalError, ScoreError, DataError, ModelError:
-    ValueErrors; OSError), which `vlsi.cli.main` prints as one line (exit 2)."""
-    scores = evaluate(
-        model=args.model,
-        benchmark=args.benchmark,
-        data=args.data,
-        output=args.output,
-        image_root=args.image_root,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        device=args.device,
-        dtype=args.dtype,
-        judge=judge_from_args(args),
-        rules=args.rules,
-    )
-    print(json.dumps(scores, indent=2, ensure_ascii=False))
-    return 0

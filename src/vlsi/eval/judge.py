@@ -1,8 +1,8 @@
 """LLM judge: a client for any OpenAI-compatible chat endpoint and the grading prompts.
 
 A judge is any callable `judge(prompt, *, temperature=0.0, system=None) -> str`; scorers take one as an
-argument, so tests pass a fake and the CLI passes `Judge(url, model, api_key)`. The API key is sent only in
-the Authorization header: it is kept out of repr(), error messages and logs.
+argument, so tests pass a fake and the CLI passes the `Judge` that `make_judge(url, model, key_env)` builds. The
+API key is sent only in the Authorization header: it is kept out of repr(), error messages and logs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
@@ -30,6 +31,7 @@ T = TypeVar("T")
 # Statuses worth retrying: timeouts, conflicts, rate limits and server faults.
 _RETRYABLE = {408, 409, 429}
 _MAX_BACKOFF_S = 30.0
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 
 class JudgeError(ScoreError):
@@ -92,6 +94,19 @@ class Judge:
         raise JudgeError(
             f"judge {self.endpoint} failed {self.retries + 1} times (last: {problem}); is the server up at --judge-url?"
         )
+
+
+def make_judge(url: str | None, model: str | None, key_env: str | None = None) -> Judge | None:
+    """The judge at `url` asked for `model` (`vlsi score / eval --judge-url --judge-model`), or None without both;
+    the API key is read from the environment variable `key_env` (default $OPENAI_API_KEY; unset: no key sent)."""
+    if url is None and model is None:
+        return None
+    if url is None or model is None:
+        raise ScoreError("--judge-url and --judge-model go together; pass both")
+    api_key = os.environ.get(key_env or DEFAULT_KEY_ENV) or None
+    if key_env and api_key is None:
+        raise ScoreError(f"--judge-key-env names ${key_env}, which is not set; export the key in it")
+    return Judge(url=url, model=model, api_key=api_key)
 
 
 def _error_body(error: urllib.error.HTTPError) -> str:

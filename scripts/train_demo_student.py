@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from train_demo_teacher import PERCEPTION, instruction_config, instruction_tune, pretrain_vision
+from train_demo_teacher import PERCEPTION, instruction_config, instruction_tune, pretrain_vision, start_run
 
 from vlsi.data import read_dataset
 from vlsi.demo.evaluate import evaluate
@@ -50,13 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    start = time.time()
-
-    def log(text: str) -> None:
-        print(f"[{time.time() - start:5.0f} s] {text}", flush=True)
-
+    start, log = start_run(args.threads)
     out = Path(args.output)
     work = Path(tempfile.mkdtemp(prefix="vlsi-demo-student-"))
     items = make_split("teacher", args.n_train)

@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,15 +143,21 @@ def instruction_tune(model, processor, cfg, samples, steps: int, name: str, metr
     train(accelerator, SFTStep(model, parts, vocab), loader, stage, name, metrics)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def start_run(threads: int) -> tuple[float, Callable[[str], None]]:
+    """Log records shown, `threads` torch threads; (the start time, `log(text)` printing the seconds since then)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     start = time.time()
 
     def log(text: str) -> None:
         print(f"[{time.time() - start:5.0f} s] {text}", flush=True)
 
+    return start, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start, log = start_run(args.threads)
     out = Path(args.output)
     work = Path(args.work or tempfile.mkdtemp(prefix="vlsi-demo-teacher-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from vlsi.stages import interact as interact_module
 from vlsi.stages.common import split_batch
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog
-from vlsi.toy import write_digits_dataset, write_tiny_pair
+from vlsi.toy import write_toy
 
 TEACHER_LAYERS, STUDENT_LAYERS = [0, 2, 4], [0, 2]
 ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
@@ -40,8 +40,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 def toy(tmp_path_factory):
     """Tiny teacher and student, 8 digit samples, and saved verbalizers of both: (root, teacher, student, data)."""
     root = tmp_path_factory.mktemp("toy")
-    teacher, student = write_tiny_pair(root)
-    data = write_digits_dataset(root, n=8)
+    teacher, student, data = write_toy(root, n=8)
     torch.manual_seed(0)
     for who, path, layers in (("teacher", teacher, TEACHER_LAYERS), ("student", student, STUDENT_LAYERS)):
         hidden = model_parts(load_model(str(path), torch.float32)).hidden_size

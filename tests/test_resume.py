@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from vlsi.config import StageConfig
 from vlsi.stages.loop import MetricsLog, NonFiniteLoss, make_accelerator, train
-from vlsi.toy import write_digits_dataset, write_tiny_pair
+from vlsi.toy import write_toy
 
 STEPS = [
     "verbalize.max_steps=4",
@@ -34,9 +34,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    teacher, student = write_tiny_pair(root)
-    data = write_digits_dataset(root, n=10)
+    teacher, student, data = write_toy(tmp_path_factory.mktemp("toy"), n=10)
     return str(teacher), str(student), str(data)
 
 

@@ -66,14 +66,18 @@ def write_tiny_pair(out: Path, seed: int = 0) -> tuple[Path, Path]:
     return teacher, student
 
 
+def write_toy(out: Path, n: int = 64) -> tuple[Path, Path, Path]:
+    """The whole toy setting under `out`: the tiny pair and `n` digit questions; (teacher, student, data)."""
+    teacher, student = write_tiny_pair(out)
+    return teacher, student, write_digits_dataset(out, n)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    out = Path(argv[0])
-    write_tiny_pair(out)
-    data = write_digits_dataset(out)
-    print(f"teacher: {out / 'teacher'}\nstudent: {out / 'student'}\ndata:    {data}")
+    teacher, student, data = write_toy(Path(argv[0]))
+    print(f"teacher: {teacher}\nstudent: {student}\ndata:    {data}")
     return 0
 
 

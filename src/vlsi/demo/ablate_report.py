@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pct
+from .report import command_line, pct, peak_memory
 
 
 def rank_correlation(a: list[float], b: list[float]) -> float | None:
@@ -112,11 +112,9 @@ def write_ablate_report(out: Path, r: dict) -> Path:
     lines += [
         "## Run",
         "",
-        f"- command: `vlsi ablate --output {out}{' --fast' if s['fast'] else ''}`; settings "
-        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "fast"),
-        f"- wall time {r['seconds']:.0f} s ({r['run_seconds']:.0f} s of runs, {r['machine']}); peak memory "
-        f"{r['peak_memory_mib']['main']:.0f} MiB (main process), {r['peak_memory_mib']['largest_child']:.0f} MiB "
-        "(largest worker)",
+        command_line("ablate", out, s),
+        f"- wall time {r['seconds']:.0f} s ({r['run_seconds']:.0f} s of runs, {r['machine']}); "
+        f"{peak_memory(r, 'worker')}",
         "- `results.json` holds every number above; `runs/<run>/seed-<n>/` each run's `vlsi train` output, "
         "`score.json` and `log.txt`.",
     ]

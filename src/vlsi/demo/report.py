@@ -44,6 +44,19 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def command_line(command: str, out: Path, settings: dict) -> str:
+    """The report's `- command:` line: the `vlsi <command>` that reruns it, then every setting."""
+    fast = " --fast" if settings["fast"] else ""
+    listed = ", ".join(f"{k}={v}" for k, v in settings.items() if k != "fast")
+    return f"- command: `vlsi {command} --output {out}{fast}`; settings {listed}"
+
+
+def peak_memory(r: dict, child: str) -> str:
+    """Peak memory of the main process and of its largest `child` process, from results.json."""
+    memory = r["peak_memory_mib"]
+    return f"peak memory {memory['main']:.0f} MiB (main process), {memory['largest_child']:.0f} MiB (largest {child})"
+
+
 def _size(size: dict) -> str:
     return f"{size['layers']} layers x {size['hidden']}, vision depth {size['vision_depth']}"
 
@@ -250,10 +263,8 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         "",
         "## Run",
         "",
-        f"- command: `vlsi demo --output {out}{' --fast' if s['fast'] else ''}`; settings "
-        + ", ".join(f"{k}={v}" for k, v in s.items() if k != "fast"),
-        f"- seeds: {r['seeds']}; wall time {r['seconds']:.0f} s; peak memory {r['peak_memory_mib']['main']:.0f} MiB "
-        f"(main process), {r['peak_memory_mib']['largest_child']:.0f} MiB (largest data worker); {r['machine']}",
+        command_line("demo", out, s),
+        f"- seeds: {r['seeds']}; wall time {r['seconds']:.0f} s; {peak_memory(r, 'data worker')}; {r['machine']}",
         "- timings depend on the machine's load: on a shared machine they vary by 2x.",
         "- `results.json` holds every number above; `runs/{sft,sft_teacher,kd,vlsi}/` the students, metrics and "
         "configs.",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import csv
 import io
 import json
 import math
@@ -37,7 +36,7 @@ from .extract import (
     stated_answer,
     yes_no,
 )
-from .io import ScoreError, read_jsonl, read_tsv  # importing .io also lifts csv's cell size limit for base64 images
+from .io import ScoreError, read_rows  # importing .io also lifts csv's cell size limit for base64 images
 
 
 class EvalError(ValueError):
@@ -133,13 +132,7 @@ def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".jsonl"):
         raise EvalError(f"{path}: unsupported file type '{suffix}'; give the benchmark as .tsv or .jsonl")
-    try:
-        read = read_tsv if suffix == ".tsv" else read_jsonl
-        rows = read(path, error=EvalError, drop=())
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-    except csv.Error as e:
-        raise EvalError(f"{path}: unreadable TSV ({e}); write it with a tab delimiter and standard quoting") from None
+    rows = read_rows(path, error=EvalError, drop=())
     if not rows:
         raise EvalError(f"{path}: no rows; write one row per benchmark question")
     columns = set().union(*rows)

@@ -40,16 +40,24 @@ def read_predictions(path: str | Path, required: Sequence[str] = (), benchmark: 
             f"{path}: unsupported file type '{suffix}'; write the predictions as .tsv "
             "(e.g. pandas df.to_csv(path, sep='\\t', index=False)) or as .jsonl (one JSON object per line)"
         )
-    needed = ("prediction", *required)
-    try:
-        rows = read_tsv(path, needed, benchmark) if suffix == ".tsv" else read_jsonl(path, needed, benchmark)
-    except UnicodeDecodeError as e:
-        raise ScoreError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-    except csv.Error as e:
-        raise ScoreError(f"{path}: unreadable TSV ({e}); write it with a tab delimiter and standard quoting") from None
+    rows = read_rows(path, ("prediction", *required), benchmark)
     if not rows:
         raise ScoreError(f"{path}: no prediction rows; write one row per benchmark question")
     return rows
+
+
+def read_rows(
+    path: Path, needed: Sequence[str] = (), benchmark: str = "", error=ScoreError, drop=IGNORED_COLUMNS
+) -> list[dict]:
+    """Rows of a .tsv (`read_tsv`) or a .jsonl file (`read_jsonl`); a file that is not UTF-8 or not well-formed TSV
+    raises `error` (a ValueError class) with the fix."""
+    read = read_tsv if path.suffix.lower() == ".tsv" else read_jsonl
+    try:
+        return read(path, needed, benchmark, error, drop)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except csv.Error as e:
+        raise error(f"{path}: unreadable TSV ({e}); write it with a tab delimiter and standard quoting") from None
 
 
 def _missing_message(where: str, missing: list[str], needed: Sequence[str], benchmark: str) -> str:

@@ -195,123 +195,6 @@ def build_tokenizer(
     )
 
 
-def _qwen2_vl(tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int):
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    head_dim = hidden // heads
-    quarter = head_dim // 2 // 4
-    mrope = [head_dim // 2 - 2 * quarter - quarter, quarter + quarter // 2, quarter + quarter - quarter // 2]
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_rows,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=1024,
-            rope_scaling={"type": "mrope", "mrope_section": mrope},
-            tie_word_embeddings=False,
-            bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(
-            depth=vision_depth,
-            embed_dim=32,
-            hidden_size=hidden,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            in_chans=3,
-            temporal_patch_size=2,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
-    )
-    return Qwen2VLForConditionalGeneration(config), processor
-
-
-def _llava_onevision(
-    tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int
-):
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
-    ids = tokenizer.convert_tokens_to_ids
-    patch = 14
-    config = LlavaOnevisionConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_rows,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-            bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=vision_depth,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch,
-        ),
-        image_token_index=ids("<image>"),
-        video_token_index=ids("<video>"),
-        image_grid_pinpoints=[[image_size, image_size]],
-        vision_aspect_ratio="anyres_max_1",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=False,
-    )
-    size = {"height": image_size, "width": image_size}
-    image_processor = LlavaOnevisionImageProcessor(
-        size=size, crop_size=size, image_grid_pinpoints=[[image_size, image_size]], do_pad=True
-    )
-    processor = LlavaOnevisionProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(size=size),
-        num_image_tokens=(image_size // patch) ** 2,
-        vision_feature_select_strategy="full",
-        chat_template=LLAVA_OV_CHAT_TEMPLATE,
-        vision_aspect_ratio="anyres_max_1",
-    )
-    return LlavaOnevisionForConditionalGeneration(config), processor
-
-
 def _mrope(head_dim: int) -> list[int]:
     """Multimodal RoPE sections (temporal, height, width) summing to head_dim / 2, in the proportions Qwen uses."""
     quarter = head_dim // 2 // 4
@@ -336,16 +219,17 @@ def _text(tokenizer, hidden: int, layers: int, heads: int, vocab_rows: int, **ex
     )
 
 
-def _qwen_processor(processor_class, video_class, tokenizer, image_size: int):
-    """Qwen2-VL's image processor (patch 14, merge 2) pinned to one resolution: image_size^2 / 14^2 / 4 tokens."""
-    from transformers import Qwen2VLImageProcessor
+def _qwen_processor(processor_class, tokenizer, image_size: int, video_class=None):
+    """Qwen2-VL's image processor (patch 14, merge 2) pinned to one resolution: image_size^2 / 14^2 / 4 tokens;
+    `video_class`: the family's video processor, Qwen2-VL's when None."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14)
     return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=video_class(),
+        video_processor=(video_class or Qwen2VLVideoProcessor)(),
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
 
@@ -376,13 +260,86 @@ def _merger_vision(depth: int, out_hidden: int, **extra) -> dict:
     )
 
 
-def _qwen2_5_vl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_size):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLVideoProcessor,
+def _vit_vision(depth: int, image_size, patch_size, **extra) -> dict:
+    """The tiny ViT tower of LLaVA-OneVision and Gemma 3 (SigLIP), InternVL and Idefics3 / SmolVLM: width 32, 2 heads,
+    one `image_size` tile cut into `patch_size` patches; `extra`: the family's own fields."""
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
     )
+
+
+def _qwen2_vl(tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    rope = {"type": "mrope", "mrope_section": _mrope(hidden // heads)}
+    config = Qwen2VLConfig(
+        text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, rope_scaling=rope),
+        # Qwen2-VL names its vision width embed_dim, and hidden_size the text model's width the merger projects to
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            in_chans=3,
+            temporal_patch_size=2,
+        ),
+        **_qwen_ids(tokenizer),
+    )
+    processor = _qwen_processor(Qwen2VLProcessor, tokenizer, image_size)
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _llava_onevision(
+    tokenizer, hidden: int, layers: int, heads: int, vision_depth: int, vocab_rows: int, image_size: int
+):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    ids = tokenizer.convert_tokens_to_ids
+    patch = 14
+    config = LlavaOnevisionConfig(
+        text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, model_type="qwen2"),
+        vision_config=_vit_vision(vision_depth, image_size, patch, model_type="siglip_vision_model"),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=[[image_size, image_size]],
+        vision_aspect_ratio="anyres_max_1",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+    size = {"height": image_size, "width": image_size}
+    image_processor = LlavaOnevisionImageProcessor(
+        size=size, crop_size=size, image_grid_pinpoints=[[image_size, image_size]], do_pad=True
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(image_size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_OV_CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_1",
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _qwen2_5_vl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_size):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
     rope = {"type": "mrope", "mrope_section": _mrope(hidden // heads)}
     config = Qwen2_5_VLConfig(
@@ -390,7 +347,7 @@ def _qwen2_5_vl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, imag
         vision_config=_merger_vision(vision_depth, hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
         **_qwen_ids(tokenizer),
     )
-    processor = _qwen_processor(Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, tokenizer, image_size)
+    processor = _qwen_processor(Qwen2_5_VLProcessor, tokenizer, image_size)
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
@@ -412,7 +369,7 @@ def _qwen3_vl_like(config_class, model_class, text_extra: dict, vision_extra: di
             ),
             **_qwen_ids(tokenizer),
         )
-        processor = _qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tokenizer, image_size)
+        processor = _qwen_processor(Qwen3VLProcessor, tokenizer, image_size, Qwen3VLVideoProcessor)
         return model_class(config), processor
 
     return build
@@ -434,18 +391,22 @@ def _qwen3_vl_moe(*args):
     )
 
 
-def _qwen3_5(tokenizer, hidden, layers, heads, *args):
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    # Gated DeltaNet (linear attention) blocks with a full-attention block every other layer (real: 3 of 4 linear)
-    linear = dict(
+def _linear_attention(layers: int) -> dict:
+    """Qwen3.5's Gated DeltaNet (linear attention) blocks with a full-attention block every other layer (real: 3 of 4
+    linear)."""
+    return dict(
         linear_key_head_dim=8,
         linear_value_head_dim=8,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
     )
-    build = _qwen3_vl_like(Qwen3_5Config, Qwen3_5ForConditionalGeneration, linear, {})
+
+
+def _qwen3_5(tokenizer, hidden, layers, heads, *args):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    build = _qwen3_vl_like(Qwen3_5Config, Qwen3_5ForConditionalGeneration, _linear_attention(layers), {})
     return build(tokenizer, hidden, layers, heads, *args)
 
 
@@ -454,11 +415,7 @@ def _qwen3_5_moe(tokenizer, hidden, layers, heads, *args):
 
     # Qwen3.5's linear / full attention blocks with a sparse MoE (4 experts, 2 per token) plus a shared expert
     text = dict(
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        _linear_attention(layers),
         moe_intermediate_size=hidden // 2,
         shared_expert_intermediate_size=hidden // 2,
         num_experts=4,
@@ -517,14 +474,7 @@ def _internvl(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_
     tokens = (image_size // patch) ** 2 // 4
     config = InternVLConfig(
         text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, model_type="qwen2"),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=vision_depth,
-            num_attention_heads=2,
-            image_size=[image_size, image_size],
-            patch_size=[patch, patch],
-        ),
+        vision_config=_vit_vision(vision_depth, [image_size, image_size], [patch, patch]),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=tokens,
         downsample_ratio=0.5,
@@ -563,15 +513,7 @@ def _gemma3(tokenizer, hidden, layers, heads, vision_depth, vocab_rows, image_si
     tokens = (image_size // patch // 2) ** 2  # the projector average-pools 2x2 patches
     config = Gemma3Config(
         text_config=text,
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=vision_depth,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch,
-        ),
+        vision_config=_vit_vision(vision_depth, image_size, patch, model_type="siglip_vision_model"),
         mm_tokens_per_image=tokens,
         boi_token_index=ids("<start_of_image>"),
         eoi_token_index=ids("<end_of_image>"),
@@ -602,14 +544,7 @@ def _idefics3_like(family: str):
         tokens = (image_size // patch) ** 2 // 4  # scale_factor 2: pixel shuffle merges 2x2 patches
         config = config_class(
             text_config=_text(tokenizer, hidden, layers, heads, vocab_rows, model_type="llama"),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=vision_depth,
-                num_attention_heads=2,
-                image_size=image_size,
-                patch_size=patch,
-            ),
+            vision_config=_vit_vision(vision_depth, image_size, patch),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             scale_factor=2,
             tie_word_embeddings=False,

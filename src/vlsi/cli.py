@@ -42,6 +42,23 @@ SETTINGS_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md)
   data.answers=teacher                                       the teacher answers records without an answer
   precision=bf16|fp32, seed=N, checkpoint.every=N
 """
+VERBALIZE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
+  verbalize.max_steps, verbalize.lr, verbalize.batch_size, verbalize.grad_accum
+  verbalizer.student_layers=[...] (verbalizer.teacher_layers=[...] with --who teacher)   target blocks
+  verbalizer.residual=true                                   a residual verb-FFN
+  precision=bf16|fp32, seed=N, checkpoint.every=N, chunk_size=N
+"""
+SFT_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
+  sft.max_steps, sft.lr, sft.batch_size, sft.grad_accum
+  sft.lora.enabled=false, sft.lora.r=64                      full fine-tuning, or the LoRA rank
+  data.answers=teacher (with --teacher)                      the teacher answers records without an answer
+  precision=bf16|fp32, seed=N, checkpoint.every=N
+"""
+CACHE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
+  cache.top_k=64                                             tokens kept per position and layer (0: all)
+  cache.dtype=bfloat16, cache.shard_size=N, cache.batch_size=N
+  data.max_length=N, precision=bf16|fp32
+"""
 IMAGE_ROOT_HELP = "folder image paths are relative to (default: the data file's folder)"
 MODEL = dict(required=True, help="model: a local directory or a hub id")
 TEACHER_HELP = "teacher model: a local directory or a hub id"
@@ -298,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         {"--model": MODEL, "--who": who},
         help="train verbalizers for one model (stage 1 alone)",
         description="Train a verb-FFN per target layer of MODEL (backbone frozen); writes OUTPUT/verbalizers.",
+        epilog=VERBALIZE_MOST_CHANGED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     answers = "with data.answers=teacher: the model that answers records ending with a user turn"
     _stage(
@@ -307,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         {"--model": MODEL, "--teacher": dict(help=answers)},
         help="plain supervised fine-tuning of any supported VLM (stage 3 alone)",
         description="Fine-tune MODEL on the data (LoRA merged at the end); writes OUTPUT/model.",
+        epilog=SFT_MOST_CHANGED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _stage(
         sub,
@@ -316,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the teacher once and cache its verbalized targets, for training students without it",
         description="Cache the top-k of every teacher target layer's verbalized distribution and of its output, per "
         "response token (docs/CACHE.md); `vlsi train ... teacher_cache=OUTPUT` then never loads the teacher.",
+        epilog=CACHE_MOST_CHANGED,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
     p = _command(
@@ -472,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # transformers imports DeepSpeed wherever it is installed (save_pretrained unwraps models through accelerate),
+    # also on runs that never launch it, and DeepSpeed then announces that it found no GPU: noise on a CPU.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     try:
         args.func(**options)
         code = 0

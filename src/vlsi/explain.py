@@ -69,7 +69,7 @@ def explain(
 ) -> list[LayerAnswer]:
     """The greedy answer to `question` about `image` through each target layer's verbalizer, then the final layer."""
     parts = model_parts(model)
-    check_verbalizers(verbalizers, parts.family, parts.hidden_size, parts.num_layers)
+    check_verbalizers(verbalizers, parts)
     image = load_image(image) if isinstance(image, (str, Path)) else image
     device = parts.lm_head.weight.device
     inputs = {k: v.to(device) for k, v in prompt_inputs(processor, image, question).items()}
@@ -282,40 +282,30 @@ def explain_command(
     models = [(model, verbalizers)] + ([(teacher, teacher_verbalizers)] if teacher else [])
     loaded = [_load_verbalizers(model_path, directory) for model_path, directory in models]
     answers = []
-    for (model_path, directory), verb in zip(models, loaded):
-        vlm, processor = _load(model_path, directory, verb)
+    for (model_path, _), verb in zip(models, loaded):
+        vlm, processor = _load(model_path)
         answers.append(explain(vlm, processor, verb, image, question, max_new_tokens))
         del vlm
     return format_answers(answers[0]) if len(answers) == 1 else format_pair(align(*answers))
 
 
 def _load_verbalizers(model_path: str, directory: str) -> Verbalizers:
-    """The verbalizers in `directory`, checked against `model_path`'s config before its weights are loaded."""
-    from transformers import AutoConfig
+    """The verbalizers in `directory`, checked against `model_path`'s architecture before its weights are loaded."""
+    from .models.loading import model_outline
 
     try:
         verbalizers = Verbalizers.load(directory)
     except FileNotFoundError as e:
         raise ExplainError(f"{e}: give the folder `vlsi verbalize` or `vlsi train` wrote") from None
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        return verbalizers  # loading the model reports the problem in full
-    text = config.get_text_config()
-    name = f"verbalizers in {directory}"
-    check_verbalizers(verbalizers, config.model_type, text.hidden_size, text.num_hidden_layers, name, model_path)
+    check_verbalizers(verbalizers, model_outline(model_path), f"verbalizers in {directory}", model_path)
     return verbalizers
 
 
-def _load(model_path: str, directory: str, verbalizers: Verbalizers):
+def _load(model_path: str):
     from .models.loading import compute_dtype, load_model, load_processor
 
     processor = load_processor(model_path)
     model = load_model(model_path, compute_dtype("auto"))
     if torch.cuda.is_available():
         model = model.to("cuda")
-    parts = model_parts(model)
-    check_verbalizers(
-        verbalizers, parts.family, parts.hidden_size, parts.num_layers, f"verbalizers in {directory}", model_path
-    )
     return model.eval(), processor

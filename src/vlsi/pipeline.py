@@ -22,15 +22,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 from .cache import build_cache
 from .cache import check_before_training as check_cache_before_training
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .distributed import process_state
-from .models.family import model_parts
-from .models.loading import check_same_vocabulary, load_model, load_processor
+from .models.loading import check_same_vocabulary, load_processor, model_outline
 from .models.verbalizer import Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
 from .stages.common import load_samples, target_layers
@@ -82,14 +80,14 @@ def check_target_layers(cfg: TrainConfig, out: Path) -> None:
     student layer is matched to its own teacher layer)."""
     count = {}
     for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
-        parts = model_parts(load_model(path, torch.float32, cfg.trust_remote_code, empty=True))
+        parts = model_outline(path, cfg.trust_remote_code)
         folder = existing_verbalizers(cfg, out, who)
         if folder is None:
             count[who] = len(target_layers(cfg, parts, who))
             continue
         verbalizers = Verbalizers.load(folder)
         name = f"verbalizers in {folder}"
-        check_verbalizers(verbalizers, parts.family, parts.hidden_size, parts.num_layers, name, path)
+        check_verbalizers(verbalizers, parts, name, path)
         wanted = getattr(cfg.verbalizer, f"{who}_layers")
         if wanted is not None and wanted != verbalizers.target_layers:
             raise ConfigError(

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from .family import Parts
+from .family import Parts, model_parts
 
 
 class ModelError(ValueError):
@@ -31,6 +31,12 @@ def load_processor(path: str, trust_remote_code: bool = False):
             f"cannot load a processor from '{path}': {str(e).splitlines()[0]} "
             "(give a local model directory, or a hub id on a machine that can reach the hub)"
         ) from None
+
+
+def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
+    """The parts of the model in `path` (family, hidden size, blocks, head rows) as its config builds them on the
+    meta device: every check that needs the architecture, before any weight is read."""
+    return model_parts(load_model(path, torch.float32, trust_remote_code, empty=True))
 
 
 def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False) -> nn.Module:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .family import Parts
+
 WEIGHTS = "verbalizers.safetensors"
 META = "verbalizers.json"
 
@@ -97,14 +99,11 @@ def final_head(norm: nn.Module, lm_head: nn.Module, vocab: int):
 
 
 def check_verbalizers(
-    verbalizers: Verbalizers,
-    family: str,
-    hidden_size: int,
-    num_layers: int,
-    verbalizers_name: str = "the verbalizers",
-    model_name: str = "the model",
+    verbalizers: Verbalizers, parts: Parts, verbalizers_name: str = "the verbalizers", model_name: str = "the model"
 ) -> None:
-    """Verbalizers must come from this model: same family, hidden size, and target layers within its blocks."""
+    """Verbalizers must come from this model (`parts`; `models.loading.model_outline` gives them without reading a
+    weight): same family, hidden size, and target layers within its blocks."""
+    family, hidden_size, num_layers = parts.family, parts.hidden_size, parts.num_layers
     fix = f"give the verbalizers trained for {model_name} (`vlsi verbalize --model {model_name}` writes them)"
     if verbalizers.family and verbalizers.family != family:
         raise VerbalizerError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,18 @@ def checkpointing(cfg: TrainConfig, name: str) -> dict:
 def drop_checkpoints(cfg: TrainConfig, name: str) -> None:
     """A finished stage's output is written: its mid-stage checkpoints are no longer needed."""
     shutil.rmtree(checkpointing(cfg, name)["checkpoint_dir"], ignore_errors=True)
+
+
+def write_output(cfg: TrainConfig, run: Run, name: str, output: Path, write: Callable[[Path], None]) -> Path:
+    """A finished stage's output: the main process (the only one holding the gathered state `train` returns) calls
+    `write(folder)` on a temporary folder, renamed to `output` when it returns, then drops the stage's mid-stage
+    checkpoints; every process waits for it."""
+    if run.accelerator.is_main_process:
+        with atomic_dir(output) as tmp:
+            write(tmp)
+        drop_checkpoints(cfg, name)
+    run.accelerator.wait_for_everyone()
+    return output
 
 
 @contextmanager

@@ -53,15 +53,14 @@ from ..models.verbalizer import Verbalizers
 from .checkpoint import saved_step
 from .common import (
     Run,
-    atomic_dir,
     build_loader,
     checkpointing,
-    drop_checkpoints,
     load_samples,
     save_verbalizers,
     split_batch,
     substate,
     tracking,
+    write_output,
 )
 from .loop import MetricsLog, make_accelerator, make_loader, train, truncate_jsonl
 
@@ -227,22 +226,19 @@ def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):
     return record
 
 
-def save(cfg: TrainConfig, out: Path, run: Run, state: dict) -> Path:
-    """OUT/stages/interact/{student (merged, a plain checkpoint), verbalizers}, written by the main process."""
-    target = out / "stages" / "interact"
-    step = run.step
-    if run.accelerator.is_main_process:
-        with atomic_dir(target) as tmp:
-            weights = substate(state, "student")
-            export_student(
-                run.accelerator, weights, cfg.student, run.dtype, cfg.interact, cfg, run.processor, tmp / "student"
-            )
-            (s_parts,) = step.s_parts
-            meta = dict(model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
-            save_verbalizers(step.verbalizers, state, tmp / "verbalizers", **meta)
-        drop_checkpoints(cfg, "interact")
-    run.accelerator.wait_for_everyone()
-    return target
+def save(cfg: TrainConfig, out: Path, run: Run, state: dict | None) -> Path:
+    """OUT/stages/interact/{student (merged, a plain checkpoint), verbalizers}."""
+    step, (s_parts,) = run.step, run.step.s_parts
+
+    def write(folder: Path) -> None:
+        weights = substate(state, "student")
+        export_student(
+            run.accelerator, weights, cfg.student, run.dtype, cfg.interact, cfg, run.processor, folder / "student"
+        )
+        meta = dict(model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
+        save_verbalizers(step.verbalizers, state, folder / "verbalizers", **meta)
+
+    return write_output(cfg, run, "interact", out / "stages" / "interact", write)
 
 
 def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> Path:

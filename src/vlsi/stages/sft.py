@@ -20,14 +20,13 @@ from ..models.loading import compute_dtype, load_processor
 from ..models.student import export_student, prepare_student
 from .common import (
     Run,
-    atomic_dir,
     build_loader,
     checkpointing,
-    drop_checkpoints,
     load_samples,
     split_batch,
     substate,
     tracking,
+    write_output,
 )
 from .loop import MetricsLog, make_accelerator, train
 
@@ -58,15 +57,14 @@ def setup(cfg: TrainConfig, model_path: str, samples=None) -> Run:
     return Run(accelerator, SFTStep(model, parts, vocab), loader, dtype, processor)
 
 
-def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict) -> Path:
-    """The fine-tuned model (LoRA merged) and its processor in `output`, written by the main process."""
-    if run.accelerator.is_main_process:
-        with atomic_dir(output) as tmp:
-            weights = substate(state, "student")
-            export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, tmp)
-        drop_checkpoints(cfg, "sft")
-    run.accelerator.wait_for_everyone()
-    return output
+def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict | None) -> Path:
+    """The fine-tuned model (LoRA merged) and its processor in `output` (`state`: the main process's gathered one)."""
+
+    def write(folder: Path) -> None:
+        weights = substate(state, "student")
+        export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, folder)
+
+    return write_output(cfg, run, "sft", output, write)
 
 
 def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None) -> Path:

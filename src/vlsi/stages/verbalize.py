@@ -21,15 +21,14 @@ from ..models.loading import compute_dtype, load_processor
 from ..models.verbalizer import Verbalizers
 from .common import (
     Run,
-    atomic_dir,
     build_loader,
     checkpointing,
-    drop_checkpoints,
     load_samples,
     save_verbalizers,
     split_batch,
     target_layers,
     tracking,
+    write_output,
 )
 from .loop import MetricsLog, make_accelerator, train
 
@@ -82,18 +81,12 @@ def setup(cfg: TrainConfig, model_path: str, who: str, samples=None) -> Run:
     return Run(accelerator, step, loader, dtype, processor)
 
 
-def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict, name: str) -> Path:
-    """The trained verbalizers in `output`, written by the main process."""
-    if run.accelerator.is_main_process:
-        step = run.step
-        _, parts = step.frozen
-        with atomic_dir(output) as tmp:
-            save_verbalizers(
-                step.verbalizers, state, tmp, model=model_path, num_layers=parts.num_layers, vocab=step.vocab
-            )
-        drop_checkpoints(cfg, name)
-    run.accelerator.wait_for_everyone()
-    return output
+def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict | None, name: str) -> Path:
+    """The trained verbalizers in `output`."""
+    step = run.step
+    _, parts = step.frozen
+    meta = dict(model=model_path, num_layers=parts.num_layers, vocab=step.vocab)
+    return write_output(cfg, run, name, output, lambda tmp: save_verbalizers(step.verbalizers, state, tmp, **meta))
 
 
 def verbalize(cfg: TrainConfig, model_path: str, who: str, output: Path, metrics: MetricsLog, samples=None) -> Path:

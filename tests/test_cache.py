@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from vlsi import cli
-from vlsi.cache import INDEX, TeacherCache, build_cache, cache_identity, shard_name, teacher_targets
+from vlsi.cache import (
+    INDEX,
+    TeacherCache,
+    build_cache,
+    cache_identity,
+    check_before_training,
+    shard_name,
+    teacher_targets,
+)
 from vlsi.config import ConfigError, load_config
 from vlsi.data import VLDataset, make_collate, read_dataset
 from vlsi.models.family import model_parts
@@ -248,6 +256,15 @@ def test_train_refuses_a_cache_it_cannot_use_before_any_stage_trains(toy, tmp_pa
         with pytest.raises(ConfigError, match=error):
             run_train(cfg)
         assert not (out / "verbalizers").exists() and not (out / "metrics.jsonl").exists(), "nothing trained"
+
+
+def test_a_student_head_narrower_than_the_cached_vocabulary_is_refused(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path, f"teacher_cache={tmp_path / 'c'}")
+    processor, samples = load_processor(cfg.teacher), read_dataset(cfg.data.path)[0]
+    width = len(processor.tokenizer)
+    check_before_training(cfg, None, processor, samples, teacher=width + 64, student=width)  # padded rows: fine
+    with pytest.raises(ConfigError, match=f"LM head has {width - 1} rows, fewer than the {width} tokens"):
+        check_before_training(cfg, None, processor, samples, teacher=width + 64, student=width - 1)
 
 
 def _cache_command(toy, folder):

@@ -128,10 +128,20 @@ def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, process
     return identity
 
 
-def check_before_training(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> None:
-    """What `vlsi train` checks of teacher_cache=C before any stage trains: the l2 term needs whole distributions,
-    and a cache already in C must be for this teacher, data, processor and settings, and for these teacher
-    verbalizers when they exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks)."""
+def check_before_training(
+    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, teacher: int, student: int
+) -> None:
+    """What `vlsi train` checks of teacher_cache=C before any stage trains: the student's LM head covers the tokens a
+    cache holds (`teacher`, `student`: the two heads' rows), the l2 term needs whole distributions, and a cache
+    already in C must be for this teacher, data, processor and settings, and for these teacher verbalizers when they
+    exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks)."""
+    cached = min(len(processor.tokenizer), teacher)  # as `build_cache` keeps them
+    if student < cached:
+        raise ConfigError(
+            f"teacher_cache={cfg.teacher_cache}: the student's LM head has {student} rows, fewer than the {cached} "
+            "tokens of every cached teacher distribution, so the two cannot be compared: train this pair without "
+            "teacher_cache"
+        )
     if cfg.interact.intermediate_loss == "l2" and cfg.cache.top_k:
         raise ConfigError(
             f"interact.intermediate_loss=l2 needs the whole teacher distributions, but teacher_cache="

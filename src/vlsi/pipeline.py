@@ -28,6 +28,7 @@ from .cache import build_cache
 from .cache import check_before_training as check_cache_before_training
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .distributed import process_state
+from .models.family import Parts
 from .models.loading import check_same_vocabulary, load_processor, model_outline
 from .models.verbalizer import Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
@@ -73,14 +74,14 @@ def existing_verbalizers(cfg: TrainConfig, out: Path, who: str) -> Path | None:
     return reused if reused.exists() else Path(given) if given else None
 
 
-def check_target_layers(cfg: TrainConfig, out: Path) -> None:
-    """Before anything trains: each model's target layers, from its architecture built on the meta device (no weight
-    read); verbalizers given with teacher_verbalizers=DIR, or reused from OUT, against the model they claim to
-    verbalize and against verbalizer.*_layers; and at least as many teacher target layers as student ones (each
-    student layer is matched to its own teacher layer)."""
+def check_target_layers(cfg: TrainConfig, out: Path, outlines: dict[str, Parts]) -> None:
+    """Before anything trains: each model's target layers, from its architecture built on the meta device (`outlines`
+    of teacher and student: no weight read); verbalizers given with teacher_verbalizers=DIR, or reused from OUT,
+    against the model they claim to verbalize and against verbalizer.*_layers; and at least as many teacher target
+    layers as student ones (each student layer is matched to its own teacher layer)."""
     count = {}
     for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
-        parts = model_outline(path, cfg.trust_remote_code)
+        parts = outlines[who]
         folder = existing_verbalizers(cfg, out, who)
         if folder is None:
             count[who] = len(target_layers(cfg, parts, who))
@@ -118,10 +119,15 @@ def run_train(cfg: TrainConfig) -> Path:
         load_processor(cfg.student, cfg.trust_remote_code),
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
-    check_target_layers(cfg, out)
+    outlines = {
+        who: model_outline(path, cfg.trust_remote_code)
+        for who, path in (("teacher", cfg.teacher), ("student", cfg.student))
+    }
+    check_target_layers(cfg, out, outlines)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
     if cfg.teacher_cache:
-        check_cache_before_training(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples)
+        rows = {who: parts.vocab_rows for who, parts in outlines.items()}
+        check_cache_before_training(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples, **rows)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

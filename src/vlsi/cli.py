@@ -496,9 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = {key: value for key, value in vars(args).items() if key not in ("command", "func")}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # transformers imports DeepSpeed wherever it is installed (save_pretrained unwraps models through accelerate),
-    # also on runs that never launch it, and DeepSpeed then announces that it found no GPU: noise on a CPU.
-    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_notice)  # the same filter once, however often main runs
     try:
         args.func(**options)
         code = 0
@@ -514,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     end_process_group(code)
     return code
+
+
+def _no_cpu_notice(record: logging.LogRecord) -> bool:
+    """transformers imports DeepSpeed wherever it is installed (save_pretrained unwraps models through accelerate),
+    also on runs that never launch it, and DeepSpeed then announces that it found no GPU: noise on a CPU."""
+    return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def _run_failure(error: RuntimeError) -> bool:

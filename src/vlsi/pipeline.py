@@ -80,8 +80,8 @@ def check_target_layers(cfg: TrainConfig, out: Path, outlines: dict[str, Parts])
     against the model they claim to verbalize and against verbalizer.*_layers; and at least as many teacher target
     layers as student ones (each student layer is matched to its own teacher layer)."""
     count = {}
-    for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
-        parts = outlines[who]
+    for who, parts in outlines.items():
+        path = getattr(cfg, who)  # cfg.teacher, cfg.student
         folder = existing_verbalizers(cfg, out, who)
         if folder is None:
             count[who] = len(target_layers(cfg, parts, who))
@@ -119,10 +119,7 @@ def run_train(cfg: TrainConfig) -> Path:
         load_processor(cfg.student, cfg.trust_remote_code),
     )
     check_same_vocabulary(t_proc, s_proc, cfg.teacher, cfg.student)
-    outlines = {
-        who: model_outline(path, cfg.trust_remote_code)
-        for who, path in (("teacher", cfg.teacher), ("student", cfg.student))
-    }
+    outlines = {who: model_outline(getattr(cfg, who), cfg.trust_remote_code) for who in ("teacher", "student")}
     check_target_layers(cfg, out, outlines)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
     if cfg.teacher_cache:

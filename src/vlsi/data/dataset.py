@@ -13,10 +13,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlsi.data import sources
 from vlsi.data.encode import IGNORE_INDEX, Overlong, encode
 from vlsi.data.images import UnusableImage, image_identity
 from vlsi.data.parallel import chunks, default_num_proc, run_chunks
-from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample, Samples
+from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample
 from vlsi.data.scan import TokenCounter
 from vlsi.data.skipping import SKIPPED
 
@@ -139,10 +140,7 @@ def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
     """One line: file, record and line (when known), what is wrong and what happens to it."""
     if isinstance(error, BadRecord):
         return f"{error}; skipped"
-    sample = samples[position]
-    where = f"record {sample.id}"
-    if isinstance(samples, Samples):
-        where = f"{samples.path}: {where} (line {int(samples.table[position, 3])})"
+    where = sources.where(samples, position)
     if isinstance(error, Overlong):
         return f"{where}: {error.length} tokens > data.max_length={error.max_length}; dropped"
     if isinstance(error, ResponseMismatch):
@@ -151,7 +149,7 @@ def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
 
 
 def _take(samples: Sequence[Sample], positions: np.ndarray) -> Sequence[Sample]:
-    if isinstance(samples, Samples):
+    if hasattr(samples, "take"):  # an index into a file or dataset (`Samples`, `sources.DatasetSamples`, `Mixture`)
         return samples if len(positions) == len(samples) else samples.take(positions)
     return [samples[int(i)] for i in positions]
 

@@ -194,6 +194,19 @@ def test_checking_on_two_processes_and_sending_to_others_keep_the_samples(digits
     assert sent[1:3].rows.tolist() == [1, 2] and [s.sizes for s in sent[1:3]] == [s.sizes for s in one][1:3]
 
 
+def test_iterating_reads_blocks_of_rows_and_gives_what_indexing_gives(digits, containers, monkeypatch):
+    from vlsi.data import sources
+
+    monkeypatch.setattr(sources, "BLOCK", 5)
+    spec, preset = containers["parquet"]
+    samples, _ = read_sources([Source(spec, preset=preset)], num_proc=1)
+    assert list(samples) == [samples[i] for i in range(N)]
+    assert [s.sizes for s in samples] == [samples[i].sizes for i in range(N)]
+    scattered = samples.take([11, 0, 5, 6, 1])  # a block spread over 12 rows: read row by row
+    assert [s.id for s in scattered] == [samples[i].id for i in (11, 0, 5, 6, 1)]
+    assert [s.sizes for s in scattered] == [samples[i].sizes for i in (11, 0, 5, 6, 1)]
+
+
 def test_fingerprint_follows_the_data_and_the_scan_cache_is_reused(digits, tmp_path, monkeypatch):
     folder, _, records, _ = digits
     spec = str(tmp_path / "d.parquet")

@@ -50,6 +50,7 @@ PRESETS = {
 }
 # Columns that carry intent the parser honours or refuses (`records._to_sample`): passed on whenever present.
 INTENT = ("system", "video", "videos", "tools", "weight", "loss")
+BLOCK = 256  # rows read at once when a dataset's samples are iterated
 SOURCE_KEYS = ("path", "image_root", "preset", "columns", "weight", "samples", "name")
 
 
@@ -304,7 +305,22 @@ class DatasetSamples(Sequence):
         if isinstance(i, slice):
             return self.take(range(len(self))[i])
         row = int(self.rows[i])
-        record = self.records(row, row + 1)[0]
+        return self._sample(self.records(row, row + 1)[0], row, i)
+
+    def __iter__(self):
+        """The samples in order, read BLOCK rows at a time where they lie close together (one arrow read each)."""
+        for start in range(0, len(self), BLOCK):
+            rows = self.rows[start : start + BLOCK].tolist()
+            first, last = min(rows), max(rows)
+            if last - first + 1 > 2 * len(rows):  # scattered (a shuffled sub-index): row by row
+                yield from (self[i] for i in range(start, start + len(rows)))
+                continue
+            records = self.records(first, last + 1)
+            for k, row in enumerate(rows):
+                yield self._sample(records[row - first], row, start + k)
+
+    def _sample(self, record: dict, row: int, i: int) -> Sample:
+        """Sample i from its row's record: checked first when lazy, else given the image sizes of the check."""
         if self.lazy:
             ((sample, sample_id, reasons, sizes, _),) = check_rows([(row, record)], self.root, self.unanswered)
             if reasons:

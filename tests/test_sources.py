@@ -244,6 +244,32 @@ def test_unanswered_rows_are_answered_by_the_teacher(digits, tmp_path):
     assert sorted(a["id"] for a in answers) == [r["id"] for r in records[:4]]
 
 
+def test_the_teacher_cache_of_a_parquet_holds_the_targets_of_its_jsonl(digits, containers, tmp_path):
+    """`build_cache` (what `vlsi cache` and `teacher_cache=C` run) on the parquet copy of the digits: the same rows,
+    sample by sample, as on the JSON file over PNG files."""
+    from vlsi.cache import TeacherCache, build_cache
+    from vlsi.models.family import model_parts
+    from vlsi.models.loading import load_model
+    from vlsi.models.verbalizer import Verbalizers
+
+    folder, path, _, _ = digits
+    teacher = str(folder / "teacher")
+    torch.manual_seed(0)
+    Verbalizers(model_parts(load_model(teacher, torch.float32)).hidden_size, [0, 2]).save(tmp_path / "verbalizers")
+    spec, preset = containers["parquet"]
+    built = {}
+    for name, data in (("jsonl", [str(path)]), ("parquet", [spec, "data.preset=onevision"])):
+        settings = [f"data.path={data[0]}", *data[1:], "verbalizer.teacher_layers=[0,2]", "precision=fp32"]
+        cfg = load_config(None, [*settings, "cache.top_k=5", "cache.shard_size=5"], teacher=teacher)
+        cfg.output = str(tmp_path / f"out-{name}")
+        built[name] = TeacherCache(build_cache(cfg, tmp_path / f"cache-{name}", tmp_path / "verbalizers"))
+    for sample_id in ("digit-0", "digit-7", f"digit-{N - 1}"):
+        ours, theirs = built["parquet"].rows(sample_id), built["jsonl"].rows(sample_id)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    index = json.loads((tmp_path / "cache-parquet" / "index.json").read_text())
+    assert index["complete"] and index["data"] == spec
+
+
 # ---------------------------------------------------------------- mixtures
 
 

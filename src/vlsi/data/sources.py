@@ -219,7 +219,8 @@ def open_dataset(spec: str):
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 -- datasets raises many types (FileNotFoundError, ConnectionError, ...)
-        offline = "" if path.exists() else "; hub ids need the network: download the dataset and give its folder"
+        offline = "; a hub id is read from the network or the hub cache: download the set, give its folder"
+        offline = "" if path.exists() else offline
         raise DataError(
             [], f"data.path {spec}: cannot be read as a dataset ({type(error).__name__}: {error}){offline}"
         ) from None

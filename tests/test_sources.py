@@ -425,3 +425,20 @@ def test_a_source_that_cannot_be_read_is_one_line(tmp_path, capsys):
     with pytest.raises(DataError, match=r"no split 'validation'; it has \['train', 'test'\]"):
         open_dataset(f"{folder}@validation")
     assert len(open_dataset(f"{folder}@test")) == 1
+
+
+def test_data_path_takes_one_source_or_a_list():
+    from vlsi.config import ConfigError
+
+    assert load_config(None, ["data.path=HuggingFaceM4/the_cauldron:ai2d@train"]).data.path == (
+        "HuggingFaceM4/the_cauldron:ai2d@train"
+    )
+    assert load_config(None, ["data.path=[a.jsonl,b.parquet]"]).data.path == ["a.jsonl", "b.parquet"]
+    with pytest.raises(ConfigError, match=r"data.path\[1\]: expected str, got \[.b.\]"):
+        load_config(None, ["data.path=[a.jsonl,[b]]"])
+    with pytest.raises(ConfigError, match="data.preset='llava' is not one of auto, trl, cauldron, onevision"):
+        load_config(None, ["data.preset=llava"])
+    sources = parse_sources(DataConfig(path=["a/b", "c/d:x@test"], preset="trl"))
+    assert [(s.path, s.preset, s.name) for s in sources] == [("a/b", "trl", "a/b"), ("c/d:x@test", "trl", "c/d:x@test")]
+    with pytest.raises(DataError, match=r"sources \['a/b'\] are given twice"):
+        parse_sources(DataConfig(path=["a/b", "a/b"]))

@@ -259,7 +259,7 @@ def test_settings_are_accepted_anywhere_on_the_command_line(capsys):
     from vlsi.cli import parse_args
 
     args = parse_args(["train", "--teacher", "T", "a.b=1", "--data", "D", "--output", "O", "c=2", "a.b=3"])
-    assert (args.teacher, args.data, args.output) == ("T", "D", "O")
+    assert (args.teacher, args.data, args.output) == ("T", ["D"], "O")  # --data repeats: a mixture
     assert args.settings == ["a.b=1", "c=2", "a.b=3"], "in command-line order: the last value of a key wins"
     for command in ("demo", "ablate", "study"):
         args = parse_args([command, "seeds=2", "--output", "d", "seed=3", "--fast", "n_pool=5"])

@@ -427,7 +427,7 @@ def test_a_source_that_cannot_be_read_is_one_line(tmp_path, capsys):
     assert len(open_dataset(f"{folder}@test")) == 1
 
 
-def test_data_path_takes_one_source_or_a_list():
+def test_data_path_takes_one_source_or_a_list(tmp_path):
     from vlsi.config import ConfigError
 
     assert load_config(None, ["data.path=HuggingFaceM4/the_cauldron:ai2d@train"]).data.path == (
@@ -442,3 +442,7 @@ def test_data_path_takes_one_source_or_a_list():
     assert [(s.path, s.preset, s.name) for s in sources] == [("a/b", "trl", "a/b"), ("c/d:x@test", "trl", "c/d:x@test")]
     with pytest.raises(DataError, match=r"sources \['a/b'\] are given twice"):
         parse_sources(DataConfig(path=["a/b", "a/b"]))
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("sources:\n- {path: a/b, image_root: pics}\n- {path: c/d}\n")
+    sources = parse_sources(DataConfig(path=str(mixture), image_root="imgs"))
+    assert [s.image_root for s in sources] == [str(tmp_path / "pics"), "imgs"]  # its own: beside the file

@@ -114,7 +114,8 @@ def _is_mixture_json(path: Path) -> bool:
 
 def read_mixture(path: Path, image_root: str = "", preset: str = "auto", columns: dict | None = None) -> list:
     """The sources a mixture file lists (YAML or JSON: `sources: [{path, image_root, preset, columns, weight or
-    samples, name}, ...]`); relative paths are relative to the file's folder."""
+    samples, name}, ...]`); its relative paths and image roots are relative to the file's folder (`image_root`, the
+    default for the entries that give none, is used as given)."""
     try:
         value = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -141,8 +142,7 @@ def read_mixture(path: Path, image_root: str = "", preset: str = "auto", columns
             raise DataError([], f"{where}: columns must map record keys to column names, e.g. {{messages: chat}}")
         local = path.parent / entry["path"]
         spec = str(local) if local.exists() or _local_base(str(local)) else entry["path"]
-        root = entry.get("image_root", image_root)
-        root = str(path.parent / root) if root and not Path(root).is_absolute() else root
+        root = str(path.parent / entry["image_root"]) if entry.get("image_root") else image_root  # as given
         name = str(entry.get("name", "")) or entry["path"]
         if _is_records_file(spec):  # its records name their keys: a preset or columns of its own are a mistake
             source = Source(spec, root, entry.get("preset", "auto"), entry.get("columns", {}), weight, samples, name)
@@ -154,6 +154,7 @@ def read_mixture(path: Path, image_root: str = "", preset: str = "auto", columns
 
 
 def _local_base(spec: str) -> bool:
+    """Whether `spec` is a local folder or file with :CONFIG@SPLIT after it."""
     match = SPEC.fullmatch(spec)
     return bool(match) and Path(match["base"]).exists()
 

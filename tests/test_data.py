@@ -154,7 +154,7 @@ def test_all_invalid_records_are_reported_at_once_and_can_be_skipped(images):
     message = str(raised.value)
     assert message.startswith(f"10 invalid records in {path} (set data.skip_invalid=true to skip them):")
     expected = [
-        "record two-placeholders (line 2): 2 <image> placeholders but 1 images",
+        "record two-placeholders (line 2): 2 <image> tags or {'type': 'image'} items but 1 images in 'image'",
         "record missing (line 3): image 'nowhere.png': file not found",
         "record corrupt (line 4): image 'garbage.png': cannot be decoded",
         "record no-answer (line 5): no assistant turn",

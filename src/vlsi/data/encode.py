@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vlsi.data.records import Sample
+from vlsi.data.records import Sample, is_labelled
 
 IGNORE_INDEX = -100
 
@@ -74,11 +74,12 @@ def _media_ids(processor) -> set[int]:
 
 
 def _assistant_spans(sample: Sample, processor, text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of every assistant turn in the rendered `text`: the turn's content and its
-    end-of-turn token, without the role header (generation prompt) or the whitespace after it."""
+    """[start, end) character spans of every labelled assistant turn (not weighted out: `records.is_labelled`) in
+    the rendered `text`: the turn's content and its end-of-turn token, without the role header (generation prompt)
+    or the whitespace after it."""
     spans = []
     for k, message in enumerate(sample.messages):
-        if message["role"] != "assistant":
+        if not is_labelled(message):
             continue
         prefix = processor.apply_chat_template(sample.messages[:k], tokenize=False, add_generation_prompt=True)
         with_turn = processor.apply_chat_template(sample.messages[: k + 1], tokenize=False).rstrip()

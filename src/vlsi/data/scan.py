@@ -30,7 +30,7 @@ from PIL import Image
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from vlsi.data.encode import IGNORE_INDEX, _assistant_spans, encode
-from vlsi.data.records import Sample
+from vlsi.data.records import Sample, is_labelled
 
 log = logging.getLogger("vlsi")
 # (width, height) of the probe images: square, wide, tall, odd and large, so that rounding and resizing rules show
@@ -118,7 +118,7 @@ class TokenCounter:
     def assistant_spans(self, samples: list[Sample], texts: list[str]) -> list[list[tuple[int, int]]]:
         """`encode._assistant_spans` of every sample, its renders batched; a sample whose template rewrites earlier
         turns goes to `_assistant_spans` itself, which names it."""
-        turns = [(i, k) for i, s in enumerate(samples) for k, m in enumerate(s.messages) if m["role"] == "assistant"]
+        turns = [(i, k) for i, s in enumerate(samples) for k, m in enumerate(s.messages) if is_labelled(m)]
         prefixes = self.render([samples[i].messages[:k] for i, k in turns], True)
         inner = [(i, k) for i, k in turns if k + 1 < len(samples[i].messages)]  # the last turn's render is the text
         rendered = dict(zip(inner, self.render([samples[i].messages[: k + 1] for i, k in inner], False), strict=True))

@@ -1,0 +1,285 @@
+"""Every record shape users hold (LLaVA, ShareGPT, OpenAI / ms-swift / LLaMA-Factory, HF / TRL) is read with all
+its images, each image reaching the model in a trained step; records whose image tags or items and images disagree,
+and keys that would change what is trained, are refused with a line naming the file, record and line."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlsi.data import IGNORE_INDEX, DataError, VLDataset, make_collate, read_dataset
+from vlsi.models.family import model_parts
+from vlsi.models.tiny import build_tiny_vlm
+from vlsi.stages.sft import SFTStep
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny_vlm(family="qwen2_vl", hidden=32, heads=2, layers=2)
+    return model, processor
+
+
+@pytest.fixture
+def images(tmp_path):
+    """a.png (80 x 40, red), b.png (30 x 90, blue) in tmp_path."""
+    Image.new("RGB", (80, 40), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 90), (0, 0, 255)).save(tmp_path / "b.png")
+    return tmp_path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def human(value):
+    return {"from": "human", "value": value}
+
+
+def gpt(value):
+    return {"from": "gpt", "value": value}
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def text(value):
+    return {"type": "text", "text": value}
+
+
+# shape -> (record, the images the model must receive, in order). Two-image records put their second image in a
+# later user turn where the shape allows it, so that binding in order is what is tested.
+SHAPES = {
+    "llava: image as a string": (
+        {"image": "a.png", "conversations": [human("<image>\nWhat is this?"), gpt("a red box")]},
+        ["a.png"],
+    ),
+    "llava: image as a list": (
+        {
+            "image": ["a.png", "b.png"],
+            "conversations": [human("<image>\nWhat is this?"), gpt("red"), human("And <image>?"), gpt("blue")],
+        },
+        ["a.png", "b.png"],
+    ),
+    "llava: images, no tag": (
+        {"images": ["b.png", "a.png"], "conversations": [human("Compare them."), gpt("blue, then red")]},
+        ["b.png", "a.png"],
+    ),
+    "sharegpt: conversations + images": (
+        {
+            "conversations": [human("<image>Which colour?"), gpt("blue"), human("<image>And this?"), gpt("red")],
+            "images": ["b.png", "a.png"],
+        },
+        ["b.png", "a.png"],
+    ),
+    "sharegpt: user / assistant tags, system key": (
+        {
+            "system": "Be brief.",
+            "conversations": [{"from": "user", "value": "<image>Colour?"}, {"from": "assistant", "value": "red"}],
+            "images": ["a.png"],
+        },
+        ["a.png"],
+    ),
+    "openai / ms-swift: <image> tags in string content + images": (
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                user("<image>What is this?"),
+                assistant("a red box"),
+                user("<image>And this?"),
+                assistant("a blue bar"),
+            ],
+            "images": ["a.png", "b.png"],
+        },
+        ["a.png", "b.png"],
+    ),
+    "openai: top-level image, no tag": (
+        {"messages": [user("What is this?"), assistant("a blue bar")], "image": "b.png"},
+        ["b.png"],
+    ),
+    "hf / trl: {'type': 'image'} items + images": (
+        {
+            "messages": [
+                user([{"type": "image"}, text("What is this?")]),
+                assistant([text("a red box")]),
+                user([text("And"), {"type": "image"}]),
+                assistant([text("a blue bar")]),
+            ],
+            "images": ["a.png", "b.png"],
+        },
+        ["a.png", "b.png"],
+    ),
+    "hf datasets: items with null fields": (
+        {
+            "messages": [
+                user([{"type": "image", "text": None}, {"type": "text", "text": "Colour?", "image": None}]),
+                assistant([{"type": "text", "text": "blue", "image": None}]),
+            ],
+            "images": [{"bytes": None, "path": "b.png"}],
+        },
+        ["b.png"],
+    ),
+    "hf: inline image items": (
+        {
+            "messages": [
+                user([{"type": "image", "image": "a.png"}, text("What is this?")]),
+                assistant("a red box"),
+                user([{"type": "image_url", "image_url": {"url": "b.png"}}, text("And this?")]),
+                assistant("a blue bar"),
+            ]
+        },
+        ["a.png", "b.png"],
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_shape_trains_a_step_on_all_its_images(shape, tiny, images):
+    """Fails when any accepted shape loses an image: the batch holds one expanded run of image tokens per image
+    and exactly those images' pixels, the answer alone is labelled, and the step's gradient reaches the vision
+    tower."""
+    record, expected = SHAPES[shape]
+    model, processor = tiny
+    samples, problems = read_dataset(write_jsonl(images / "d.jsonl", [record | {"id": "r"}]))
+    assert problems == [] and len(samples) == 1
+    [sample] = samples
+    assert sample.images == [images / name for name in expected]
+    assert sum(item["type"] == "image" for m in sample.messages for item in m["content"]) == len(expected)
+
+    dataset = VLDataset(samples, {"model": processor}, max_length=400)
+    batch = make_collate({"model": processor})([dataset[0]])
+    encoded = batch["model"]
+    pixels = [Image.open(images / name).convert("RGB") for name in expected]
+    reference = processor.image_processor(images=pixels, return_tensors="pt")
+    assert torch.equal(encoded["pixel_values"], reference["pixel_values"])
+    assert torch.equal(encoded["image_grid_thw"], reference["image_grid_thw"])
+    merge = processor.image_processor.merge_size**2
+    ids = encoded["input_ids"][0]
+    assert int((ids == processor.image_token_id).sum()) == int(reference["image_grid_thw"].prod(-1).sum()) // merge
+    starts = (ids == processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).sum()
+    assert int(starts) == len(expected)
+    labelled = processor.tokenizer.decode(encoded["labels"][0][encoded["labels"][0] != IGNORE_INDEX])
+    answers = [m for m in sample.messages if m["role"] == "assistant"]
+    assert labelled == "".join(m["content"][0]["text"] + "<|im_end|>" for m in answers)
+
+    step = SFTStep(model, model_parts(model), len(processor.tokenizer))
+    model.zero_grad()
+    loss, _ = step(batch)
+    loss.backward()
+    vision = model.model.visual
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.patch_embed.parameters())
+    model.zero_grad()
+
+
+MISMATCHED = {
+    "llava: tags but no image": {"conversations": [human("<image>\nWhat is this?"), gpt("x")]},
+    "llava: two images, one tag": {"image": ["a.png", "b.png"], "conversations": [human("<image>\nWhat?"), gpt("x")]},
+    "ms-swift: <image> tag, no images": {"messages": [user("<image>What is this?"), assistant("x")]},
+    "ms-swift: one tag, two images": {
+        "messages": [user("<image>What is this?"), assistant("x")],
+        "images": ["a.png", "b.png"],
+    },
+    "hf: image item, no images": {"messages": [user([{"type": "image"}, text("What?")]), assistant("x")]},
+    "hf: inline items and images": {
+        "messages": [user([{"type": "image", "image": "a.png"}, text("What?")]), assistant("x")],
+        "images": ["b.png"],
+    },
+}
+
+
+@pytest.mark.parametrize("shape", list(MISMATCHED))
+def test_tags_or_items_and_images_that_disagree_are_refused(shape, images):
+    good = {"id": "ok", "image": "a.png", "conversations": [human("<image>Hi"), gpt("x")]}
+    path = write_jsonl(images / "d.jsonl", [good, MISMATCHED[shape] | {"id": "bad"}])
+    with pytest.raises(DataError) as raised:
+        read_dataset(path)
+    [problem] = raised.value.problems
+    assert problem.startswith(f"{path}: record bad (line 2): ")
+    assert "<image> tags or {'type': 'image'} items but" in problem
+    samples, skipped = read_dataset(path, skip_invalid=True)
+    assert [s.id for s in samples] == ["ok"] and skipped == [problem]
+
+
+REFUSED = {
+    "both conversations and messages": (
+        {"conversations": [human("Hi"), gpt("x")], "messages": [user("Hi"), assistant("x")]},
+        "both 'conversations' and 'messages': keep one of them",
+    ),
+    "video": (
+        {"video": "v.mp4", "conversations": [human("<video>What happens?"), gpt("x")]},
+        "'video': videos are not supported",
+    ),
+    "videos": (
+        {"videos": ["v.mp4"], "messages": [user("<video>What happens?"), assistant("x")]},
+        "'videos': videos are not supported",
+    ),
+    "image and images": (
+        {"image": "a.png", "images": ["a.png"], "conversations": [human("<image>Hi"), gpt("x")]},
+        "both 'image' and 'images'",
+    ),
+    "record weight": (
+        {"weight": 0.5, "conversations": [human("Hi"), gpt("x")]},
+        "'weight': 0.5: a per-record weight is not applied",
+    ),
+    "record loss": ({"loss": False, "messages": [user("Hi"), assistant("x")]}, "'loss': false: a per-record loss"),
+    "turn weight not 0 or 1": (
+        {"conversations": [human("Hi"), gpt("x") | {"weight": 0.3}]},
+        "turn 1: 'weight' must be 0 or 1, got 0.3",
+    ),
+    "training a user turn": (
+        {"messages": [user("Hi") | {"loss": True}, assistant("x")]},
+        "turn 0: 'loss': true on a user turn; only assistant turns are trained",
+    ),
+    "every assistant turn weighted out": (
+        {"conversations": [human("Hi"), gpt("x") | {"weight": 0}]},
+        "no trained assistant turn, so nothing to learn from",
+    ),
+    "image in an assistant turn": (
+        {"image": ["a.png"], "conversations": [human("Draw it."), gpt("<image>here")]},
+        "turn 1: an image in an assistant turn; images belong in user turns",
+    ),
+    "system twice": (
+        {"system": "Be brief.", "messages": [{"role": "system", "content": "Be long."}, user("Hi"), assistant("x")]},
+        "both a top-level 'system' and a system turn",
+    ),
+    "tools": (
+        {"tools": [{"name": "f"}], "messages": [user("Hi"), assistant("x")]},
+        "'tools': tool calls are not supported",
+    ),
+    "images not paths": ({"images": [3], "conversations": [human("<image>Hi"), gpt("x")]}, "'images' must be a path"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_keys_that_change_what_is_trained_are_refused(case, images):
+    record, fragment = REFUSED[case]
+    path = write_jsonl(images / "d.jsonl", [record | {"id": "bad"}])
+    with pytest.raises(DataError) as raised:
+        read_dataset(path)
+    assert any(p.startswith(f"{path}: record bad (line 1): ") and fragment in p for p in raised.value.problems), (
+        raised.value.problems
+    )
+
+
+@pytest.mark.parametrize("key, off", [("weight", 0), ("loss", False)])
+def test_an_assistant_turn_weighted_out_is_not_labelled(key, off, tiny, images):
+    """Per-turn `weight: 0` (ShareGPT / axolotl) or `loss: false` (ms-swift): that answer is context, not target;
+    `weight: 1` / `loss: true` label it as usual."""
+    _, processor = tiny
+    on = 1 if key == "weight" else True
+    turns = [user("<image>What?"), assistant("skipped") | {key: off}, user("Again?"), assistant("kept") | {key: on}]
+    record = {"id": "w", "messages": turns, "images": ["a.png"]}
+    [sample], _ = read_dataset(write_jsonl(images / "d.jsonl", [record]))
+    assert [m.get("loss", True) for m in sample.messages] == [True, False, True, True]
+    dataset = VLDataset([sample], {"model": processor}, max_length=400)
+    labels = dataset[0]["model"]["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "kept<|im_end|>"
+    text_ids = dataset[0]["model"]["input_ids"][0]
+    assert "skipped" in processor.tokenizer.decode(text_ids), "the turn stays in the context"

@@ -335,7 +335,7 @@ def test_length_scan_is_shared_by_stages_and_follows_the_images(tiny, images, mo
     scanned = []
     real_count = dataset_module._count
     monkeypatch.setattr(
-        dataset_module, "_count", lambda s, p, names, n: scanned.append(names) or real_count(s, p, names, n)
+        dataset_module, "_count", lambda s, p, names, *a: scanned.append(names) or real_count(s, p, names, *a)
     )
     sft = VLDataset(samples, {"model": other}, max_length=200, cache_path=folder / "sft.json")
     assert scanned == [] and sft.lengths == VLDataset(samples, {"model": other}, max_length=200).lengths

@@ -2,13 +2,17 @@
 its images, each image reaching the model in a trained step; records whose image tags or items and images disagree,
 and keys that would change what is trained, are refused with a line naming the file, record and line."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from vlsi.data import IGNORE_INDEX, DataError, VLDataset, make_collate, read_dataset
+from vlsi.data import IGNORE_INDEX, DataError, VLDataset, encode, make_collate, read_dataset
+from vlsi.data.scan import TokenCounter, _full
+from vlsi.data.skipping import SKIPPED
 from vlsi.models.family import model_parts
 from vlsi.models.tiny import build_tiny_vlm
 from vlsi.stages.sft import SFTStep
@@ -283,3 +287,123 @@ def test_an_assistant_turn_weighted_out_is_not_labelled(key, off, tiny, images):
     assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "kept<|im_end|>"
     text_ids = dataset[0]["model"]["input_ids"][0]
     assert "skipped" in processor.tokenizer.decode(text_ids), "the turn stays in the context"
+    counter = TokenCounter(processor)
+    assert counter([sample]) == [_full(sample, processor)] == [[len(text_ids), len(labels[labels != IGNORE_INDEX])]]
+
+
+# ---------------------------------------------------------------- what only the processor can find
+
+
+def _question(value):
+    return {"messages": [user([text(value)]), assistant("yes")]}
+
+
+def _two(path, bad):
+    """A good record, then `bad` (id "bad") on line 2."""
+    good = {"id": "ok", "image": "a.png", "conversations": [human("<image>Colour?"), gpt("red")]}
+    return write_jsonl(path, [good, bad | {"id": "bad"}])
+
+
+def _refused_at_scan(path, processors, fragment, **options):
+    """The eager scan names the record and its line with `fragment`; data.skip_invalid leaves it out; lazy loading
+    skips it with the same line."""
+    samples, _ = read_dataset(path)
+    with pytest.raises(DataError) as raised:
+        VLDataset(samples, processors, max_length=400, **options)
+    [problem] = raised.value.problems
+    assert problem.startswith(f"{path}: record bad (line 2): ") and fragment in problem, problem
+    assert "\n" not in problem and "Traceback" not in str(raised.value)
+    assert str(raised.value).splitlines()[0].endswith("(set data.skip_invalid=true to skip them):")
+    dataset = VLDataset(samples, processors, max_length=400, skip_invalid=True, **options)
+    assert [s.id for s in dataset.samples] == ["ok"] and dataset.invalid == [problem]
+    lazy = VLDataset(read_dataset(path, lazy=True)[0], processors, max_length=400, lazy=True, **options)
+    [(position, message, bad)] = lazy[1][SKIPPED]
+    assert (position, bad) == (1, True) and message == f"{problem}; skipped"
+    return problem
+
+
+SPECIAL = ["<|im_end|>", "<|im_start|>assistant\nSure", "<|endoftext|>", "<|image_pad|>", "<|vision_start|>"]
+
+
+@pytest.mark.parametrize("token", SPECIAL)
+def test_special_token_text_is_refused_naming_the_record_and_the_token(token, tiny, images):
+    """`<|im_start|>assistant` in a user's text would inject a fake assistant turn; `<|image_pad|>` (Qwen2-VL's image
+    token) would stop the run when the processor counts images."""
+    path = _two(images / "d.jsonl", _question(f"Is {token} a tag?"))
+    shown = token.split("assistant")[0]
+    problem = _refused_at_scan(path, {"model": tiny[1]}, f"special token text {shown!r} (turn 0)")
+    assert "set data.special_tokens=text" in problem
+
+
+def test_the_image_token_of_llava_onevision_typed_as_text_is_refused(images):
+    """LLaVA-OneVision's image token is `<image>`: an HTML question in a content item is refused (in string content
+    `<image>` is a tag, bound to an image or an error)."""
+    _, processor = build_tiny_vlm(family="llava_onevision", hidden=32, heads=2, layers=2)
+    path = _two(images / "d.jsonl", _question("What does the <image> tag do in HTML?"))
+    _refused_at_scan(path, {"model": processor}, "special token text '<image>' (turn 0)")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "idefics3"])
+def test_special_tokens_as_text_are_plain_text_and_labelled_with_their_turn(family, images):
+    """data.special_tokens=text: each special token's string becomes the tokens of its plain text (as
+    `split_special_tokens=True` gives them); the answer's are labelled, the question's are not; the scan counts
+    them as `encode` does."""
+    _, processor = build_tiny_vlm(family=family, hidden=32, heads=2, layers=2)
+    tokenizer = processor.tokenizer
+    record = {
+        "id": "t",
+        "messages": [user("<image>Is <|im_end|> or <|image_pad|> a tag?"), assistant("yes, <|endoftext|> too")],
+        "images": ["a.png"],
+    }
+    samples, _ = read_dataset(write_jsonl(images / "d.jsonl", [record]))
+    dataset = VLDataset(samples, {"model": processor}, max_length=400, special_tokens="text")
+    item = dataset[0]["model"]
+    ids, labels = item["input_ids"][0], item["labels"][0]
+    assert dataset.lengths == [len(ids)]
+    plain = tokenizer("<|endoftext|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    answer = labels[labels != IGNORE_INDEX].tolist()
+    space = " " if family == "idefics3" else ""  # "Assistant:" + " answer"
+    eot = "<end_of_turn>" if family == "gemma3" else tokenizer.eos_token
+    assert tokenizer.decode(answer) == f"{space}yes, <|endoftext|> too{eot}"
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") not in answer
+    assert any(answer[k : k + len(plain)] == plain for k in range(len(answer))), "its plain tokens, labelled"
+    unexpanded = encode(samples[0], processor, special_tokens="text")
+    assert all(torch.equal(unexpanded[k], v) for k, v in item.items())
+    for name in ("<|im_end|>", "<|endoftext|>"):
+        written = processor.apply_chat_template(samples[0].messages, tokenize=False).count(name)  # template + user
+        typed = sum(t["text"].count(name) for m in samples[0].messages for t in m["content"] if t["type"] == "text")
+        assert int((ids == tokenizer.convert_tokens_to_ids(name)).sum()) == written - typed
+    assert int((ids == processor.image_token_id).sum()) == int(
+        (encode(_without_text(samples[0]), processor)["input_ids"] == processor.image_token_id).sum()
+    ), "the typed <|image_pad|> is not an image"
+    for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+        if key in item:
+            assert item[key].shape == ids[None].shape
+
+
+def _without_text(sample):
+    """The sample with its text removed (its images kept)."""
+    messages = [
+        {**m, "content": [c if c["type"] == "image" else text("x") for c in m["content"]]} for m in sample.messages
+    ]
+    return dataclasses.replace(sample, messages=messages)
+
+
+def test_an_image_beyond_the_processors_aspect_ratio_is_found_by_the_scan(tiny, images):
+    """28 x 6000 on Qwen2-VL: the processor refuses aspect ratios over 200; the scan names the record."""
+    Image.new("RGB", (28, 6000)).save(images / "tall.png")
+    path = _two(images / "d.jsonl", {"image": "tall.png", "conversations": [human("<image>What?"), gpt("x")]})
+    _refused_at_scan(path, {"model": tiny[1]}, "the processor refuses it (ValueError: absolute aspect ratio")
+
+
+def test_a_chat_template_that_raises_is_one_line_naming_the_record(tiny, images):
+    """Gemma- and Mistral-style templates raise on two user turns in a row: one line, the record skippable."""
+    strict = copy.copy(tiny[1])
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 > 0 and messages[loop.index0 - 1]['role'] "
+        "== 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{% endfor %}" + tiny[1].chat_template
+    )
+    path = _two(images / "d.jsonl", {"messages": [user("Hi"), user("Hello?"), assistant("x")]})
+    problem = _refused_at_scan(path, {"model": strict}, "the chat template rejects the conversation (TemplateError: ")
+    assert problem.endswith("Conversation roles must alternate user/assistant/user/assistant/...)")

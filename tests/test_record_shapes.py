@@ -257,7 +257,10 @@ REFUSED = {
         {"tools": [{"name": "f"}], "messages": [user("Hi"), assistant("x")]},
         "'tools': tool calls are not supported",
     ),
-    "images not paths": ({"images": [3], "conversations": [human("<image>Hi"), gpt("x")]}, "'images' must be a path"),
+    "images not paths": (
+        {"images": [3], "conversations": [human("<image>Hi"), gpt("x")]},
+        "expected a path, a data: URI or image bytes",
+    ),
 }
 
 

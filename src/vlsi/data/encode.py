@@ -12,9 +12,9 @@ import re
 
 import torch
 from jinja2.exceptions import TemplateError
-from PIL import Image
 from torch import Tensor
 
+from vlsi.data.images import load_image
 from vlsi.data.records import Sample, is_labelled
 
 IGNORE_INDEX = -100
@@ -58,7 +58,7 @@ def encode(
 
 def _encode(sample: Sample, processor, max_length: int | None) -> dict[str, Tensor]:
     text = render(processor, sample.messages, sample.id)
-    images = [_rgb(path) for path in sample.images]
+    images = [load_image(source) for source in sample.images]
     # One image list per text: LLaVA-OneVision treats a flat list as one image per sample (batch_num_images). The
     # template already wrote the special tokens: no second <bos> (Gemma's tokenizer adds one by default).
     images_arg = [images] if images else None
@@ -186,11 +186,6 @@ def special_reason(found: dict[str, int]) -> str:
         f"special token text {tokens}: it would be read as a control token, not as the text it is; remove it, or set "
         "data.special_tokens=text to encode it as plain text"
     )
-
-
-def _rgb(path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _media_ids(processor) -> set[int]:

@@ -2,8 +2,10 @@
 its images, each image reaching the model in a trained step; records whose image tags or items and images disagree,
 and keys that would change what is trained, are refused with a line naming the file, record and line."""
 
+import base64
 import copy
 import dataclasses
+import io
 import json
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 from vlsi.data import IGNORE_INDEX, DataError, VLDataset, encode, make_collate, read_dataset
+from vlsi.data.records import _to_sample
 from vlsi.data.scan import TokenCounter, _full
 from vlsi.data.skipping import SKIPPED
 from vlsi.models.family import model_parts
@@ -57,7 +60,17 @@ def text(value):
     return {"type": "text", "text": value}
 
 
-# shape -> (record, the images the model must receive, in order). Two-image records put their second image in a
+def _png(size, colour) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+BLUE = _png((30, 90), (0, 0, 255))  # the pixels of b.png, held in the record
+BLUE_URI = "data:image/png;base64," + base64.b64encode(BLUE).decode()
+
+# shape -> (record, the images the model must receive, in order: file names, "data:b.png" for b.png's bytes held in
+# the record). Two-image records put their second image in a
 # later user turn where the shape allows it, so that binding in order is what is tested.
 SHAPES = {
     "llava: image as a string": (
@@ -140,6 +153,29 @@ SHAPES = {
         },
         ["a.png", "b.png"],
     ),
+    "openai: image_url with a data: URI": (
+        {
+            "messages": [
+                user([text("What is this?"), {"type": "image_url", "image_url": {"url": BLUE_URI}}]),
+                assistant([text("a blue bar")]),
+            ]
+        },
+        ["data:b.png"],
+    ),
+    "ms-swift: data: URIs in images": (
+        {
+            "messages": [user("<image>What?"), assistant("blue"), user("<image>And?"), assistant("red")],
+            "images": [BLUE_URI, "a.png"],
+        },
+        ["data:b.png", "a.png"],
+    ),  # fmt: skip
+    "hf datasets row: image bytes": (  # as `datasets` holds an Image column (not JSON: read with _to_sample)
+        {
+            "messages": [user([{"type": "image", "text": None}, text("Colour?")]), assistant([text("blue")])],
+            "images": [{"bytes": BLUE, "path": None}],
+        },
+        ["data:b.png"],
+    ),
 }
 
 
@@ -150,10 +186,15 @@ def test_every_shape_trains_a_step_on_all_its_images(shape, tiny, images):
     tower."""
     record, expected = SHAPES[shape]
     model, processor = tiny
-    samples, problems = read_dataset(write_jsonl(images / "d.jsonl", [record | {"id": "r"}]))
+    if any(isinstance(image, dict) for image in record.get("images", [])):  # a datasets row, not a JSON line
+        sample, problems, _ = _to_sample(record, "r", images)
+        samples = [sample]
+    else:
+        samples, problems = read_dataset(write_jsonl(images / "d.jsonl", [record | {"id": "r"}]))
     assert problems == [] and len(samples) == 1
     [sample] = samples
-    assert sample.images == [images / name for name in expected]
+    assert sample.images == [BLUE if name == "data:b.png" else images / name for name in expected]
+    expected = [name.removeprefix("data:") for name in expected]
     assert sum(item["type"] == "image" for m in sample.messages for item in m["content"]) == len(expected)
 
     dataset = VLDataset(samples, {"model": processor}, max_length=400)
@@ -256,6 +297,10 @@ REFUSED = {
     "tools": (
         {"tools": [{"name": "f"}], "messages": [user("Hi"), assistant("x")]},
         "'tools': tool calls are not supported",
+    ),
+    "an http(s) URL": (
+        {"messages": [user([{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]), assistant("x")]},
+        "image 'https://x.org/a.png': remote images are not read (vlsi reads no network); download them",
     ),
     "images not paths": (
         {"images": [3], "conversations": [human("<image>Hi"), gpt("x")]},

@@ -48,7 +48,7 @@ def encode(
     `special_tokens="refuse"`; with "text" it is encoded as the plain text it is. Raises Overlong when
     T > max_length, Unencodable when the chat template or the processor rejects the sample.
     """
-    found = special_strings(sample, processor)
+    found = special_strings(sample, special_pattern(processor))
     if found and special_tokens == "refuse":
         raise Unencodable(sample.id, special_reason(found))
     if found:
@@ -165,9 +165,14 @@ def special_tokens_of(processor) -> list[str]:
     return sorted((t for t in found if t), key=lambda t: (-len(t), t))
 
 
-def special_strings(sample: Sample, processor) -> dict[str, int]:
-    """{special token string: first turn} of those in the sample's text items."""
-    pattern = re.compile("|".join(re.escape(t) for t in special_tokens_of(processor)))
+def special_pattern(processor) -> re.Pattern:
+    """A regex matching any of `special_tokens_of(processor)` (build it once per processor: it costs ~0.3 ms)."""
+    tokens = special_tokens_of(processor)
+    return re.compile("|".join(re.escape(t) for t in tokens) if tokens else "(?!)")  # (?!) never matches
+
+
+def special_strings(sample: Sample, pattern: re.Pattern) -> dict[str, int]:
+    """{special token string: first turn} of those `pattern` (`special_pattern`) finds in the sample's text items."""
     found: dict[str, int] = {}
     for i, message in enumerate(sample.messages):
         for text in _texts([message]):

@@ -33,7 +33,15 @@ from jinja2.exceptions import TemplateError
 from PIL import Image
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
-from vlsi.data.encode import IGNORE_INDEX, _assistant_spans, encode, refusal, special_reason, special_strings
+from vlsi.data.encode import (
+    IGNORE_INDEX,
+    _assistant_spans,
+    encode,
+    refusal,
+    special_pattern,
+    special_reason,
+    special_strings,
+)
 from vlsi.data.images import image_header
 from vlsi.data.records import Sample, is_labelled
 
@@ -53,6 +61,7 @@ class TokenCounter:
 
     def __init__(self, processor, special_tokens: str = "refuse"):
         self.processor, self.special_tokens = processor, special_tokens
+        self.special = special_pattern(processor)
         self.media = {getattr(processor, n, None) for n in ("image_token_id", "video_token_id")} - {None}
         self.memo: dict[tuple, list[int]] = {}
         self.expansions_memo: dict[tuple, list[str]] = {}
@@ -93,7 +102,7 @@ class TokenCounter:
         out: list[list[int] | str | None] = [None] * len(samples)
         plain = []
         for i, sample in enumerate(samples):
-            found = special_strings(sample, self.processor)
+            found = special_strings(sample, self.special)
             if found and self.special_tokens == "refuse":
                 out[i] = special_reason(found)
             elif found:

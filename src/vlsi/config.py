@@ -34,6 +34,8 @@ class DataConfig:
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
     overlong: Literal["drop", "error"] = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
+    # a special token's string in a record's text (`<|im_end|>`, the image token): refuse the record | encode as text
+    special_tokens: Literal["refuse", "text"] = "refuse"
     # eager: check + length-scan everything first | lazy: check each record as it loads
     validate: Literal["eager", "lazy"] = "eager"
     max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it

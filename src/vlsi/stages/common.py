@@ -75,7 +75,11 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
             cache,
             **options,
             max_bad_fraction=cfg.data.max_bad_fraction,
+            special_tokens=cfg.data.special_tokens,
+            skip_invalid=cfg.data.skip_invalid,
         )
+    if dataset.invalid:
+        log.warning("skipped %d records that cannot be encoded (data.skip_invalid=true)", len(dataset.invalid))
     if dataset.n_dropped:
         log.warning("dropped %d samples longer than data.max_length=%d tokens", dataset.n_dropped, cfg.data.max_length)
     if len(dataset) == 0:

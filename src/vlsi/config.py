@@ -15,6 +15,8 @@ from typing import Literal
 
 import yaml
 
+from .runfolder import write_text
+
 # Allowed values, declared once: the config checks them, the code that uses them reads them from here.
 Strategy = Literal["adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"]
 Temperature = Literal["range_over_scale", "scale_over_range"]
@@ -47,6 +49,8 @@ class DataConfig:
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
     overlong: Literal["drop", "error"] = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
+    # a special token's string in a record's text (`<|im_end|>`, the image token): refuse the record | encode as text
+    special_tokens: Literal["refuse", "text"] = "refuse"
     # eager: check + length-scan everything first | lazy: check each record as it loads
     validate: Literal["eager", "lazy"] = "eager"
     max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it
@@ -319,4 +323,5 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written atomically: a kill leaves the previous config.yaml, never a truncated one."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

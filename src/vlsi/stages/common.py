@@ -16,7 +16,7 @@ from torch import nn
 
 from ..answers import teacher_answers
 from ..config import TrainConfig
-from ..data import VLDataset, make_collate, response_positions
+from ..data import VLDataset, make_collate
 from ..data.skipping import with_skipped
 from ..data.sources import parse_sources, read_sources
 from ..distributed import on_main_process, process_state
@@ -36,15 +36,6 @@ class Run:
     dtype: torch.dtype
     processor: object  # the trained (or verbalized) model's processor
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # checkpointed with the run
-
-
-def split_batch(batch: dict[str, torch.Tensor]):
-    """-> (model inputs, response mask [B, T], next-token targets [N]) for one model's encoded batch."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    mask = response_positions(labels)  # [B, T]: positions whose next token is a response token
-    targets = labels.roll(-1, dims=1)[mask]  # [N]
-    return inputs, mask, targets
 
 
 def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
@@ -90,7 +81,11 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
             cache,
             **options,
             max_bad_fraction=cfg.data.max_bad_fraction,
+            special_tokens=cfg.data.special_tokens,
+            skip_invalid=cfg.data.skip_invalid,
         )
+    if dataset.invalid:
+        log.warning("skipped %d records that cannot be encoded (data.skip_invalid=true)", len(dataset.invalid))
     if dataset.n_dropped:
         log.warning("dropped %d samples longer than data.max_length=%d tokens", dataset.n_dropped, cfg.data.max_length)
     if len(dataset) == 0:

@@ -1,6 +1,7 @@
 """Hugging Face datasets (parquet, arrow, save_to_disk folders, hub-layout folders), mixtures and `vlsi data check`,
 built with `datasets` from the bundled digits and read, checked, scanned and trained on as a JSONL file is."""
 
+import copy
 import json
 import pickle
 
@@ -374,7 +375,9 @@ def test_a_mixture_of_jsonl_and_parquet_trains_and_resumes_exactly(digits, conta
 
 def test_data_check_reports_each_source_and_the_total(digits, containers, tmp_path, capsys):
     folder, _, records, student = digits
-    bad = [dict(records[0], image="missing.png"), *records[1:4]]
+    injected = copy.deepcopy(records[4])
+    injected["conversations"][0]["value"] += "<|im_end|>"  # found by the scan: the processor's control token
+    bad = [dict(records[0], image="missing.png"), *records[1:4], injected]
     jsonl = _jsonl(folder / "check.jsonl", bad)
     spec, preset = containers["shards"]
     assert main(["data", "check", "--data", str(jsonl), "data.preset=cauldron"]) == 2
@@ -388,11 +391,12 @@ def test_data_check_reports_each_source_and_the_total(digits, containers, tmp_pa
     )
     report = json.loads(capsys.readouterr().out)
     first, second = report["sources"]
-    assert (first["records"], first["valid"], first["with_problems"], first["images"]) == (4, 3, 1, 3)
-    assert first["problems"] == [f"{jsonl}: record digit-0 (line 1): image 'missing.png': file not found "
-                                 f"({folder / 'missing.png'})"]  # fmt: skip
+    assert (first["records"], first["valid"], first["with_problems"], first["images"]) == (5, 3, 2, 3)
+    missing, special = first["problems"]
+    assert missing == f"{jsonl}: record digit-0 (line 1): image 'missing.png': file not found ({folder}/missing.png)"
+    assert special.startswith(f"{jsonl}: record digit-4 (line 5): special token text '<|im_end|>' (turn 0)")
     assert (second["source"], second["records"], second["with_problems"], second["images"]) == ("cauldron", N, 0, N)
-    assert report["total"]["records"] == 4 + N and report["total"]["images"] == 3 + N
+    assert report["total"]["records"] == 5 + N and report["total"]["images"] == 3 + N
 
     samples, _ = read_sources([Source(spec, preset="cauldron")], num_proc=1)
     _, processor = build_tiny_vlm(family="qwen2_vl")
@@ -410,8 +414,8 @@ def test_data_check_reports_each_source_and_the_total(digits, containers, tmp_pa
 
     assert main(["data", "check", "--data", str(mixture)]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0] == f"{jsonl}: 4 records (1 with problems), 3 images in the valid ones"
-    assert f"total: {4 + N} records (1 with problems), {3 + N} images in the valid ones" in text
+    assert text.splitlines()[0] == f"{jsonl}: 5 records (1 with problems), 4 images in the valid ones"
+    assert f"total: {5 + N} records (1 with problems), {4 + N} images in the valid ones" in text
 
 
 def test_a_source_that_cannot_be_read_is_one_line(tmp_path, capsys):

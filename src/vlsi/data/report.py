@@ -49,8 +49,12 @@ def check_data(cfg, student: str | None = None) -> dict:
             "problems": problems[:MAX_SHOWN],
         }
         if processor is not None and len(samples):
-            counts = _token_counts(samples, processor, num_proc)
+            *counts, scanned = _token_counts(samples, processor, num_proc, cfg.data.special_tokens)
             report |= _token_report(*counts, cfg.data.max_length)
+            report["valid"] = len(scanned.samples)  # less those the processor cannot encode
+            report["with_problems"] += len(scanned.invalid)
+            report["images"] = int(scanned.samples.starts[-1]) if len(scanned.samples) else 0
+            report["problems"] = (problems + scanned.invalid)[:MAX_SHOWN]
             tokens.append(counts[0])
             images.append(counts[1])
         reports.append(report)
@@ -61,17 +65,25 @@ def check_data(cfg, student: str | None = None) -> dict:
     return {"sources": reports, "total": total, "student": student, "max_length": cfg.data.max_length}
 
 
-def _token_counts(samples, processor, num_proc: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """[n] tokens per sample (the length scan, every sample kept) and [n] image tokens per sample from the
-    processor's size rule (None for a processor without one)."""
-    dataset = VLDataset(samples, {"student": processor}, max_length=sys.maxsize, num_proc=num_proc)
-    tokens = np.asarray(dataset.lengths, dtype=np.int64)
-    if not hasattr(processor, "_get_num_multimodal_tokens"):
-        return tokens, None
-    per_image = np.asarray(rule_tokens(processor, [tuple(s) for s in samples.sizes.tolist()]), dtype=np.int64)
-    starts = np.asarray(samples.starts, dtype=np.int64)
+def _token_counts(samples, processor, num_proc: int | None, special_tokens: str) -> tuple:
+    """([n] tokens per sample (the length scan, every sample kept that the processor can encode), [n] image tokens
+    per sample from the processor's size rule (None for a processor without one), the scanned `VLDataset`: its
+    `samples` those n, its `invalid` the problems of the samples the processor cannot encode)."""
+    dataset = VLDataset(
+        samples,
+        {"student": processor},
+        max_length=sys.maxsize,
+        num_proc=num_proc,
+        special_tokens=special_tokens,
+        skip_invalid=True,
+    )
+    tokens, kept = np.asarray(dataset.lengths, dtype=np.int64), dataset.samples
+    if not hasattr(processor, "_get_num_multimodal_tokens") or not len(kept):
+        return tokens, None, dataset
+    per_image = np.asarray(rule_tokens(processor, [tuple(s) for s in kept.sizes.tolist()]), dtype=np.int64)
+    starts = np.asarray(kept.starts, dtype=np.int64)
     summed = np.concatenate([[0], np.cumsum(per_image)])
-    return tokens, summed[starts[1:]] - summed[starts[:-1]]
+    return tokens, summed[starts[1:]] - summed[starts[:-1]], dataset
 
 
 def _token_report(tokens: np.ndarray, images: np.ndarray | None, max_length: int) -> dict:
@@ -81,7 +93,9 @@ def _token_report(tokens: np.ndarray, images: np.ndarray | None, max_length: int
     return report
 
 
-def _stats(values: np.ndarray) -> dict:
+def _stats(values: np.ndarray) -> dict | None:
+    if not len(values):
+        return None
     low, median, p99, high = np.percentile(values, [0, 50, 99, 100], method="nearest").tolist()
     return dict(zip(STATS, (int(low), int(median), int(p99), int(high)), strict=True))
 

@@ -7,7 +7,8 @@ once, and every stage trains on those answers as if they were the records' assis
 Users hold far more images and questions than answers. With this setting `read_dataset` accepts records whose
 conversation ends with a user turn and has no assistant turn; before any stage trains, the teacher answers the
 trailing user turn of every record that has one (batched greedy generation with its own processor, left padding:
-`vlsi.eval.generate.generate_answers`), and the answer is appended as the assistant turn. Assistant turns already in
+`vlsi.eval.generate.generate_answers`; with `data.answers=server` a served teacher answers: `vlsi.served`), and the
+answer is appended as the assistant turn. Assistant turns already in
 the data (gold answers) are kept as they are; in a multi-turn record only the trailing user turn is answered.
 
 This module sits beside the stages rather than in `vlsi.data` (which turns records into tensors and never loads a
@@ -17,8 +18,13 @@ OUT/answers/
   index.json      what the answers were made with: teacher (path and identity), its processor (`processor_key`),
                   data (path and a hash of the prompts answered: ids, messages, image files' paths, sizes and
                   modification times), answer_max_tokens, and count (the number of prompts to answer)
-  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch: a killed run resumes
-                  with the prompts still unanswered; a rerun that finds every prompt answered loads no model
+  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch (served: each answer),
+                  with "cut": true where the answer stopped at data.answer_max_tokens: a killed run resumes with the
+                  prompts still unanswered; a rerun that finds every prompt answered loads no model
+With data.answers=server the teacher is "MODEL served at URL" and there is no processor.
+
+Cut answers are left out of training (data.keep_cut_answers=true keeps them), counted and logged; when more than
+data.max_cut_fraction of the prompts are cut the run stops, naming data.answer_max_tokens.
 
 Answers made with another teacher, processor, prompts or answer_max_tokens are refused with one line, never
 regenerated: stages already finished in OUT were trained on them, and silently new answers would mix two data sets
@@ -37,11 +43,13 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import served
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
@@ -82,9 +90,12 @@ def _assistant(text: str) -> dict:
 
 
 def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
-    """`samples` with every unanswered one answered by `cfg.teacher`: read back from OUT/answers, the missing answers
-    generated first (main process). Prompts the teacher answered with nothing are left out, and counted."""
-    if not cfg.teacher:
+    """`samples` with every unanswered one answered by `cfg.teacher` (data.answers=teacher) or by the served teacher
+    (data.answers=server, `vlsi.served`): read back from OUT/answers, the missing answers generated first (main
+    process). Prompts the teacher answered with nothing are left out, and counted; so are answers cut at
+    data.answer_max_tokens unless data.keep_cut_answers."""
+    server = cfg.data.answers == "server"
+    if not server and not cfg.teacher:
         raise ConfigError(
             "data.answers=teacher needs a teacher to answer the prompts: pass --teacher (or teacher=PATH)"
         )
@@ -92,11 +103,12 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     if not prompts:
         return samples
     folder = Path(cfg.output) / "answers"
-    processor = load_processor(cfg.teacher, cfg.trust_remote_code)
+    # The server applies its own processor: the answers are the served model's, at that address.
+    processor = None if server else load_processor(cfg.teacher, cfg.trust_remote_code)
     index = {
-        "teacher": cfg.teacher,
-        "teacher_identity": teacher_identity(cfg.teacher),
-        "processor": processor_key(processor),
+        "teacher": served.identity(cfg.data) if server else cfg.teacher,
+        "teacher_identity": served.identity(cfg.data) if server else teacher_identity(cfg.teacher),
+        "processor": None if server else processor_key(processor),
         "data": cfg.data.path,
         "prompts": prompts_key(prompts),
         "answer_max_tokens": cfg.data.answer_max_tokens,
@@ -104,21 +116,50 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     }
     check_index(folder / INDEX, index)
     wanted = {s.id for s in prompts}
-    answers = read_answers(folder / ANSWERS, wanted)
+    answers, cut = read_answers(folder / ANSWERS, wanted)
     if len(answers) == len(wanted):
         log.info("teacher answers: reusing %d from %s", len(answers), folder / ANSWERS)
     elif process_state().is_main_process:
         pending = [s for s in prompts if s.id not in answers]
         log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
-        answers |= _generate(cfg, processor, pending, folder, index, len(answers))
+        if server:
+            _serve(cfg, pending, folder, index, answers, cut)
+        else:
+            answers |= _generate(cfg, processor, pending, folder, index, len(answers))
     else:
         while len(answers) < len(wanted):  # the main process is answering them
             time.sleep(POLL_SECONDS)
-            answers = read_answers(folder / ANSWERS, wanted)
+            answers, cut = read_answers(folder / ANSWERS, wanted)
+    check_cut(cfg, cut, len(wanted), folder)
+    left_out = {i for i, text in answers.items() if not text} | (set() if cfg.data.keep_cut_answers else cut)
     empty = sorted(i for i, text in answers.items() if not text)
     if empty:
         log.warning("the teacher answered %d prompts with nothing (e.g. %s); they are left out", len(empty), empty[0])
-    return [s for s in with_answers(samples, answers) if s.id not in empty]
+    if cut:
+        log.warning(
+            "%d of %d answers were cut at data.answer_max_tokens=%d (e.g. %s); %s",
+            len(cut),
+            len(wanted),
+            cfg.data.answer_max_tokens,
+            min(cut),
+            "they are trained as they are (data.keep_cut_answers=true)"
+            if cfg.data.keep_cut_answers
+            else "they are left out (data.keep_cut_answers=true keeps them)",
+        )
+    return [s for s in with_answers(samples, answers) if s.id not in left_out]
+
+
+def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None:
+    """Stop when the answers cut at data.answer_max_tokens and left out are more than data.max_cut_fraction of the
+    `count` prompts: answer_max_tokens is too small for this teacher and data."""
+    if cfg.data.keep_cut_answers or len(cut) <= cfg.data.max_cut_fraction * count:
+        return
+    raise ConfigError(
+        f"{len(cut)} of the {count} prompts' answers (e.g. {min(cut)}) stop at data.answer_max_tokens="
+        f"{cfg.data.answer_max_tokens}, more than data.max_cut_fraction={cfg.data.max_cut_fraction:g}: raise "
+        f"data.answer_max_tokens (and delete {folder} to answer again), or raise data.max_cut_fraction to train "
+        "without them, or set data.keep_cut_answers=true to train on them as they are"
+    )
 
 
 def teacher_identity(path: str) -> str:
@@ -152,11 +193,12 @@ def check_index(path: Path, index: dict) -> None:
         )
 
 
-def read_answers(path: Path, wanted: set[str]) -> dict[str, str]:
-    """{id: answer} of the prompts in `wanted` answered in `path`; a line cut by a kill is skipped."""
+def read_answers(path: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
+    """{id: answer} of the prompts in `wanted` answered in `path`, and the ids of those cut at
+    data.answer_max_tokens (`"cut": true`); a line cut by a kill is skipped."""
     if not path.is_file():
-        return {}
-    answers = {}
+        return {}, set()
+    answers, cut = {}, set()
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
@@ -164,21 +206,50 @@ def read_answers(path: Path, wanted: set[str]) -> dict[str, str]:
             continue
         if isinstance(row, dict) and row.get("id") in wanted and isinstance(row.get("answer"), str):
             answers[row["id"]] = row["answer"]
-    return answers
+            if row.get("cut") is True:
+                cut.add(row["id"])
+    return answers, cut
+
+
+def _start(folder: Path, index: dict, pending: list[Sample]) -> None:
+    """Write the index and drop from folder/answers.jsonl a line cut by a kill (appending after it would break the
+    next line too), before the `pending` prompts' answers are appended."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{INDEX}.tmp"  # replaced atomically: other processes may be reading it
+    partial.write_text(json.dumps(index, indent=2) + "\n")
+    partial.replace(folder / INDEX)
+    wanted = {s.id for s in pending}
+    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
+
+
+def _serve(cfg: TrainConfig, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
+    """The served teacher's answers to the `pending` prompts, each appended to folder/answers.jsonl and flushed as
+    it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too many."""
+    client = served.connect(cfg.data)
+    _start(folder, index, pending)
+    bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
+    with (
+        bar,
+        (folder / ANSWERS).open("a", encoding="utf-8") as f,
+        closing(served.answers(client, cfg.data, pending)) as got,
+    ):
+        for answer in got:
+            row = {"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            answers[answer.id] = answer.text
+            if answer.cut:
+                cut.add(answer.id)
+                check_cut(cfg, cut, index["count"], folder)
+            bar.update()
 
 
 def _generate(
     cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, done: int
 ) -> dict[str, str]:
     """{id: answer} of the `pending` prompts, each batch's answers appended to folder/answers.jsonl and flushed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f"{INDEX}.tmp"  # replaced atomically: other processes may be reading it
-    partial.write_text(json.dumps(index, indent=2) + "\n")
-    partial.replace(folder / INDEX)
+    _start(folder, index, pending)
     answers = {}
-    wanted = {s.id for s in pending}
-    # Rewritten without a line cut by a kill (appending after it would break the next line too).
-    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
     model = load_model(cfg.teacher, compute_dtype(cfg.precision), cfg.trust_remote_code)
     model = model.to(process_state().device).eval()
     size = cfg.data.answer_batch_size

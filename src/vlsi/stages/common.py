@@ -59,7 +59,7 @@ def load_samples(cfg: TrainConfig):
     """The data's samples; with data.answers=teacher the unanswered ones carry the teacher's answers (generated
     once, cached in OUT/answers: `vlsi.answers`). The main process checks the data (on data.num_proc processes) and
     sends the result, an index into the data file, to the others."""
-    teacher = cfg.data.answers == "teacher"
+    teacher = cfg.data.answers != "gold"  # teacher or server
     args = (cfg.data.image_root or None, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None)
     samples, skipped = on_main_process(read_dataset, cfg.data.path, *args, cfg.data.validate == "lazy")
     if skipped:

@@ -408,3 +408,15 @@ def test_sft_on_served_answers_end_to_end(served_teacher, questions, tmp_path, c
     assert f"data.answer_model=not-served is not served at {served_teacher} (it serves: {TEACHER})" in (
         capsys.readouterr().err
     )
+
+
+def test_train_on_served_answers_end_to_end(served_teacher, questions, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--teacher", TEACHER, "--student", STUDENT, "--data", str(questions), "--output", str(out)]
+    steps = ["verbalize.max_steps=1", "interact.max_steps=1", "sft.max_steps=1", "data.answer_max_tokens=8"]
+    served = ["data.answers=server", f"data.answer_server={served_teacher}", f"data.answer_model={TEACHER}"]
+    assert main([*argv, "--config", CONFIG, *steps, *served]) == 0
+    assert {row["id"]: row["answer"] for row in _rows(out)} == _local(questions, 8)
+    assert (out / "student" / "model.safetensors").is_file()
+    stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["verbalize/teacher", "verbalize/student", "interact", "sft"]

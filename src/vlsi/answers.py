@@ -8,8 +8,8 @@ Users hold far more images and questions than answers. With this setting `read_d
 conversation ends with a user turn and has no assistant turn; before any stage trains, the teacher answers the
 trailing user turn of every record that has one (batched greedy generation with its own processor, left padding:
 `vlsi.eval.generate.generate_answers`; with `data.answers=server` a served teacher answers: `vlsi.served`), and the
-answer is appended as the assistant turn. Assistant turns already in
-the data (gold answers) are kept as they are; in a multi-turn record only the trailing user turn is answered.
+answer is appended as the assistant turn. Assistant turns already in the data (gold answers) are kept as they are;
+in a multi-turn record only the trailing user turn is answered.
 
 This module sits beside the stages rather than in `vlsi.data` (which turns records into tensors and never loads a
 model) or in one stage (every stage reads the answered samples, through `stages.common.load_samples`).
@@ -131,8 +131,8 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
             time.sleep(POLL_SECONDS)
             answers, cut = read_answers(folder / ANSWERS, wanted)
     check_cut(cfg, cut, len(wanted), folder)
-    left_out = {i for i, text in answers.items() if not text} | (set() if cfg.data.keep_cut_answers else cut)
     empty = sorted(i for i, text in answers.items() if not text)
+    left_out = set(empty) | (set() if cfg.data.keep_cut_answers else cut)
     if empty:
         log.warning("the teacher answered %d prompts with nothing (e.g. %s); they are left out", len(empty), empty[0])
     if cut:

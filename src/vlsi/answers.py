@@ -24,7 +24,8 @@ OUT/answers/
 With data.answers=server the teacher is "MODEL served at URL" and there is no processor.
 
 Cut answers are left out of training (data.keep_cut_answers=true keeps them), counted and logged; when more than
-data.max_cut_fraction of the prompts are cut the run stops, naming data.answer_max_tokens.
+data.max_cut_fraction of the prompts are cut the run stops, naming data.answer_max_tokens. Only the served answers
+are marked so far (the server's finish_reason); local generation does not yet say which answers it cut.
 
 Answers made with another teacher, processor, prompts or answer_max_tokens are refused with one line, never
 regenerated: stages already finished in OUT were trained on them, and silently new answers would mix two data sets

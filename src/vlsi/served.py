@@ -154,14 +154,14 @@ def ask(client: openai.OpenAI, data: DataConfig, sample: Sample) -> Answer:
             f"record {sample.id}: the teacher server at {where} refused it ({_status(e, client)}); {_fix(e, data)}"
         ) from None
     except (ValueError, openai.APIResponseValidationError) as e:  # a body that is not JSON
-        raise _malformed(sample, where, f"{type(e).__name__}: {e}") from None
+        raise _malformed(sample, where, _redact(f"{type(e).__name__}: {e}", client)) from None
     try:
         (choice,) = reply.choices
         text, finish = choice.message.content, choice.finish_reason
     except (AttributeError, TypeError, ValueError):
         text, finish = None, None
     if not isinstance(text, str) or finish not in ("stop", "length"):
-        raise _malformed(sample, where, str(reply))
+        raise _malformed(sample, where, _redact(str(reply), client))
     return Answer(sample.id, text.strip(), finish == "length")
 
 

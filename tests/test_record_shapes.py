@@ -175,6 +175,18 @@ SHAPES = {
         },
         ["data:b.png", "a.png"],
     ),  # fmt: skip
+    "hf datasets row: null columns of other shapes": (  # a row of a set whose records mix shapes
+        {
+            "conversations": None,
+            "messages": [user([{"type": "image", "text": None}, text("Colour?")]), assistant([text("red")])],
+            "image": None,
+            "images": ["a.png"],
+            "system": None,
+            "video": None,
+            "weight": None,
+        },
+        ["a.png"],
+    ),
     "hf datasets row: image bytes": (  # as `datasets` holds an Image column (not JSON: read with _to_sample)
         {
             "messages": [user([{"type": "image", "text": None}, text("Colour?")]), assistant([text("blue")])],

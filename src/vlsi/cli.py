@@ -7,6 +7,7 @@ vlsi sft --model M --data train.json --output OUT [--teacher T data.answers=teac
 vlsi eval --model M --benchmark NAME --data FILE --output OUT [--rules lenient] [--judge-url U --judge-model J]
 vlsi score --benchmark NAME --predictions FILE [--rules lenient] [--judge-url U --judge-model J]
 vlsi explain --model M --verbalizers V --image IMG --question TEXT [--teacher T --teacher-verbalizers TV]
+vlsi data check --data train.jsonl [--data more.parquet ...] [--student M] [--json] [k=v ...]
 vlsi demo --output DIR [--fast] [k=v ...]
 vlsi ablate --output DIR [--fast] [k=v ...]
 vlsi study --output DIR [--fast] [k=v ...]
@@ -60,6 +61,11 @@ CACHE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
   cache.dtype=bfloat16, cache.shard_size=N, cache.batch_size=N
   data.max_length=N, precision=bf16|fp32
 """
+DATA_HELP = (
+    "training data: a JSON / JSONL file of records (LLaVA, ShareGPT, OpenAI / TRL shapes), a parquet or arrow file, "
+    "a folder of shards or written by save_to_disk, a hub id as ID[:CONFIG][@SPLIT] (e.g. "
+    "HuggingFaceM4/the_cauldron:ai2d@train), or a mixture file (.yaml); repeat --data to mix sources (docs/CONFIG.md)"
+)
 IMAGE_ROOT_HELP = "folder image paths are relative to (default: the data file's folder)"
 MODEL = dict(required=True, help="model: a local directory or a hub id")
 TEACHER_HELP = "teacher model: a local directory or a hub id"
@@ -68,13 +74,17 @@ TEACHER_HELP = "teacher model: a local directory or a hub id"
 # ---------------------------------------------------------------- train, verbalize, sft, cache
 
 
-def _config(data: str | None, image_root: str | None, output: str, config: str | None, settings: list[str], **top):
+def _config(
+    data: list[str] | None, image_root: str | None, output: str, config: str | None, settings: list[str], **top
+):
+    """The configuration of a command with --data (given once: data.path; several times: a mixture)."""
     from .config import load_config
 
     cfg = load_config(config, settings, output=output, **top)
-    for key, value in {"path": data, "image_root": image_root}.items():
-        if value is not None:
-            setattr(cfg.data, key, value)
+    if data:
+        cfg.data.path = data[0] if len(data) == 1 else data
+    if image_root is not None:
+        cfg.data.image_root = image_root
     if not cfg.data.path:
         raise ValueError("--data (or data.path in the config) is required")
     return cfg
@@ -91,48 +101,56 @@ def cmd_train(teacher: str | None, student: str | None, **stage) -> None:
 
 
 def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
-    """`vlsi verbalize` / `vlsi sft`: one stage on `model`; writes OUT/config.yaml, OUT/metrics.jsonl, OUT/<folder>."""
-    from .config import save_config
+    """`vlsi verbalize` / `vlsi sft`: one stage on `model`; writes OUT/config.yaml, OUT/inputs.json,
+    OUT/metrics.jsonl, OUT/<folder>. `run(cfg, output, metrics, samples)` trains; a finished one is reused. OUT made
+    with other settings or inputs is refused, as `vlsi train` refuses it."""
+    from .config import ConfigError, save_config
     from .distributed import process_state
+    from .pipeline import check_inputs, check_same_run, run_inputs
+    from .runfolder import lock
+    from .stages.common import load_samples
     from .stages.loop import MetricsLog
 
     cfg = _config(**stage, student=model, **top)
-    out = Path(cfg.output)
+    if top.get("teacher") and cfg.data.answers != "teacher":
+        raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
+    out, target = Path(cfg.output), Path(cfg.output) / folder
     state = process_state()
+    with lock(out, enabled=state.is_main_process):  # held by the main process for the run
+        check_same_run(cfg, out)
+        state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
+        # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
+        samples = load_samples(cfg)
+        check_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
+        if state.is_main_process:
+            save_config(cfg, out / "config.yaml")
+        state.wait_for_everyone()
+        if target.exists():  # written whole or not at all (`stages.common.write_output`)
+            logging.getLogger("vlsi").info("%s: reusing %s", folder, target)
+        else:
+            run(cfg, target, MetricsLog(out / "metrics.jsonl"), samples)
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    state.wait_for_everyone()
-    run(cfg, out / folder, MetricsLog(out / "metrics.jsonl"))
-    if state.is_main_process:
-        print(f"{folder} written to {out / folder}")
+        print(f"{folder} written to {target}")
 
 
 def cmd_verbalize(model: str, who: str, **stage) -> None:
-    from .stages.common import load_samples
     from .stages.verbalize import verbalize
 
-    # Samples first: with data.answers=teacher (and teacher=PATH) the teacher answers before the model loads.
     _one_stage(
         stage,
         "verbalizers",
-        lambda cfg, out, metrics: verbalize(cfg, model, who, out, metrics, load_samples(cfg)),
+        lambda cfg, out, metrics, samples: verbalize(cfg, model, who, out, metrics, samples),
         model,
     )
 
 
 def cmd_sft(model: str, teacher: str | None, **stage) -> None:
     from .card import student_card
-    from .config import ConfigError
-    from .stages.common import load_samples
     from .stages.sft import sft
 
-    def run(cfg, out, metrics):
-        if teacher and cfg.data.answers != "teacher":
-            raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
-        # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
-        samples = load_samples(cfg)
-        return sft(cfg, model, out, metrics, samples, student_card(cfg, "sft", getattr(samples, "fingerprint", None)))
+    def run(cfg, out, metrics, samples):
+        card = student_card(cfg, "sft", json.loads((Path(cfg.output) / "inputs.json").read_text())["data"])
+        return sft(cfg, model, out, metrics, samples, card)
 
     _one_stage(stage, "model", run, model, teacher=teacher)
 
@@ -142,6 +160,8 @@ def cmd_cache(teacher: str, **stage) -> None:
     from .config import ConfigError, save_config
     from .distributed import process_state
     from .models.verbalizer import META, WEIGHTS
+    from .runfolder import lock
+    from .stages.common import load_samples
 
     cfg = _config(**stage, teacher=teacher)
     if not cfg.teacher_verbalizers:
@@ -153,12 +173,23 @@ def cmd_cache(teacher: str, **stage) -> None:
     if missing:
         raise ConfigError(f"teacher_verbalizers={cfg.teacher_verbalizers}: no {' or '.join(missing)} there")
     out = Path(cfg.output)
-    if process_state().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    build_cache(cfg, out, cfg.teacher_verbalizers)
+    main = process_state().is_main_process
+    with lock(out, enabled=main):  # held by the main process for the build
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        build_cache(cfg, out, cfg.teacher_verbalizers, load_samples(cfg))
     if process_state().is_main_process:
         print(f"teacher cache written to {out}; train from it with teacher_cache={out}")
+
+
+def cmd_data_check(student: str | None, json_output: bool, **options) -> None:
+    """`vlsi data check`: print the report of `vlsi.data.report.check_data` (as one JSON object with --json)."""
+    from .data.report import check_data, format_report
+
+    cfg = _config(**options, output="")
+    report = check_data(cfg, student)
+    print(json.dumps(report, ensure_ascii=False) if json_output else format_report(report))
 
 
 # ---------------------------------------------------------------- eval, score, explain
@@ -229,11 +260,16 @@ def _stage(sub, name: str, func, options: dict[str, dict], **kwargs) -> None:
     parser = _command(sub, name, func, **kwargs)
     for flag, keywords in options.items():
         parser.add_argument(flag, **keywords)
-    parser.add_argument("--data", help="training records: LLaVA-style or OpenAI-style JSON / JSONL")
-    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    _data(parser)
     _output(parser, "output folder; re-running with the same folder reuses finished stages")
     parser.add_argument("--config", help="YAML file of settings (e.g. configs/qwen2vl-72b-to-7b.yaml)")
     _settings(parser, SETTINGS_HELP)
+
+
+def _data(parser: argparse.ArgumentParser) -> None:
+    """--data (repeatable: a mixture) and --image-root."""
+    parser.add_argument("--data", action="append", help=DATA_HELP)
+    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
 
 
 def _scoring(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +379,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CACHE_MOST_CHANGED,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    p = sub.add_parser(
+        "data",
+        help="look at training data before a GPU job: `vlsi data check`",
+        description="Commands on training data; see `vlsi data check --help`.",
+    )
+    actions = p.add_subparsers(required=True, metavar="ACTION")
+    p = _command(
+        actions,
+        "check",
+        cmd_data_check,
+        help="records, images, problems and token counts of the data, per source and in total",
+        description=(
+            "Check the data as `vlsi train` does before its first step (the same check and, with --student, the same "
+            "length scan): per source and in total, the records, their images, the records with problems (the first "
+            "ones listed, by source and record) and, given a model's processor, text and image token counts (min / "
+            "median / p99 / max) and how many samples exceed data.max_length."
+        ),
+    )
+    _data(p)
+    p.add_argument("--student", help="a model (local directory or hub id) whose processor counts the tokens")
+    p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument("--config", help="YAML file of settings (data.* are read: data.max_length, data.columns, ...)")
+    _settings(p, SETTINGS_HELP)
 
     p = _command(
         sub,

@@ -15,6 +15,8 @@ from typing import Literal
 
 import yaml
 
+from .runfolder import write_text
+
 # Allowed values, declared once: the config checks them, the code that uses them reads them from here.
 Strategy = Literal["adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"]
 Temperature = Literal["range_over_scale", "scale_over_range"]
@@ -26,9 +28,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ColumnsConfig:
+    # dataset column of each record key (parquet, arrow, hub ids; docs/CONFIG.md "Datasets"); "": data.preset's
+    id: str = ""
+    conversations: str = ""  # LLaVA / ShareGPT turns ({"from", "value"})
+    messages: str = ""  # OpenAI / TRL turns ({"role", "content"})
+    texts: str = ""  # the_cauldron's list of {"user", "assistant"} pairs
+    images: str = ""  # a list of images (or paths)
+    image: str = ""  # one image (or a list; LLaVA's key)
+
+
+@dataclass
 class DataConfig:
-    path: str = ""  # training records: LLaVA-style or OpenAI-style JSON / JSONL
+    # a source or a list of them (a mixture): a JSON / JSONL file of records, a parquet or arrow file, a folder of
+    # shards or written by save_to_disk, a hub id (ID[:CONFIG][@SPLIT]), or a mixture file (.yaml): docs/CONFIG.md
+    path: str | list[str] = ""
     image_root: str = ""  # image paths are relative to this (default: the data file's folder)
+    preset: Literal["auto", "trl", "cauldron", "onevision"] = "auto"  # a dataset's column names (docs/CONFIG.md)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
     overlong: Literal["drop", "error"] = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
@@ -140,6 +157,9 @@ class TrainConfig:
     output: str = ""
     teacher_verbalizers: str = ""  # reuse teacher verbalizers trained earlier (`vlsi verbalize`) instead of training
     teacher_cache: str = ""  # folder of the teacher's cached targets: interaction reads them, never loads the teacher
+    # the teacher's weights quantized as they load (answers, cache, interaction): int8 (torchao, CPU or GPU), int4
+    # (torchao), nf4 / bnb8 (bitsandbytes), fp8 (Hopper); empty: as stored. docs/CONFIG.md#a-quantized-teacher
+    teacher_quantization: Literal["", "int8", "int4", "nf4", "bnb8", "fp8"] = ""
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
@@ -170,7 +190,9 @@ def _check_type(key: str, value, annotation):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        return _check_type(key, value, next(a for a in args if a is not type(None)))
+        kinds = [a for a in args if a is not type(None)]  # a list value takes the list type (str | list[str])
+        listed = [a for a in kinds if typing.get_origin(a) is list]
+        return _check_type(key, value, listed[0] if isinstance(value, list) and listed else kinds[0])
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r} (write it as {key}=[1,2,3])")
@@ -301,4 +323,5 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written atomically: a kill leaves the previous config.yaml, never a truncated one."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

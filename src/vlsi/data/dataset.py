@@ -13,10 +13,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlsi.data import sources
 from vlsi.data.encode import IGNORE_INDEX, SPECIAL_TOKENS, Overlong, Unencodable, encode
 from vlsi.data.images import UnusableImage, image_identity
 from vlsi.data.parallel import chunks, default_num_proc, run_chunks
-from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample, Samples
+from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample
 from vlsi.data.scan import TokenCounter
 from vlsi.data.skipping import SKIPPED
 
@@ -71,7 +72,7 @@ class VLDataset(Dataset):
             self.samples, self.lengths = samples, None
             return
         counts, refused = _scan(samples, processors, cache_path, self.same_as, keys, num_proc, special_tokens)
-        self.invalid = [f"{_where(samples, i)}: {reason}" for i, reason in sorted(refused.items())]
+        self.invalid = [f"{sources.where(samples, i)}: {reason}" for i, reason in sorted(refused.items())]
         if self.invalid and not skip_invalid:
             raise DataError(
                 self.invalid,
@@ -164,7 +165,7 @@ def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
     """One line: file, record and line (when known), what is wrong and what happens to it."""
     if isinstance(error, BadRecord):
         return f"{error}; skipped"
-    where = _where(samples, position)
+    where = sources.where(samples, position)
     if isinstance(error, Overlong):
         return f"{where}: {error.length} tokens > data.max_length={error.max_length}; dropped"
     if isinstance(error, ResponseMismatch):
@@ -174,16 +175,8 @@ def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
     return f"{where}: an image cannot be decoded ({type(error).__name__}: {error}); skipped, replace the image"
 
 
-def _where(samples: Sequence[Sample], position: int) -> str:
-    """The file, record and line of a sample (the file and line when the samples are a data file's)."""
-    where = f"record {samples[position].id}"
-    if isinstance(samples, Samples):
-        where = f"{samples.path}: {where} (line {int(samples.table[position, 3])})"
-    return where
-
-
 def _take(samples: Sequence[Sample], positions: np.ndarray) -> Sequence[Sample]:
-    if isinstance(samples, Samples):
+    if hasattr(samples, "take"):  # an index into a file or dataset (`Samples`, `sources.DatasetSamples`, `Mixture`)
         return samples if len(positions) == len(samples) else samples.take(positions)
     return [samples[int(i)] for i in positions]
 

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..answers import teacher_answers
 from ..config import TrainConfig
-from ..data import VLDataset, make_collate, read_dataset, response_positions
+from ..data import VLDataset, make_collate
 from ..data.skipping import with_skipped
+from ..data.sources import parse_sources, read_sources
 from ..distributed import on_main_process, process_state
 from ..models.family import Parts, check_target_layers, default_target_layers
 from ..models.verbalizer import Verbalizers
@@ -37,15 +38,6 @@ class Run:
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # checkpointed with the run
 
 
-def split_batch(batch: dict[str, torch.Tensor]):
-    """-> (model inputs, response mask [B, T], next-token targets [N]) for one model's encoded batch."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    mask = response_positions(labels)  # [B, T]: positions whose next token is a response token
-    targets = labels.roll(-1, dims=1)[mask]  # [N]
-    return inputs, mask, targets
-
-
 def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
     explicit = getattr(cfg.verbalizer, f"{who}_layers")
     if explicit is None:
@@ -56,15 +48,20 @@ def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
 
 
 def load_samples(cfg: TrainConfig):
-    """The data's samples; with data.answers=teacher the unanswered ones carry the teacher's answers (generated
-    once, cached in OUT/answers: `vlsi.answers`). The main process checks the data (on data.num_proc processes) and
-    sends the result, an index into the data file, to the others."""
+    """The data's samples (one source, or a mixture: `data.sources`); with data.answers=teacher the unanswered ones
+    carry the teacher's answers (generated once, cached in OUT/answers: `vlsi.answers`). The main process checks the
+    data (on data.num_proc processes) and sends the result, an index into the data, to the others."""
     teacher = cfg.data.answers == "teacher"
-    args = (cfg.data.image_root or None, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None)
-    samples, skipped = on_main_process(read_dataset, cfg.data.path, *args, cfg.data.validate == "lazy")
-    if skipped:
-        log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(skipped), cfg.data.path)
+    options = (cfg.seed, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None, cfg.data.validate == "lazy")
+    samples, skipped = on_main_process(_read, cfg.data, options)
+    for name, problems in skipped.items():
+        if problems:
+            log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(problems), name)
     return teacher_answers(cfg, samples) if teacher else samples
+
+
+def _read(data, options: tuple):
+    return read_sources(parse_sources(data), *options)
 
 
 def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, seed: int, name: str):

@@ -80,6 +80,22 @@ class Item:
     def render(self) -> Image.Image:
         return render(self.digits, self.shapes)
 
+    @property
+    def pattern(self) -> str:
+        """The cluster of items this one is answered with, for statistics that must not count near-copies as
+        independent (`stats.cluster_bootstrap`): its task and what decides its answer. "compare 3-7" (the digit
+        pair, left-right), "sequence 2+3" (the start and the step), "digit 5", "count 4"; not the style, the
+        handwriting or the shape layout."""
+        _, target = _digits()
+        values = [int(target[index]) for _, index in self.digits]
+        if self.task == "compare":
+            return f"compare {values[0]}-{values[1]}"
+        if self.task == "sequence":
+            return f"sequence {values[0]}{values[1] - values[0]:+d}"
+        if self.task == "count":
+            return f"count {len(self.shapes)}"
+        return f"digit {values[0]}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -28,6 +28,8 @@ def test_paired_seeds_is_scipys_paired_t_test():
     assert (got["low"], got["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
     assert got["p"] == pytest.approx(ref.pvalue)
     assert got["per_seed"] == pytest.approx(list(np.subtract(SEEDS_A, SEEDS_B))) and got["n"] == 8
+    same = tost(got["per_seed"])
+    assert (got["equivalent"], got["p_tost"], got["margin"]) == (same["equivalent"], same["p"], MARGIN)
     with pytest.raises(ValueError, match="equally long"):
         paired_seeds([0.5], [0.5, 0.6])
 

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+from scipy.stats import ttest_1samp, ttest_rel
 
 from vlsi.cli import main
 from vlsi.demo.experiment import PAIRS
 from vlsi.demo.study import StudySettings, summarise
+from vlsi.demo.study_report import findings
 
 
 def test_study_settings_are_checked():
@@ -34,10 +36,24 @@ def test_summary_pairs_every_seed_items():
             ]
         )
     ]
-    row = summarise(s, runs)["10"]
+    row = summarise(s, runs, ["x", "y"])["10"]
     assert row["vlsi"]["mean"] == 0.75 and row["vlsi"]["per_seed"] == [1.0, 0.5]
     assert row["sft"]["std"] == pytest.approx(0.5 / 2**0.5)  # sample std of 0.5 and 0.0
-    assert row["paired"]["vlsi_vs_sft"]["difference"] == 0.5 and row["paired"]["vlsi_vs_sft"]["a_only"] == 2
+    ci = ttest_1samp([0.5, 0.0], 0.0).confidence_interval(0.95)
+    assert (row["sft"]["low"], row["sft"]["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    versus_sft = row["paired"]["vlsi_vs_sft"]
+    assert versus_sft["per_seed"] == [0.5, 0.5] and versus_sft["difference"] == 0.5, "paired by seed, not pooled"
+    assert versus_sft["low"] == versus_sft["high"] == 0.5 and versus_sft["equivalent"] is False
+    kd = row["paired"]["vlsi_vs_kd"]
+    assert kd["per_seed"] == [0.5, 0.0] and kd["p"] == pytest.approx(ttest_rel([1.0, 0.5], [0.5, 0.5]).pvalue)
+    assert [b["difference"] for b in kd["per_seed_bootstrap"]] == [0.5, 0.0], "each seed's own items"
+    assert row["paired_before_sft"]["vlsi_vs_kd"]["per_seed"] == [0.5, 0.0]
+    (line,) = findings({"table": {"10": row}})
+    assert "+50.0 points against SFT only (95 % CI +50.0 to +50.0 over 2 seeds, paired t: beyond noise)" in line
+    assert (
+        "+25.0 points against final-layer KD (95 % CI -292.7 to +342.7 over 2 seeds, paired t: within noise, but "
+        "not shown equivalent within ±2.0 points)" in line
+    )
 
 
 def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, capsys):
@@ -48,8 +64,11 @@ def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, 
     for row in results["table"].values():
         for method in ("sft", "sft_teacher", "kd", "vlsi"):
             assert 0.0 <= row[method]["mean"] <= 1.0 and len(row[method]["per_seed"]) == 1
-        assert set(row["paired"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
-    assert (out / "study.png").is_file() and "](study.png)" in (out / "report.md").read_text()
+        assert set(row["paired"]) == set(row["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
+        assert row["vlsi"]["low"] is None, "one seed: no interval"
+    text = (out / "report.md").read_text()
+    assert (out / "study.png").is_file() and "](study.png)" in text
+    assert "(one seed: no interval)" in text and f"{results['n_clusters']} task x pattern clusters" in text
     pool = (out / "pool" / "answers" / "answers.jsonl").read_text()
     for run in ("n8-seed0", "n16-seed0"):
         answers = out / "runs" / run / "runs" / "kd" / "answers" / "answers.jsonl"

@@ -105,11 +105,12 @@ def _t_test_p(mean: float, sd: float, n: int) -> float | None:
 
 def paired_seeds(a: list[float], b: list[float], margin: float = MARGIN, confidence: float = CONFIDENCE) -> dict:
     """The difference a - b of two methods' accuracies on the same seeds: {"difference" (mean over seeds), "low",
-    "high" (t CI of it), "p" (two-sided paired t-test), "per_seed", "n", "tost" (`tost` within +-margin)}."""
+    "high" (t CI of it), "p" (two-sided paired t-test), "per_seed", "n", "margin", "equivalent" and "p_tost"
+    (`tost` within +-margin)}."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired seeds need two equally long, non-empty accuracy lists ({len(a)} vs {len(b)})")
     diffs = [x - y for x, y in zip(a, b)]
-    ci = seed_mean(diffs, confidence)
+    ci, equivalence = seed_mean(diffs, confidence), tost(diffs, margin)
     return {
         "difference": ci["mean"],
         "low": ci["low"],
@@ -117,7 +118,9 @@ def paired_seeds(a: list[float], b: list[float], margin: float = MARGIN, confide
         "p": _t_test_p(ci["mean"], ci["std"], ci["n"]),
         "per_seed": diffs,
         "n": ci["n"],
-        "tost": tost(diffs, margin),
+        "margin": margin,
+        "equivalent": equivalence["equivalent"],
+        "p_tost": equivalence["p"],
     }
 
 

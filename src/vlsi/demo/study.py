@@ -11,10 +11,11 @@ once for the whole study), the demo's budget and schedule. Runs go `jobs` at a t
 run's own output is in its folder's `log.txt`.
 
 DIR/
-  results.json   per size and student: accuracy mean, std and per seed, before its last SFT stage too; paired
-                 comparisons (`experiment.PAIRS`) over every seed's test items
+  results.json   per size and student: accuracy mean, std, 95 % t CI over seeds and per seed, before its last SFT
+                 stage too; paired comparisons (`experiment.PAIRS`): the seed-level mean difference with its t CI and
+                 TOST equivalence, and each seed's cluster bootstrap (`stats`, docs/DEMO.md#statistics)
   report.md      the table, the plot and what they say
-  study.png      accuracy vs labelled questions, mean +- std over seeds, teacher and student initialisation
+  study.png      accuracy vs labelled questions, mean and 95 % t CI over seeds, teacher and student initialisation
   runs/n<size>-seed<k>/   each run (as `vlsi demo`'s runs/) + score.json + log.txt
   data/          the training questions per size and the evaluation split (LLaVA JSON + PNG)
 
@@ -40,14 +41,14 @@ from tqdm import tqdm
 from .ablate import Job, execute_jobs, output_to
 from .experiment import (
     METHODS,
+    PAIRS,
     DemoSettings,
-    comparisons,
     encode_test,
     evaluate_all,
     peak_memory_mib,
     train_students,
 )
-from .stats import mean_std
+from .stats import cluster_bootstrap, paired_seeds, seed_mean
 from .study_report import METHOD_NAMES, write_study_report
 
 
@@ -136,17 +137,29 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
     return scores
 
 
-def summarise(s: StudySettings, runs: list[dict]) -> dict:
-    """{size: {method: accuracy mean/std/per seed, before_sft likewise}, paired comparisons over all seeds' items}."""
+def summarise(s: StudySettings, runs: list[dict], clusters: list[str]) -> dict:
+    """{size: {method: accuracy mean, std, t CI and per seed (`stats.seed_mean`), before_sft likewise; "paired":
+    {"a_vs_b": the seed-level difference (`stats.paired_seeds`), with "per_seed_bootstrap": each seed's
+    `stats.cluster_bootstrap` over the test items' `clusters`}, "paired_before_sft": seed-level differences}}.
+    The seeds are the replicates: items of one seed are never pooled with another's as independent pairs."""
     table = {}
     for n in s.size_list:
         mine = sorted((r for r in runs if r["size"] == n), key=lambda r: r["seed"])
         row = {}
         for m in METHODS:
-            row[m] = {**mean_std([r["accuracy"][m] for r in mine]), "per_seed": [r["accuracy"][m] for r in mine]}
-            row[f"{m}_before_sft"] = mean_std([r["before_sft"][m] for r in mine])
-        pooled = {m: {"hits": [h for r in mine for h in r["hits"][m]]} for m in METHODS}
-        row["paired"] = comparisons(pooled)
+            row[m] = {**seed_mean([r["accuracy"][m] for r in mine]), "per_seed": [r["accuracy"][m] for r in mine]}
+            row[f"{m}_before_sft"] = seed_mean([r["before_sft"][m] for r in mine])
+        row["paired"] = {
+            f"{a}_vs_{b}": {
+                **paired_seeds(row[a]["per_seed"], row[b]["per_seed"]),
+                "per_seed_bootstrap": [cluster_bootstrap(r["hits"][a], r["hits"][b], clusters) for r in mine],
+            }
+            for a, b in PAIRS
+        }
+        row["paired_before_sft"] = {
+            f"{a}_vs_{b}": paired_seeds([r["before_sft"][a] for r in mine], [r["before_sft"][b] for r in mine])
+            for a, b in PAIRS
+        }
         table[str(n)] = row
     return table
 
@@ -160,9 +173,14 @@ def plot_study(results: dict, png: Path) -> Path:
     sizes = [int(n) for n in results["table"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m, label in METHOD_NAMES:
-        means = [100 * results["table"][str(n)][m]["mean"] for n in sizes]
-        stds = [100 * results["table"][str(n)][m]["std"] for n in sizes]
-        ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=label)
+        rows = [results["table"][str(n)][m] for n in sizes]
+        means = [100 * row["mean"] for row in rows]
+        # one seed has no interval: no bar
+        spans = [
+            [0.0 if r["low"] is None else 100 * (r["mean"] - r["low"]) for r in rows],
+            [0.0 if r["high"] is None else 100 * (r["high"] - r["mean"]) for r in rows],
+        ]
+        ax.errorbar(sizes, means, yerr=spans, marker="o", capsize=3, label=label)
     ax.axhline(100 * results["teacher"], color="black", linestyle="--", linewidth=1, label="teacher")
     ax.axhline(100 * results["student_init"], color="grey", linestyle=":", linewidth=1, label="student initialisation")
     ax.set_xscale("log")
@@ -170,7 +188,7 @@ def plot_study(results: dict, png: Path) -> Path:
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_xlabel(f"labelled training questions (+ {results['settings']['n_pool']} answered by the teacher)")
     ax.set_ylabel(f"accuracy on {results['n_test']} held-out questions (%)")
-    ax.set_title(f"mean +- std over {results['settings']['seeds']} seeds")
+    ax.set_title(f"mean and 95 % t CI over {results['settings']['seeds']} seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -223,7 +241,8 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     results = {
-        "table": summarise(s, list(done.values())),
+        "table": summarise(s, list(done.values()), [item.pattern for item in test]),
+        "n_clusters": len({item.pattern for item in test}),
         "teacher": shipped["teacher"]["accuracy"],
         "student_init": shipped["init"]["accuracy"],
         "n_test": len(test),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import _compare, pct
+from .report import noise, pct, signed
 
 METHOD_NAMES = (
     ("sft", "SFT only"),
@@ -15,19 +15,34 @@ METHOD_NAMES = (
 
 
 def _cell(stats: dict) -> str:
-    return f"{pct(stats['mean'])} ± {pct(stats['std'])}"
+    """'75.3 [73.1, 77.5]': the mean over seeds and its 95 % t CI (the mean alone for one seed)."""
+    if stats["low"] is None:
+        return pct(stats["mean"])
+    return f"{pct(stats['mean'])} [{pct(stats['low'])}, {pct(stats['high'])}]"
+
+
+def seed_difference(name: str, c: dict) -> str:
+    """'+0.3 points over final-layer KD (95 % CI -1.2 to +1.8 over 8 seeds: within noise, ...)' from a
+    `stats.paired_seeds` result."""
+    if c["low"] is None:
+        return f"{signed(c['difference'])} points against {name} (one seed: no interval)"
+    return (
+        f"{signed(c['difference'])} points against {name} (95 % CI {signed(c['low'])} to {signed(c['high'])} over "
+        f"{c['n']} seeds, paired t: {noise(c)})"
+    )
 
 
 def findings(r: dict) -> list[str]:
-    """One line per labelled-set size: the best student and VLsI's paired differences, from the numbers alone."""
+    """One line per labelled-set size: the best student and VLsI's seed-level paired differences."""
     lines = []
     for n, row in r["table"].items():
         best = max(METHOD_NAMES, key=lambda m: row[m[0]]["mean"])[1]
+        paired = row["paired"]
         lines.append(
-            f"- **{n} labelled**: best {best}; VLsI is {_compare('SFT only', row['paired']['vlsi_vs_sft'])}, "
-            f"{_compare('SFT with the teacher answers', row['paired']['vlsi_vs_sft_teacher'])}, "
-            f"{_compare('final-layer KD', row['paired']['vlsi_vs_kd'])} (paired over {len(r['seeds'])} seeds' "
-            "test items)."
+            f"- **{n} labelled**: best {best}; VLsI is {seed_difference('SFT only', paired['vlsi_vs_sft'])}, "
+            f"{seed_difference('SFT with the teacher answers', paired['vlsi_vs_sft_teacher'])}, "
+            f"{seed_difference('final-layer KD', paired['vlsi_vs_kd'])}; before the last SFT stage "
+            f"{seed_difference('final-layer KD', row['paired_before_sft']['vlsi_vs_kd'])}."
         )
     return lines
 
@@ -43,8 +58,10 @@ def write_study_report(out: Path, r: dict) -> Path:
         "# vlsi study: SFT only, SFT with the teacher's answers, final-layer KD and VLsI, by labelled questions",
         "",
         f"{'Held-out test' if s['eval_split'] == 'test' else 'Validation'} split: {r['n_test']} questions "
-        f"({s['tasks']}; answered as {s['styles']}). Accuracy in %, mean ± standard deviation over "
-        f"{len(r['seeds'])} seeds. Teacher {pct(r['teacher'])}, student initialisation {pct(r['student_init'])}. "
+        f"({s['tasks']}; answered as {s['styles']}; {r['n_clusters']} task x pattern clusters). Accuracy in %, "
+        f"mean over {len(r['seeds'])} seeds [95 % t confidence interval from the seed-to-seed spread]; differences "
+        "are paired by seed (each seed trains every student once), never pooled over items. Teacher "
+        f"{pct(r['teacher'])}, student initialisation {pct(r['student_init'])}. "
         f"Every run also has {s['n_pool']} questions answered by the teacher (every student but SFT only trains on "
         "them; SFT only has no teacher).",
         "",

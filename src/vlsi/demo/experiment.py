@@ -292,8 +292,16 @@ class Trained(NamedTuple):
     answered: list  # the training samples, the unlabelled ones with the teacher's answers
 
 
-def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1) -> Trained:
-    """Train the four students into out/runs (`num_workers` data-loader workers each)."""
+CONTROL = "ce_kld"  # the deep-supervision control: CE to the answers at the intermediate layers, no teacher layers
+CONTROL_SETTINGS = ["interact.intermediate_loss=ce", "interact.last_loss=kld"]
+
+
+def train_students(
+    s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1, control: bool = False
+) -> Trained:
+    """Train the four students into out/runs (`num_workers` data-loader workers each); with `control`, a fifth:
+    VLsI's run with CE to the answers at its intermediate layers instead of the matched KLs to the teacher's layers
+    (`CONTROL`, the ablation's CE / KLD row), from VLsI's stage-1 verbalizers, on the same budget."""
     runs = out / "runs"
     steps = budget(s)
     finals, before, seconds = {}, {}, {}
@@ -306,9 +314,8 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
     seconds["teacher_answers"] = time.time() - start
     gold, _ = read_dataset(labelled)
     share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"], s.student_dir)
-    share_length_scans(
-        answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"], s.student_dir
-    )
+    mixed_runs = [runs / name for name in ("sft_teacher", "kd", "vlsi", *([CONTROL] if control else []))]
+    share_length_scans(answered, runs / ".cache-mixed", mixed_runs, s.student_dir)
     _banner("the teacher's verbalized distributions at every target layer, cached once for KD and VLsI")
     start = time.time()
     cached = teacher_cache(s, runs / ".teacher-cache", mixed, answered)
@@ -368,6 +375,24 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
     finals["vlsi"] = run_train(cfg)
     before["vlsi"] = run / "stages" / "interact" / "student"
     seconds["vlsi"] = time.time() - start
+    if control:
+        _banner(f"(e) the CE / KLD control: VLsI's {s.distill_steps} interaction steps with CE at the layers, then SFT")
+        start = time.time()
+        run = out / "runs" / CONTROL
+        shutil.copytree(runs / "vlsi" / "verbalizers" / "student", run / "verbalizers" / "student")
+        if (runs / "kd" / "answers").is_dir():
+            shutil.copytree(runs / "kd" / "answers", run / "answers", dirs_exist_ok=True)
+        cfg = stage_config(
+            s,
+            run,
+            {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
+            mixed,
+            [*CONTROL_SETTINGS, "verbalize.models=[student]", *answer_settings(s), *cached],
+            num_workers=num_workers,
+        )
+        finals[CONTROL] = run_train(cfg)
+        before[CONTROL] = run / "stages" / "interact" / "student"
+        seconds[CONTROL] = time.time() - start
     return Trained(finals, before, seconds, answered)
 
 
@@ -389,6 +414,7 @@ def evaluate_all(models: dict[str, Path], test, encoded: tuple) -> dict[str, dic
 
 
 PAIRS = (("vlsi", "sft"), ("vlsi", "kd"), ("vlsi", "sft_teacher"), ("kd", "sft_teacher"), ("sft_teacher", "sft"))
+CONTROL_PAIRS = (("vlsi", CONTROL), (CONTROL, "kd"))  # teacher layers vs deep supervision; deep supervision vs KD
 
 
 def comparisons(evals: dict[str, dict], clusters: list[str], pairs=PAIRS) -> dict[str, dict]:

@@ -158,3 +158,18 @@ def test_the_teacher_runs_once_into_a_cache_that_every_interaction_run_reads(tmp
         run = out / "runs" / "vlsi" / f"seed-{seed}"
         assert f"teacher_cache: {cache}" in (run / "config.yaml").read_text()
         assert (run / "layer_match.jsonl").read_text()
+
+
+def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path):
+    """`styles=chain` reaches every ablation run (the teacher answers to the chain's length); one seed gives means and
+    differences to VLsI without intervals."""
+    out = tmp_path / "ablate"
+    settings = ["tables=sft", "seeds=1", "jobs=1", "n_test=8", "tasks=sequence", "styles=chain"]
+    assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
+    assert "answer_max_tokens: 7" in (out / "runs" / "vlsi" / "seed-0" / "config.yaml").read_text()
+    rows = {r["key"]: r for r in json.loads((out / "results.json").read_text())["tables"]["sft"]["rows"]}
+    assert rows["sft"]["accuracy"]["low"] is None and rows["sft"]["vs_vlsi"]["low"] is None
+    assert rows["sft"]["vs_vlsi"]["difference"] == pytest.approx(
+        rows["sft"]["accuracy"]["mean"] - rows["vlsi"]["accuracy"]["mean"]
+    )
+    assert "| VLsI (verbalize, interact, SFT) |" in (out / "report.md").read_text()

@@ -255,11 +255,10 @@ def test_report_states_the_numbers_and_the_verdict(tmp_path):
     write_report(tmp_path, _results(), None)
     text = (tmp_path / "report.md").read_text()
     assert "| teacher (shipped) | **90.0** |" in text and "| **61.2** | 60.0 |" in text
-    assert "11.2 points above SFT only (95 % CI +" in text and "over 50 task x pattern clusters: beyond noise" in text
-    assert "item-level McNemar p = 3.9e-34, which counts the items as independent" in text
+    assert "11.2 points above SFT only (95 % CI +" in text and ": beyond noise; item-level McNemar p = 3.9e-34)" in text
     assert "6.2 points above final-layer KD" in text and "Best student: VLsI" in text
     assert "7.2 points above SFT with the teacher's answers" in text
-    assert "1000 questions fall into 50 task x pattern clusters" in text
+    assert "1000 questions fall into 50 task x pattern clusters" in text and "a cluster bootstrap" in text
     assert "not charged: it took 5 s" in text
     assert "| teacher | block 5 | block 6 | output |" in text and "| sequence | 56.7 | 59.0 |" in text
     same = {"hits": [1] * 100}

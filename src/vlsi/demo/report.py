@@ -79,14 +79,13 @@ def noise(c: dict) -> str:
 
 
 def _compare(name: str, c: dict) -> str:
-    """'3.1 points above SFT only (95 % CI +1.2 to +5.0 over 114 task x pattern clusters: beyond noise; item-level
-    McNemar p = 0.001)' from one seed's `experiment.comparisons` entry."""
+    """'3.1 points above SFT only (95 % CI +1.2 to +5.0: beyond noise; item-level McNemar p = 0.001)' from one
+    seed's `experiment.comparisons` entry (the CI: a bootstrap over task x pattern clusters)."""
     diff = c["difference"]
     where = "above" if diff >= 0 else "below"
     return (
-        f"{pct(abs(diff))} points {where} {name} (95 % CI {signed(c['low'])} to {signed(c['high'])}, bootstrap over "
-        f"{c['clusters']} task x pattern clusters: {noise(c)}; item-level McNemar p = "
-        f"{c['item_level']['p_mcnemar']:.2g}, which counts the items as independent)"
+        f"{pct(abs(diff))} points {where} {name} (95 % CI {signed(c['low'])} to {signed(c['high'])}: {noise(c)}; "
+        f"item-level McNemar p = {c['item_level']['p_mcnemar']:.2g})"
     )
 
 
@@ -248,7 +247,8 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         f"{_split_name(r)}: **{r['n_test']} questions** (images never seen in training), chance level "
         f"{pct(r['chance'])} %. Accuracy in %, greedy decoding, exact match after normalisation. The "
         f"{r['n_test']} questions fall into {r['n_clusters']} task x pattern clusters (a digit pair, a sequence's "
-        "start and step), which the paired intervals resample as units.",
+        "start and step): the 95 % intervals of the paired differences below resample them as units (a cluster "
+        "bootstrap); McNemar's p, item-level, counts the questions as independent.",
         "",
         *_table(r),
         "",

@@ -5,7 +5,7 @@ import math
 import statistics
 
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from vlsi.cli import main
 from vlsi.demo.ablate import RUNS, TABLES, AblateSettings, collect, needed_runs
@@ -48,11 +48,18 @@ def test_collect_reads_each_row_from_its_run_and_checkpoint():
     for seed, (sft, interact, final) in enumerate([(0.5, 0.45, 0.6), (0.52, 0.47, 0.58), (0.54, 0.43, 0.62)]):
         scores[("sft", seed)] = {"student": {"accuracy": sft}}
         scores[("vlsi", seed)] = {"student": {"accuracy": final}, "interact": {"accuracy": interact}}
-    rows = {r["key"]: r["accuracy"] for r in collect(s, scores)["sft"]["rows"]}
-    assert rows["init"] == {"mean": 0.4, "std": 0.0, "per_seed": [0.4]}
+    table = {r["key"]: r for r in collect(s, scores)["sft"]["rows"]}
+    rows = {key: r["accuracy"] for key, r in table.items()}
+    assert rows["init"] == {"mean": 0.4, "std": 0.0, "n": 1, "low": None, "high": None, "per_seed": [0.4]}
     assert rows["no-sft"]["per_seed"] == [0.45, 0.47, 0.43]
     assert rows["vlsi"]["mean"] == pytest.approx(0.6) and rows["vlsi"]["std"] == pytest.approx(0.02)
     assert rows["sft"]["std"] == pytest.approx(statistics.stdev([0.5, 0.52, 0.54]))
+    ci = ttest_1samp([0.6, 0.58, 0.62], 0.0).confidence_interval(0.95)
+    assert (rows["vlsi"]["low"], rows["vlsi"]["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert table["vlsi"]["vs_vlsi"] is None and table["init"]["vs_vlsi"] is None
+    versus = table["no-sft"]["vs_vlsi"]
+    assert versus["per_seed"] == pytest.approx([-0.15, -0.11, -0.19]), "paired seed by seed"
+    assert versus["p"] == pytest.approx(ttest_rel([0.45, 0.47, 0.43], [0.6, 0.58, 0.62]).pvalue)
 
 
 def test_rank_correlation_matches_scipy():
@@ -71,7 +78,10 @@ def test_verdict_names_the_best_row_and_the_ones_within_noise():
     rows = [row("a", [0.50, 0.52, 0.51], 80.0), row("b", [0.60, 0.61, 0.62], 86.0), row("c", [0.59, 0.62, 0.60], 83.0)]
     text = table_verdict(rows, 3)
     assert text.startswith("Best: b (61.0 %).")
-    assert "Within two standard errors of it (seed-to-seed, 3 seeds): c." in text
+    assert "Within noise of it (the 95 % t CI of the difference, paired by seed over 3 seeds, holds 0): c." in text
+    assert "Shown equivalent to it within ±2.0 points (TOST, 5 %): none." in text, "three seeds are too few here"
+    many = [row("b", [0.60, 0.61, 0.62, 0.60, 0.61, 0.62], 86.0), row("d", [0.601, 0.608, 0.621, 0.6, 0.61, 0.619], 1)]
+    assert "(TOST, 5 %): d." in table_verdict(many, 6)
     assert f"{rank_correlation([0.51, 0.61, 0.6033333], [80.0, 86.0, 83.0]):+.2f}" in text
     assert math.isclose(rank_correlation([0.51, 0.61, 0.6033333], [80.0, 86.0, 83.0]), 1.0)
 
@@ -88,7 +98,9 @@ def test_fast_ablation_writes_both_tables_and_resumes(tmp_path, capsys):
             acc = row["accuracy"]
             assert 0.0 <= acc["mean"] <= 1.0
             assert len(acc["per_seed"]) == (1 if row["run"] == "init" else 2)
-            assert f"| {row['label']} | **{100 * acc['mean']:.1f}**" in text
+            interval = "|" if acc["low"] is None else f"[{100 * acc['low']:.1f}, {100 * acc['high']:.1f}] |"
+            assert f"| {row['label']} | **{100 * acc['mean']:.1f}** {interval}" in text
+            assert (row["vs_vlsi"] is None) == (row["run"] == "init" or row["key"] in ("adaptive", "kld-kld", "vlsi"))
     adaptive = next(r for r in results["tables"]["matching"]["rows"] if r["key"] == "adaptive")
     kld_kld = next(r for r in results["tables"]["losses"]["rows"] if r["key"] == "kld-kld")
     assert adaptive["accuracy"] == kld_kld["accuracy"], "one run serves both rows"
@@ -158,3 +170,18 @@ def test_an_ablation_folder_made_with_other_settings_is_refused(tmp_path):
     with pytest.raises(FolderError, match=r"holds an ablation made with other settings \(seeds: 2 -> 3\)"):
         _check_same_settings(tmp_path, AblateSettings(seeds=3))
     assert json.loads((tmp_path / "settings.json").read_text())["jobs"] == 4
+
+
+def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path):
+    """`styles=chain` reaches every ablation run (the teacher answers to the chain's length); one seed gives means and
+    differences to VLsI without intervals."""
+    out = tmp_path / "ablate"
+    settings = ["tables=sft", "seeds=1", "jobs=1", "n_test=8", "tasks=sequence", "styles=chain"]
+    assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
+    assert "answer_max_tokens: 7" in (out / "runs" / "vlsi" / "seed-0" / "config.yaml").read_text()
+    rows = {r["key"]: r for r in json.loads((out / "results.json").read_text())["tables"]["sft"]["rows"]}
+    assert rows["sft"]["accuracy"]["low"] is None and rows["sft"]["vs_vlsi"]["low"] is None
+    assert rows["sft"]["vs_vlsi"]["difference"] == pytest.approx(
+        rows["sft"]["accuracy"]["mean"] - rows["vlsi"]["accuracy"]["mean"]
+    )
+    assert "| VLsI (verbalize, interact, SFT) |" in (out / "report.md").read_text()

@@ -8,7 +8,7 @@ import torch
 
 from vlsi.cli import main
 from vlsi.demo.evaluate import evaluate, score
-from vlsi.demo.experiment import PAIRS, DemoSettings, budget
+from vlsi.demo.experiment import PAIRS, DemoSettings, budget, comparisons
 from vlsi.demo.models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
@@ -205,9 +205,10 @@ def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance():
     assert card["accuracy"]["test"]["accuracy"] > card["student_accuracy"]["test"]["accuracy"] + 0.15
 
 
-def _results(**over) -> dict:
-    from vlsi.demo.stats import paired
+CLUSTERS = [f"pattern {k % 50}" for k in range(1000)]
 
+
+def _results(**over) -> dict:
     n = 1000
     hits = {
         "sft": [1] * 500 + [0] * 500,
@@ -227,7 +228,8 @@ def _results(**over) -> dict:
         "seconds": 170.0,
         "chance": 0.1,
         "before_sft": {"sft": 0.48, "sft_teacher": 0.52, "kd": 0.53, "vlsi": 0.6},
-        "paired": {f"{a}_vs_{b}": paired(hits[a], hits[b]) for a, b in PAIRS},
+        "n_clusters": 50,
+        "paired": comparisons({m: {"hits": h} for m, h in hits.items()}, CLUSTERS),
         "by_task": {n: {t: 0.5 for t in ("compare", "sequence")} for n in ("teacher", "init", *hits)},
         "layer_accuracy": {
             "teacher": {"sequence": {"block 5": 0.83, "block 6": 0.93, "output": 0.947}},
@@ -253,17 +255,35 @@ def test_report_states_the_numbers_and_the_verdict(tmp_path):
     write_report(tmp_path, _results(), None)
     text = (tmp_path / "report.md").read_text()
     assert "| teacher (shipped) | **90.0** |" in text and "| **61.2** | 60.0 |" in text
-    assert "11.2 points above SFT only (paired SE 1.0, McNemar p = 3.9e-34: beyond noise)" in text
+    assert "11.2 points above SFT only (95 % CI +" in text and ": beyond noise; item-level McNemar p = 3.9e-34)" in text
     assert "6.2 points above final-layer KD" in text and "Best student: VLsI" in text
     assert "7.2 points above SFT with the teacher's answers" in text
+    assert "1000 questions fall into 50 task x pattern clusters" in text and "a cluster bootstrap" in text
     assert "not charged: it took 5 s" in text
     assert "| teacher | block 5 | block 6 | output |" in text and "| sequence | 56.7 | 59.0 |" in text
-    from vlsi.demo.stats import paired
-
-    same = paired([1] * 100, [1] * 100)
-    worse = {"vlsi_vs_sft": paired([0] * 10 + [1] * 90, [1] * 100), "vlsi_vs_kd": same, "vlsi_vs_sft_teacher": same}
+    same = {"hits": [1] * 100}
+    clusters = [f"p{k % 10}" for k in range(100)]
+    evals = {"vlsi": {"hits": [0] * 10 + [1] * 90}, "sft": same, "kd": same, "sft_teacher": same}
+    worse = comparisons(evals, clusters, (("vlsi", "sft"), ("vlsi", "kd"), ("vlsi", "sft_teacher")))
     low = verdict(_results(student_vlsi=0.49, paired=worse))
-    assert "10.0 points below SFT only" in low and "0.0 points above final-layer KD" in low and "within noise" in low
+    assert "10.0 points below SFT only (95 % CI -10.0 to -10.0" in low and "beyond noise" in low
+
+
+def test_the_verdict_says_within_noise_and_whether_equivalent():
+    """A difference whose interval holds 0 is "within noise"; TOST says whether it is also within +-2 points."""
+    from vlsi.demo.report import _compare
+
+    clusters = [f"p{k % 40}" for k in range(1200)]
+    # every pattern: a right on the items b gets wrong and the other way round, as often
+    a = [(k // 40) % 2 for k in range(1200)]
+    tie = comparisons({"a": {"hits": a}, "b": {"hits": [1 - x for x in a]}}, clusters, (("a", "b"),))["a_vs_b"]
+    assert tie["difference"] == 0.0 and "equivalent within ±2.0 points (TOST, 5 %)" in _compare("b", tie)
+    # a gets 21 of 40 patterns right, b 19: the clusters make a 5-point difference undecidable either way
+    a = [int(k % 40 < 21) for k in range(1200)]
+    b = [int(k % 40 < 19) for k in range(1200)]
+    wide = comparisons({"a": {"hits": a}, "b": {"hits": b}}, clusters, (("a", "b"),))["a_vs_b"]
+    assert wide["item_level"]["p_mcnemar"] < 1e-10, "counted as independent items it would look decisive"
+    assert "within noise, but not shown equivalent within ±2.0 points" in _compare("b", wide)
 
 
 def test_demo_is_a_vlsi_subcommand():
@@ -346,3 +366,84 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
         assert (out / "runs" / method / "student" / "model.safetensors").is_file()
     metrics = [json.loads(line) for line in (out / "runs" / "vlsi" / "metrics.jsonl").read_text().splitlines()]
     assert [m["stage"] for m in metrics] == ["verbalize/student"] * 2 + ["interact"] * 4 + ["sft"] * 2
+
+
+def test_answer_lengths_follow_from_the_task_never_a_fixed_four():
+    from vlsi.demo.evaluate import answer_tokens
+    from vlsi.demo.experiment import answer_length, answer_settings
+    from vlsi.demo.tasks import possible_answers
+    from vlsi.models.loading import load_processor
+
+    tokenizer = load_processor(str(TEACHER_DIR)).tokenizer
+    assert answer_tokens(tokenizer, ("compare", "sequence"), ("number",)) == 2, "one digit + end-of-turn"
+    assert answer_tokens(tokenizer, TASKS, STYLES) == 3, '"no" is two tokens of the shipped tokenizer'
+    chain = DemoSettings(tasks="compare,sequence", styles="chain")
+    assert len(tokenizer("9 8 7 so 6", add_special_tokens=False).input_ids) == 6
+    assert answer_length(chain) == 7 and "data.answer_max_tokens=7" in answer_settings(chain)
+    longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in possible_answers(TASKS, ("chain",)))
+    assert answer_tokens(tokenizer, TASKS, ("chain",)) == longest + 1 > 5
+    items = make_split("train", 400, TASKS, ("chain",))
+    assert {item.answer for item in items} <= set(possible_answers(TASKS, ("chain",))), "every drawn answer foreseen"
+
+
+@pytest.mark.parametrize(
+    "reply, right, whole",
+    [("3 5 7 so 9", True, True), ("3 5 8 so 9", True, False), ("3 5 7 so", False, False), ("9", False, False)],
+)
+def test_chain_answers_are_scored_on_the_answer_after_so_and_whole(reply, right, whole):
+    item = Item("x", "sequence", "chain", "...", "3 5 7 so 9")
+    assert is_correct(reply, item) == right
+    assert score([item], [reply])["chain_exact"] == float(whole)
+    assert "chain_exact" not in score([Item("y", "sequence", "number", "...", "9")], ["9"])
+
+
+def test_an_answer_longer_than_four_tokens_is_generated_and_scored_whole():
+    """The shipped student, taught one chain answer ("8 6 4 so 2": 6 tokens + end-of-turn), answers it whole at the
+    task's decoding length; cut at the old fixed 4 tokens it would be "8 6 4 s" and scored wrong."""
+    from vlsi.demo.evaluate import answer_tokens
+    from vlsi.models.loading import load_model, load_processor
+
+    torch.manual_seed(0)
+    (item,) = make_split("test", 1, ("sequence",), ("chain",))
+    processor = load_processor(str(TEACHER_DIR))
+    model = load_model(str(STUDENT_DIR), torch.float32)
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": item.answer}]},
+    ]
+    text = processor.apply_chat_template(turns, tokenize=False)  # ends "<|im_end|>\n"
+    inputs = processor(text=[text], images=[[item.render()]], return_tensors="pt", add_special_tokens=False)
+    n = len(processor.tokenizer(item.answer, add_special_tokens=False).input_ids)
+    assert n == 6
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -(n + 2) : -1] = inputs["input_ids"][:, -(n + 2) : -1]  # the answer and its end-of-turn token
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(100):
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert answer_tokens(processor.tokenizer, ("sequence",), ("chain",)) == 7
+    whole = evaluate(model, processor, [item])
+    assert whole["replies"] == [item.answer] and whole["accuracy"] == 1.0 and whole["chain_exact"] == 1.0
+    cut = evaluate(model, processor, [item], max_new_tokens=4)
+    assert cut["replies"] == ["8 6 4 s"] and cut["accuracy"] == 0.0
+
+
+def test_fast_chain_demo_answers_and_decodes_to_the_chain_length(tmp_path):
+    """`styles=chain` reaches every run: the teacher answers to 7 new tokens, the report gives whole-chain accuracy."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--output", str(out), "tasks=sequence", "styles=chain"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["answer_tokens"] == 7 and set(results["chain_exact"]) == {
+        "teacher",
+        "init",
+        *PAIRS[0],
+        "kd",
+        "sft_teacher",
+    }
+    for run in ("kd", "vlsi"):
+        assert "answer_max_tokens: 7" in (out / "runs" / run / "config.yaml").read_text()
+    assert all(item.style == "chain" for item in read_split(out / "data" / "test.json"))
+    text = (out / "report.md").read_text()
+    assert "Chain answers (7 new tokens decoded at most)" in text and "whole chains right" in text

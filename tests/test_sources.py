@@ -264,8 +264,8 @@ def test_the_teacher_cache_of_a_parquet_holds_the_targets_of_its_jsonl(digits, c
         settings = [f"data.path={data[0]}", *data[1:], "verbalizer.teacher_layers=[0,2]", "precision=fp32"]
         cfg = load_config(None, [*settings, "cache.top_k=5", "cache.shard_size=5"], teacher=teacher)
         cfg.output = str(tmp_path / f"out-{name}")
-        cache = build_cache(cfg, tmp_path / f"cache-{name}", tmp_path / "verbalizers", load_samples(cfg))
-        built[name] = TeacherCache(cache)
+        samples = load_samples(cfg)
+        built[name] = TeacherCache(build_cache(cfg, tmp_path / f"cache-{name}", tmp_path / "verbalizers", samples))
     for sample_id in ("digit-0", "digit-7", f"digit-{N - 1}"):
         ours, theirs = built["parquet"].rows(sample_id), built["jsonl"].rows(sample_id)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -3,10 +3,12 @@
 import json
 
 import pytest
+from scipy.stats import ttest_1samp, ttest_rel
 
 from vlsi.cli import main
 from vlsi.demo.experiment import PAIRS
 from vlsi.demo.study import StudySettings, summarise
+from vlsi.demo.study_report import findings
 
 
 def test_study_settings_are_checked():
@@ -15,12 +17,22 @@ def test_study_settings_are_checked():
         StudySettings(sizes="a,b").check()
     with pytest.raises(ValueError, match="sizes >= 1"):
         StudySettings(sizes="0,10").check()
+    budget = StudySettings(axis="steps", steps="200,25,50", n_labelled=150, control=1).check()
+    assert budget.points == [25, 50, 200] and budget.size_list == [150], "the budget curve: one labelled set"
+    assert budget.methods[-1] == "ce_kld" and ("vlsi", "ce_kld") in budget.pairs
+    assert "ce_kld" not in StudySettings().methods
+    with pytest.raises(ValueError, match="axis='epochs'"):
+        StudySettings(axis="epochs").check()
+    with pytest.raises(ValueError, match="steps >= 1"):
+        StudySettings(axis="steps", steps="0").check()
+    with pytest.raises(ValueError, match="control=2: 0 or 1"):
+        StudySettings(control=2).check()
 
 
 def test_summary_pairs_every_seed_items():
     s = StudySettings(sizes="10", seeds=2)
     runs = [
-        {"size": 10, "seed": k, "accuracy": acc, "before_sft": acc, "hits": hits}
+        {"point": 10, "size": 10, "seed": k, "accuracy": acc, "before_sft": acc, "hits": hits}
         for k, (acc, hits) in enumerate(
             [
                 (
@@ -34,10 +46,24 @@ def test_summary_pairs_every_seed_items():
             ]
         )
     ]
-    row = summarise(s, runs)["10"]
+    row = summarise(s, runs, ["x", "y"])["10"]
     assert row["vlsi"]["mean"] == 0.75 and row["vlsi"]["per_seed"] == [1.0, 0.5]
     assert row["sft"]["std"] == pytest.approx(0.5 / 2**0.5)  # sample std of 0.5 and 0.0
-    assert row["paired"]["vlsi_vs_sft"]["difference"] == 0.5 and row["paired"]["vlsi_vs_sft"]["a_only"] == 2
+    ci = ttest_1samp([0.5, 0.0], 0.0).confidence_interval(0.95)
+    assert (row["sft"]["low"], row["sft"]["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    versus_sft = row["paired"]["vlsi_vs_sft"]
+    assert versus_sft["per_seed"] == [0.5, 0.5] and versus_sft["difference"] == 0.5, "paired by seed, not pooled"
+    assert versus_sft["low"] == versus_sft["high"] == 0.5 and versus_sft["equivalent"] is False
+    kd = row["paired"]["vlsi_vs_kd"]
+    assert kd["per_seed"] == [0.5, 0.0] and kd["p"] == pytest.approx(ttest_rel([1.0, 0.5], [0.5, 0.5]).pvalue)
+    assert [b["difference"] for b in kd["per_seed_bootstrap"]] == [0.5, 0.0], "each seed's own items"
+    assert row["paired_before_sft"]["vlsi_vs_kd"]["per_seed"] == [0.5, 0.0]
+    (line,) = findings({"table": {"10": row}, "settings": {"axis": "sizes"}})
+    assert "+50.0 points against SFT only (95 % CI +50.0 to +50.0 over 2 seeds, paired t: beyond noise)" in line
+    assert (
+        "+25.0 points against final-layer KD (95 % CI -292.7 to +342.7 over 2 seeds, paired t: within noise, but "
+        "not shown equivalent within ±2.0 points)" in line
+    )
 
 
 def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, capsys):
@@ -48,8 +74,11 @@ def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, 
     for row in results["table"].values():
         for method in ("sft", "sft_teacher", "kd", "vlsi"):
             assert 0.0 <= row[method]["mean"] <= 1.0 and len(row[method]["per_seed"]) == 1
-        assert set(row["paired"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
-    assert (out / "study.png").is_file() and "](study.png)" in (out / "report.md").read_text()
+        assert set(row["paired"]) == set(row["paired_before_sft"]) == {f"{a}_vs_{b}" for a, b in PAIRS}
+        assert row["vlsi"]["low"] is None, "one seed: no interval"
+    text = (out / "report.md").read_text()
+    assert (out / "study.png").is_file() and "](study.png)" in text
+    assert "(one seed: no interval)" in text and f"{results['n_clusters']} task x pattern clusters" in text
     pool = (out / "pool" / "answers" / "answers.jsonl").read_text()
     for run in ("n8-seed0", "n16-seed0"):
         answers = out / "runs" / run / "runs" / "kd" / "answers" / "answers.jsonl"
@@ -60,3 +89,30 @@ def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, 
     assert score.stat().st_mtime_ns == stamp, "a finished run is reused"
     assert main(["study", "--fast", "--output", str(out), "seeds=2"]) == 2
     assert "other settings (seeds: 1 -> 2)" in capsys.readouterr().err
+
+
+def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path):
+    """`axis=steps control=1`: one run per interaction-step budget and seed, five students each (the CE / KLD control
+    beside VLsI, from VLsI's stage-1 verbalizers), scored before and after stage 3, paired by seed."""
+    out = tmp_path / "budget"
+    settings = ["axis=steps", "steps=1,3", "control=1", "tasks=sequence", "styles=chain"]  # chains through the study
+    assert main(["study", "--fast", "--output", str(out), *settings]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["table"]) == ["1", "3"]
+    for steps, row in results["table"].items():
+        assert {"ce_kld", "ce_kld_before_sft", "vlsi", "kd"} <= set(row)
+        assert {"vlsi_vs_ce_kld", "ce_kld_vs_kd", "vlsi_vs_kd"} <= set(row["paired"])
+        run = out / "runs" / f"steps{steps}-seed0"
+        assert json.loads((run / "score.json").read_text())["interact_steps"] == int(steps)
+        for method in ("kd", "vlsi", "ce_kld"):
+            rows = [json.loads(line) for line in (run / "runs" / method / "metrics.jsonl").read_text().splitlines()]
+            assert sum(r["stage"] == "interact" for r in rows) == int(steps), f"{method}: the budget's steps"
+        config = (run / "runs" / "ce_kld" / "config.yaml").read_text()
+        assert "intermediate_loss: ce" in config and "last_loss: kld" in config and "answer_max_tokens: 7" in config
+        shared = run / "runs" / "vlsi" / "verbalizers" / "student" / "verbalizers.safetensors"
+        copied = run / "runs" / "ce_kld" / "verbalizers" / "student" / "verbalizers.safetensors"
+        assert copied.read_bytes() == shared.read_bytes(), "the control starts from VLsI's stage-1 verbalizers"
+    text = (out / "report.md").read_text()
+    assert "by interaction steps (the budget curve" in text and "| interaction steps |" in text
+    assert "**3 interaction steps**" in text and "against the CE / KLD control" in text
+    assert (out / "study.png").is_file()

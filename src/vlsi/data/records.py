@@ -411,10 +411,10 @@ def _to_sample(
         isinstance(record.get("conversations"), list) or isinstance(record.get("messages"), list)
     ):
         return None, ["neither LLaVA format (a 'conversations' list) nor OpenAI format (a 'messages' list)"], []
-    if "conversations" in record and "messages" in record:
+    if record.get("conversations") is not None and record.get("messages") is not None:  # null: a dataset's column
         return None, ["both 'conversations' and 'messages': keep one of them"], []
     reasons = _refused_keys(record)
-    turns = record["conversations"] if "conversations" in record else record["messages"]
+    turns = record["conversations"] if isinstance(record.get("conversations"), list) else record["messages"]
     messages, slots = [], []  # slots: per image item in order, its inline reference or None (bound to `images`)
     for i, turn in enumerate(turns):
         message = _message(turn, i, reasons)
@@ -484,10 +484,10 @@ def _refused_keys(record: dict) -> list[str]:
     ]
     if record.get("tools") not in (None, [], ""):
         reasons.append("'tools': tool calls are not supported; remove the key or the record")
-    if "image" in record and "images" in record:
+    if record.get("image") is not None and record.get("images") is not None:
         reasons.append("both 'image' and 'images': keep one list of images")
     for key, default in (("weight", 1), ("loss", True)):
-        if key in record and record[key] != default:
+        if record.get(key) not in (None, default):
             reasons.append(
                 f"'{key}': {json.dumps(record[key])}: a per-record {key} is not applied; remove the record to leave "
                 f"it out of training (per-turn '{key}' on assistant turns is honoured)"
@@ -591,7 +591,7 @@ def _bind_images(record: dict, messages: list[dict], slots: list, reasons: list[
     bound in order to the top-level `images` (or `image`) list. A record whose list has images and whose turns mark
     none gets them at the start of its first user turn (LLaVA's convention); any other difference in number is a
     problem, never an image dropped or a tag left as text."""
-    key = "images" if "images" in record else "image"
+    key = "images" if record.get("images") is not None else "image"
     given = _top_level_images(record.get(key))
     bound = slots.count(None)
     first_user = next((m for m in messages if m["role"] == "user"), None)

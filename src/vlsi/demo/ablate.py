@@ -14,7 +14,8 @@ interaction with the row's setting and `sft_steps` of SFT. Rows differ in nothin
 one torch thread each; each run's own output (progress bars, logs) is in its folder's `log.txt`.
 
 DIR/
-  results.json   per table and row: accuracy mean, standard deviation and per seed, the paper's numbers
+  results.json   per table and row: accuracy mean, standard deviation, 95 % t CI over seeds and per seed; the
+                 difference to the VLsI row paired by seed (t CI, TOST within +-2 points); the paper's numbers
   report.md      the three tables with the paper's numbers beside them, and what they say
   runs/<run>/seed-<n>/   each run: an ordinary `vlsi train` output folder + score.json + log.txt
   pool/answers/  the teacher's answers to the unlabelled training questions (copied into every run)
@@ -33,7 +34,6 @@ import json
 import logging
 import multiprocessing
 import shutil
-import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -44,7 +44,8 @@ import torch
 from tqdm import tqdm
 
 from ..runfolder import check_settings, write_json
-from .experiment import ANSWERED, DemoSettings, stage_config
+from .experiment import DemoSettings, answer_settings, stage_config
+from .stats import paired_seeds, seed_mean
 
 log = logging.getLogger("vlsi")
 
@@ -216,7 +217,7 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
                 steps = {"sft": s.sft_steps}
             else:
                 steps = {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps}
-            extra = [*RUNS.get(job.name, []), "verbalize.models=[student]", *ANSWERED]
+            extra = [*RUNS.get(job.name, []), "verbalize.models=[student]", *answer_settings(s)]
             if job.kind == "train" and job.name != "sft":  # the runs with an interaction stage
                 extra += cache
             cfg = stage_config(dataclasses.replace(s, seed=job.seed), folder, steps, data / "train.json", extra, 0)
@@ -315,14 +316,11 @@ def execute_jobs(jobs: list, work, pool, bar) -> dict:
     return results
 
 
-def summarize(values: list[float]) -> dict:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "per_seed": values}
-
-
 def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
-    """{table: {"title", "rows": [...]}} from the scores of every (run, seed)."""
+    """{table: {"title", "rows": [...]}} from the scores of every (run, seed): each row's accuracy over seeds with its
+    t CI (`stats.seed_mean`) and, for a trained row other than VLsI, "vs_vlsi": its difference to the VLsI run,
+    paired by seed (`stats.paired_seeds`)."""
+    vlsi = [scores[("vlsi", seed)]["student"]["accuracy"] for seed in range(s.seeds)]  # every table has its row
     tables = {}
     for name in s.table_names():
         title, rows = TABLES[name]
@@ -330,6 +328,7 @@ def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
         for row in rows:
             seeds = [0] if row.run in ("init", "teacher") else list(range(s.seeds))
             values = [scores[(row.run, seed)][row.checkpoint]["accuracy"] for seed in seeds]
+            compared = row.run not in ("init", "teacher", "vlsi") or row.checkpoint != "student"
             out_rows.append(
                 {
                     "key": row.key,
@@ -337,7 +336,8 @@ def collect(s: AblateSettings, scores: dict[tuple[str, int], dict]) -> dict:
                     "run": row.run,
                     "checkpoint": row.checkpoint,
                     "settings": RUNS.get(row.run, []),
-                    "accuracy": summarize(values),
+                    "accuracy": {**seed_mean(values), "per_seed": values},
+                    "vs_vlsi": paired_seeds(values, vlsi) if compared else None,
                     "paper": dict(zip(PAPER_COLUMNS, row.paper)),
                 }
             )

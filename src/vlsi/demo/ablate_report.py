@@ -1,14 +1,14 @@
-"""DIR/report.md for `vlsi ablate`: each table with mean ± std over seeds, the paper's numbers beside it, and what
-the numbers say. Every number is formatted from results.json, so the two always agree."""
+"""DIR/report.md for `vlsi ablate`: each table with the mean and t CI over seeds, the paper's numbers beside it, and
+what the numbers say. Every number is formatted from results.json, so the two always agree."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
-from .report import command_line, pct, peak_memory
+from .report import command_line, pct, peak_memory, signed
+from .stats import MARGIN, paired_seeds
 
 
 def rank_correlation(a: list[float], b: list[float]) -> float | None:
@@ -32,23 +32,26 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
 
 
 def table_verdict(rows: list[dict], n_seeds: int) -> str:
-    """Best row, which rows are within two standard errors of it (seed-to-seed spread), agreement with the paper."""
+    """Best row; which rows are within noise of it (the 95 % t CI of their difference, paired by seed, holds 0) and
+    which are shown equivalent to it within the margin (TOST); agreement with the paper."""
     trained = [r for r in rows if r["run"] not in ("init", "teacher")]
     best = max(trained, key=lambda r: r["accuracy"]["mean"])
-
-    def se(r):
-        return r["accuracy"]["std"] / math.sqrt(max(1, len(r["accuracy"]["per_seed"])))
-
-    close = [
-        r["label"]
-        for r in trained
-        if r is not best and best["accuracy"]["mean"] - r["accuracy"]["mean"] <= 2 * math.hypot(se(best), se(r))
-    ]
+    close, equivalent = [], []
+    for r in trained:
+        if r is best or n_seeds < 2:
+            continue
+        difference = paired_seeds(best["accuracy"]["per_seed"], r["accuracy"]["per_seed"])
+        if difference["low"] <= 0:
+            close.append(r["label"])
+        if difference["equivalent"]:
+            equivalent.append(r["label"])
     text = f"Best: {best['label']} ({pct(best['accuracy']['mean'])} %)."
     if n_seeds > 1:
         text += (
-            f" Within two standard errors of it (seed-to-seed, {n_seeds} seeds): "
+            f" Within noise of it (the 95 % t CI of the difference, paired by seed over {n_seeds} seeds, holds 0): "
             + (", ".join(close) if close else "none")
+            + f". Shown equivalent to it within ±{pct(MARGIN)} points (TOST, 5 %): "
+            + (", ".join(equivalent) if equivalent else "none")
             + "."
         )
     paired = [(r["accuracy"]["mean"], r["paper"]["MMB"]) for r in trained if r["paper"].get("MMB") is not None]
@@ -62,14 +65,37 @@ def _paper(row: dict) -> list[str]:
     return ["" if v is None else f"{v:.1f}" for v in row["paper"].values()]
 
 
+def _interval(c: dict) -> str:
+    """'77.2 [76.1, 78.3]' from `stats.seed_mean` (the mean alone for one seed)."""
+    if c["low"] is None:
+        return f"**{pct(c['mean'])}**"
+    return f"**{pct(c['mean'])}** [{pct(c['low'])}, {pct(c['high'])}]"
+
+
+def _versus(c: dict | None) -> str:
+    """'-1.8 [-3.5, -0.1]' from `stats.paired_seeds`, with "≈" where TOST shows it within the margin."""
+    if c is None:
+        return ""
+    if c["low"] is None:
+        return signed(c["difference"])
+    mark = " ≈" if c["equivalent"] else ""
+    return f"{signed(c['difference'])} [{signed(c['low'])}, {signed(c['high'])}]{mark}"
+
+
 def _table(table: dict, n_seeds: int) -> list[str]:
     columns = list(table["rows"][0]["paper"])
-    head = ["row", "accuracy, mean ± std", "per seed", *(f"paper {c}" for c in columns), "settings"]
+    head = [
+        "row",
+        "accuracy, mean [95 % CI]",
+        "per seed",
+        "minus VLsI, paired by seed [95 % CI]",
+        *(f"paper {c}" for c in columns),
+        "settings",
+    ]
     lines = [f"### {table['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"]:
         acc = row["accuracy"]
         seeds = " / ".join(pct(v) for v in acc["per_seed"])
-        mean = f"**{pct(acc['mean'])}** ± {pct(acc['std'])}" if len(acc["per_seed"]) > 1 else f"**{pct(acc['mean'])}**"
         settings = " ".join(f"`{x}`" for x in row["settings"])
         if row["checkpoint"] == "interact":
             settings = "(the VLsI run, before its SFT stage)"
@@ -79,7 +105,8 @@ def _table(table: dict, n_seeds: int) -> list[str]:
             settings = "(SFT alone, from the initialisation)"
         elif row["run"] == "vlsi":
             settings = "(the defaults: adaptive temperature, search range, order; KLD / KLD)"
-        lines.append("| " + " | ".join([row["label"], mean, seeds, *_paper(row), settings]) + " |")
+        cells = [row["label"], _interval(acc), seeds, _versus(row.get("vs_vlsi")), *_paper(row), settings]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", table_verdict(table["rows"], n_seeds)]
     return lines
 
@@ -91,9 +118,11 @@ def write_ablate_report(out: Path, r: dict) -> Path:
         "# vlsi ablate: the paper's ablations at demo scale",
         "",
         f"Accuracy in % on the demo's {split} split, **{r['n_test']} questions**, chance {pct(r['chance'])} %, "
-        f"the shipped teacher {pct(r['teacher'])} %. Each row: mean ± standard deviation over seeds {r['seeds']} "
-        "(the seed sets the data order, the initialisation of the verbalizers and the matching draws; the test "
-        "questions are the same for every seed).",
+        f"the shipped teacher {pct(r['teacher'])} %. Each row: mean over seeds {r['seeds']} with its 95 % t confidence "
+        "interval from the seed-to-seed spread (the seed sets the data order, the initialisation of the verbalizers "
+        "and the matching draws; the test questions are the same for every seed), and its difference to the VLsI row "
+        f"paired by seed, with its t interval; ≈ marks a difference shown to lie within ±{pct(MARGIN)} points "
+        "(TOST at 5 %).",
         "",
         f"Data ({', '.join(s['tasks'].split(','))} questions, answered as {s['styles']}): {s['n_labelled']} "
         f"labelled training questions and {s['n_pool']} more answered by the teacher (once, shared by every run); "

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 
 from ..eval.generate import greedy
-from .tasks import Item, is_correct
+from .tasks import CHAIN, Item, chain_exact, is_correct, possible_answers
 
 
 def prompts(processor, items: list[Item]) -> list[str]:
@@ -44,7 +44,15 @@ def encode_batches(processor, items: list[Item], batch_size: int) -> list[dict[s
         tokenizer.padding_side = side
 
 
-def generate_answers(model, processor, batches: list[dict], max_new_tokens: int = 4) -> list[str]:
+def answer_tokens(tokenizer, tasks, styles) -> int:
+    """New tokens an answer to `tasks` x `styles` can need: the longest possible answer (`tasks.possible_answers`)
+    plus the end-of-turn token that ends it. The teacher's answers (`data.answer_max_tokens`) and every reply
+    scored are generated to this length, so a long answer is never cut."""
+    answers = possible_answers(tuple(tasks), tuple(styles))
+    return 1 + max(len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
+
+
+def generate_answers(model, processor, batches: list[dict], max_new_tokens: int) -> list[str]:
     """Greedy replies (special tokens removed) for pre-encoded batches, in order; the demo's models stop at the
     tokenizer's end-of-turn token."""
     model.eval()
@@ -53,8 +61,10 @@ def generate_answers(model, processor, batches: list[dict], max_new_tokens: int 
 
 
 def score(items: list[Item], replies: list[str]) -> dict:
-    """{"accuracy", "n", "by_task": {task: accuracy}, "by_style": {style: accuracy}, "hits": [0 or 1 per item]}."""
+    """{"accuracy", "n", "by_task": {task: accuracy}, "by_style": {style: accuracy}, "hits": [0 or 1 per item]}, and
+    with chain items "chain_exact": the share of them whose whole chain is right (`tasks.chain_exact`)."""
     hits = [int(is_correct(reply, item)) for item, reply in zip(items, replies, strict=True)]
+    chains = [chain_exact(reply, item) for item, reply in zip(items, replies) if item.style == CHAIN]
     groups: dict[str, dict[str, list[int]]] = {"by_task": defaultdict(list), "by_style": defaultdict(list)}
     for item, hit in zip(items, hits):
         groups["by_task"][item.task].append(hit)
@@ -64,14 +74,26 @@ def score(items: list[Item], replies: list[str]) -> dict:
         "accuracy": mean(hits),
         "n": len(hits),
         **{name: {k: mean(v) for k, v in sorted(g.items())} for name, g in groups.items()},
+        **({"chain_exact": mean(chains)} if chains else {}),
         "hits": hits,
     }
 
 
-def evaluate(model, processor, items: list[Item], batches: list[dict] | None = None, batch_size: int = 128) -> dict:
-    """Score `model` on `items`; `batches` from `encode_batches` (same processor settings) skips re-encoding."""
+def evaluate(
+    model,
+    processor,
+    items: list[Item],
+    batches: list[dict] | None = None,
+    batch_size: int = 128,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """Score `model` on `items`; `batches` from `encode_batches` (same processor settings) skips re-encoding. Replies
+    are `max_new_tokens` long at most, by default what the items' tasks and styles can need (`answer_tokens`)."""
     batches = batches if batches is not None else encode_batches(processor, items, batch_size)
-    replies = generate_answers(model, processor, batches)
+    if max_new_tokens is None:
+        tasks, styles = sorted({item.task for item in items}), sorted({item.style for item in items})
+        max_new_tokens = answer_tokens(processor.tokenizer, tasks, styles)
+    replies = generate_answers(model, processor, batches, max_new_tokens)
     return {**score(items, replies), "replies": replies}
 
 
@@ -80,8 +102,9 @@ def layer_accuracy(
     model, verbalizers, processor, items: list[Item], batches: list[dict]
 ) -> dict[str, dict[str, float]]:
     """{task: {"block N": accuracy, ..., "output": accuracy}}: how often each verbalized layer's most likely next token
-    after the prompt is the answer's first token (teacher forcing; the demo's answers are one token). `batches` from
-    `encode_batches`: left-padded, so every prompt's last token is in the last column."""
+    after the prompt is the answer's first token (teacher forcing; a number answer is one token, a chain's first
+    token is its first intermediate result). `batches` from `encode_batches`: left-padded, so every prompt's last
+    token is in the last column."""
     from ..models.family import capture, model_parts
 
     model.eval()

@@ -7,7 +7,8 @@ initialisation, on one budget, on CPU.
 DIR/
   results.json          accuracy of the teacher, the student initialisation and the four students on the held-out
                         test split, n_test, seeds, seconds, each student before its last SFT stage, paired
-                        comparisons, and the details (per task, budget, wall time per method, peak memory)
+                        comparisons (a bootstrap over task x pattern clusters, docs/DEMO.md#statistics), and the
+                        details (per task, budget, wall time per method, peak memory)
   report.md             the table, the plots, one test example read layer by layer, what the budget counts
   verbalizer_loss.png   per-layer verbalizer loss (teacher: shipped with it; student: this run's stage 1)
   layer_match.png       which teacher layer each student layer matched, early vs late in the interaction stage
@@ -19,6 +20,7 @@ DIR/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import resource
@@ -43,7 +45,7 @@ from ..stages.common import load_samples
 from ..stages.loop import MetricsLog
 from ..stages.sft import sft
 from ..stages.verbalize import verbalize
-from .evaluate import encode_batches, evaluate, layer_accuracy
+from .evaluate import answer_tokens, encode_batches, evaluate, layer_accuracy
 from .models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
@@ -53,8 +55,8 @@ from .models import (
     TEACHER_VERBALIZERS,
     teacher_card,
 )
-from .stats import paired
-from .tasks import STYLES, TASKS, chance_accuracy, make_split, write_split
+from .stats import cluster_bootstrap, paired
+from .tasks import ALL_STYLES, TASKS, chance_accuracy, make_split, write_split
 
 log = logging.getLogger("vlsi")
 METHODS = ("sft", "sft_teacher", "kd", "vlsi")
@@ -112,7 +114,7 @@ class DemoSettings:
         return tuple(t.strip() for t in self.styles.split(",") if t.strip())
 
     def check(self) -> DemoSettings:
-        for name, chosen, known in (("tasks", self.task_list, TASKS), ("styles", self.style_list, STYLES)):
+        for name, chosen, known in (("tasks", self.task_list, TASKS), ("styles", self.style_list, ALL_STYLES)):
             if not chosen or set(chosen) - set(known):
                 raise ValueError(f"demo setting {name}={getattr(self, name)!r}: use some of {','.join(known)}")
         if min(self.distill_steps, self.sft_steps, self.verbalize_steps) < 1:
@@ -238,13 +240,27 @@ def _banner(text: str) -> None:
     print(f"\n== vlsi demo: {text}", file=sys.stderr, flush=True)
 
 
-ANSWERED = ["data.answers=teacher", "data.answer_max_tokens=4"]  # the demo's answers are one or two tokens
+@functools.cache
+def _answer_length(tasks: tuple[str, ...], styles: tuple[str, ...]) -> int:
+    return answer_tokens(load_processor(str(TEACHER_DIR)).tokenizer, tasks, styles)
+
+
+def answer_length(s: DemoSettings) -> int:
+    """New tokens the longest answer of the settings' tasks and styles takes, with its end-of-turn token (a number:
+    2; "3 5 7 so 9": 7): what the teacher generates per answer and every evaluation decodes."""
+    return _answer_length(s.task_list, s.style_list)
+
+
+def answer_settings(s: DemoSettings) -> list[str]:
+    """The `vlsi train` settings that make the teacher answer the unlabelled questions, to the task's answer length
+    (the same for every run of a task, as the answers' identity in `vlsi.answers` requires)."""
+    return ["data.answers=teacher", f"data.answer_max_tokens={answer_length(s)}"]
 
 
 def answer_pool(s: DemoSettings, folder: Path, mixed: Path) -> list:
     """The teacher answers the unlabelled questions of `mixed` (`data.answers=teacher`, cached in folder/answers, so
     answered once); -> every sample of `mixed`, answered."""
-    return load_samples(stage_config(s, folder, {}, mixed, ANSWERED))
+    return load_samples(stage_config(s, folder, {}, mixed, answer_settings(s)))
 
 
 def teacher_cache(s: DemoSettings, folder: Path, data: Path, samples) -> list[str]:
@@ -253,7 +269,7 @@ def teacher_cache(s: DemoSettings, folder: Path, data: Path, samples) -> list[st
     interaction run on these samples to read instead of running the teacher at each step; -> the settings that make a
     run read it."""
     reads = [f"teacher_cache={folder}", "cache.top_k=0"]
-    cfg = stage_config(s, folder, {}, data, [*ANSWERED, *reads, "cache.batch_size=64"])
+    cfg = stage_config(s, folder, {}, data, [*answer_settings(s), *reads, "cache.batch_size=64"])
     build_cache(cfg, folder, TEACHER_VERBALIZERS, samples)
     return reads
 
@@ -276,8 +292,16 @@ class Trained(NamedTuple):
     answered: list  # the training samples, the unlabelled ones with the teacher's answers
 
 
-def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1) -> Trained:
-    """Train the four students into out/runs (`num_workers` data-loader workers each)."""
+CONTROL = "ce_kld"  # the deep-supervision control: CE to the answers at the intermediate layers, no teacher layers
+CONTROL_SETTINGS = ["interact.intermediate_loss=ce", "interact.last_loss=kld"]
+
+
+def train_students(
+    s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1, control: bool = False
+) -> Trained:
+    """Train the four students into out/runs (`num_workers` data-loader workers each); with `control`, a fifth:
+    VLsI's run with CE to the answers at its intermediate layers instead of the matched KLs to the teacher's layers
+    (`CONTROL`, the ablation's CE / KLD row), from VLsI's stage-1 verbalizers, on the same budget."""
     runs = out / "runs"
     steps = budget(s)
     finals, before, seconds = {}, {}, {}
@@ -290,9 +314,8 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
     seconds["teacher_answers"] = time.time() - start
     gold, _ = read_dataset(labelled)
     share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"], s.student_dir)
-    share_length_scans(
-        answered, runs / ".cache-mixed", [runs / "sft_teacher", runs / "kd", runs / "vlsi"], s.student_dir
-    )
+    mixed_runs = [runs / name for name in ("sft_teacher", "kd", "vlsi", *([CONTROL] if control else []))]
+    share_length_scans(answered, runs / ".cache-mixed", mixed_runs, s.student_dir)
     _banner("the teacher's verbalized distributions at every target layer, cached once for KD and VLsI")
     start = time.time()
     cached = teacher_cache(s, runs / ".teacher-cache", mixed, answered)
@@ -319,7 +342,13 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
         run,
         {"verbalize": 0, "interact": kd["kd"], "sft": kd["sft"]},
         mixed,
-        ["interact.intermediate_loss=none", "interact.last_loss=kld", "verbalize.models=[student]", *ANSWERED, *cached],
+        [
+            "interact.intermediate_loss=none",
+            "interact.last_loss=kld",
+            "verbalize.models=[student]",
+            *answer_settings(s),
+            *cached,
+        ],
         num_workers=num_workers,
     )
     finals["kd"] = run_train(cfg)
@@ -336,7 +365,7 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
         run,
         {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
         mixed,
-        ["verbalize.models=[student]", *ANSWERED, *cached],
+        ["verbalize.models=[student]", *answer_settings(s), *cached],
         num_workers=num_workers,
     )
     start = time.time()  # stage 1 on its own first, to time it; `run_train` then reuses its verbalizers
@@ -346,6 +375,24 @@ def train_students(s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_
     finals["vlsi"] = run_train(cfg)
     before["vlsi"] = run / "stages" / "interact" / "student"
     seconds["vlsi"] = time.time() - start
+    if control:
+        _banner(f"(e) the CE / KLD control: VLsI's {s.distill_steps} interaction steps with CE at the layers, then SFT")
+        start = time.time()
+        run = out / "runs" / CONTROL
+        shutil.copytree(runs / "vlsi" / "verbalizers" / "student", run / "verbalizers" / "student")
+        if (runs / "kd" / "answers").is_dir():
+            shutil.copytree(runs / "kd" / "answers", run / "answers", dirs_exist_ok=True)
+        cfg = stage_config(
+            s,
+            run,
+            {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
+            mixed,
+            [*CONTROL_SETTINGS, "verbalize.models=[student]", *answer_settings(s), *cached],
+            num_workers=num_workers,
+        )
+        finals[CONTROL] = run_train(cfg)
+        before[CONTROL] = run / "stages" / "interact" / "student"
+        seconds[CONTROL] = time.time() - start
     return Trained(finals, before, seconds, answered)
 
 
@@ -367,12 +414,20 @@ def evaluate_all(models: dict[str, Path], test, encoded: tuple) -> dict[str, dic
 
 
 PAIRS = (("vlsi", "sft"), ("vlsi", "kd"), ("vlsi", "sft_teacher"), ("kd", "sft_teacher"), ("sft_teacher", "sft"))
+CONTROL_PAIRS = (("vlsi", CONTROL), (CONTROL, "kd"))  # teacher layers vs deep supervision; deep supervision vs KD
 
 
-def comparisons(evals: dict[str, dict], pairs=PAIRS) -> dict[str, dict]:
+def comparisons(evals: dict[str, dict], clusters: list[str], pairs=PAIRS) -> dict[str, dict]:
     """Paired comparisons on the same test items (VLsI against each other student, KD against SFT on the
-    teacher's answers, and that against SFT only): {"a_vs_b": `stats.paired`}."""
-    return {f"{a}_vs_{b}": paired(evals[a]["hits"], evals[b]["hits"]) for a, b in pairs}
+    teacher's answers, and that against SFT only): {"a_vs_b": `stats.cluster_bootstrap` over the items' `clusters`
+    (`tasks.Item.pattern`), with "item_level": `stats.paired` (SE and McNemar's p counting items as independent)}."""
+    result = {}
+    for a, b in pairs:
+        hits_a, hits_b = evals[a]["hits"], evals[b]["hits"]
+        item_level = paired(hits_a, hits_b)
+        item_level.pop("difference")  # the bootstrap's, the same number
+        result[f"{a}_vs_{b}"] = {**cluster_bootstrap(hits_a, hits_b, clusters), "item_level": item_level}
+    return result
 
 
 def probe_layers(s: DemoSettings, runs: Path, data: Path, samples, num_workers: int = 1) -> dict[str, Path]:
@@ -383,7 +438,12 @@ def probe_layers(s: DemoSettings, runs: Path, data: Path, samples, num_workers: 
     for method in ("kd", "vlsi"):
         run = runs / method
         cfg = stage_config(
-            s, run, {"verbalize": s.verbalize_steps}, data, ["verbalize.models=[student]", *ANSWERED], num_workers
+            s,
+            run,
+            {"verbalize": s.verbalize_steps},
+            data,
+            ["verbalize.models=[student]", *answer_settings(s)],
+            num_workers,
         )
         model = run / "stages" / "interact" / "student"
         metrics = MetricsLog(run / "probe_metrics.jsonl")
@@ -457,6 +517,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         "questions"
     )
     encoded = encode_test(test)
+    clusters = [item.pattern for item in test]
     evals = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir, **finals}, test, encoded)
     earlier = evaluate_all(before, test, encoded)
     _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
@@ -473,22 +534,25 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     plot_verbalizer_loss(merged, out / "verbalizer_loss.png")
     if (runs / "vlsi" / "layer_match.png").is_file():
         shutil.copy(runs / "vlsi" / "layer_match.png", out / "layer_match.png")
-    example = explain_example(out, test, evals)
+    example = explain_example(out, test, evals, answer_length(s))
 
     results = {
         "teacher": evals["teacher"]["accuracy"],
         **{RESULT_KEYS[m]: evals[m]["accuracy"] for m in METHODS},
         "n_test": len(test),
+        "n_clusters": len(set(clusters)),
+        "answer_tokens": answer_length(s),
         "seeds": [s.seed],
         "seconds": round(time.time() - start, 1),
         "student_init": evals["init"]["accuracy"],
         "before_sft": {m: earlier[m]["accuracy"] for m in METHODS},
-        "paired": comparisons(evals),
-        "paired_before_sft": comparisons(earlier),
+        "paired": comparisons(evals, clusters),
+        "paired_before_sft": comparisons(earlier, clusters),
         "chance": chance_accuracy(test),
         "by_task": {name: e["by_task"] for name, e in evals.items()},
         "by_task_before_sft": {name: e["by_task"] for name, e in earlier.items()},
         "by_style": {name: e["by_style"] for name, e in evals.items()},
+        **({"chain_exact": {name: e["chain_exact"] for name, e in evals.items()}} if "chain" in styles else {}),
         "match_entropy": match_sharpness(out / "runs" / "vlsi" / "metrics.jsonl"),
         "layer_accuracy": layers,
         "budget": budget(s),

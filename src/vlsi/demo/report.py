@@ -61,14 +61,31 @@ def _size(size: dict) -> str:
     return f"{size['layers']} layers x {size['hidden']}, vision depth {size['vision_depth']}"
 
 
+def signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def noise(c: dict) -> str:
+    """ "beyond noise" when the 95 % CI of a difference excludes 0; else whether TOST shows it equivalent within
+    the stated margin (`stats.MARGIN`), or that it shows neither."""
+    if c["low"] is None:
+        return "no interval from one seed"
+    if c["low"] > 0 or c["high"] < 0:
+        return "beyond noise"
+    margin = pct(c["margin"])
+    if c["equivalent"]:
+        return f"within noise, and equivalent within ±{margin} points (TOST, 5 %)"
+    return f"within noise, but not shown equivalent within ±{margin} points"
+
+
 def _compare(name: str, c: dict) -> str:
-    """'3.1 points above SFT only (SE 0.9, McNemar p = 0.001: beyond noise)' from a paired comparison."""
-    diff, se = c["difference"], c["se"]
-    beyond = abs(diff) > 2 * se
+    """'3.1 points above SFT only (95 % CI +1.2 to +5.0: beyond noise; item-level McNemar p = 0.001)' from one
+    seed's `experiment.comparisons` entry (the CI: a bootstrap over task x pattern clusters)."""
+    diff = c["difference"]
     where = "above" if diff >= 0 else "below"
     return (
-        f"{pct(abs(diff))} points {where} {name} (paired SE {pct(se)}, McNemar p = {c['p_mcnemar']:.2g}: "
-        f"{'beyond' if beyond else 'within'} noise)"
+        f"{pct(abs(diff))} points {where} {name} (95 % CI {signed(c['low'])} to {signed(c['high'])}: {noise(c)}; "
+        f"item-level McNemar p = {c['item_level']['p_mcnemar']:.2g})"
     )
 
 
@@ -90,7 +107,10 @@ def verdict(r: dict) -> str:
         closed = f"{100 * (v - sft) / gap:.0f} %"
         text += f" The teacher is {pct(gap)} points above SFT only; VLsI closes {closed} of that gap, {shares}."
     if len(r["seeds"]) == 1:
-        text += " One seed: docs/DEMO.md has three."
+        text += (
+            " One seed: these intervals are the test items' sampling noise for this training run, not the "
+            "seed-to-seed spread; `vlsi study seeds=8` gives seed-level intervals (docs/DEMO.md#statistics)."
+        )
     return text
 
 
@@ -106,6 +126,18 @@ def _table(r: dict) -> list[str]:
         early = "" if before is None else pct(before)
         lines.append("| " + " | ".join([label, f"**{pct(r[key])}**", early, *cells, wall]) + " |")
     return lines
+
+
+def _chains(r: dict) -> list[str]:
+    """With chain answers: how often each model's whole chain is right (the table scores the answer after "so")."""
+    if "chain_exact" not in r:
+        return []
+    shares = ", ".join(f"{label} {pct(r['chain_exact'][key])}" for key, label in ROWS_SHORT if key in r["chain_exact"])
+    return [
+        f'Chain answers ({r["answer_tokens"]} new tokens decoded at most): the table scores the number after "so"; '
+        f"whole chains right (every intermediate result and the answer), in %: {shares}.",
+        "",
+    ]
 
 
 def _budget(r: dict) -> list[str]:
@@ -213,10 +245,14 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         "# vlsi demo: SFT only vs SFT with the teacher's answers vs final-layer KD vs VLsI",
         "",
         f"{_split_name(r)}: **{r['n_test']} questions** (images never seen in training), chance level "
-        f"{pct(r['chance'])} %. Accuracy in %, greedy decoding, exact match after normalisation.",
+        f"{pct(r['chance'])} %. Accuracy in %, greedy decoding, exact match after normalisation. The "
+        f"{r['n_test']} questions fall into {r['n_clusters']} task x pattern clusters (a digit pair, a sequence's "
+        "start and step): the 95 % intervals of the paired differences below resample them as units (a cluster "
+        "bootstrap); McNemar's p, item-level, counts the questions as independent.",
         "",
         *_table(r),
         "",
+        *_chains(r),
         verdict(r),
         "",
         f"Teacher: Qwen2-VL architecture, {_size(TEACHER)}, trained from scratch "
@@ -285,8 +321,9 @@ def pick_example(test: list[Item], evals: dict[str, dict]) -> int:
     return 0
 
 
-def explain_example(out: Path, test: list[Item], evals: dict[str, dict]) -> dict | None:
-    """One test item with every model's final answer and, teacher beside VLsI student, each target layer's answer."""
+def explain_example(out: Path, test: list[Item], evals: dict[str, dict], max_new_tokens: int) -> dict | None:
+    """One test item with every model's final answer and, teacher beside VLsI student, each target layer's answer
+    (`max_new_tokens` of it: the task's answer length)."""
     import torch
 
     from ..explain import explain_pair, format_pair
@@ -313,7 +350,7 @@ def explain_example(out: Path, test: list[Item], evals: dict[str, dict]) -> dict
         Verbalizers.load(TEACHER_VERBALIZERS),
         item.render(),
         item.question,
-        max_new_tokens=3,
+        max_new_tokens=max_new_tokens,
     )
     example["table"] = format_pair(rows)
     example["note"] = (

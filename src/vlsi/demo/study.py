@@ -4,6 +4,10 @@ models, with a pool of questions the teacher answers.
 
     vlsi study --output /tmp/s            # about 30 minutes on 2 CPU cores (docs/STUDY.md); no network, no GPU
     vlsi study --output /tmp/s --fast     # a one-minute smoke run of the same code path (what CI runs)
+    vlsi study --output /tmp/b axis=steps steps=25,50,100,200 control=1 seeds=8   # the budget curve
+
+With `axis=steps` the runs vary the interaction steps (`steps`, replacing `distill_steps`) at `n_labelled` labelled
+questions instead of the labelled-set size; `control=1` adds the CE / KLD deep-supervision control to every run.
 
 Each (labelled-set size, seed) is one `vlsi demo` comparison (`experiment.train_students`): the same first
 `size` training questions with gold answers, the same `n_pool` further questions answered by the teacher (answered
@@ -11,11 +15,13 @@ once for the whole study), the demo's budget and schedule. Runs go `jobs` at a t
 run's own output is in its folder's `log.txt`.
 
 DIR/
-  results.json   per size and student: accuracy mean, std and per seed, before its last SFT stage too; paired
-                 comparisons (`experiment.PAIRS`) over every seed's test items
+  results.json   per size (or step budget) and student: accuracy mean, std, 95 % t CI over seeds and per seed,
+                 before its last SFT stage too; paired comparisons (`experiment.PAIRS`): the seed-level mean
+                 difference with its t CI and TOST equivalence, and each seed's cluster bootstrap (`stats`,
+                 docs/DEMO.md#statistics)
   report.md      the table, the plot and what they say
-  study.png      accuracy vs labelled questions, mean +- std over seeds, teacher and student initialisation
-  runs/n<size>-seed<k>/   each run (as `vlsi demo`'s runs/) + score.json + log.txt
+  study.png      accuracy vs labelled questions, mean and 95 % t CI over seeds, teacher and student initialisation
+  runs/n<size>-seed<k>/ (steps<n>-seed<k>/)   each run (as `vlsi demo`'s runs/) + score.json + log.txt
   data/          the training questions per size and the evaluation split (LLaVA JSON + PNG)
 
 Re-running the same command reuses every finished run; other settings into the same DIR are refused.
@@ -39,40 +45,73 @@ from tqdm import tqdm
 
 from .ablate import Job, execute_jobs, output_to
 from .experiment import (
+    CONTROL,
+    CONTROL_PAIRS,
     METHODS,
+    PAIRS,
     DemoSettings,
-    comparisons,
     encode_test,
     evaluate_all,
     peak_memory_mib,
     train_students,
 )
-from .stats import mean_std
+from .stats import cluster_bootstrap, paired_seeds, seed_mean
 from .study_report import METHOD_NAMES, write_study_report
 
 
 @dataclass
 class StudySettings(DemoSettings):
-    """The demo's settings (`n_labelled` is replaced by `sizes`), the sizes to try, seeds per size, parallel runs."""
+    """The demo's settings, the axis to vary and its points, seeds per point, parallel runs. `axis=sizes`: the
+    labelled-set sizes `sizes` (replacing `n_labelled`); `axis=steps`: the budget curve, the interaction steps
+    `steps` (replacing `distill_steps`) at `n_labelled` labelled questions. `control=1` adds the CE / KLD
+    deep-supervision control (`experiment.CONTROL`) to every run."""
 
+    axis: str = "sizes"
     sizes: str = "30,100,300,1000"
+    steps: str = "25,50,100,200"
+    control: int = 0
     seeds: int = 3
     jobs: int = 2
     n_test: int = 600
 
     @property
     def size_list(self) -> list[int]:
-        return sorted({int(x) for x in self.sizes.split(",") if x.strip()})
+        """The labelled-set sizes the runs use: `sizes` along that axis, else `n_labelled` alone."""
+        return _integers(self.sizes) if self.axis == "sizes" else [self.n_labelled]
+
+    @property
+    def points(self) -> list[int]:
+        """The axis' values, in order: labelled-set sizes or interaction steps."""
+        return _integers(self.sizes if self.axis == "sizes" else self.steps)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (*METHODS, CONTROL) if self.control else METHODS
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return (*PAIRS, *CONTROL_PAIRS) if self.control else PAIRS
 
     def check(self) -> StudySettings:
+        if self.axis not in ("sizes", "steps"):
+            raise ValueError(f"study setting axis={self.axis!r}: sizes (labelled questions) or steps (the budget)")
+        name = self.axis
         try:
-            sizes = self.size_list
+            points = self.points
         except ValueError:
-            raise ValueError(f"study setting sizes={self.sizes!r}: expected comma-separated integers") from None
-        if not sizes or sizes[0] < 1 or self.seeds < 1 or self.jobs < 1:
-            raise ValueError("study settings need sizes >= 1 (at least one), seeds >= 1 and jobs >= 1")
+            raise ValueError(
+                f"study setting {name}={getattr(self, name)!r}: expected comma-separated integers"
+            ) from None
+        if not points or points[0] < 1 or self.seeds < 1 or self.jobs < 1:
+            raise ValueError(f"study settings need {name} >= 1 (at least one), seeds >= 1 and jobs >= 1")
+        if self.control not in (0, 1):
+            raise ValueError(f"study setting control={self.control}: 0 or 1")
         super().check()
         return self
+
+
+def _integers(text: str) -> list[int]:
+    return sorted({int(x) for x in text.split(",") if x.strip()})
 
 
 FAST = dict(
@@ -109,26 +148,35 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
     done = folder / "score.json"
     if done.is_file():
         return json.loads(done.read_text())
-    size = int(job.name.removeprefix("n"))
+    point = int(job.name.removeprefix("n").removeprefix("steps"))
+    size = point if s.axis == "sizes" else s.n_labelled
     shutil.rmtree(folder / "runs", ignore_errors=True)  # a run killed midway starts afresh
     (folder / "runs" / "vlsi").mkdir(parents=True)
     if answers.is_dir():  # the pool, answered once for the whole study (none with n_pool=0)
         shutil.copytree(answers, folder / "runs" / "kd" / "answers")
     start = time.time()
-    settings = dataclasses.replace(s, n_labelled=size, seed=job.seed)
+    steps = point if s.axis == "steps" else s.distill_steps
+    settings = dataclasses.replace(s, n_labelled=size, distill_steps=steps, seed=job.seed)
     with open(folder / "log.txt", "w") as stream, output_to(stream):
         finals, before, seconds, _ = train_students(
-            settings, folder, data / f"labelled-n{size}.json", data / f"train-n{size}.json", num_workers=0
+            settings,
+            folder,
+            data / f"labelled-n{size}.json",
+            data / f"train-n{size}.json",
+            num_workers=0,
+            control=bool(s.control),
         )
         test = read_split(data / f"{s.eval_split}.json")
         encoded = encode_test(test)
         final, early = evaluate_all(finals, test, encoded), evaluate_all(before, test, encoded)
     scores = {
+        "point": point,
         "size": size,
+        "interact_steps": steps,
         "seed": job.seed,
-        "accuracy": {m: final[m]["accuracy"] for m in METHODS},
-        "before_sft": {m: early[m]["accuracy"] for m in METHODS},
-        "hits": {m: final[m]["hits"] for m in METHODS},
+        "accuracy": {m: final[m]["accuracy"] for m in s.methods},
+        "before_sft": {m: early[m]["accuracy"] for m in s.methods},
+        "hits": {m: final[m]["hits"] for m in s.methods},
         "train_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "seconds": round(time.time() - start, 1),
     }
@@ -136,17 +184,30 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
     return scores
 
 
-def summarise(s: StudySettings, runs: list[dict]) -> dict:
-    """{size: {method: accuracy mean/std/per seed, before_sft likewise}, paired comparisons over all seeds' items}."""
+def summarise(s: StudySettings, runs: list[dict], clusters: list[str]) -> dict:
+    """{point (labelled-set size or interaction steps): {method: accuracy mean, std, t CI and per seed
+    (`stats.seed_mean`), before_sft likewise; "paired": {"a_vs_b": the seed-level difference (`stats.paired_seeds`),
+    with "per_seed_bootstrap": each seed's `stats.cluster_bootstrap` over the test items' `clusters`},
+    "paired_before_sft": seed-level differences}}. The seeds are the replicates: items of one seed are never pooled
+    with another's as independent pairs."""
     table = {}
-    for n in s.size_list:
-        mine = sorted((r for r in runs if r["size"] == n), key=lambda r: r["seed"])
+    for n in s.points:
+        mine = sorted((r for r in runs if r["point"] == n), key=lambda r: r["seed"])
         row = {}
-        for m in METHODS:
-            row[m] = {**mean_std([r["accuracy"][m] for r in mine]), "per_seed": [r["accuracy"][m] for r in mine]}
-            row[f"{m}_before_sft"] = mean_std([r["before_sft"][m] for r in mine])
-        pooled = {m: {"hits": [h for r in mine for h in r["hits"][m]]} for m in METHODS}
-        row["paired"] = comparisons(pooled)
+        for m in s.methods:
+            row[m] = {**seed_mean([r["accuracy"][m] for r in mine]), "per_seed": [r["accuracy"][m] for r in mine]}
+            row[f"{m}_before_sft"] = seed_mean([r["before_sft"][m] for r in mine])
+        row["paired"] = {
+            f"{a}_vs_{b}": {
+                **paired_seeds(row[a]["per_seed"], row[b]["per_seed"]),
+                "per_seed_bootstrap": [cluster_bootstrap(r["hits"][a], r["hits"][b], clusters) for r in mine],
+            }
+            for a, b in s.pairs
+        }
+        row["paired_before_sft"] = {
+            f"{a}_vs_{b}": paired_seeds([r["before_sft"][a] for r in mine], [r["before_sft"][b] for r in mine])
+            for a, b in s.pairs
+        }
         table[str(n)] = row
     return table
 
@@ -158,24 +219,50 @@ def plot_study(results: dict, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     sizes = [int(n) for n in results["table"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    settings = results["settings"]
+    fig, axes = plt.subplots(
+        1,
+        2 if settings["axis"] == "steps" else 1,
+        figsize=(6.4 * (1 + (settings["axis"] == "steps")), 4.2),
+        squeeze=False,
+    )
+    for ax, suffix, title in zip(axes[0], ("", "_before_sft"), ("after stage 3", "before stage 3")):
+        _plot_axis(ax, results, sizes, suffix)
+        if settings["axis"] == "steps":
+            ax.set_title(f"{title}: mean and 95 % t CI over {settings['seeds']} seeds")
+        else:
+            ax.set_title(f"mean and 95 % t CI over {settings['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _plot_axis(ax, results: dict, sizes: list[int], suffix: str) -> None:
+    """One panel: every method's mean and 95 % t CI (`suffix` "_before_sft": before its last SFT stage)."""
+    settings = results["settings"]
     for m, label in METHOD_NAMES:
-        means = [100 * results["table"][str(n)][m]["mean"] for n in sizes]
-        stds = [100 * results["table"][str(n)][m]["std"] for n in sizes]
-        ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=label)
+        if f"{m}{suffix}" not in results["table"][str(sizes[0])]:
+            continue
+        rows = [results["table"][str(n)][f"{m}{suffix}"] for n in sizes]
+        means = [100 * row["mean"] for row in rows]
+        # one seed has no interval: no bar
+        spans = [
+            [0.0 if r["low"] is None else 100 * (r["mean"] - r["low"]) for r in rows],
+            [0.0 if r["high"] is None else 100 * (r["high"] - r["mean"]) for r in rows],
+        ]
+        ax.errorbar(sizes, means, yerr=spans, marker="o", capsize=3, label=label)
     ax.axhline(100 * results["teacher"], color="black", linestyle="--", linewidth=1, label="teacher")
     ax.axhline(100 * results["student_init"], color="grey", linestyle=":", linewidth=1, label="student initialisation")
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel(f"labelled training questions (+ {results['settings']['n_pool']} answered by the teacher)")
+    if settings["axis"] == "steps":
+        ax.set_xlabel(f"interaction steps (then {settings['sft_steps']} SFT steps; {settings['n_labelled']} labelled)")
+    else:
+        ax.set_xlabel(f"labelled training questions (+ {settings['n_pool']} answered by the teacher)")
     ax.set_ylabel(f"accuracy on {results['n_test']} held-out questions (%)")
-    ax.set_title(f"mean +- std over {results['settings']['seeds']} seeds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
 
 
 def _check_same_settings(out: Path, s: StudySettings) -> None:
@@ -200,9 +287,9 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     start = time.time()
     _check_same_settings(out, s)
     data, runs_dir = out / "data", out / "runs"
-    sizes = s.size_list
+    points = s.points
     print(
-        f"== vlsi study: {len(sizes)} labelled-set sizes ({s.sizes}) x {s.seeds} seeds, {s.n_pool} questions "
+        f"== vlsi study: {len(points)} {s.axis} ({getattr(s, s.axis)}) x {s.seeds} seeds, {s.n_pool} questions "
         f"answered by the teacher, {s.n_test} {s.eval_split} questions",
         file=sys.stderr,
     )
@@ -212,7 +299,12 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     shipped = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir}, test, encode_test(test))
 
     # largest first: the longest runs start first, so the last ones finish together
-    jobs = [Job("study", f"n{n}", k, str(runs_dir / f"n{n}-seed{k}")) for n in reversed(sizes) for k in range(s.seeds)]
+    prefix = "n" if s.axis == "sizes" else "steps"
+    jobs = [
+        Job("study", f"{prefix}{n}", k, str(runs_dir / f"{prefix}{n}-seed{k}"))
+        for n in reversed(points)
+        for k in range(s.seeds)
+    ]
     print(f"== vlsi study: {len(jobs)} runs, {s.jobs} at a time; logs in {runs_dir}/<run>/log.txt", file=sys.stderr)
     pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) if s.jobs > 1 else None
     try:
@@ -223,7 +315,8 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     results = {
-        "table": summarise(s, list(done.values())),
+        "table": summarise(s, list(done.values()), [item.pattern for item in test]),
+        "n_clusters": len({item.pattern for item in test}),
         "teacher": shipped["teacher"]["accuracy"],
         "student_init": shipped["init"]["accuracy"],
         "n_test": len(test),

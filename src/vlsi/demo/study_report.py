@@ -4,47 +4,88 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import _compare, pct
+from .report import noise, pct, signed
 
 METHOD_NAMES = (
     ("sft", "SFT only"),
     ("sft_teacher", "SFT with the teacher's answers"),
     ("kd", "final-layer KD"),
     ("vlsi", "VLsI"),
+    ("ce_kld", "CE / KLD control"),
 )
 
 
+def _methods(r: dict) -> list[tuple[str, str]]:
+    """The methods this study ran (the CE / KLD control only with `control=1`)."""
+    first = next(iter(r["table"].values()))
+    return [(m, label) for m, label in METHOD_NAMES if m in first]
+
+
+def _point(r: dict, n: str) -> str:
+    return f"{n} interaction steps" if r["settings"]["axis"] == "steps" else f"{n} labelled"
+
+
 def _cell(stats: dict) -> str:
-    return f"{pct(stats['mean'])} ± {pct(stats['std'])}"
+    """'75.3 [73.1, 77.5]': the mean over seeds and its 95 % t CI (the mean alone for one seed)."""
+    if stats["low"] is None:
+        return pct(stats["mean"])
+    return f"{pct(stats['mean'])} [{pct(stats['low'])}, {pct(stats['high'])}]"
+
+
+def seed_difference(name: str, c: dict) -> str:
+    """'+0.3 points over final-layer KD (95 % CI -1.2 to +1.8 over 8 seeds: within noise, ...)' from a
+    `stats.paired_seeds` result."""
+    if c["low"] is None:
+        return f"{signed(c['difference'])} points against {name} (one seed: no interval)"
+    return (
+        f"{signed(c['difference'])} points against {name} (95 % CI {signed(c['low'])} to {signed(c['high'])} over "
+        f"{c['n']} seeds, paired t: {noise(c)})"
+    )
 
 
 def findings(r: dict) -> list[str]:
-    """One line per labelled-set size: the best student and VLsI's paired differences, from the numbers alone."""
+    """One line per labelled-set size: the best student and VLsI's seed-level paired differences."""
     lines = []
     for n, row in r["table"].items():
-        best = max(METHOD_NAMES, key=lambda m: row[m[0]]["mean"])[1]
-        lines.append(
-            f"- **{n} labelled**: best {best}; VLsI is {_compare('SFT only', row['paired']['vlsi_vs_sft'])}, "
-            f"{_compare('SFT with the teacher answers', row['paired']['vlsi_vs_sft_teacher'])}, "
-            f"{_compare('final-layer KD', row['paired']['vlsi_vs_kd'])} (paired over {len(r['seeds'])} seeds' "
-            "test items)."
+        best = max(_methods(r), key=lambda m: row[m[0]]["mean"])[1]
+        paired = row["paired"]
+        line = (
+            f"- **{_point(r, n)}**: best {best}; VLsI is {seed_difference('SFT only', paired['vlsi_vs_sft'])}, "
+            f"{seed_difference('SFT with the teacher answers', paired['vlsi_vs_sft_teacher'])}, "
+            f"{seed_difference('final-layer KD', paired['vlsi_vs_kd'])}; before the last SFT stage "
+            f"{seed_difference('final-layer KD', row['paired_before_sft']['vlsi_vs_kd'])}"
         )
+        if "vlsi_vs_ce_kld" in paired:
+            line += (
+                f". Teacher layers or deep supervision: VLsI is "
+                f"{seed_difference('the CE / KLD control', paired['vlsi_vs_ce_kld'])}; before the last SFT stage "
+                f"{seed_difference('it', row['paired_before_sft']['vlsi_vs_ce_kld'])}"
+            )
+        lines.append(line + ".")
     return lines
 
 
 def write_study_report(out: Path, r: dict) -> Path:
     s = r["settings"]
+    methods = _methods(r)
     head = [
-        "labelled questions",
-        *(label for _, label in METHOD_NAMES),
-        *(f"{label}, before its last SFT" for _, label in METHOD_NAMES),
+        "interaction steps" if s["axis"] == "steps" else "labelled questions",
+        *(label for _, label in methods),
+        *(f"{label}, before its last SFT" for _, label in methods),
     ]
+    axis = (
+        f"by interaction steps (the budget curve; {s['n_labelled']} labelled questions, {s['sft_steps']} SFT steps)"
+        if s["axis"] == "steps"
+        else "by labelled questions"
+    )
     lines = [
-        "# vlsi study: SFT only, SFT with the teacher's answers, final-layer KD and VLsI, by labelled questions",
+        f"# vlsi study: {', '.join(label for _, label in methods)}, {axis}",
         "",
         f"{'Held-out test' if s['eval_split'] == 'test' else 'Validation'} split: {r['n_test']} questions "
-        f"({s['tasks']}; answered as {s['styles']}). Accuracy in %, mean ± standard deviation over "
-        f"{len(r['seeds'])} seeds. Teacher {pct(r['teacher'])}, student initialisation {pct(r['student_init'])}. "
+        f"({s['tasks']}; answered as {s['styles']}; {r['n_clusters']} task x pattern clusters). Accuracy in %, "
+        f"mean over {len(r['seeds'])} seeds [95 % t confidence interval from the seed-to-seed spread]; differences "
+        "are paired by seed (each seed trains every student once), never pooled over items. Teacher "
+        f"{pct(r['teacher'])}, student initialisation {pct(r['student_init'])}. "
         f"Every run also has {s['n_pool']} questions answered by the teacher (every student but SFT only trains on "
         "them; SFT only has no teacher).",
         "",
@@ -54,7 +95,7 @@ def write_study_report(out: Path, r: dict) -> Path:
         "|" + "---|" * len(head),
     ]
     for n, row in r["table"].items():
-        cells = [_cell(row[m]) for m, _ in METHOD_NAMES] + [_cell(row[f"{m}_before_sft"]) for m, _ in METHOD_NAMES]
+        cells = [_cell(row[m]) for m, _ in methods] + [_cell(row[f"{m}_before_sft"]) for m, _ in methods]
         lines.append("| " + " | ".join([n, *cells]) + " |")
     lines += [
         "",
@@ -63,7 +104,7 @@ def write_study_report(out: Path, r: dict) -> Path:
         "## Run",
         "",
         f"- command: `vlsi study --output {out}{' --fast' if s['fast'] else ''}`; settings "
-        + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("fast", "n_labelled", "seed")),
+        + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("fast", "seed")),
         f"- wall time {r['seconds']:.0f} s ({r['run_seconds']:.0f} s of runs); peak memory "
         f"{r['peak_memory_mib']['main']:.0f} MiB (main process), {r['peak_memory_mib']['largest_child']:.0f} MiB "
         f"(largest run); {r['machine']}",

@@ -10,7 +10,10 @@ complete a sequence):
     compare   two different handwritten digits in the first and last slots: which is larger?
     sequence  three handwritten digits a, a+d, a+2d (d = +-1, 2, 3) in the first three slots: which comes next?
 
-and three answer styles, as in the benchmarks: a short number, yes/no, or a multiple-choice letter.
+and three answer styles, as in the benchmarks: a short number, yes/no, or a multiple-choice letter; and a fourth,
+`chain`, that gives the intermediate results before the answer ("3 5 7 so 9": the digits read, then "so" and the
+next term; for counting, the shapes in each non-empty slot), a multi-token answer scored on the number after "so"
+(and, whole, by `chain_exact`). `chain` is not among the default STYLES: the shipped teacher was not trained on it.
 
 The held-out test split never shares an image with the other splits, by construction: its digits come from a
 fixed 20 % of scikit-learn's 1797 digit images that the other splits never use, and drawn-shape layouts are
@@ -32,7 +35,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TASKS = ("digit", "count", "compare", "sequence")
-STYLES = ("number", "yesno", "choice")
+STYLES = ("number", "yesno", "choice")  # the default: every style the shipped teacher was trained on
+CHAIN = "chain"
+ALL_STYLES = (*STYLES, CHAIN)
 SPLITS = {"teacher": 1, "train": 2, "val": 3, "test": 4}  # split name -> generator seed
 TEST_SPLIT = "test"
 SLOT = 28  # one image token
@@ -46,6 +51,7 @@ LETTERS = "ABCD"
 ASK_NUMBER = "Answer with a single number."
 ASK_YESNO = "Answer yes or no."
 ASK_LETTER = "Answer with the option's letter."
+ASK_CHAIN = "Give what you read, then so and the answer."
 QUESTIONS = {
     ("digit", "number"): "Which digit is shown? " + ASK_NUMBER,
     ("digit", "yesno"): "Is the digit {q}? " + ASK_YESNO,
@@ -59,6 +65,10 @@ QUESTIONS = {
     ("sequence", "number"): "The digits form a sequence. Which number comes next? " + ASK_NUMBER,
     ("sequence", "yesno"): "The digits form a sequence. Does {q} come next? " + ASK_YESNO,
     ("sequence", "choice"): "The digits form a sequence. Which number comes next? {options} " + ASK_LETTER,
+    ("digit", CHAIN): "Which digit is shown? " + ASK_CHAIN,
+    ("count", CHAIN): "How many shapes are there? " + ASK_CHAIN,
+    ("compare", CHAIN): "What is the larger of the two digits? " + ASK_CHAIN,
+    ("sequence", CHAIN): "The digits form a sequence. Which number comes next? " + ASK_CHAIN,
 }
 SIDES = ("left", "right")
 SHAPES = ("circle", "square", "triangle")
@@ -79,6 +89,22 @@ class Item:
 
     def render(self) -> Image.Image:
         return render(self.digits, self.shapes)
+
+    @property
+    def pattern(self) -> str:
+        """The cluster of items this one is answered with, for statistics that must not count near-copies as
+        independent (`stats.cluster_bootstrap`): its task and what decides its answer. "compare 3-7" (the digit
+        pair, left-right), "sequence 2+3" (the start and the step), "digit 5", "count 4"; not the style, the
+        handwriting or the shape layout."""
+        _, target = _digits()
+        values = [int(target[index]) for _, index in self.digits]
+        if self.task == "compare":
+            return f"compare {values[0]}-{values[1]}"
+        if self.task == "sequence":
+            return f"sequence {values[0]}{values[1] - values[0]:+d}"
+        if self.task == "count":
+            return f"count {len(self.shapes)}"
+        return f"digit {values[0]}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,11 +170,19 @@ def _options(rng: random.Random, correct: int, low: int, high: int) -> tuple[str
     return text, LETTERS[values.index(correct)]
 
 
-def _ask(rng: random.Random, task: str, style: str, value: int, low: int, high: int) -> tuple[str, str]:
-    """(question, answer) asking for `value` in `style`; yes/no questions are true half of the time."""
+def chain(steps, value: int) -> str:
+    """The chain-style answer: the intermediate results, then "so" and the answer ("3 5 7 so 9")."""
+    return " ".join(str(x) for x in steps) + f" so {value}"
+
+
+def _ask(rng: random.Random, task: str, style: str, value: int, low: int, high: int, steps=()) -> tuple[str, str]:
+    """(question, answer) asking for `value` in `style` (`steps`: the intermediate results a chain answer gives
+    first); yes/no questions are true half of the time. Number and chain questions draw nothing from `rng`."""
     template = QUESTIONS[task, style]
     if style == "number":
         return template, str(value)
+    if style == CHAIN:
+        return template, chain(steps, value)
     if style == "yesno":
         q = value if rng.random() < 0.5 else rng.choice([v for v in range(low, high + 1) if v != value])
         return template.format(q=q), "yes" if q == value else "no"
@@ -164,7 +198,7 @@ def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) ->
     pool = digit_pools()[side]
     if task == "digit":
         value = rng.randrange(10)
-        question, answer = _ask(rng, task, style, value, 0, 9)
+        question, answer = _ask(rng, task, style, value, 0, 9, steps=(value,))
         digits = ((rng.randrange(SLOTS), _pick(rng, pool, value)),)
         return Item(item_id, task, style, question, answer, digits=digits)
     if task == "count":
@@ -178,7 +212,7 @@ def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) ->
             )
             if layout_side(shapes) == side:
                 break
-        question, answer = _ask(rng, task, style, n, 1, 9)
+        question, answer = _ask(rng, task, style, n, 1, 9, steps=slot_counts(shapes))
         return Item(item_id, task, style, question, answer, shapes=shapes)
     if task == "compare":
         left, right = rng.sample(range(10), 2)
@@ -187,6 +221,8 @@ def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) ->
             answer = "A" if left > right else "B"
         elif style == "yesno":
             question, answer = QUESTIONS[task, style], "yes" if left > right else "no"
+        elif style == CHAIN:
+            question, answer = QUESTIONS[task, style], chain((left, right), max(left, right))
         else:
             question, answer = QUESTIONS[task, style], str(max(left, right))
         digits = ((0, _pick(rng, pool, left)), (SLOTS - 1, _pick(rng, pool, right)))
@@ -195,8 +231,53 @@ def _make(rng: random.Random, task: str, style: str, side: str, item_id: str) ->
     d = rng.choice([-3, -2, -1, 1, 2, 3])
     a = rng.choice([a for a in range(10) if 0 <= a + 3 * d <= 9])
     terms = tuple((k, _pick(rng, pool, a + k * d)) for k in range(3))
-    question, answer = _ask(rng, task, style, a + 3 * d, 0, 9)
+    question, answer = _ask(rng, task, style, a + 3 * d, 0, 9, steps=(a, a + d, a + 2 * d))
     return Item(item_id, task, style, question, answer, digits=terms)
+
+
+def slot_counts(shapes) -> list[int]:
+    """Shapes per non-empty slot, left to right: a slot is two cell columns wide."""
+    per_slot = [0] * SLOTS
+    for cell, *_ in shapes:
+        per_slot[(cell % CELLS[0]) * CELL // SLOT] += 1
+    return [n for n in per_slot if n]
+
+
+def possible_answers(tasks: tuple[str, ...], styles: tuple[str, ...]) -> list[str]:
+    """Every answer a question of `tasks` x `styles` can have (chain counts: every split of 1-9 shapes into non-empty
+    slots of at most 4), so that answer lengths follow from the task, not from the items drawn."""
+    values = {"digit": range(10), "count": range(1, 10), "compare": range(1, 10), "sequence": range(10)}
+    found: set[str] = set()
+    for task in tasks:
+        for style in styles:
+            if style == "yesno":
+                found |= {"yes", "no"}
+            elif style == "choice":
+                found |= set(LETTERS[:2] if task == "compare" else LETTERS)
+            elif style == "number":
+                found |= {str(v) for v in values[task]}
+            elif task == "digit":
+                found |= {chain((v,), v) for v in range(10)}
+            elif task == "compare":
+                found |= {chain((a, b), max(a, b)) for a in range(10) for b in range(10) if a != b}
+            elif task == "sequence":
+                found |= {
+                    chain((a, a + d, a + 2 * d), a + 3 * d)
+                    for d in (-3, -2, -1, 1, 2, 3)
+                    for a in range(10)
+                    if 0 <= a + 3 * d <= 9
+                }
+            else:
+                found |= {chain(split, sum(split)) for split in _slot_splits(SLOTS) if 1 <= sum(split) <= 9}
+    return sorted(found)
+
+
+def _slot_splits(slots: int) -> list[tuple[int, ...]]:
+    """Every tuple of 1-4 shapes per slot over at most `slots` non-empty slots (four cells a slot)."""
+    if slots == 0:
+        return [()]
+    shorter = _slot_splits(slots - 1)
+    return [()] + [(n, *rest) for n in range(1, 5) for rest in shorter]
 
 
 def make_split(split: str, n: int, tasks: tuple[str, ...] = TASKS, styles: tuple[str, ...] = STYLES) -> list[Item]:
@@ -204,7 +285,7 @@ def make_split(split: str, n: int, tasks: tuple[str, ...] = TASKS, styles: tuple
     deterministic (a longer split extends a shorter one with the same tasks and styles)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    for name, chosen, known in (("task", tasks, TASKS), ("style", styles, STYLES)):
+    for name, chosen, known in (("task", tasks, TASKS), ("style", styles, ALL_STYLES)):
         if not chosen or set(chosen) - set(known):
             raise ValueError(f"unknown or no {name}s {list(chosen)}; expected some of {', '.join(known)}")
     rng = random.Random(SPLITS[split])
@@ -239,8 +320,10 @@ def read_split(path: Path) -> list[Item]:
 
 def corpus() -> str:
     """Every word the task uses, for training the shared tokenizer (`vlsi.models.tiny.build_tokenizer`)."""
-    words = ["user assistant system", *SIDES, "yes no", *LETTERS]
+    words = ["user assistant system", *SIDES, "yes no", *LETTERS]  # the shipped tokenizer: chain words are not in it
     for (_task, style), template in QUESTIONS.items():
+        if style == CHAIN:
+            continue
         for q in range(10):
             options = " ".join(f"{letter}. {q}" for letter in LETTERS)
             words.append(template.format(q=q, options=options if style == "choice" else "A. left B. right"))
@@ -250,11 +333,16 @@ def corpus() -> str:
 
 _LETTER = re.compile(r"\b([A-D])\b")
 _NUMBER = re.compile(r"-?\d+")
+_CHAIN_ANSWER = re.compile(r"\bso\s*(-?\d+)")
 
 
 def normalise(text: str, style: str) -> str:
-    """The answer a free-text reply gives in `style`: a letter A-D, "yes"/"no", or an integer; "" if none."""
+    """The answer a free-text reply gives in `style`: a letter A-D, "yes"/"no", an integer, or for a chain the
+    integer after "so"; "" if none."""
     text = text.strip()
+    if style == CHAIN:
+        match = _CHAIN_ANSWER.search(text)
+        return str(int(match.group(1))) if match else ""
     if style == "choice":
         match = _LETTER.search(text)
         return match.group(1) if match else ""
@@ -272,12 +360,17 @@ def is_correct(prediction: str, item: Item) -> bool:
     return guess != "" and guess == normalise(item.answer, item.style)
 
 
+def chain_exact(prediction: str, item: Item) -> bool:
+    """A chain reply right as a whole: every intermediate result and the answer, spacing aside."""
+    return prediction.split() == item.answer.split()
+
+
 def chance_accuracy(items: list[Item]) -> float:
     """Expected accuracy of uniform guessing: 1/2 for yes/no, 1/4 per letter, 1/(values possible) per number."""
     per_style = {"yesno": 1 / 2, "choice": 1 / len(LETTERS)}
     total = 0.0
     for item in items:
-        if item.style == "number":
+        if item.style in ("number", CHAIN):  # a chain is scored on its answer alone
             total += 1 / (9 if item.task in ("count", "compare") else 10)
         elif item.task == "compare" and item.style == "choice":
             total += 1 / 2

@@ -2,7 +2,7 @@
 exact divergence for each k, what a cached token costs on disk, and how fast `vlsi.cache.build_cache` runs.
 
 Error: for every response token of a demo split, the exact forward KL(teacher || student) against the top-k estimate
-(`vlsi.losses.topk_kl_from_logits`, tail as one bucket) at every teacher target layer and the teacher's output. A
+(`vlsi.losses.token_divergence`, tail as one bucket) at every teacher target layer and the teacher's output. A
 teacher layer is compared with every student target layer (the entries of the matching matrix D), the teacher's
 output with the student's output (the last-layer term). Reported per teacher layer: mean absolute error (nats), and
 relative error = sum |error| / sum exact. The student is the demo student with verbalizers from a `vlsi train` run
@@ -30,7 +30,7 @@ from vlsi.config import load_config
 from vlsi.data import VLDataset, make_collate, read_dataset, split_batch
 from vlsi.demo.models import STUDENT_DIR, TEACHER_DIR, TEACHER_TARGET_LAYERS, TEACHER_VERBALIZERS
 from vlsi.demo.tasks import make_split, write_split
-from vlsi.losses import TopK, kl_from_logits, log_probs, top_k, topk_kl_from_logits
+from vlsi.losses import TopK, log_probs, token_divergence, top_k
 from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
@@ -78,13 +78,13 @@ def errors(data: Path, student_verbalizers: str | None, ks, batch_size: int) -> 
         for j in range(len(names)):
             # teacher layer j against every student target layer; the output against the student's output
             pairs = [s_lp[:, -1]] if j == len(names) - 1 else list(s_lp[:, :-1].unbind(1))
-            exact = torch.stack([kl_from_logits(s, full[:, j]) for s in pairs])  # [pairs, N]
+            exact = torch.stack([token_divergence(s, TopK(full[:, j])) for s in pairs])  # [pairs, N]
             exact_sum[j] += exact.double().sum()
             for k, dtype in variants:
                 cached = top_k(full[:, j], k)
                 stored = getattr(torch, dtype)
                 cached = TopK(cached.log_probs.to(stored).float(), cached.ids, cached.log_tail)
-                estimate = torch.stack([topk_kl_from_logits(s, cached) for s in pairs])
+                estimate = torch.stack([token_divergence(s, cached) for s in pairs])
                 sums[(k, dtype)][j] += torch.tensor([(estimate - exact).abs().double().sum(), exact.numel()])
     result = {}
     for (k, dtype), s in sums.items():

@@ -1,18 +1,22 @@
 """Each stage trains what it should and leaves everything else bit-identical."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vlsi.stages.interact as interact_stage
 import vlsi.stages.sft as sft_stage
 import vlsi.stages.verbalize as verbalize_stage
 from vlsi.config import load_config
 from vlsi.data import read_dataset
-from vlsi.models.family import model_parts
+from vlsi.matching import layer_match
+from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import load_model
 from vlsi.models.verbalizer import Verbalizers
+from vlsi.stages.common import split_batch
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog, train
 from vlsi.toy import write_digits_dataset, write_tiny_pair
@@ -75,7 +79,7 @@ def test_interact_freezes_teacher_head_and_vision(toy, tmp_path, lora):
         "interact.lora.r=4",
     )
     step = run.step
-    teacher, _, t_verb = step.frozen_teacher
+    teacher, t_verb = step.teacher.model, step.teacher.verbalizers
     student, s_verb, (s_parts,) = step.student, step.verbalizers, step.s_parts
     before_teacher, before_t_verb = _snapshot(teacher), _snapshot(t_verb)
     before_student, before_s_verb = _snapshot(student), _snapshot(s_verb)
@@ -223,3 +227,87 @@ def test_match_sharpness_is_logged_for_sampling_strategies_only(toy, tmp_path, s
     n = 2 - logs["match"][0][0]
     assert logs["match_entropy/layer2"] == pytest.approx(1.0 if n == 2 else 0.0)
     assert logs["match_pmax/layer2"] == pytest.approx(1 / n)
+
+
+def _plain_divergence(s_logits, t_logits, kind):
+    """Token-averaged divergence of whole logits [N, V], with autograd, written out (F.kl_div for the KLs)."""
+    ls, lt = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+    if kind == "forward":
+        return F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1).mean()
+    if kind == "reverse":
+        return F.kl_div(lt, ls, log_target=True, reduction="none").sum(-1).mean()
+    if kind == "l2":
+        return (ls - lt).square().mean(-1).mean()
+    m = 0.5 * (ls.exp() + lt.exp())
+    return 0.5 * (lt.exp() * (lt - m.log())).sum(-1).mean() + 0.5 * (ls.exp() * (ls - m.log())).sum(-1).mean()
+
+
+@pytest.mark.parametrize(
+    "intermediate, kind, strategy",
+    [
+        ("kld", "forward", "adaptive"),
+        ("kld", "reverse", "adaptive"),
+        ("kld", "jsd", "bottom_k"),
+        ("l2", "forward", "adaptive"),
+    ],
+)
+def test_interaction_step_equals_the_plain_computation(toy, tmp_path, intermediate, kind, strategy):
+    """The step (each teacher target computed once, the candidate scores reused as the matched losses, their gradient
+    recomputed chunk by chunk in backward) against the plain computation it replaces, in float64: whole logits of
+    every verbalized layer with autograd, the candidates scored pair by pair, the same draws: the same matches, loss
+    and gradients."""
+    overrides = [f"interact.intermediate_loss={intermediate}", f"interact.divergence={kind}", "chunk_size=3"]
+    run = _interaction(toy, tmp_path, *overrides, f"interact.match.strategy={strategy}", "interact.match.bottom_k=2")
+    step, live = run.step, run.step.teacher
+    (s_parts,), s_verb, t_parts, t_verb, vocab = (
+        step.s_parts,
+        step.verbalizers,
+        live.parts,
+        live.verbalizers,
+        step.vocab,
+    )
+    step.double(), live.model.double(), t_verb.double()
+    batch = next(iter(run.loader))
+    batch = {who: {k: v.double() if v.is_floating_point() else v for k, v in b.items()} for who, b in batch.items()}
+    draws = step.generator.get_state()
+    loss, logs = step(batch)
+    trained = [p for p in step.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, trained)
+
+    t_inputs, t_mask, _ = split_batch(batch["teacher"])
+    with torch.no_grad(), capture(t_parts.layers, t_verb.target_layers) as t_states:
+        t_logits = live.model(**t_inputs, logits_to_keep=t_mask).logits[:, :vocab]
+    t_layers = [
+        t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab)(t_states[layer][t_mask]).detach()
+        for j, layer in enumerate(t_verb.target_layers)
+    ]
+    s_inputs, s_mask, _ = split_batch(batch["student"])
+    with capture(s_parts.layers, s_verb.target_layers) as s_states:
+        s_logits = step.student(**s_inputs, logits_to_keep=s_mask).logits[:, :vocab]
+    s_layers = [
+        s_verb.head(i, s_parts.norm, s_parts.lm_head, vocab)(s_states[layer][s_mask])
+        for i, layer in enumerate(s_verb.target_layers)
+    ]
+    layer_kind = "l2" if intermediate == "l2" else kind
+    plain = [[_plain_divergence(s, t, layer_kind) for s in s_layers] for t in t_layers]  # [t_l][t_s]
+    scores = torch.stack([torch.stack(row) for row in plain]).detach()
+    options = dataclasses.asdict(step.cfg.match)
+    match = layer_match(scores, **options, generator=torch.Generator().set_state(draws))
+    plain_loss = sum(torch.stack([plain[j][i] for j in chosen]).mean() for i, chosen in enumerate(match))
+    plain_loss = plain_loss + _plain_divergence(s_logits, t_logits, kind)
+
+    assert logs["match"] == match
+    assert strategy != "bottom_k" or len(match[0]) == 2  # a layer's term is then the mean over two pairs
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(plain_loss, trained), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+
+
+def test_interact_step_refuses_a_student_whose_final_norm_trains(toy, tmp_path):
+    """The matched divergences send their gradient below the shared final norm and LM head only: a trained one would
+    silently get none, so the step refuses it."""
+    run = _interaction(toy, tmp_path)
+    (s_parts,), step = run.step.s_parts, run.step
+    s_parts.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="final norm and LM head must be frozen"):
+        interact_stage.InteractStep(step.student, s_parts, step.verbalizers, step.teacher, _cfg(toy), 8, step.generator)

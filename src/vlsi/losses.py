@@ -3,10 +3,12 @@
 
 Every distribution lives on the shared vocabulary: callers slice logits to `shared_vocab_size(...)` columns.
 The maths runs in at least fp32 whatever the input dtype (bf16 in, fp32 out; fp64 stays fp64 for reference tests).
-The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`, in vlsi: verb-FFN -> frozen
-final norm -> frozen LM head -> shared-vocab slice) so that [tokens x vocab] logits exist for one chunk at a time
-and are recomputed during backward instead of being kept for it. `chunks` is the rows per chunk, or the row ranges
-themselves, visited in order (a distributed launch may add empty ones: `vlsi.distributed.chunk_plan`).
+A student is compared with a *teacher target* (`TopK`): one teacher distribution per token, whole (the live teacher,
+a cache with `cache.top_k=0`) or its top k with the rest as one bucket (a teacher cache); every divergence takes
+either. The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`) so that
+[tokens x vocab] logits exist for one chunk at a time and are recomputed during backward instead of being kept for
+it. `chunks` is the rows per chunk, or the row ranges themselves, visited in order (a distributed launch may add
+empty ones: `vlsi.distributed.chunk_plan`).
 """
 
 from __future__ import annotations
@@ -71,10 +73,7 @@ def _checkpointed_sum(chunk_sum: Callable, rows: Sequence, fixed: tuple, chunks:
     row slices are kept for backward, and the chunk's [c, V] logits are recomputed then."""
     n = rows[0].shape[0]
     _check_tokens(n)
-    return sum(
-        checkpoint(chunk_sum, *(None if t is None else t[r] for t in rows), *fixed, use_reentrant=False)
-        for r in _chunks(n, chunks)
-    )
+    return sum(checkpoint(chunk_sum, *(t[r] for t in rows), *fixed, use_reentrant=False) for r in _chunks(n, chunks))
 
 
 def _log_probs(logits: Tensor) -> Tensor:
@@ -86,6 +85,45 @@ def log_probs(logits: Tensor) -> Tensor:
     """Log-probabilities [..., V] of logits [..., V], in at least fp32: what every divergence here compares (and what
     a teacher cache stores, so that a cached teacher gives the live one's numbers)."""
     return _log_probs(logits)
+
+
+# --- a teacher target: what a student distribution is compared with, for one teacher layer or output ---
+
+_EMPTY_BUCKET = -1e4  # log-mass of a tail bucket that holds nothing (k = V): exp() is 0, and it meets itself
+
+
+class TopK(NamedTuple):
+    """A teacher target over N tokens. `ids` None: `log_probs` [N, V] is the whole distribution (the live teacher,
+    `TopK(log_probs(logits))`, or a cache with `cache.top_k=0`) and `log_tail` is unused. Otherwise, as a teacher
+    cache keeps it (docs/CACHE.md): the k largest log-probabilities [N, k], their token ids [N, k] (integer) and the
+    log of the mass left outside them [N] (-inf where nothing is left)."""
+
+    log_probs: Tensor
+    ids: Tensor | None = None
+    log_tail: Tensor | None = None
+
+    def rows(self, r: slice) -> TopK:
+        return TopK(*(None if t is None else t[r] for t in self))
+
+
+def top_k(log_probs: Tensor, k: int) -> TopK:
+    """Keep the k largest of log-probabilities [N, V] (k = 0: all of them, no ids); the tail is the log-sum-exp of
+    the others, exactly -inf when k >= V (never 1 - sum, which rounds to a spurious positive mass)."""
+    if k == 0:
+        return TopK(log_probs)
+    values, ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # [N, k], sorted
+    return TopK(values, ids, log_probs.scatter(-1, ids, -math.inf).logsumexp(-1))
+
+
+def _check_target(teacher: TopK, kind: str, n: int) -> None:
+    _check_kind(kind)
+    if teacher.log_probs.shape[0] != n:
+        raise ValueError(
+            f"the student has {n} tokens but the teacher target {teacher.log_probs.shape[0]}; they must be the same "
+            "tokens"
+        )
+    if kind == "l2" and teacher.ids is not None:
+        raise ValueError("the l2 distance needs the whole teacher distribution: a cache with cache.top_k=0")
 
 
 def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
@@ -101,59 +139,51 @@ def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
     return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
 
 
-def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
-    """Per-token divergence [N] between logits [N, V]: forward KL(t||s), reverse KL(s||t), Jensen-Shannon, or "l2"
-    (mean over the vocabulary of the squared difference of log-probabilities)."""
-    _check_kind(kind)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ; "
-            "slice both to shared_vocab_size(...) columns"
-        )
-    return _divergence_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits), kind)
+def _target_divergence(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
+    # student log-probs [N, V], teacher target -> per-token divergence [N]
+    lt = teacher.log_probs.to(ls.dtype)
+    if teacher.ids is None:
+        if lt.shape != ls.shape:
+            raise ValueError(
+                f"student logits {tuple(ls.shape)} and teacher log-probabilities {tuple(lt.shape)} differ; slice both "
+                "to shared_vocab_size(...) columns"
+            )
+        return _divergence_from_log_probs(ls, lt, kind)
+    # top k: both distributions coarsened to the teacher's k tokens and one bucket for everything else
+    ids = teacher.ids.long()
+    has_tail = teacher.log_tail > -math.inf  # [N]; False where the k tokens hold all the mass
+    outside = torch.where(has_tail[:, None], ls.scatter(-1, ids, -math.inf), 0.0)  # 0: keeps logsumexp's grad finite
+    ls_tail = torch.where(has_tail, outside.logsumexp(-1), _EMPTY_BUCKET)  # [N] student mass off the teacher's top-k
+    lt_tail = torch.where(has_tail, teacher.log_tail.to(ls.dtype), _EMPTY_BUCKET)
+    ls_c = torch.cat([ls.gather(-1, ids), ls_tail[:, None]], -1)  # [N, k + 1]
+    lt_c = torch.cat([lt, lt_tail[:, None]], -1)
+    return _divergence_from_log_probs(ls_c, lt_c, kind)
 
 
-def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: str = "forward") -> Tensor:
-    """Scalar divergence averaged over tokens (the response tokens: docs/METHOD.md#stage-2-interaction); logits
-    [N, V]."""
-    return kl_from_logits(student_logits, teacher_logits, kind).mean()
+def token_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+    """Per-token divergence [N] of student logits [N, V] from a teacher target: forward KL(t||s), reverse KL(s||t),
+    Jensen-Shannon, or "l2" (mean over the vocabulary of the squared difference of log-probabilities).
+
+    Against a whole distribution this is the exact divergence. Against a top-k target both distributions are
+    coarsened to k + 1 buckets (the teacher's k tokens, and everything else as one bucket whose mass is the tail) and
+    compared there: the estimator of docs/CACHE.md#the-estimator. Forward, reverse KL and JSD are f-divergences, so
+    the coarsened value never exceeds the exact one; forward KL falls short by exactly
+    tail_t * KL(teacher || student within the tail). It equals the exact divergence when k = V. "l2" needs the whole
+    distribution.
+    """
+    _check_target(teacher, kind, student_logits.shape[0])
+    return _target_divergence(_log_probs(student_logits), teacher, kind)
+
+
+def divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+    """`token_divergence` averaged over tokens (the response tokens: docs/METHOD.md#stage-2-interaction): the
+    last-layer term."""
+    return token_divergence(student_logits, teacher, kind).mean()
 
 
 def cross_entropy_from_logits(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy of logits [N, V] against targets [N] in fp32; targets of -100 are ignored."""
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
-
-
-def _chunk_divergence_sum(
-    student_hidden: Tensor, teacher_hidden: Tensor, student_head: Head, teacher_head: Head, kind: str
-) -> Tensor:
-    # [c, ds], [c, dt] -> scalar sum over the chunk. The teacher is recomputed here (also during backward) rather
-    # than passed in as logits: a checkpoint keeps its tensor inputs alive, and [c, V] per chunk adds up to [N, V].
-    with torch.no_grad():
-        lt = _log_probs(teacher_head(teacher_hidden))  # [c, V]
-    return _divergence_from_log_probs(_log_probs(student_head(student_hidden)), lt, kind).sum()
-
-
-def chunked_divergence(
-    student_hidden: Tensor,
-    student_head: Head,
-    teacher_hidden: Tensor,
-    teacher_head: Head,
-    kind: str = "forward",
-    chunks: Chunks = 1024,
-) -> Tensor:
-    """`divergence(student_head(student_hidden), teacher_head(teacher_hidden), kind)` over token chunks.
-
-    Hidden states [N, ds] and [N, dt]. Only hidden chunks are kept for backward; each chunk's logits are recomputed
-    then (student with grad, teacher under no_grad: its head runs twice per chunk). Gradients reach `student_hidden`
-    and the parameters of `student_head`, never the teacher.
-    """
-    _check_kind(kind)
-    n = student_hidden.shape[0]
-    if teacher_hidden.shape[0] != n:
-        raise ValueError(f"student has {n} tokens, teacher {teacher_hidden.shape[0]}; they must be the same tokens")
-    rows, fixed = (student_hidden, teacher_hidden), (student_head, teacher_head, kind)
-    return _checkpointed_sum(_chunk_divergence_sum, rows, fixed, chunks) / n
 
 
 def _chunk_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: Head) -> Tensor:
@@ -173,155 +203,88 @@ def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunks: C
     return total / (targets != -100).sum()
 
 
-@torch.no_grad()
-def divergence_matrix(
-    student_hiddens: Sequence[Tensor],
-    student_heads: Sequence[Head],
-    teacher_hiddens: Sequence[Tensor],
-    teacher_heads: Sequence[Head],
-    kind: str = "forward",
-    chunks: Chunks = 1024,
-) -> Tensor:
-    """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i, teacher layer j), no autograd.
-
-    Scores the matching candidates (docs/METHOD.md#memory-and-the-implementation): per token chunk, each student
-    layer's log-probs are computed once and kept ([t_s, chunk, V]), each teacher layer's once and used against all of
-    them; nothing outlives its chunk.
-    """
-    _check_kind(kind)
-    if len(student_hiddens) != len(student_heads) or len(teacher_hiddens) != len(teacher_heads):
-        raise ValueError("need one head per hidden-state tensor, for student and teacher")
-    n = student_hiddens[0].shape[0]
-    if any(h.shape[0] != n for h in [*student_hiddens, *teacher_hiddens]):
-        raise ValueError("every student and teacher layer must hold the same tokens")
-    _check_tokens(n)
-    sums = 0
-    for rows in _chunks(n, chunks):
-        # t_s x [c, V]
-        student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
-        chunk_sums = []
-        for h, head in zip(teacher_hiddens, teacher_heads, strict=True):
-            lt = _log_probs(head(h[rows]))  # [c, V]
-            chunk_sums.append(torch.stack([_divergence_from_log_probs(ls, lt, kind).sum() for ls in student_lp]))
-        sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
-    return sums / n
+def _chunk_divergence_sum(logits: Tensor, teacher: TopK, kind: str) -> Tensor:
+    # [c, V] student logits, the teacher's rows of the chunk -> scalar sum over the chunk
+    return _target_divergence(_log_probs(logits), teacher, kind).sum()
 
 
-# --- a cached teacher (docs/CACHE.md): its k most likely tokens per position, the rest of its mass as one bucket ---
+class _FrozenHeadDivergence(torch.autograd.Function):
+    """sum_r divergence(head(hidden[r]) || teacher rows r) / N, computed without autograd unless `value` already holds
+    it; backward runs the head again, chunk by chunk, and returns the gradient to `hidden` alone: nothing [c, V] is
+    kept for backward, and the head's own weights get no gradient (it must be frozen)."""
 
-_EMPTY_BUCKET = -1e4  # log-mass of a tail bucket that holds nothing (k = V): exp() is 0, and it meets itself
+    @staticmethod
+    def forward(ctx, hidden, value, head, kind, chunks, *teacher):
+        ctx.save_for_backward(hidden, *teacher)
+        ctx.head, ctx.kind, ctx.chunks = head, kind, chunks
+        if value is None:
+            value = sum(_chunk_divergence_sum(head(hidden[r]), TopK(*teacher).rows(r), kind) for r in chunks)
+            return value / hidden.shape[0]
+        return value.clone()
 
-
-class TopK(NamedTuple):
-    """A teacher distribution as cached: the k largest log-probabilities [N, k], their token ids [N, k] (integer)
-    and the log of the mass left outside them [N] (-inf where nothing is left). `ids` None: `log_probs` is the
-    whole distribution [N, V] (`cache.top_k=0`) and `log_tail` is unused."""
-
-    log_probs: Tensor
-    ids: Tensor | None = None
-    log_tail: Tensor | None = None
-
-    def rows(self, r: slice) -> TopK:
-        return TopK(*(None if t is None else t[r] for t in self))
-
-
-def top_k(log_probs: Tensor, k: int) -> TopK:
-    """Keep the k largest of log-probabilities [N, V] (k = 0: all of them, no ids); the tail is the log-sum-exp of
-    the others, exactly -inf when k >= V (never 1 - sum, which rounds to a spurious positive mass)."""
-    if k == 0:
-        return TopK(log_probs)
-    values, ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)  # [N, k], sorted
-    return TopK(values, ids, log_probs.scatter(-1, ids, -math.inf).logsumexp(-1))
-
-
-def topk_kl_from_logits(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
-    """Per-token divergence [N] between student logits [N, V] and a cached teacher.
-
-    With a whole distribution (`teacher.ids` None) this is `kl_from_logits`. With a top-k one both distributions are
-    coarsened to k + 1 buckets (the teacher's k tokens, and everything else as one bucket whose mass is the tail) and
-    compared there: the estimator of docs/CACHE.md#the-estimator. Forward, reverse KL and JSD are f-divergences, so the
-    coarsened value never exceeds the exact one; forward KL falls short by exactly
-    tail_t * KL(teacher || student within the tail). It equals the exact divergence when k = V. "l2" needs the whole
-    distribution.
-    """
-    _check_kind(kind)
-    return _topk_divergence_from_log_probs(_log_probs(student_logits), teacher, kind)
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, *teacher = ctx.saved_tensors
+        teacher, scale = TopK(*teacher), grad / hidden.shape[0]
+        grads = []
+        for r in ctx.chunks:
+            with torch.enable_grad():
+                rows = hidden[r].detach().requires_grad_()
+                total = _chunk_divergence_sum(ctx.head(rows), teacher.rows(r), ctx.kind)
+            grads.append(torch.autograd.grad(total, rows, scale)[0])
+        return torch.cat(grads), None, None, None, None, *(None for _ in teacher)
 
 
-def _topk_divergence_from_log_probs(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
-    # student log-probs [N, V], cached teacher -> per-token divergence [N]
-    lt = teacher.log_probs.to(ls.dtype)
-    if teacher.ids is None:
-        if lt.shape != ls.shape:
-            raise ValueError(f"cached teacher log-probs {tuple(lt.shape)} and student logits {tuple(ls.shape)} differ")
-        return _divergence_from_log_probs(ls, lt, kind)
-    if kind == "l2":
-        raise ValueError("the l2 distance needs the whole teacher distribution: a cache with cache.top_k=0")
-    ids = teacher.ids.long()
-    has_tail = teacher.log_tail > -math.inf  # [N]; False where the k tokens hold all the mass
-    outside = torch.where(has_tail[:, None], ls.scatter(-1, ids, -math.inf), 0.0)  # 0: keeps logsumexp's grad finite
-    ls_tail = torch.where(has_tail, outside.logsumexp(-1), _EMPTY_BUCKET)  # [N] student mass off the teacher's top-k
-    lt_tail = torch.where(has_tail, teacher.log_tail.to(ls.dtype), _EMPTY_BUCKET)
-    ls_c = torch.cat([ls.gather(-1, ids), ls_tail[:, None]], -1)  # [N, k + 1]
-    lt_c = torch.cat([lt, lt_tail[:, None]], -1)
-    return _divergence_from_log_probs(ls_c, lt_c, kind)
-
-
-def topk_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
-    """`topk_kl_from_logits` averaged over tokens: the last-layer term against a cached teacher output."""
-    return topk_kl_from_logits(student_logits, teacher, kind).mean()
-
-
-def _chunk_topk_divergence_sum(student_hidden: Tensor, log_probs, ids, log_tail, student_head: Head, kind: str):
-    return topk_kl_from_logits(student_head(student_hidden), TopK(log_probs, ids, log_tail), kind).sum()
-
-
-def _check_cached_rows(n: int, teachers: Sequence[TopK]) -> None:
-    if any(t.log_probs.shape[0] != n for t in teachers):
-        raise ValueError(f"the student has {n} response tokens but the cached teacher rows differ; same tokens needed")
-
-
-def chunked_topk_divergence(
+def chunked_divergence(
     student_hidden: Tensor,
     student_head: Head,
     teacher: TopK,
     kind: str = "forward",
     chunks: Chunks = 1024,
+    value: Tensor | None = None,
 ) -> Tensor:
-    """`chunked_divergence` against a cached teacher: `topk_divergence(student_head(student_hidden), teacher, kind)`
-    over token chunks, each chunk's student logits recomputed during backward. student_hidden [N, d]."""
-    _check_kind(kind)
+    """`divergence(student_head(student_hidden), teacher, kind)` over token chunks, for a *frozen* head (in vlsi the
+    student's final norm and LM head, which every verbalizer shares; its verb-FFN runs before, on `student_hidden`).
+
+    student_hidden [N, d]. Gradients reach `student_hidden` only. Nothing [N, V] is kept for backward: each chunk's
+    logits are computed without autograd, then again during backward. `value`: this divergence when it is already
+    known (`divergence_matrix` scores every pair with the same arithmetic, bit for bit): the forward pass then only
+    records it, and the head runs once per chunk, in backward.
+    """
     n = student_hidden.shape[0]
-    _check_cached_rows(n, [teacher])
-    rows = (student_hidden, *teacher)
-    return _checkpointed_sum(_chunk_topk_divergence_sum, rows, (student_head, kind), chunks) / n
+    _check_target(teacher, kind, n)
+    _check_tokens(n)
+    return _FrozenHeadDivergence.apply(student_hidden, value, student_head, kind, _chunks(n, chunks), *teacher)
 
 
 @torch.no_grad()
-def topk_divergence_matrix(
+def divergence_matrix(
     student_hiddens: Sequence[Tensor],
     student_heads: Sequence[Head],
     teachers: Sequence[TopK],
     kind: str = "forward",
     chunks: Chunks = 1024,
 ) -> Tensor:
-    """`divergence_matrix` against cached teacher layers: D [t_l, t_s], D[j, i] = token-averaged
-    topk divergence(student layer i || cached teacher layer j), no autograd, chunked over tokens."""
-    _check_kind(kind)
+    """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i || teacher target j), no
+    autograd: the matching candidates' scores (docs/METHOD.md#memory-and-the-implementation).
+
+    Per token chunk each student layer's log-probs are computed once and kept ([t_s, chunk, V]) against every teacher
+    target; nothing outlives its chunk. D[j, i] is bit for bit what `chunked_divergence` gives for the pair.
+    """
     if len(student_hiddens) != len(student_heads):
         raise ValueError("need one head per student hidden-state tensor")
     n = student_hiddens[0].shape[0]
     if any(h.shape[0] != n for h in student_hiddens):
         raise ValueError("every student layer must hold the same tokens")
-    _check_cached_rows(n, teachers)
+    for teacher in teachers:
+        _check_target(teacher, kind, n)
     _check_tokens(n)
     sums = 0
     for rows in _chunks(n, chunks):
-        # t_s x [c, V], computed once and held against every cached teacher layer
+        # t_s x [c, V], computed once and held against every teacher target
         student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
         chunk_sums = [
-            torch.stack([_topk_divergence_from_log_probs(ls, t.rows(rows), kind).sum() for ls in student_lp])
-            for t in teachers
+            torch.stack([_target_divergence(ls, t.rows(rows), kind).sum() for ls in student_lp]) for t in teachers
         ]
         sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
     return sums / n

@@ -235,7 +235,3 @@ def add_lora(
     pattern = rf"{re.escape(parts.language_model_path)}\..*\.({'|'.join(re.escape(m) for m in names)})"
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none", **extra)
     return get_peft_model(model, config)
-
-
-def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]

@@ -55,12 +55,17 @@ class Verbalizers(nn.Module):
     def __len__(self) -> int:
         return len(self.target_layers)
 
+    def verb_ffn(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """hidden [n, d] -> verb-FFN k's output [n, d]: the trained part of head k, before the frozen norm and head."""
+        ffn = self.ffns[k]
+        return ffn(h.to(ffn.gate.weight.dtype))
+
     def head(self, k: int, norm: nn.Module, lm_head: nn.Module, vocab: int):
         """hidden [n, d] -> logits [n, vocab] through verb-FFN k, the frozen final norm and LM head."""
-        ffn = self.ffns[k]
+        read = final_head(norm, lm_head, vocab)
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            return lm_head(norm(ffn(h.to(ffn.gate.weight.dtype)).to(norm.weight.dtype)))[..., :vocab]
+            return read(self.verb_ffn(k, h))
 
         return run
 
@@ -90,10 +95,10 @@ class Verbalizers(nn.Module):
 
 
 def final_head(norm: nn.Module, lm_head: nn.Module, vocab: int):
-    """hidden [n, d] (the last block's output) -> logits [n, vocab]: the model's own output head."""
+    """hidden [n, d] (the last block's output, or a verb-FFN's) -> logits [n, vocab]: the model's own output head."""
 
     def run(h: torch.Tensor) -> torch.Tensor:
-        return lm_head(norm(h))[..., :vocab]
+        return lm_head(norm(h.to(norm.weight.dtype)))[..., :vocab]
 
     return run
 

@@ -4,19 +4,22 @@ verbalized layers.
 Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; final norm and LM head
 frozen (shared by every verbalizer head); vision tower frozen by default. Teacher forcing on the training sample,
 response tokens only. Per batch:
+  targets = the teacher's distribution at each target layer and at its output        -> t_l + 1 x [N, V]
   D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
   match   = layer_match(D)  (search range, order preservation, adaptive temperature); logged with how sharp
             each layer's draw was (normalised entropy, top probability)
-  loss    = sum_i KL(matched teacher layer || student layer i)  (recomputed with gradient, chunked; their mean
-            with interact.intermediate_reduction=mean)
+  loss    = sum_i KL(matched teacher layer || student layer i)  (the scores of D, their gradient recomputed chunk
+            by chunk in backward; their mean with interact.intermediate_reduction=mean)
           + KL(teacher output || student output)
-With `teacher_cache=C` the teacher is never loaded: every teacher distribution comes from the cache (`vlsi.cache`),
-top-k with the tail as one bucket (docs/CACHE.md#the-estimator), and the same samples arrive in the same order.
+The targets come from the live teacher (`LiveTeacher`, each computed once per step) or, with `teacher_cache=C`, from
+the cache (`cached_targets`: the teacher is never loaded, top-k with the tail as one bucket,
+docs/CACHE.md#the-estimator, and the same samples arrive in the same order); the step reads both alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,16 +32,15 @@ from ..config import TrainConfig
 from ..data import make_collate, split_batch
 from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import (
+    TopK,
     chunked_cross_entropy,
     chunked_divergence,
-    chunked_topk_divergence,
     cross_entropy_from_logits,
     divergence,
     divergence_matrix,
+    log_probs,
     row_chunks,
     shared_vocab_size,
-    topk_divergence,
-    topk_divergence_matrix,
 )
 from ..matching import layer_match, normalized_entropy
 from ..models.family import Parts, capture, model_parts
@@ -48,7 +50,7 @@ from ..models.loading import (
     load_processor,
 )
 from ..models.student import export_student, prepare_student
-from ..models.verbalizer import Verbalizers
+from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
 from .common import (
@@ -64,29 +66,72 @@ from .common import (
 from .loop import MetricsLog, make_accelerator, make_loader, train
 
 
+@dataclasses.dataclass
+class TeacherTargets:
+    """What the student learns from on one batch's N response tokens (`vlsi.losses.TopK`: whole log-probabilities
+    [N, V] from a live teacher, whole or top-k from a cache): one target per teacher target layer, in layer order
+    (none when the step matches no layers), and the teacher's own output."""
+
+    layers: list[TopK]
+    output: TopK
+
+
+class LiveTeacher:
+    """The frozen teacher run on the batch's teacher encoding. Each target layer's verbalized log-probabilities are
+    computed once per step (t_l x [N, V] in fp32 held through the step) and read by the candidate scores and the
+    matched terms alike; none when `layers` is false (final-layer KD, the CE ablation rows)."""
+
+    def __init__(self, model, parts: Parts, verbalizers: Verbalizers, vocab: int):
+        self.model, self.parts, self.verbalizers, self.vocab = model, parts, verbalizers, vocab
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, layers: bool) -> TeacherTargets:
+        inputs, mask, _ = split_batch(batch["teacher"])
+        target_layers = self.verbalizers.target_layers if layers else []
+        with capture(self.parts.layers, target_layers) as states:
+            logits = self.model(**inputs, logits_to_keep=mask).logits[:, : self.vocab]  # [N, V]
+        verbalized = []  # t_l x [N, V]
+        for j, layer in enumerate(target_layers):
+            head = self.verbalizers.head(j, self.parts.norm, self.parts.lm_head, self.vocab)
+            verbalized.append(TopK(log_probs(head(states[layer][mask]))))
+        return TeacherTargets(verbalized, TopK(log_probs(logits)))
+
+
+def cached_targets(batch: dict, layers: bool) -> TeacherTargets:
+    """The targets a teacher cache put in the batch (`vlsi.cache.CachedTeacher`), every layer's whatever `layers`."""
+    *verbalized, output = cached_layers(batch["teacher"])  # t_l + 1 TopK [N, k], the last the teacher's output
+    return TeacherTargets(verbalized, output)
+
+
+Teacher = Callable[[dict, bool], TeacherTargets]  # (batch, whether layer targets are needed) -> the targets
+
+
 class InteractStep(nn.Module):
-    """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside; teacher None (with
-    t_parts and t_verb None): a cached teacher, whose targets arrive in `batch["teacher"]` (`vlsi.cache`)."""
+    """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside: `teacher` gives a
+    batch's targets (`LiveTeacher`, or `cached_targets` for a teacher cache)."""
 
     def __init__(
         self,
         student,
         s_parts: Parts,
         s_verb: Verbalizers,
-        teacher,
-        t_parts: Parts,
-        t_verb: Verbalizers,
+        teacher: Teacher,
         cfg: TrainConfig,
         vocab: int,
         generator: torch.Generator,
         chunks: ChunkPlan | None = None,
     ):
         super().__init__()
+        if any(p.requires_grad for m in (s_parts.norm, s_parts.lm_head) for p in m.parameters()):
+            raise ValueError(
+                "the student's final norm and LM head must be frozen in the interaction stage: every verbalizer head "
+                "shares them, and the matched divergences train what lies below them (vlsi.models.student freezes them)"
+            )
         self.student = student
         self.verbalizers = s_verb
         self._no_split_modules = getattr(student, "_no_split_modules", None)  # FSDP2 wraps these blocks
         self.s_parts = (s_parts,)
-        self.frozen_teacher = (teacher, t_parts, t_verb)
+        self.teacher = teacher
         self.cfg = cfg.interact
         self.vocab = vocab
         self.generator = generator
@@ -94,72 +139,65 @@ class InteractStep(nn.Module):
         self.chunks = chunks or (lambda n: row_chunks(n, cfg.chunk_size))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        teacher, t_parts, t_verb = self.frozen_teacher
-        (s_parts,) = self.s_parts
-        s_verb, cfg, vocab = self.verbalizers, self.cfg, self.vocab
+        (s_parts,), s_verb, cfg, vocab = self.s_parts, self.verbalizers, self.cfg, self.vocab
+        matched = cfg.intermediate_loss in ("kld", "l2")  # matched and trained on the same measure
+        teacher = self.teacher(batch, matched)  # TeacherTargets: per teacher target layer if matched, and the output
         s_inputs, s_mask, targets = split_batch(batch["student"])
-        if teacher is None:  # cached: t_l + 1 TopK [N, k], the last one the teacher's output
-            *t_cached, t_out = cached_layers(batch["teacher"])
-        else:
-            t_inputs, t_mask, _ = split_batch(batch["teacher"])
-            with torch.no_grad(), capture(t_parts.layers, t_verb.target_layers) as t_states:
-                t_logits = teacher(**t_inputs, logits_to_keep=t_mask).logits[:, :vocab]  # [N, V]
-            t_hidden = [t_states[layer][t_mask] for layer in t_verb.target_layers]  # t_l x [N, d_t]
-            t_heads = [t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab) for j in range(len(t_verb))]
         with capture(s_parts.layers, s_verb.target_layers) as s_states:
             s_logits = self.student(**s_inputs, logits_to_keep=s_mask).logits[:, :vocab]  # [N, V]
         s_hidden = [s_states[layer][s_mask] for layer in s_verb.target_layers]  # t_s x [N, d_s]
-        s_heads = [s_verb.head(i, s_parts.norm, s_parts.lm_head, vocab) for i in range(len(s_verb))]
-
-        logs: dict = {}
-        loss = s_logits.new_zeros((), dtype=torch.float32)
-        chunk = self.chunks(len(targets)) if cfg.intermediate_loss != "none" else None
-        layer_terms: list[torch.Tensor] = []  # one per student layer, added up by interact.intermediate_reduction
-        if cfg.intermediate_loss in ("kld", "l2"):
-            # matched and trained on the same measure: the divergence, or the L2 distance of log-probabilities
+        chunks = self.chunks(len(targets)) if cfg.intermediate_loss != "none" else None
+        terms, logs = [], {}  # one term per student layer, added up by interact.intermediate_reduction
+        if matched:
             kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
-            if teacher is None:
-                scores = topk_divergence_matrix(s_hidden, s_heads, t_cached, kind, chunk)  # [t_l, t_s]
-            else:
-                scores = divergence_matrix(s_hidden, s_heads, t_hidden, t_heads, kind, chunk)
-
-            def matched(i: int, j: int) -> torch.Tensor:  # student layer i against teacher layer j, with gradient
-                if teacher is None:
-                    return chunked_topk_divergence(s_hidden[i], s_heads[i], t_cached[j], kind, chunk)
-                return chunked_divergence(s_hidden[i], s_heads[i], t_hidden[j], t_heads[j], kind, chunk)
-
+            verbalized = [s_verb.verb_ffn(i, h) for i, h in enumerate(s_hidden)]  # t_s x [N, d_s], with grad
+            read = final_head(s_parts.norm, s_parts.lm_head, vocab)  # frozen, every verbalizer's
+            scores = divergence_matrix(verbalized, [read] * len(verbalized), teacher.layers, kind, chunks)  # [t_l, t_s]
             # the interact.match section is layer_match's keyword arguments, one for one
             options = dataclasses.asdict(cfg.match)
             match, probabilities = layer_match(scores, **options, generator=self.generator, return_probabilities=True)
-            for i, (chosen, p) in enumerate(zip(match, probabilities)):
-                layer = s_verb.target_layers[i]
-                layer_loss = torch.stack([matched(i, j) for j in chosen]).mean()
-                logs[f"{'l2' if kind == 'l2' else 'kl'}/layer{layer}"] = layer_loss.item()
-                layer_terms.append(layer_loss)
-                if p is not None:  # a sampled match: how sharp its draw was (p [candidates])
-                    logs[f"match_entropy/layer{layer}"] = normalized_entropy(p).item()  # 1 = uniform, 0 = one-hot
-                    logs[f"match_pmax/layer{layer}"] = p.max().item()
-            logs["match"] = match
-        elif cfg.intermediate_loss == "ce":
-            for i, layer in enumerate(s_verb.target_layers):
-                layer_loss = chunked_cross_entropy(s_hidden[i], s_heads[i], targets, chunk)
-                logs[f"ce/layer{layer}"] = layer_loss.item()
-                layer_terms.append(layer_loss)
-        mean = cfg.intermediate_reduction == "mean"
-        for term in layer_terms:  # one at a time, in layer order: a sum's rounding as the paper's plain loop gives it
-            loss = loss + (term / len(layer_terms) if mean else term)
-        if cfg.last_loss == "kld" and teacher is None:
-            last = topk_divergence(s_logits, t_out, cfg.divergence)
-        elif cfg.last_loss == "kld":
-            last = divergence(s_logits, t_logits, cfg.divergence)
-        elif cfg.last_loss == "ce":
+            for i, chosen in enumerate(match):  # a pair's loss is its score; backward recomputes its gradient
+                pairs = [
+                    chunked_divergence(verbalized[i], read, teacher.layers[j], kind, chunks, scores[j, i])
+                    for j in chosen
+                ]
+                terms.append(torch.stack(pairs).mean())
+            logs = match_logs(s_verb.target_layers, kind, terms, match, probabilities)
+        elif cfg.intermediate_loss == "ce":  # the CE ablation rows: ground truth at each student verbalizer
+            terms, logs = ce_terms(s_hidden, s_verb, s_parts, vocab, targets, chunks)
+        loss = s_logits.new_zeros((), dtype=torch.float32)
+        for term in terms:  # one at a time, in layer order: a sum's rounding as the paper's plain loop gives it
+            loss = loss + (term / len(terms) if cfg.intermediate_reduction == "mean" else term)
+        if cfg.last_loss == "kld":
+            last = divergence(s_logits, teacher.output, cfg.divergence)
+        elif cfg.last_loss == "ce":  # the ground truth instead of the teacher: an ablation row
             last = cross_entropy_from_logits(s_logits, targets)
-        else:
-            last = None
-        if last is not None:
+        if cfg.last_loss != "none":
             logs["last"] = last.item()
             loss = loss + last
         return loss, logs
+
+
+def match_logs(layers: list[int], kind: str, terms: list[torch.Tensor], match, probabilities) -> dict:
+    """Per student target layer its matched term (`kl/layerN`, `l2/layerN`) and, for a sampled match, how sharp the
+    draw was (p [candidates]: `match_entropy/layerN`, 1 = uniform, 0 = one-hot; `match_pmax/layerN`); the match."""
+    logs: dict = {}
+    for layer, term, p in zip(layers, terms, probabilities, strict=True):
+        logs[f"{'l2' if kind == 'l2' else 'kl'}/layer{layer}"] = term.item()
+        if p is not None:
+            logs[f"match_entropy/layer{layer}"] = normalized_entropy(p).item()
+            logs[f"match_pmax/layer{layer}"] = p.max().item()
+    return logs | {"match": match}
+
+
+def ce_terms(s_hidden, s_verb: Verbalizers, s_parts: Parts, vocab: int, targets, chunks) -> tuple[list, dict]:
+    """Cross-entropy against the ground truth at every student verbalizer (`interact.intermediate_loss=ce`), no
+    matching: one term per student target layer, and their logs `ce/layerN`."""
+    terms = [
+        chunked_cross_entropy(h, s_verb.head(i, s_parts.norm, s_parts.lm_head, vocab), targets, chunks)
+        for i, h in enumerate(s_hidden)
+    ]
+    return terms, {f"ce/layer{layer}": term.item() for layer, term in zip(s_verb.target_layers, terms)}
 
 
 def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
@@ -175,7 +213,7 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
     )
     samples = samples if samples is not None else load_samples(cfg)
 
-    cache = teacher = t_parts = t_verb = None
+    cache = None
     if cfg.teacher_cache:  # the teacher's weights are never loaded: its targets come from the cache
         cache = TeacherCache(cfg.teacher_cache)
         cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples))
@@ -193,12 +231,13 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
     vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_rows)
     if cache is not None:
         cache.check_vocab(vocab)
+        targets = cached_targets
     else:
         teacher, t_parts = prepare_frozen(accelerator, teacher, t_parts)
-        t_verb.to(accelerator.device, dtype)
+        targets = LiveTeacher(teacher, t_parts, t_verb.to(accelerator.device, dtype), vocab)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
     chunks = chunk_plan(accelerator, cfg.chunk_size)
-    step = InteractStep(student, s_parts, s_verb, teacher, t_parts, t_verb, cfg, vocab, generator, chunks)
+    step = InteractStep(student, s_parts, s_verb, targets, cfg, vocab, generator, chunks)
     processors = {"teacher": t_proc, "student": s_proc}
     loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")
     if cache is not None:  # the same samples in the same order, each with its cached targets as "teacher"

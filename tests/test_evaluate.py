@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.cli import main
-from vlsi.eval import SCORERS
-from vlsi.eval.generate import PROMPT_FAMILY, Item, benchmark_prompt, custom_hit, generate_answers, question_type
+from vlsi.eval.custom import custom_hit, question_type
+from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.tiny import build_tiny_vlm
 from vlsi.toy import write_digits_dataset
 
@@ -194,52 +194,6 @@ def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, c
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert scores["score"] is None and scores["scored"] is False
     assert "--judge-url" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def test_every_benchmark_has_a_prompt_family():
-    assert PROMPT_FAMILY.keys() == SCORERS.keys()
-
-
-@pytest.mark.parametrize(
-    "name, row, prompt",
-    [
-        (
-            "mmbench_en",
-            {"question": "Which colour?", "hint": "One square.", "A": "red", "B": "blue", "C": "nan"},
-            "One square.\nWhich colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices "
-            "directly.",
-        ),
-        (
-            "ai2d",
-            {"question": "Q?", "A": "x", "B": "y"},
-            "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.",
-        ),
-        (
-            "mmbench_cn",
-            {"question": "什么颜色?", "A": "红", "B": "蓝"},
-            "什么颜色?\nA. 红\nB. 蓝\n请直接回答选项字母。",
-        ),
-        ("mmmu", {"question": "How many?", "A": ""}, "How many?\nAnswer the question using a single word or phrase."),
-        ("pope", {"question": "Is there a dog in the image?"}, "Is there a dog in the image? Please answer yes or no."),
-        ("mme", {"question": "Is this red? Please answer yes or no."}, "Is this red? Please answer yes or no."),
-        (
-            "chartqa",
-            {"question": "What is the peak?"},
-            "What is the peak?\nAnswer the question using a single word or phrase.",
-        ),
-        (
-            "mathvista",
-            {"question": "Hint: ...\nQuestion: x?\nChoices:\n(A) 1"},
-            "Hint: ...\nQuestion: x?\nChoices:\n(A) 1",
-        ),
-        ("mm_vet", {"question": "Describe it."}, "Describe it."),
-    ],
-)
-def test_benchmark_prompt(name, row, prompt):
-    assert benchmark_prompt(name, row) == prompt
 
 
 # ---------------------------------------------------------------- custom matching (pure)

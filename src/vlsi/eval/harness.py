@@ -22,27 +22,19 @@ import torch
 from tqdm import tqdm
 
 from vlsi.data import read_dataset
-from vlsi.models.loading import load_model, load_processor
+from vlsi.models.loading import ModelError, load_model, load_processor
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, resolve_benchmark
 from .common import RULES, VLMEVALKIT
-from .generate import (
-    EvalError,
-    Item,
-    append_answers,
-    benchmark_item,
-    custom_item,
-    default_max_new_tokens,
-    read_benchmark,
-    score_custom,
-)
+from .custom import CUSTOM, score_custom
+from .generate import EvalError, Item, append_answers, benchmark_items, custom_item, read_benchmark
 from .io import read_predictions
 from .judge import JudgeFn
+from .prompts import builder_used, prompt_builder, wrapper
 from .score import score_file
 
 logger = logging.getLogger(__name__)
 
-CUSTOM = "custom"
 PREDICTIONS, SCORES, SETTINGS = "predictions.jsonl", "scores.json", "eval.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Settings that change the predictions: resuming under different ones would mix two runs in one file.
@@ -73,17 +65,22 @@ def evaluate(
     root = Path(image_root) if image_root is not None else data.parent
     out = Path(output)
     device, dtype = _device_and_dtype(device, dtype)
+    model_type = _model_type(model)
+    vlmevalkit_wrapper, wrapper_tokens, _ = wrapper(model_type)
     settings = {
         "model": _model_id(model),
         "benchmark": name,
         "data": str(data.resolve()),
         "image_root": str(root.resolve()),
-        "max_new_tokens": max_new_tokens or default_max_new_tokens(name),
+        "max_new_tokens": max_new_tokens or wrapper_tokens,
+        "model_type": model_type,
+        "vlmevalkit_wrapper": vlmevalkit_wrapper,
+        "prompt_builder": "conversation" if name == CUSTOM else builder_used(name, prompt_builder(model_type)),
     }
 
     # Read and check everything (data, images, earlier output) before writing anything or loading the model.
     if name == CUSTOM:
-        items = [custom_item(sample) for sample in read_dataset(data, root)[0]]
+        items = [custom_item(sample, data) for sample in read_dataset(data, root)[0]]
         indices = [item.index for item in items]
     else:
         rows = read_benchmark(data, name)
@@ -94,8 +91,8 @@ def evaluate(
     if name == CUSTOM:
         pending = [item for item in items if item.index not in finished]
     else:  # images are decoded (and checked) only for the rows still to answer
-        by_index = dict(zip(indices, rows))
-        pending = [benchmark_item(name, row, by_index, root, data) for row in rows if row["index"] not in finished]
+        builder = prompt_builder(model_type)
+        pending = benchmark_items(name, rows, root, data, builder, skip=frozenset(finished))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
@@ -166,6 +163,16 @@ def _score(name: str, predictions: Path, judge: JudgeFn | None, rules: str) -> d
         print(f"vlsi eval: {note}", file=sys.stderr)
         return {"benchmark": name, "rules": rules, "score": None, "scored": False, "note": note}
     return score_file(name, predictions, judge if name in JUDGED | JUDGE_OPTIONAL else None, rules)
+
+
+def _model_type(model: str) -> str:
+    """The model's `model_type` (its config.json), which picks VLMEvalKit's prompt builder and wrapper."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a vision-language model from '{model}': {str(e).splitlines()[0]}") from None
 
 
 def _model_id(model: str) -> str:

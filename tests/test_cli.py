@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from commands import CONFIG, train_argv
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -59,8 +60,14 @@ def test_train_end_to_end(toy, tmp_path):
         "student/config.json",
         "student/model.safetensors",
         "student/processor_config.json",
+        "student/README.md",
     ]:
         assert (out / name).is_file(), name
+    card = ModelCard.load(out / "student" / "README.md")
+    _, teacher, student, data = toy
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert "vlsi train" in card.text and "VLsI" in card.text and f"`{teacher}`" in card.text
+    assert f"`{student}`" in card.text and f"`{data}` (fingerprint `" in card.text and "not recorded`)" not in card.text
 
     teacher_meta = json.loads((out / "verbalizers/teacher/verbalizers.json").read_text())
     student_meta = json.loads((out / "verbalizers/student/verbalizers.json").read_text())
@@ -178,6 +185,8 @@ def test_verbalize_and_sft_alone(toy, tmp_path):
     assert "Setting accelerator to CPU" not in result.stdout + result.stderr
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s" / "model")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    card = ModelCard.load(tmp_path / "s" / "model" / "README.md")
+    assert "vlsi sft" in card.text and "| teacher | none |" in card.text and "sft" in card.data.tags
 
 
 def test_help_explains_the_commands():

@@ -156,14 +156,14 @@ def test_all_invalid_records_are_reported_at_once_and_can_be_skipped(images):
     expected = [
         "record two-placeholders (line 2): 2 <image> placeholders but 1 images",
         "record missing (line 3): image 'nowhere.png': file not found",
-        "record corrupt (line 4): image 'garbage.png': cannot be decoded",
+        "record corrupt (line 4): image 'garbage.png': not an image file",
         "record no-answer (line 5): no assistant turn",
         "record 5 (line 6): malformed JSON at column 2",
         "record bad-role (line 7): turn 0: unknown role 'robot'",
         "record empty-answer (line 8): turn 1: assistant turn has no text",
         "record neither (line 9): neither LLaVA format",
-        "record remote (line 10): image 'https://x.org/a.png': remote images are not supported; download them",
-        "record inline (line 11): image 'data:image/png;base64,AAAA': remote images are not supported",
+        "record remote (line 10): image 'https://x.org/a.png': remote images are not read (vlsi reads no network)",
+        "record inline (line 11): image 'data:image/png;base64,AAAA': not an image file",
     ]
     for fragment in expected:
         assert f"{path}: {fragment}" in message

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
+from .data.images import image_identity
 from .distributed import process_state
 from .eval.generate import Item, append_answers
 from .models.loading import compute_dtype, load_model, load_processor
@@ -134,7 +135,7 @@ def teacher_identity(path: str) -> str:
 
 def prompts_key(prompts: list[Sample]) -> str:
     """Hash of what the answers depend on in the data: ids, messages and image files (path, size, mtime)."""
-    data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in prompts]
+    data = [[s.id, s.messages, [image_identity(source) for source in s.images]] for s in prompts]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

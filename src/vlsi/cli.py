@@ -122,6 +122,7 @@ def cmd_verbalize(model: str, who: str, **stage) -> None:
 
 
 def cmd_sft(model: str, teacher: str | None, **stage) -> None:
+    from .card import student_card
     from .config import ConfigError
     from .stages.common import load_samples
     from .stages.sft import sft
@@ -130,7 +131,8 @@ def cmd_sft(model: str, teacher: str | None, **stage) -> None:
         if teacher and cfg.data.answers != "teacher":
             raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
         # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
-        return sft(cfg, model, out, metrics, load_samples(cfg))
+        samples = load_samples(cfg)
+        return sft(cfg, model, out, metrics, samples, student_card(cfg, "sft", getattr(samples, "fingerprint", None)))
 
     _one_stage(stage, "model", run, model, teacher=teacher)
 

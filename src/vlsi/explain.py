@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .data.images import UnusableImage
+from .data.images import load_image as read_image
 from .models.family import model_parts
 from .models.verbalizer import Verbalizers, check_verbalizers, final_head
 
@@ -216,8 +218,9 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ExplainError(f"image {path} not found: give the path of an existing image file (PNG, JPEG, ...)")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return read_image(path)
+    except UnusableImage as e:
+        raise ExplainError(f"image {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
         raise ExplainError(
             f"image {path} cannot be decoded ({type(e).__name__}: {e}): give a PNG or JPEG file"

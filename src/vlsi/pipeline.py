@@ -12,7 +12,7 @@ OUT/
   verbalizers/student/
   (teacher_cache=C: C holds the teacher's cached targets, built here after the teacher's verbalizers if absent)
   stages/interact/       the student after interaction (merged) and its verbalizers
-  student/               the final student: a plain Hugging Face checkpoint + processor
+  student/               the final student: a plain Hugging Face checkpoint + processor + model card (README.md)
   verbalizer_loss.png, layer_match.png
 """
 
@@ -26,6 +26,7 @@ import yaml
 
 from .cache import build_cache
 from .cache import check_before_training as check_cache_before_training
+from .card import student_card
 from .config import ConfigError, TrainConfig, save_config, to_dict
 from .distributed import process_state
 from .models.family import Parts
@@ -160,5 +161,6 @@ def run_train(cfg: TrainConfig) -> Path:
     if final.exists():
         log.info("SFT: reusing %s", final)
     else:
-        sft(cfg, str(interacted / "student"), final, metrics, samples)
+        card = student_card(cfg, "train", getattr(samples, "fingerprint", None))
+        sft(cfg, str(interacted / "student"), final, metrics, samples, card)
     return final

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlsi.data.encode import IGNORE_INDEX, Overlong, encode
+from vlsi.data.images import UnusableImage, image_identity
 from vlsi.data.parallel import chunks, default_num_proc, run_chunks
 from vlsi.data.records import MAX_SHOWN, BadRecord, DataError, Sample, Samples
 from vlsi.data.scan import TokenCounter
@@ -129,8 +130,9 @@ class ResponseMismatch(ValueError):
 
 MAX_IN_A_ROW = 100  # consecutive samples that fail to load before the run stops: the data is probably wrong
 # What loading a sample can raise that marks the sample, not the run, as bad: an invalid record (lazy), an image
-# whose header read but whose pixels do not decode (OSError, SyntaxError; or one too large for PIL), too many tokens.
-SKIPPABLE = (BadRecord, OSError, SyntaxError, Image.DecompressionBombError, Overlong, ResponseMismatch)
+# whose header read but whose pixels do not decode (OSError, SyntaxError; or one too large for PIL; or one of several
+# frames), too many tokens.
+SKIPPABLE = (BadRecord, OSError, SyntaxError, Image.DecompressionBombError, UnusableImage, Overlong, ResponseMismatch)
 
 
 def _message(samples: Sequence[Sample], position: int, error: Exception) -> str:
@@ -238,7 +240,7 @@ def _count_chunk(samples: Sequence[Sample]) -> dict[str, list[list[int]]]:
 
 
 def _fingerprint(samples: Sequence[Sample]) -> str:
-    """Hash of what the lengths depend on: ids, messages and image files (path, size, mtime). (Samples read by
-    `read_dataset` carry one made by its check: the records' bytes and their images' path, size and mtime.)"""
-    data = [[s.id, s.messages, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in s.images]] for s in samples]
+    """Hash of what the lengths depend on: ids, messages and images (`images.image_identity`). (Samples read by
+    `read_dataset` carry one made by its check: the records' bytes and their images' identities.)"""
+    data = [[s.id, s.messages, [image_identity(source) for source in s.images]] for s in samples]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import difflib
 
 import torch
-from PIL import Image
 from torch import Tensor
 
+from vlsi.data.images import load_image
 from vlsi.data.records import Sample
 
 IGNORE_INDEX = -100
@@ -32,7 +32,7 @@ def encode(sample: Sample, processor, max_length: int | None = None) -> dict[str
     Raises Overlong when T > max_length.
     """
     text = processor.apply_chat_template(sample.messages, tokenize=False)
-    images = [_rgb(path) for path in sample.images]
+    images = [load_image(source) for source in sample.images]
     # One image list per text: LLaVA-OneVision treats a flat list as one image per sample (batch_num_images). The
     # template already wrote the special tokens: no second <bos> (Gemma's tokenizer adds one by default).
     images_arg = [images] if images else None
@@ -58,11 +58,6 @@ def response_positions(labels: Tensor) -> Tensor:
     positions = torch.zeros_like(labels, dtype=torch.bool)
     positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return positions
-
-
-def _rgb(path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _media_ids(processor) -> set[int]:

@@ -7,6 +7,8 @@ checked in chunks on several processes and kept as an index into the file (`Samp
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -18,26 +20,28 @@ from pathlib import Path
 from stat import S_ISREG
 
 import numpy as np
-from PIL import Image
+from PIL import UnidentifiedImageError
 
+from vlsi.data.images import ImageSource, UnusableImage, image_header, image_identity
 from vlsi.data.parallel import chunks, default_num_proc, run_chunks
 
 IMAGE_PLACEHOLDER = "<image>"
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ROLES = ("system", "user", "assistant")
-REMOTE_PREFIXES = ("http://", "https://", "data:")
+REMOTE_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://")
 MAX_SHOWN = 20
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 @dataclass
 class Sample:
-    """One conversation: `messages` in HF chat format, `{"type": "image"}` items in the order of `images`.
-    `sizes`: (width, height) of each image, read from its header by the check (None when not read)."""
+    """One conversation: `messages` in HF chat format, `{"type": "image"}` items in the order of `images` (each a
+    file path or the bytes of an image file; read with `vlsi.data.images.load_image`). `sizes`: (width, height) of
+    each image as loaded, read from its header by the check (None when not read)."""
 
     id: str
     messages: list[dict]
-    images: list[Path]
+    images: list[ImageSource]
     sizes: list[tuple[int, int]] | None = field(default=None, compare=False, repr=False)
 
 
@@ -232,9 +236,9 @@ def _check_records(records: list[tuple[int, int, bytes]], root: Path, unanswered
         for ref, image in zip(refs, sample.images if sample else [], strict=True):
             if image not in images:
                 images[image] = _image_info(image, ref)
-            size, problem, stat = images[image]
+            size, problem, stat = images[image]  # stat: the image's identity
             if digest is not None:
-                digest.update(json.dumps([str(image), stat]).encode())
+                digest.update(json.dumps(stat).encode())
             if problem:
                 reasons.append(problem)
             sizes.append(size)
@@ -242,24 +246,38 @@ def _check_records(records: list[tuple[int, int, bytes]], root: Path, unanswered
     return out
 
 
-def _image_info(path: Path, ref: str) -> tuple[tuple[int, int] | None, str | None, list | None]:
-    """(width, height), the reason the image is unusable (None if its header reads) and [size, mtime] of its file.
-    Only the header is read: decoding the pixels is what made checking slow. A file whose header is sound but whose
-    pixel data is damaged is found when its sample is loaded for training, and skipped there (`VLDataset`)."""
-    if ref.startswith(REMOTE_PREFIXES):
-        return None, f"image {ref[:60]!r}: remote images are not supported; download them and give a local path", None
+def _image_info(source: ImageSource, ref: object) -> tuple[tuple[int, int] | None, str | None, list | None]:
+    """(width, height), the reason the image is unusable (None if its header reads) and its identity for the data
+    fingerprint (`images.image_identity`). Only the header is read: decoding the pixels is what made checking slow.
+    An image whose header is sound but whose pixel data is damaged is found when its sample is loaded for
+    training, and skipped there (`VLDataset`)."""
+    shown = _shown(ref)
+    if isinstance(source, Path):
+        try:
+            stat = source.stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
+            return None, f"image {shown}: file not found ({source})", None
     try:
-        stat = path.stat()
-    except OSError:
-        stat = None
-    if stat is None or not S_ISREG(stat.st_mode):
-        return None, f"image {ref!r}: file not found ({path})", None
-    try:
-        with Image.open(path) as image:
-            size = image.size
+        size = image_header(source)
+    except UnusableImage as error:
+        return None, f"image {shown}: {error}", None
+    except UnidentifiedImageError:
+        return None, f"image {shown}: not an image file (no format PIL reads); replace it", None
     except Exception as error:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
-        return None, f"image {ref!r}: cannot be decoded ({type(error).__name__}: {error})", None
-    return size, None, [stat.st_size, stat.st_mtime_ns]
+        return None, f"image {shown}: cannot be decoded ({type(error).__name__}: {error})", None
+    return size, None, image_identity(source)
+
+
+def _shown(ref: object) -> str:
+    """An image reference as messages quote it (a data: URI or embedded bytes cut short)."""
+    if isinstance(ref, bytes | bytearray):
+        return f"<{len(ref)} embedded bytes>"
+    if isinstance(ref, dict):
+        return repr(ref.get("path")) if ref.get("path") else f"<{len(ref.get('bytes') or b'')} embedded bytes>"
+    text = str(ref)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 def _locate(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -399,12 +417,41 @@ def _to_sample(
         text = "".join(item.get("text", "") for item in message["content"])
         if message["role"] == "assistant" and not text.strip():
             reasons.append(f"turn {i}: assistant turn has no text")
-    return Sample(sample_id, messages, [_resolve(ref, root) for ref in refs]), reasons, refs
+    sources, refs, problems = _resolve(refs, root)
+    return Sample(sample_id, messages, sources), reasons + problems, refs
 
 
-def _resolve(ref: str, root: Path) -> Path:
+def _resolve(refs: list, root: Path) -> tuple[list[ImageSource], list, list[str]]:
+    """(sources, the references they came from, problems) for a record's image references: a local path (relative
+    to `root`; `file://` allowed), a `data:` URI (base64), the bytes of an image file, or a `datasets` image
+    ({"bytes": ..., "path": ...}). URLs are refused: vlsi reads no network (download the images first)."""
+    sources, kept, problems = [], [], []
+    for ref in refs:
+        try:
+            sources.append(_source(ref, root))
+            kept.append(ref)
+        except ValueError as error:
+            problems.append(f"image {_shown(ref)}: {error}")
+    return sources, kept, problems
+
+
+def _source(ref: object, root: Path) -> ImageSource:
+    if isinstance(ref, dict) and ("bytes" in ref or "path" in ref):  # a datasets Image(decode=False) value
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, bytes | bytearray):
+        return bytes(ref)
+    if not isinstance(ref, str) or not ref:
+        raise ValueError("expected a path, a data: URI or image bytes")
     if ref.startswith(REMOTE_PREFIXES):
-        return Path(ref)
+        raise ValueError("remote images are not read (vlsi reads no network); download them and give local paths")
+    if ref.startswith("data:"):
+        header, comma, payload = ref.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError("a data: URI must be base64 (data:image/png;base64,...)")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ValueError(f"the data: URI is not valid base64 ({error})") from None
     path = Path(ref.removeprefix("file://"))
     return path if path.is_absolute() else root / path
 

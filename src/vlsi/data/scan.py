@@ -30,6 +30,7 @@ from PIL import Image
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from vlsi.data.encode import IGNORE_INDEX, _assistant_spans, encode
+from vlsi.data.images import image_header
 from vlsi.data.records import Sample
 
 log = logging.getLogger("vlsi")
@@ -271,11 +272,7 @@ def sample_sizes(sample: Sample) -> list[tuple[int, int]]:
     """(width, height) of each image: from the check when it read them, else from the headers."""
     if sample.sizes is not None:
         return sample.sizes
-    sizes = []
-    for path in sample.images:
-        with Image.open(path) as image:
-            sizes.append(image.size)
-    return sizes
+    return [image_header(source) for source in sample.images]
 
 
 def _full(sample: Sample, processor) -> list[int]:

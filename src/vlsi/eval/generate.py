@@ -11,14 +11,13 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from ..data.images import UnusableImage, describe, image_header, load_image
 from .benchmarks import JUDGED, REQUIRED, SCORERS
 from .cells import PANDAS_NA, read_like_pandas
 from .common import RULES
@@ -181,27 +180,23 @@ def _decode_base64(cell: str, where: str) -> bytes:
         data = base64.b64decode(cell, validate=False)
     except (binascii.Error, ValueError) as e:
         raise EvalError(f"{where}: the 'image' cell is not base64 ({e}); store images base64-encoded") from None
-    _check_image(io.BytesIO(data), where)
+    _check_image(data, where)
     return data
 
 
-def _check_image(source, where: str) -> None:
+def _check_image(source: bytes | Path, where: str) -> None:
     """Reads the header only: cheap enough for every row before generation starts."""
     try:
-        with Image.open(source):
-            pass
+        image_header(source)
     except FileNotFoundError:
         raise EvalError(f"{where}: image file {source} not found; check --image-root") from None
+    except UnusableImage as e:
+        raise EvalError(f"{where}: image {describe(source)}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
         raise EvalError(f"{where}: image cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- generation
-
-
-def load_image(source: bytes | Path) -> Image.Image:
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        return image.convert("RGB")
 
 
 @torch.inference_mode()

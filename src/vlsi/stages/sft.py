@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..card import CARD
 from ..config import TrainConfig
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts
@@ -57,18 +58,21 @@ def setup(cfg: TrainConfig, model_path: str, samples=None) -> Run:
     return Run(accelerator, SFTStep(model, parts, vocab), loader, dtype, processor)
 
 
-def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict | None) -> Path:
-    """The fine-tuned model (LoRA merged) and its processor in `output` (`state`: the main process's gathered one)."""
+def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict | None, card=None) -> Path:
+    """The fine-tuned model (LoRA merged), its processor and its model card (`card`, a `huggingface_hub.ModelCard`,
+    when given) in `output` (`state`: the main process's gathered one)."""
 
     def write(folder: Path) -> None:
         weights = substate(state, "student")
         export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, folder)
+        if card is not None:
+            card.save(folder / CARD)
 
     return write_output(cfg, run, "sft", output, write)
 
 
-def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None) -> Path:
-    """Fine-tune `model_path` on the data; save the merged model and its processor to `output`."""
+def sft(cfg: TrainConfig, model_path: str, output: Path, metrics: MetricsLog, samples=None, card=None) -> Path:
+    """Fine-tune `model_path` on the data; save the merged model, its processor and `card` to `output`."""
     run = setup(cfg, model_path, samples)
     state = train(run.accelerator, run.step, run.loader, cfg.sft, "sft", metrics, **checkpointing(cfg, "sft"))
-    return save(cfg, model_path, output, run, state)
+    return save(cfg, model_path, output, run, state, card)

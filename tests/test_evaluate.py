@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -148,12 +149,98 @@ def test_resume_after_a_kill_generates_each_row_once(mmbench_run, model_dir, tmp
     assert scores["rules"] == "lenient" and scores["score"] == scores["score_lenient"]
 
 
-def test_resume_refuses_other_settings(mmbench_run, model_dir, capsys):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--batch-size", "2"], "was written with batch_size = 4, not 2"),
+        (["--max-new-tokens", "5"], "was written with max_new_tokens = 4, not 5"),
+        (["--dtype", "fp16"], 'was written with dtype = "fp32", not "fp16"'),
+        (["--generation-config", "model"], 'was written with generation_config = "vlmevalkit", not "model"'),
+    ],
+)
+def test_resume_refuses_other_settings(mmbench_run, model_dir, tmp_path, capsys, change, message):
     data, out = mmbench_run
-    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out)]
-    assert cli(*argv, "--max-new-tokens", "5") == 2
+    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST, *change]
+    assert cli(*argv) == 2
     error = capsys.readouterr().err
-    assert error.startswith("vlsi eval: error:") and "max_new_tokens = 4" in error and "--output" in error
+    assert error.startswith("vlsi eval: error:") and message in error and "pass another --output" in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_resume_refuses_other_data_or_another_model(mmbench_run, model_dir, tmp_path, capsys):
+    data, full = mmbench_run
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    before = (out / "predictions.jsonl").read_text()
+    argv = ["--benchmark", "mmbench", "--output", str(out), *FAST]
+    # The TSV edited in place (one answer flipped): same path, other contents.
+    edited = tmp_path / "MMBench_DEV_EN.tsv"
+    edited.write_text(Path(data).read_text().replace("\tA\tcolour", "\tB\tcolour", 1))
+    assert edited.read_text() != Path(data).read_text()
+    assert cli("--model", model_dir, "--data", str(edited), *argv) == 2
+    assert "was written from other contents of the data file" in capsys.readouterr().err
+    # Another model put at the path of the one that wrote the predictions.
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    assert cli("--model", str(model), "--data", data, *argv) == 0  # the same files: resumed (nothing to answer)
+    capsys.readouterr()
+    build_tiny_vlm(model, seed=1)
+    assert cli("--model", str(model), "--data", data, *argv) == 2
+    assert "was written by another model" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == before
+
+
+def test_the_model_generation_config_is_ignored_unless_asked(model_dir, tmp_path):
+    """A generation_config.json whose options turn answers to noise changes nothing by default; with
+    --generation-config model it applies, and eval.json records the options in both cases."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(
+        json.dumps({**config, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1})
+    )
+    data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", mmbench_rows())
+    runs = {}
+    for source, folder in [("vlmevalkit", "plain"), ("vlmevalkit", "noisy"), ("model", "model")]:
+        path = model_dir if folder == "plain" else str(model)
+        argv = ["--model", path, "--benchmark", "mmbench", "--data", data, "--output", str(tmp_path / folder)]
+        assert cli(*argv, "--max-new-tokens", "8", "--generation-config", source) == 0
+        runs[folder] = read_jsonl(tmp_path / folder / "predictions.jsonl")
+        settings = json.loads((tmp_path / folder / "eval.json").read_text())
+        assert settings["generation_config"] == source and settings["generation"]["do_sample"] is False
+        assert settings["generation"]["max_new_tokens"] == 8 and settings["vlmevalkit_wrapper"].startswith(
+            "Qwen2VLChat"
+        )
+        if source == "vlmevalkit":  # Qwen2VLChat passes repetition_penalty=1.0
+            assert settings["generation"]["repetition_penalty"] == 1.0
+            assert "no_repeat_ngram_size" not in settings["generation"]
+        else:
+            assert settings["generation"]["repetition_penalty"] == 3.0
+            assert settings["generation"]["no_repeat_ngram_size"] == 1
+    answers = {folder: [row["prediction"] for row in rows] for folder, rows in runs.items()}
+    assert answers["noisy"] == answers["plain"] != answers["model"]
+
+
+def test_answers_cut_at_the_limit_are_flagged_and_counted(mmbench_run):
+    _, out = mmbench_run
+    predictions = read_jsonl(out / "predictions.jsonl")
+    scores = json.loads((out / "scores.json").read_text())
+    # A random-weight model rarely ends within 4 tokens: most answers are cut, each flagged.
+    assert all(isinstance(row["cut"], bool) for row in predictions)
+    assert scores["cut"] == sum(row["cut"] for row in predictions) > 0
+
+
+def test_generate_answers_says_which_answer_was_cut(model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = [Item(str(k), [{"role": "user", "content": [{"type": "text", "text": q}]}], [], {}) for k, q in
+             enumerate(["Count", "Which digit is this?"])]  # fmt: skip
+    cut = generate_answers(model, processor, items, max_new_tokens=4)
+    assert all(isinstance(answer, str) for answer in cut) and any(answer.cut for answer in cut)
+    # Every token an end token: each answer ends at its first token, well within the limit.
+    model.generation_config.eos_token_id = list(range(model.config.text_config.vocab_size))
+    ended = generate_answers(model, processor, items, max_new_tokens=4)
+    assert not any(answer.cut for answer in ended)
 
 
 def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
@@ -255,7 +342,7 @@ def test_custom_hit(reference, prediction, question, hit):
 
 
 def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
-    data, _ = mmbench_run
+    data, out = mmbench_run
     rows = mmbench_rows()
     no_answer = write_tsv(tmp_path / "no_answer.tsv", [{k: v for k, v in row.items() if k != "answer"} for row in rows])
     bad_image = write_tsv(tmp_path / "bad_image.tsv", [{**row, "image": "x" * 100} for row in rows[:1]])
@@ -263,6 +350,10 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
     orphan = write_tsv(tmp_path / "orphan.tsv", rows[1:2])  # a rotation without its main row
     broken = tmp_path / "broken"
     broken.mkdir()
+    shutil.copy(out / "eval.json", broken / "eval.json")
+    no_weights = tmp_path / "no_weights"  # its config reads, its weights do not
+    shutil.copytree(model_dir, no_weights)
+    (no_weights / "model.safetensors").write_bytes(b"not a checkpoint")
     (broken / "predictions.jsonl").write_text('{"index": "0", "prediction": "A"}\nnot json\n{"index": "1"}\n')
     cases = [
         (["--data", no_answer], "missing answer"),
@@ -271,8 +362,9 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
         (["--data", orphan], "main row"),
         (["--data", str(tmp_path / "absent.tsv")], "no such file"),
         (["--data", data, "--benchmark", "nope"], "unknown benchmark"),
-        (["--data", data, "--output", str(broken)], "line 2: not a prediction row"),
+        (["--data", data, "--output", str(broken), *FAST], "line 2: not a prediction row"),
         (["--data", data, "--model", str(tmp_path / "no_model")], "cannot load"),  # leaves "o" reusable
+        (["--data", data, "--model", str(no_weights)], "cannot load"),
         (["--data", data, "--device", "cuda:7"] if not _has_cuda() else ["--data", data, "--device", "gpu"], "device"),
     ]
     for extra, message in cases:
@@ -281,6 +373,7 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
         error = capsys.readouterr().err
         assert error.startswith("vlsi eval: error:") and message in error, (extra, error)
         assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert not (tmp_path / "o" / "eval.json").exists()  # nothing written for a model that did not load
 
 
 def test_the_parser_offers_every_dtype_and_evaluate_refuses_another(tmp_path):

@@ -12,6 +12,8 @@ resumes: rows already in predictions.jsonl are skipped, and a finished run is on
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig, GenerationConfig
 
+from vlsi.answers import teacher_identity
 from vlsi.data import read_dataset
 from vlsi.models.loading import ModelError, load_model, load_processor
 
@@ -37,8 +41,21 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS, SCORES, SETTINGS = "predictions.jsonl", "scores.json", "eval.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Settings that change the predictions: resuming under different ones would mix two runs in one file.
-RESUME_KEYS = ("model", "benchmark", "data", "image_root", "max_new_tokens")
+GENERATION_SOURCES = ("vlmevalkit", "model")
+# What the predictions depend on: resuming onto a file written under anything else would mix two runs. Paths are
+# not here (a moved file with the same content resumes); the image root is, since images are read from it by path.
+RESUME_KEYS = (
+    "benchmark",
+    "data_fingerprint",
+    "image_root",
+    "model_fingerprint",
+    "dtype",
+    "batch_size",
+    "max_new_tokens",
+    "generation_config",
+    "generation",
+    "prompt_builder",
+)
 
 
 def evaluate(
@@ -53,71 +70,102 @@ def evaluate(
     dtype: str = "auto",
     judge: JudgeFn | None = None,
     rules: str = VLMEVALKIT,
+    generation_config: str = "vlmevalkit",
 ) -> dict:
     """Generate the missing predictions into `output`, score the whole file under `rules` and return the scores.
 
+    Decoding is greedy with the options VLMEvalKit's wrapper for the model's family passes (`generation_config`
+    "vlmevalkit"; the model's generation_config.json is then not applied) or with the model's own options ("model").
     Raises EvalError (or ScoreError, DataError, ModelError) with a one-line message on bad input.
     """
     if rules not in RULES:
         raise EvalError(f"unknown rules {rules!r}; use {' or '.join(RULES)}")
+    if generation_config not in GENERATION_SOURCES:
+        raise EvalError(f"--generation-config {generation_config!r}: use {' or '.join(GENERATION_SOURCES)}")
     name = CUSTOM if benchmark.strip().lower() == CUSTOM else resolve_benchmark(benchmark)
     data = Path(data)
     root = Path(image_root) if image_root is not None else data.parent
     out = Path(output)
     device, dtype = _device_and_dtype(device, dtype)
-    model_type = _model_type(model)
-    vlmevalkit_wrapper, wrapper_tokens, _ = wrapper(model_type)
-    settings = {
-        "model": _model_id(model),
-        "benchmark": name,
-        "data": str(data.resolve()),
-        "image_root": str(root.resolve()),
-        "max_new_tokens": max_new_tokens or wrapper_tokens,
-        "model_type": model_type,
-        "vlmevalkit_wrapper": vlmevalkit_wrapper,
-        "prompt_builder": "conversation" if name == CUSTOM else builder_used(name, prompt_builder(model_type)),
-    }
 
     # Read and check everything (data, images, earlier output) before writing anything or loading the model.
     if name == CUSTOM:
-        items = [custom_item(sample, data) for sample in read_dataset(data, root)[0]]
+        samples = read_dataset(data, root)[0]
+        items = [custom_item(sample, data) for sample in samples]
         indices = [item.index for item in items]
+        data_fingerprint = samples.fingerprint or file_sha256(data)
     else:
         rows = read_benchmark(data, name)
         indices = [row["index"] for row in rows]
+        data_fingerprint = file_sha256(data)
+    model_type = _model_type(model)
+    vlmevalkit_wrapper, wrapper_tokens, _ = wrapper(model_type)
+    limit = max_new_tokens or wrapper_tokens
+    generation = decoding_config(model, model_type, limit, generation_config)
+    settings = {
+        "model": _model_id(model),
+        "model_fingerprint": teacher_identity(_model_id(model)),
+        "model_type": model_type,
+        "benchmark": name,
+        "data": str(data.resolve()),
+        "data_fingerprint": data_fingerprint,
+        "image_root": str(root.resolve()),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "max_new_tokens": limit,
+        "vlmevalkit_wrapper": vlmevalkit_wrapper,
+        "generation_config": generation_config,
+        # Every option that differs from transformers' defaults; the rest are those defaults.
+        "generation": {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"},
+        "prompt_builder": "conversation" if name == CUSTOM else builder_used(name, prompt_builder(model_type)),
+    }
     if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
         _check_settings(out / SETTINGS, settings)
     finished = _finished_lines(out / PREDICTIONS, set(indices))
     if name == CUSTOM:
         pending = [item for item in items if item.index not in finished]
     else:  # images are decoded (and checked) only for the rows still to answer
-        builder = prompt_builder(model_type)
-        pending = benchmark_items(name, rows, root, data, builder, skip=frozenset(finished))
+        pending = benchmark_items(name, rows, root, data, prompt_builder(model_type), skip=frozenset(finished))
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
     if finished:
         logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
     if pending:
-        _generate(pending, len(indices), len(finished), out / PREDICTIONS, settings, batch_size, device, dtype)
+        _generate(pending, len(indices), len(finished), out, settings, generation, device)
     scores = _score(name, out / PREDICTIONS, judge, rules)
+    scores["cut"] = sum(bool(json.loads(line).get("cut")) for line in _lines(out / PREDICTIONS) if line.strip())
     (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
     return scores
 
 
+def decoding_config(model: str, model_type: str, max_new_tokens: int, source: str) -> GenerationConfig:
+    """Greedy decoding limited to `max_new_tokens`, with the model's stop, padding and start tokens, and either the
+    options VLMEvalKit's wrapper for the family passes ("vlmevalkit": the model's generation_config.json options are
+    not applied) or the model's own ("model"; its sampling options are dropped, decoding stays greedy)."""
+    try:
+        own = GenerationConfig.from_pretrained(model)
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        own = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model))
+    tokens = {key: getattr(own, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if source == "model":
+        config = copy.deepcopy(own)
+        config.update(do_sample=False, max_new_tokens=max_new_tokens, temperature=None, top_p=None, top_k=None)
+        return config
+    _, _, options = wrapper(model_type)
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, **options, **tokens)
+
+
 def _generate(
-    pending: list[Item],
-    total: int,
-    finished: int,
-    path: Path,
-    settings: dict,
-    batch_size: int,
-    device: str,
-    dtype: str,
+    pending: list[Item], total: int, finished: int, out: Path, settings: dict, generation, device: str
 ) -> None:
     processor = load_processor(settings["model"])
-    model = load_model(settings["model"], DTYPES[dtype]).to(device).eval()
+    model = load_model(settings["model"], DTYPES[settings["dtype"]]).to(device).eval()
+    # generate() fills every option its call leaves unset from model.generation_config: replacing it is what keeps
+    # the options of the model's generation_config.json out (--generation-config vlmevalkit).
+    model.generation_config = generation
+    _write_settings(out / SETTINGS, settings)  # only for a model that loaded: the settings of a run that answers
+    batch_size = settings["batch_size"]
     bar = tqdm(total=total, initial=finished, desc=settings["benchmark"], unit="row", mininterval=1.0)
     with bar:
         append_answers(
@@ -126,14 +174,29 @@ def _generate(
             pending,
             settings["max_new_tokens"],
             batch_size,
-            path,
-            lambda item, answer: {**item.row, "prediction": answer},
+            out / PREDICTIONS,
+            lambda item, answer: {**item.row, "prediction": answer, "cut": answer.cut},
             bar,
             lambda saved: EvalError(
-                f"out of memory on {device} at --batch-size {batch_size}; lower it and rerun to resume "
-                f"({finished + saved} rows are saved)"
+                f"out of memory on {device} at --batch-size {batch_size}; rerun with a new --output and a lower "
+                f"--batch-size (batch size can change greedy answers, so this run resumes only at {batch_size}; "
+                f"{finished + saved} rows are saved)"
             ),
         )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_settings(path: Path, settings: dict) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(settings, indent=2) + "\n")
+    partial.replace(path)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
@@ -181,17 +244,32 @@ def _model_id(model: str) -> str:
 
 
 def _check_settings(path: Path, settings: dict) -> None:
-    """Resuming is only allowed under the settings that wrote the predictions (RESUME_KEYS)."""
+    """Resuming is only allowed onto predictions written from the same inputs (RESUME_KEYS): one line naming what
+    changed, and the fix."""
+    fix = f"pass another --output, or delete {path.parent} to start over"
     if not path.is_file():
-        return
+        raise EvalError(f"{path.parent} holds {PREDICTIONS} but no {SETTINGS}, so what wrote it is unknown; {fix}")
     previous = json.loads(path.read_text())
     changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
-    if changed:
-        key = changed[0]
-        raise EvalError(
-            f"{path.parent} holds a run with {key} = {previous.get(key)!r}, not {settings[key]!r}; rerun with "
-            "the same settings to resume it, or pass another --output"
-        )
+    if not changed:
+        return
+    key = changed[0]
+    if key not in previous:
+        what = f"was written by an older vlsi eval (its {SETTINGS} has no {key})"
+    elif key == "data_fingerprint":
+        what = f"was written from other contents of the data file ({settings['data']} changed since)"
+    elif key == "model_fingerprint":
+        what = f"was written by another model (the config or weight files of {settings['model']} changed since)"
+    else:
+        what = f"was written with {key} = {json.dumps(previous[key])}, not {json.dumps(settings[key])}"
+    raise EvalError(f"{path.parent / PREDICTIONS} {what}; rerun with the same inputs to resume it, or {fix}")
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, each with its "\\n" (the last may lack it). Split on "\\n" alone: str.splitlines also
+    splits on U+2028, U+0085, ... which a JSON writer leaves unescaped inside strings."""
+    pieces = path.read_text(encoding="utf-8").split("\n")
+    return [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
 def _finished_lines(path: Path, indices: set[str]) -> dict[str, str]:
@@ -199,7 +277,7 @@ def _finished_lines(path: Path, indices: set[str]) -> dict[str, str]:
     out (and its row generated again). Any other unreadable line, or a row not in the data, is an error."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = _lines(path)
     done: dict[str, str] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -41,6 +41,7 @@ def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
 
 def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False) -> nn.Module:
     """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
@@ -51,6 +52,8 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, e
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:  # a weight file cut short or overwritten
+        raise ModelError(f"cannot load the weights of '{path}': {e} (the .safetensors files are damaged)") from None
     except RuntimeError as e:  # the checkpoint's tensors do not fit the model transformers built
         if "Error(s) in loading state_dict" not in str(e):
             raise

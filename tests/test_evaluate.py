@@ -256,6 +256,45 @@ def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
     assert scores["num_questions"] == 6 and 0.0 <= scores["score"] <= 100.0
     assert sum(kind["num_questions"] for kind in scores["question_types"].values()) == 6
     assert json.loads(capsys.readouterr().out) == scores
+    # `vlsi score --benchmark custom` on vlsi eval's own predictions.jsonl gives the same numbers.
+    assert main(["score", "--benchmark", "custom", "--predictions", str(tmp_path / "o" / "predictions.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out) == {key: value for key, value in scores.items() if key != "cut"}
+    # Another benchmark named for that file is refused: its eval.json says what it answers.
+    assert main(["score", "--benchmark", "pope", "--predictions", str(tmp_path / "o" / "predictions.jsonl")]) == 2
+    assert "holds vlsi eval's answers to custom" in capsys.readouterr().err
+
+
+def test_a_trailing_user_turn_in_a_custom_record_is_refused(model_dir, tmp_path, capsys):
+    data = write_digits_dataset(tmp_path, n=2)
+    records = json.loads(data.read_text())
+    records[1]["conversations"].append({"from": "human", "value": "And the next one?"})
+    data.write_text(json.dumps(records))
+    argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(data), "--output", str(tmp_path / "o")]
+    assert cli(*argv, *FAST) == 2
+    error = capsys.readouterr().err
+    assert "record digit-1 ends with a user turn after its last assistant turn" in error and "drop" in error
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_unicode_line_separator_in_a_question_survives_resume(model_dir, tmp_path, monkeypatch):
+    image = base64.b64encode(png((10, 200, 30))).decode()
+    rows = [
+        {"index": k, "question": f"Which colour\u2028is square {k}?", "A": "red", "B": "green", "answer": "B",
+         "image": image}
+        for k in range(2)
+    ]  # fmt: skip
+    data = write_tsv(tmp_path / "AI2D_TEST.tsv", rows)
+    argv = ["--model", model_dir, "--benchmark", "ai2d", "--data", data, "--output", str(tmp_path / "o"), *FAST]
+    assert cli(*argv) == 0
+    first = (tmp_path / "o" / "predictions.jsonl").read_text()
+    assert "\u2028" in first  # written as the character: str.splitlines would cut the line there
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run loaded the model")
+
+    monkeypatch.setattr("vlsi.eval.harness.load_model", no_model)
+    assert cli(*argv) == 0
+    assert (tmp_path / "o" / "predictions.jsonl").read_text() == first
 
 
 def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, capsys):

@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         required=True,
         help=f"benchmark name, case-insensitive ({', '.join(sorted(SCORERS))}; VLMEvalKit's dataset names such as "
-        "MMBench_DEV_EN, MathVista_MINI, CV-Bench-2D; aliases such as mmbench, mmvet)",
+        "MMBench_DEV_EN, MathVista_MINI, CV-Bench-2D; aliases such as mmbench, mmvet), or custom for the "
+        "predictions.jsonl of a `vlsi eval --benchmark custom` run",
     )
     p.add_argument(
         "--predictions",

@@ -48,7 +48,7 @@ from .data.dataset import processor_key
 from .data.images import image_identity
 from .distributed import process_state
 from .eval.generate import Item, append_answers
-from .models.loading import compute_dtype, load_model, load_processor
+from .models.loading import check_fits, compute_dtype, load_model, load_processor
 from .stages.loop import truncate_jsonl
 
 log = logging.getLogger("vlsi")
@@ -57,6 +57,7 @@ ANSWERS, INDEX = "answers.jsonl", "index.json"
 # Index entries that must match to reuse the answers, and how the refusal names them.
 REUSE_KEYS = {
     "teacher_identity": "teacher",
+    "teacher_quantization": "teacher_quantization",
     "processor": "teacher processor",
     "prompts": "prompts (data)",
     "answer_max_tokens": "data.answer_max_tokens",
@@ -97,6 +98,7 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     index = {
         "teacher": cfg.teacher,
         "teacher_identity": teacher_identity(cfg.teacher),
+        "teacher_quantization": cfg.teacher_quantization,
         "processor": processor_key(processor),
         "data": cfg.data.path,
         "prompts": prompts_key(prompts),
@@ -180,8 +182,10 @@ def _generate(
     wanted = {s.id for s in pending}
     # Rewritten without a line cut by a kill (appending after it would break the next line too).
     truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
-    model = load_model(cfg.teacher, compute_dtype(cfg.precision), cfg.trust_remote_code)
-    model = model.to(process_state().device).eval()
+    dtype, device = compute_dtype(cfg.precision), process_state().device
+    check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
+    model = model.to(device).eval()
     size = cfg.data.answer_batch_size
 
     def record(item: Item, text: str) -> dict:

@@ -53,7 +53,7 @@ from .data.dataset import processor_key
 from .distributed import on_main_process, process_state
 from .losses import TopK, log_probs, top_k
 from .models.family import capture, model_parts
-from .models.loading import compute_dtype, freeze, load_model, load_processor
+from .models.loading import check_fits, compute_dtype, freeze, load_model, load_processor
 from .models.verbalizer import META, WEIGHTS, Verbalizers
 from .stages.common import load_samples, split_batch
 
@@ -115,6 +115,7 @@ def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, process
     verbalizers are not trained yet, and the two entries that describe them are left out."""
     identity = {
         "teacher_identity": teacher_key(cfg.teacher),
+        "teacher_quantization": cfg.teacher_quantization,
         "data_fingerprint": prompts_key(samples),
         "processor": processor_key(processor),
         "top_k": cfg.cache.top_k,
@@ -271,7 +272,9 @@ def _compute_shards(cfg, folder: Path, verbalizers_dir, processor, dataset, shar
     """Run the teacher over the shards `todo` of this process, writing each one atomically."""
     state = process_state()
     dtype = compute_dtype(cfg.precision)
-    teacher = freeze(load_model(cfg.teacher, dtype, cfg.trust_remote_code)).to(state.device).eval()
+    check_fits(cfg.teacher, dtype, state.device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
+    teacher = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
+    teacher = freeze(teacher).to(state.device).eval()
     parts = model_parts(teacher)
     verbalizers = freeze(Verbalizers.load(verbalizers_dir)).to(state.device, dtype)
     vocab = min(len(processor.tokenizer), parts.vocab_rows)

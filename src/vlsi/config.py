@@ -138,6 +138,9 @@ class TrainConfig:
     output: str = ""
     teacher_verbalizers: str = ""  # reuse teacher verbalizers trained earlier (`vlsi verbalize`) instead of training
     teacher_cache: str = ""  # folder of the teacher's cached targets: interaction reads them, never loads the teacher
+    # the teacher's weights quantized as they load (answers, cache, interaction): int8 (torchao, CPU or GPU), int4
+    # (torchao), nf4 / bnb8 (bitsandbytes), fp8 (Hopper); empty: as stored. docs/CONFIG.md#a-quantized-teacher
+    teacher_quantization: Literal["", "int8", "int4", "nf4", "bnb8", "fp8"] = ""
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)

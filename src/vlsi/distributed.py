@@ -23,7 +23,7 @@ from torch import nn
 from .config import ConfigError, StageConfig
 from .losses import row_chunks
 from .models.family import Parts
-from .models.loading import freeze, load_model
+from .models.loading import check_fits, freeze, load_model
 
 log = logging.getLogger("vlsi")
 
@@ -157,14 +157,27 @@ def deepspeed_loading(accelerator: Accelerator, partition: bool, dtype: torch.dt
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()  # the launch's config again
 
 
-def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def load_frozen(
+    accelerator: Accelerator, path: str, dtype: torch.dtype, trust_remote_code: bool, quantization: str = ""
+) -> nn.Module:
     """Load a model that stays frozen (the teacher; the backbone whose verbalizers train), in evaluation mode, so
     that a 72B teacher never sits whole in every process's memory: under DeepSpeed partitioned while it loads; under
     FSDP2 only the main process reads the weights, the others build the architecture on the meta device and receive
-    their shards in `prepare_frozen`."""
+    their shards in `prepare_frozen`. Its weights must fit each device's share first (`check_fits`). A quantized
+    model (`quantization`) is placed whole on every device: sharding launches refuse it."""
+    sharded = accelerator.is_fsdp2 or accelerator.distributed_type == DistributedType.DEEPSPEED
+    if quantization and sharded and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"teacher_quantization={quantization} keeps a whole quantized teacher on every device, which FSDP2 and "
+            "DeepSpeed cannot shard: launch with DDP (configs/accelerate/ddp.yaml) or one process, or drop "
+            "teacher_quantization"
+        )
+    share = accelerator.num_processes if sharded else 1
+    if accelerator.is_main_process:
+        check_fits(path, dtype, accelerator.device, quantization, share, trust_remote_code)
     empty = accelerator.is_fsdp2 and not accelerator.is_main_process
     with deepspeed_loading(accelerator, partition=True, dtype=dtype):
-        model = load_model(path, dtype, trust_remote_code, empty=empty)
+        model = load_model(path, dtype, trust_remote_code, empty=empty, quantization=quantization)
     if accelerator.is_fsdp2 and accelerator.num_processes > 1 and not _same_parameters_everywhere(model):
         # transformers ties or unties weights by what the checkpoint holds, which the architecture alone cannot tell
         if accelerator.is_main_process:

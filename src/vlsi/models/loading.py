@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 
@@ -39,8 +40,11 @@ def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
     return model_parts(load_model(path, torch.float32, trust_remote_code, empty=True))
 
 
-def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False) -> nn.Module:
-    """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated)."""
+def load_model(
+    path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False, quantization: str = ""
+) -> nn.Module:
+    """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated);
+    with `quantization` (a `QUANTIZATIONS` name), its weights quantized as they load."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -49,7 +53,10 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, e
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
                 return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
+        return AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None
     except SafetensorError as e:  # a weight file cut short or overwritten
@@ -64,6 +71,74 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, e
         if is_deepspeed_zero3_enabled():  # huggingface/transformers#43257: MoE expert conversion skipped under ZeRO-3
             fix = "transformers does not convert MoE expert weights when loading under ZeRO-3: launch with fsdp2.yaml"
         raise ModelError(f"cannot load the weights of '{path}': {detail} ({fix})") from None
+
+
+# teacher_quantization: (backend package, where it runs, weight bytes per parameter, how transformers is told)
+QUANTIZATIONS = {
+    "int8": ("torchao", "cpu or gpu", 1.0, "torchao int8 weight-only"),
+    "int4": ("torchao", "gpu", 0.5, "torchao int4 weight-only"),
+    "nf4": ("bitsandbytes", "gpu", 0.5, "bitsandbytes 4-bit NF4"),
+    "bnb8": ("bitsandbytes", "gpu", 1.0, "bitsandbytes LLM.int8()"),
+    "fp8": ("transformers", "gpu", 1.0, "transformers fine-grained FP8 (Hopper and newer)"),
+}
+
+
+def quantization_config(name: str):
+    """The transformers quantization config of `teacher_quantization=name`; ModelError when its backend is missing
+    or cannot run on this machine."""
+    if name not in QUANTIZATIONS:
+        raise ModelError(f"teacher_quantization={name!r} is not one of {', '.join(QUANTIZATIONS)} (or empty: none)")
+    package, where, _, _ = QUANTIZATIONS[name]
+    if where == "gpu" and not torch.cuda.is_available():
+        raise ModelError(f"teacher_quantization={name} runs on CUDA GPUs only; on this machine use int8 (torchao)")
+    if package != "transformers" and importlib.util.find_spec(package) is None:
+        raise ModelError(f"teacher_quantization={name} needs {package}: pip install {package}")
+    from transformers import BitsAndBytesConfig, FineGrainedFP8Config, TorchAoConfig
+
+    if name == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    if name == "int4":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return TorchAoConfig(quant_type=Int4WeightOnlyConfig())
+    if name == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    if name == "bnb8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return FineGrainedFP8Config()
+
+
+def check_fits(path: str, dtype: torch.dtype, device: torch.device, quantization: str = "", share: int = 1,
+               trust_remote_code: bool = False, what: str = "teacher") -> None:  # fmt: skip
+    """Stop, before any weight is read, a model whose weights cannot fit the free memory of `device` (its `share`:
+    1/share of the weights when the launch shards it), estimated from its config (parameters x bytes per weight, plus
+    10 % for buffers and activations), with the options that make it fit."""
+    model = load_model(path, dtype, trust_remote_code, empty=True)
+    parameters = sum(p.numel() for p in model.parameters())
+    per_weight = QUANTIZATIONS[quantization][2] if quantization else torch.finfo(dtype).bits / 8
+    needed = parameters * per_weight * 1.1 / share
+    free = _free_memory(device)
+    if needed <= free:
+        return
+    gib = 1 << 30
+    how = f"{QUANTIZATIONS[quantization][3]} weights" if quantization else f"{str(dtype).removeprefix('torch.')}"
+    raise ModelError(
+        f"the {what} '{path}' ({parameters / 1e9:.1f}B parameters, {how}) needs about {needed / gib:.1f} GiB "
+        f"{'per process ' if share > 1 else ''}but {device} has {free / gib:.1f} GiB free: shard it (launch with "
+        "configs/accelerate/fsdp2.yaml or zero3.yaml on more devices), quantize it (teacher_quantization=int8, nf4 "
+        "or fp8), or serve it (data.answers=server, docs/SERVING.md)"
+    )
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def check_same_vocabulary(teacher_processor, student_processor, teacher: str, student: str) -> None:

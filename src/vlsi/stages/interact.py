@@ -182,7 +182,7 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
         cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples))
         t_rows = cache.vocab
     else:
-        teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code)
+        teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code, cfg.teacher_quantization)
         t_parts = model_parts(teacher)
         t_verb = freeze(Verbalizers.load(out / "verbalizers" / "teacher"))
         t_rows = t_parts.vocab_rows

@@ -134,8 +134,9 @@ WRAPPERS = {
     "idefics3": ("SmolVLM (vlmeval/vlm/smolvlm.py)", 2048, {}),
     "internvl": ("InternVLChat (vlmeval/vlm/internvl/internvl_chat.py)", 4096, {}),
 }
-# A family VLMEvalKit has no wrapper for: neutral options and Qwen2VLChat's length limit.
-NO_WRAPPER = ("none: neutral options", 2048, {})
+# Any other family (none of VLMEvalKit, or one whose wrapper samples, as Qwen3-VL's does with top_k=20): neutral
+# greedy options and Qwen2VLChat's length limit.
+NO_WRAPPER = ("none reproduced: neutral greedy options", 2048, {})
 
 
 def wrapper(model_type: str) -> tuple[str, int, dict]:

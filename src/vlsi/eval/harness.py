@@ -4,10 +4,11 @@
     vlsi eval --model OUT/model --benchmark custom --data heldout.json --image-root imgs --output eval/heldout
     vlsi eval --model OUT/model --benchmark ChartQA_TEST --data ChartQA_TEST.tsv --output eval/chartqa --rules lenient
 
-Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction`; one line per row as
-batches finish), OUTPUT/scores.json and OUTPUT/eval.json (the settings). Rerunning with the same settings
-resumes: rows already in predictions.jsonl are skipped, and a finished run is only rescored (also under other
---rules, which change only the scoring).
+Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction` and `cut`; one line per
+row as batches finish), OUTPUT/scores.json and OUTPUT/eval.json (what the predictions were made from: data and
+model fingerprints, dtype, batch size, decoding options, prompt builder). Rerunning onto the same inputs resumes:
+rows already in predictions.jsonl are skipped, and a finished run is only rescored (also under other --rules, which
+change only the scoring); other inputs are refused (RESUME_KEYS).
 """
 
 from __future__ import annotations

@@ -40,10 +40,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from vlsi.cache import teacher_targets
 from vlsi.config import TrainConfig
+from vlsi.data import split_batch
 from vlsi.models.family import default_target_layers, model_parts
 from vlsi.models.loading import add_lora, freeze
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.common import split_batch
 from vlsi.stages.interact import InteractStep
 from vlsi.stages.sft import SFTStep
 

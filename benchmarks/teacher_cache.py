@@ -27,14 +27,14 @@ import torch
 
 from vlsi.cache import INDEX, build_cache, teacher_targets
 from vlsi.config import load_config
-from vlsi.data import VLDataset, make_collate, read_dataset
+from vlsi.data import VLDataset, make_collate, read_dataset, split_batch
 from vlsi.demo.models import STUDENT_DIR, TEACHER_DIR, TEACHER_TARGET_LAYERS, TEACHER_VERBALIZERS
 from vlsi.demo.tasks import make_split, write_split
 from vlsi.losses import TopK, kl_from_logits, log_probs, top_k, topk_kl_from_logits
 from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.common import split_batch
+from vlsi.stages.common import load_samples
 
 KS = (8, 32, 64, 256)
 
@@ -112,7 +112,7 @@ def sizes(data: Path, image_root: Path, ks) -> dict:
         )
         cfg.data.path, cfg.data.image_root, cfg.data.max_length = str(data), str(image_root), 128
         start = time.perf_counter()
-        build_cache(cfg, folder, TEACHER_VERBALIZERS)
+        build_cache(cfg, folder, TEACHER_VERBALIZERS, load_samples(cfg))
         seconds = time.perf_counter() - start
         index = json.loads((folder / INDEX).read_text())
         total = sum(s["bytes"] for s in index["shards"])

@@ -146,3 +146,15 @@ def test_the_teacher_runs_once_into_a_cache_that_every_interaction_run_reads(tmp
         run = out / "runs" / "vlsi" / f"seed-{seed}"
         assert f"teacher_cache: {cache}" in (run / "config.yaml").read_text()
         assert (run / "layer_match.jsonl").read_text()
+
+
+def test_an_ablation_folder_made_with_other_settings_is_refused(tmp_path):
+    """The folder check alone (the end-to-end run above checks it through the CLI): jobs and tables may change."""
+    from vlsi.demo.ablate import _check_same_settings
+    from vlsi.runfolder import FolderError
+
+    _check_same_settings(tmp_path, AblateSettings(seeds=2))
+    _check_same_settings(tmp_path, AblateSettings(seeds=2, jobs=4, tables="sft"))
+    with pytest.raises(FolderError, match=r"holds an ablation made with other settings \(seeds: 2 -> 3\)"):
+        _check_same_settings(tmp_path, AblateSettings(seeds=3))
+    assert json.loads((tmp_path / "settings.json").read_text())["jobs"] == 4

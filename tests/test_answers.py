@@ -3,9 +3,11 @@ the real CLI on tiny local checkpoints."""
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from vlsi import answers as answers_module
@@ -15,6 +17,7 @@ from vlsi.data import IGNORE_INDEX, DataError, encode, read_dataset
 from vlsi.eval import generate as generate_module
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_processor
+from vlsi.runfolder import FolderError
 from vlsi.stages.common import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
@@ -137,15 +140,54 @@ def test_a_cache_made_otherwise_is_refused(toy, tmp_path, calls):
     load_samples(_cfg(toy, out))
     before = (out / "answers" / "answers.jsonl").read_text()
     calls.clear()
-    with pytest.raises(ConfigError, match=r"answers made with another teacher .*delete .*answers"):
+    with pytest.raises(FolderError, match=r"answers made with other settings \(teacher\).*delete .*answers"):
         load_samples(_cfg(toy, out, teacher=student))  # same tokenizer, other weights
-    with pytest.raises(ConfigError, match="another data.answer_max_tokens"):
+    with pytest.raises(FolderError, match=r"\(data.answer_max_tokens: 6 -> 7\)"):
         load_samples(_cfg(toy, out, "data.answer_max_tokens=7"))
     edited = tmp_path / "edited.jsonl"
     edited.write_text(Path(data).read_text().replace("Is this the digit", "Is this the number"))  # digit-1, -4
-    with pytest.raises(ConfigError, match=r"another prompts \(data\)"):
+    with pytest.raises(FolderError, match=r"other settings \(prompts \(data\)\)"):
         load_samples(_cfg(toy, out, f"data.path={edited}", f"data.image_root={Path(data).parent}"))
     assert calls == [] and (out / "answers" / "answers.jsonl").read_text() == before
+
+
+def test_a_teacher_changed_in_place_is_refused(toy, tmp_path, calls):
+    """Same folder, same file names and sizes, other weight values: the answers are not reused (runfolder's rule)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(toy[0], teacher)
+    out = tmp_path / "out"
+    load_samples(_cfg(toy, out, teacher=str(teacher)))
+    _change_a_weight_in_place(teacher)
+    with pytest.raises(FolderError, match=r"answers made with other settings \(teacher\)") as refused:
+        load_samples(_cfg(toy, out, teacher=str(teacher)))
+    assert "\n" not in str(refused.value)
+
+
+def _change_a_weight_in_place(model: Path) -> None:
+    """Add 1 to every value of one weight of `model`: every file keeps its name, size and header."""
+    path = model / "model.safetensors"
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    size = path.stat().st_size
+    save_file(weights, path, metadata={"format": "pt"})
+    assert path.stat().st_size == size
+
+
+def test_answers_without_their_index_are_answered_again(toy, tmp_path, calls, caplog):
+    """A deleted index.json: nothing says what made the answers there: none is trusted, a new index is written."""
+    out = tmp_path / "out"
+    first = load_samples(_cfg(toy, out))
+    path = out / "answers" / "answers.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "answer": "stale"}) + "\n" for i in UNANSWERED))
+    (out / "answers" / "index.json").unlink()
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="vlsi"):
+        assert load_samples(_cfg(toy, out)) == first
+    assert "has no index.json" in caplog.text
+    assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED)
+    assert (out / "answers" / "index.json").is_file()
+    assert "stale" not in path.read_text()
 
 
 def test_empty_answers_are_left_out(toy, tmp_path, monkeypatch, caplog):

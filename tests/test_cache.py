@@ -4,6 +4,7 @@ real SIGKILL, and the `vlsi train` path that builds the cache first."""
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -14,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from vlsi import cli
+from vlsi import cli, runfolder
 from vlsi.cache import (
     INDEX,
     TeacherCache,
@@ -28,13 +30,14 @@ from vlsi.cache import (
     teacher_targets,
 )
 from vlsi.config import ConfigError, load_config
-from vlsi.data import VLDataset, make_collate, read_dataset
+from vlsi.data import VLDataset, make_collate, read_dataset, split_batch
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
 from vlsi.pipeline import run_train
+from vlsi.runfolder import FolderError
 from vlsi.stages import interact as interact_module
-from vlsi.stages.common import split_batch
+from vlsi.stages.common import load_samples
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog
 from vlsi.toy import write_toy
@@ -90,9 +93,13 @@ def _run_folder(toy, out):
     return out
 
 
+def _build(cfg, folder, verbalizers):
+    return build_cache(cfg, folder, verbalizers, load_samples(cfg))
+
+
 def _cache(toy, folder, *overrides):
     cfg = _cfg(toy, folder, *overrides)
-    return cfg, build_cache(cfg, folder, toy[0] / "verbalizers" / "teacher")
+    return cfg, _build(cfg, folder, toy[0] / "verbalizers" / "teacher")
 
 
 def test_cache_holds_every_layers_top_k_and_tail(toy, tmp_path):
@@ -155,18 +162,37 @@ def test_whole_distribution_cache_trains_the_live_student_without_the_teacher(to
 
 def test_mismatched_cache_is_refused_naming_what_differs(toy, tmp_path):
     cfg, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
-    with pytest.raises(ConfigError, match=r"another cache.top_k \(3 -> 4\)"):
-        build_cache(_cfg(toy, folder, "cache.top_k=4"), folder, toy[0] / "verbalizers" / "teacher")
+    with pytest.raises(FolderError, match=r"other settings \(cache.top_k: 3 -> 4\)"):
+        _build(_cfg(toy, folder, "cache.top_k=4"), folder, toy[0] / "verbalizers" / "teacher")
     other = tmp_path / "other_verbalizers"
     torch.manual_seed(1)
     Verbalizers(96, TEACHER_LAYERS).save(other)
     processor = load_processor(cfg.teacher)
     samples = read_dataset(cfg.data.path)[0]
-    with pytest.raises(ConfigError, match="another teacher verbalizers \\(its teacher") as refused:
+    with pytest.raises(
+        FolderError, match=r"teacher cache \(of teacher .*other settings \(teacher verbalizers\)"
+    ) as refused:
         TeacherCache(folder).check(cache_identity(cfg, other, processor, samples))
     assert "\n" not in str(refused.value)
-    with pytest.raises(ConfigError, match="another data"):
+    with pytest.raises(FolderError, match=r"other settings \(data\)"):
         TeacherCache(folder).check(cache_identity(cfg, toy[0] / "verbalizers" / "teacher", processor, samples[:5]))
+
+
+def test_a_teacher_changed_in_place_is_refused(toy, tmp_path):
+    """Same folder, same file names and sizes, other weight values: the cache is not used (the answers' rule too)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(toy[1], teacher)
+    cfg = dataclasses.replace(_cfg(toy, tmp_path / "c", "cache.top_k=3"), teacher=str(teacher))
+    _build(cfg, tmp_path / "c", toy[0] / "verbalizers" / "teacher")
+    path = teacher / "model.safetensors"
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    size = path.stat().st_size
+    save_file({**weights, name: weights[name] + 1}, path, metadata={"format": "pt"})
+    assert path.stat().st_size == size
+    with pytest.raises(FolderError, match=r"other settings \(teacher\); it is not reused") as refused:
+        _build(cfg, tmp_path / "c", toy[0] / "verbalizers" / "teacher")
+    assert "\n" not in str(refused.value)
 
 
 def test_truncated_or_missing_shard_is_named(toy, tmp_path):
@@ -201,20 +227,59 @@ def test_shard_with_other_bytes_of_the_same_size_is_named_and_rebuilt_once_delet
     assert TeacherCache(folder).index["complete"]
 
 
-def test_shards_are_hashed_again_only_when_changed_since_their_last_check(toy, tmp_path, monkeypatch):
-    import vlsi.cache as cache_module
-
+def test_the_rebuild_checks_every_shard_against_the_index_and_approves_none_unchecked(toy, tmp_path, caplog):
+    """Two shards altered (same sizes): the refusal names one; once it is deleted as the message says, the rebuild
+    finds the other against the recorded sha256 and computes it again too, instead of recording its new hash."""
     _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    good = {p.name: p.read_bytes() for p in folder.glob("shard-*.safetensors")}
+    for i in (0, 1):
+        bad = bytearray(good[shard_name(i)])
+        bad[-8] ^= 0xFF
+        (folder / shard_name(i)).write_bytes(bytes(bad))
+    with pytest.raises(ConfigError, match=f"{folder / shard_name(0)}: corrupt"):
+        TeacherCache(folder)
+    (folder / shard_name(0)).unlink()
+    with caplog.at_level(logging.WARNING, logger="vlsi"):
+        _cache(toy, folder, "cache.top_k=3")
+    assert f"{folder / shard_name(1)} is not the shard index.json recorded" in caplog.text
+    assert TeacherCache(folder).index["complete"]
+    for name, data in good.items():  # the same tensors again (the header's metadata may come in another order)
+        again, before = load_file(folder / name), safetensors.torch.load(data)
+        assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before)
+
+
+def test_shards_without_an_index_are_computed_again_never_relabelled(toy, tmp_path, caplog):
+    """index.json deleted, then a build with other teacher verbalizers: no old shard is kept under the new label."""
+    cfg, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    (folder / INDEX).unlink()
+    other = tmp_path / "other_verbalizers"
+    torch.manual_seed(1)
+    Verbalizers(96, TEACHER_LAYERS).save(other)
+    old = {p.name: load_file(p)["log_probs"] for p in folder.glob("shard-*.safetensors")}
+    with caplog.at_level(logging.WARNING, logger="vlsi"):
+        _build(cfg, folder, other)
+    assert "has no index.json to say what made its shards; computing every shard again" in caplog.text
+    fresh = _build(_cfg(toy, tmp_path / "fresh", "cache.top_k=3"), tmp_path / "fresh", other)
+    for name, log_probs in old.items():
+        again = load_file(folder / name)["log_probs"]
+        assert torch.equal(again, load_file(fresh / name)["log_probs"]) and not torch.equal(again, log_probs)
+
+
+def test_shards_are_hashed_again_only_when_changed_since_their_last_check(toy, tmp_path, monkeypatch):
+    _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
+    monkeypatch.setattr(runfolder, "RACY_NS", 0)  # trust a just-written shard's stat (the default waits a second)
+    monkeypatch.setattr(runfolder, "_seen", {})  # this process's own shortcut: only the folder's record counts
     TeacherCache(folder)  # checked once: .verified.json records every shard
     hashed = []
-    real = cache_module._sha256
-    monkeypatch.setattr(cache_module, "_sha256", lambda paths: hashed.append(paths) or real(paths))
+    real = runfolder.sha256_file
+    monkeypatch.setattr(runfolder, "sha256_file", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(runfolder, "_seen", {})
     TeacherCache(folder)
     assert hashed == [], "unchanged shards are not read again"
     shard = folder / shard_name(0)
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))  # touched: checked again
     TeacherCache(folder)
-    assert [list(p) for p in hashed] == [[shard]]
+    assert hashed == [shard]
 
 
 def test_a_cache_whose_folder_cannot_be_written_still_opens(toy, tmp_path, monkeypatch):
@@ -223,10 +288,10 @@ def test_a_cache_whose_folder_cannot_be_written_still_opens(toy, tmp_path, monke
     _, folder = _cache(toy, tmp_path / "c", "cache.top_k=3")
     (folder / ".verified.json").unlink(missing_ok=True)
 
-    def read_only(self, *args, **kwargs):
-        raise PermissionError(f"[Errno 13] Permission denied: '{self}'")
+    def read_only(path, data):
+        raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
 
-    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(runfolder, "write_bytes", read_only)
     assert TeacherCache(folder).index["complete"]
     assert not list(folder.glob(".verified.json*"))
 
@@ -234,7 +299,7 @@ def test_a_cache_whose_folder_cannot_be_written_still_opens(toy, tmp_path, monke
 def test_l2_needs_a_whole_distribution_cache(toy, tmp_path):
     out = _run_folder(toy, tmp_path / "run")
     cfg = _cfg(toy, out, "cache.top_k=0", f"teacher_cache={tmp_path / 'whole'}", "interact.intermediate_loss=l2")
-    build_cache(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
+    _build(cfg, cfg.teacher_cache, out / "verbalizers" / "teacher")
     interact(cfg, out, MetricsLog(out / "metrics.jsonl"))  # the ablation's L2 row, from whole distributions
     assert (out / "stages" / "interact" / "student" / "model.safetensors").is_file()
 
@@ -244,16 +309,16 @@ def test_train_refuses_a_cache_it_cannot_use_before_any_stage_trains(toy, tmp_pa
     """A top-k cache with the l2 term, and a cache in C made for other settings: refused by `vlsi train` before stage
     1, whether the teacher's verbalizers are given (teacher_verbalizers=DIR) or still to be trained."""
     made = _cfg(toy, tmp_path / "c", "cache.top_k=3")
-    build_cache(made, tmp_path / "c", toy[0] / "verbalizers" / "teacher")
+    _build(made, tmp_path / "c", toy[0] / "verbalizers" / "teacher")
     given = {} if given_verbalizers else {"teacher_verbalizers": ""}
     for setting, error in (
         (["cache.top_k=3", "interact.intermediate_loss=l2"], "l2 needs the whole teacher distributions"),
-        (["cache.top_k=5"], r"made for another cache.top_k \(3 -> 5\)"),
-        (["cache.top_k=3", "data.max_length=300"], r"another data.max_length"),
+        (["cache.top_k=5"], r"made with other settings \(cache.top_k: 3 -> 5\)"),
+        (["cache.top_k=3", "data.max_length=300"], r"other settings \(data.max_length: .* -> 300\)"),
     ):
         out = tmp_path / "run"
         cfg = dataclasses.replace(_cfg(toy, out, f"teacher_cache={tmp_path / 'c'}", *setting), **given)
-        with pytest.raises(ConfigError, match=error):
+        with pytest.raises((ConfigError, FolderError), match=error):
             run_train(cfg)
         assert not (out / "verbalizers").exists() and not (out / "metrics.jsonl").exists(), "nothing trained"
 
@@ -376,7 +441,7 @@ def test_two_processes_each_cache_their_share_of_the_same_cache(toy, tmp_path):
 def whole_cache(toy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("whole")
     cfg = _cfg(toy, folder, "cache.top_k=0")
-    return build_cache(cfg, folder, toy[0] / "verbalizers" / "teacher")
+    return _build(cfg, folder, toy[0] / "verbalizers" / "teacher")
 
 
 @pytest.mark.parametrize(

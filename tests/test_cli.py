@@ -1,6 +1,8 @@
 """`vlsi train` / `verbalize` / `sft` through the real CLI on tiny local checkpoints and real images."""
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from commands import CONFIG, train_argv
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.cli import main
@@ -100,7 +103,36 @@ def test_rerun_with_another_config_is_refused(toy, tmp_path, capsys):
     out.mkdir()
     (out / "config.yaml").write_text("seed: 5\n")
     assert _train(toy, out) == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "holds a run made with other settings (" in capsys.readouterr().err
+
+
+def test_a_finished_run_whose_inputs_changed_is_refused_not_reused(tmp_path, capsys):
+    """The data's answers edited, then the teacher's weights changed in place (same sizes), behind the same settings:
+    the rerun stops before any stage is reused or resumed, naming what changed."""
+    root = tmp_path / "toy"
+    teacher, student = write_tiny_pair(root)
+    data = write_digits_dataset(root, n=8)
+    out = tmp_path / "run"
+    argv = train_argv(teacher, student, data, out, *SHORT)
+    assert main(argv) == 0
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert set(inputs) == {"teacher", "student", "data"}
+    original = data.read_text()
+    records = json.loads(original)
+    records[0]["conversations"][1]["value"] += " (edited)"
+    data.write_text(json.dumps(records))  # one answer edited
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "holds a run made with other settings (data (its records or images)); it is not reused" in (
+        capsys.readouterr().err
+    )
+    data.write_text(original)
+    weights = load_file(Path(teacher) / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 1}, Path(teacher) / "model.safetensors", metadata={"format": "pt"})
+    assert main(argv) == 2
+    assert "(teacher (its files))" in capsys.readouterr().err
+    assert json.loads((out / "inputs.json").read_text()) == inputs, "the record keeps what the stages were made from"
 
 
 def test_different_tokenizers_stop_before_loading(toy, tmp_path):
@@ -187,6 +219,28 @@ def test_verbalize_and_sft_alone(toy, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     card = ModelCard.load(tmp_path / "s" / "model" / "README.md")
     assert "vlsi sft" in card.text and "| teacher | none |" in card.text and "sft" in card.data.tags
+
+
+def test_sft_rerun_reuses_its_model_and_refuses_other_settings_or_inputs(toy, tmp_path, capsys, caplog):
+    _, _, student, data = toy
+    model = tmp_path / "student"
+    shutil.copytree(student, model)
+    out = tmp_path / "s"
+    sft = ["sft", "--model", str(model), "--data", data, "--output", str(out), "--config", CONFIG, "sft.max_steps=2"]
+    assert main(sft) == 0
+    written = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="vlsi"):
+        assert main(sft) == 0
+    assert f"model: reusing {out / 'model'}" in caplog.text
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == written, "not trained again"
+    capsys.readouterr()
+    assert main([*sft, "sft.lr=0.5"]) == 2
+    assert "made with other settings (sft.lr: " in capsys.readouterr().err
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 1}, model / "model.safetensors", metadata={"format": "pt"})
+    assert main(sft) == 2
+    assert "made with other settings (model (its files)); it is not reused" in capsys.readouterr().err
 
 
 def test_help_explains_the_commands():

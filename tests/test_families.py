@@ -18,13 +18,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.cli import main
 from vlsi.config import load_config
-from vlsi.data import IGNORE_INDEX, Sample, encode, make_collate
+from vlsi.data import IGNORE_INDEX, Sample, encode, make_collate, split_batch
 from vlsi.data.encode import _expand
 from vlsi.losses import cross_entropy_from_logits
 from vlsi.models.family import _get, default_target_layers, model_parts
 from vlsi.models.loading import ModelError, add_lora, check_same_vocabulary
 from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
-from vlsi.stages.common import split_batch
 from vlsi.stages.sft import SFTStep
 from vlsi.toy import write_digits_dataset
 

@@ -14,15 +14,16 @@ This module sits beside the stages rather than in `vlsi.data` (which turns recor
 model) or in one stage (every stage reads the answered samples, through `stages.common.load_samples`).
 
 OUT/answers/
-  index.json      what the answers were made with: teacher (path and identity), its processor (`processor_key`),
-                  data (path and a hash of the prompts answered: ids, messages, image files' paths, sizes and
-                  modification times), answer_max_tokens, and count (the number of prompts to answer)
+  index.json      what the answers were made with: teacher (path and `runfolder.model_fingerprint`), its processor
+                  (`processor_key`), data (path and `runfolder.samples_fingerprint` of the prompts answered: ids,
+                  messages, image files' content), answer_max_tokens, and count (the number of prompts to answer)
   answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch: a killed run resumes
                   with the prompts still unanswered; a rerun that finds every prompt answered loads no model
 
 Answers made with another teacher, processor, prompts or answer_max_tokens are refused with one line, never
 regenerated: stages already finished in OUT were trained on them, and silently new answers would mix two data sets
-in one run. Delete OUT/answers (and the finished stages) or use a new --output.
+in one run. Delete OUT/answers (and the finished stages) or use a new --output. Answers without an index (deleted)
+cannot be checked: they are answered again, never trusted.
 
 Under a multi-process launch the main process generates (the teacher must fit on its device) and the others poll
 answers.jsonl until every prompt is answered: a barrier would time out (10 minutes under NCCL) long before a large
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -45,11 +44,18 @@ from tqdm import tqdm
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
-from .data.images import image_identity
 from .distributed import process_state
 from .eval.generate import Item, append_answers
 from .models.loading import check_fits, compute_dtype, load_model, load_processor
-from .stages.loop import truncate_jsonl
+from .runfolder import (
+    check_settings,
+    lock,
+    model_fingerprint,
+    read_jsonl,
+    samples_fingerprint,
+    truncate_jsonl,
+    write_json,
+)
 
 log = logging.getLogger("vlsi")
 
@@ -63,7 +69,6 @@ REUSE_KEYS = {
     "answer_max_tokens": "data.answer_max_tokens",
 }
 POLL_SECONDS = 5.0
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def is_unanswered(sample: Sample) -> bool:
@@ -97,74 +102,43 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
     index = {
         "teacher": cfg.teacher,
-        "teacher_identity": teacher_identity(cfg.teacher),
+        "teacher_identity": model_fingerprint(cfg.teacher),
         "teacher_quantization": cfg.teacher_quantization,
         "processor": processor_key(processor),
         "data": cfg.data.path,
-        "prompts": prompts_key(prompts),
+        "prompts": samples_fingerprint(prompts),
         "answer_max_tokens": cfg.data.answer_max_tokens,
         "count": len(prompts),
     }
-    check_index(folder / INDEX, index)
+    fix = f"delete {folder} (and the stages finished beside it) to have the teacher answer again, or use a new --output"
+    recorded = check_settings(folder / INDEX, index, REUSE_KEYS, "teacher answers", fix)
     wanted = {s.id for s in prompts}
-    answers = read_answers(folder / ANSWERS, wanted)
+    # no index: nothing says what made answers already there, so none is trusted (the main process drops them)
+    answers = read_answers(folder / ANSWERS, wanted) if recorded is not None else {}
     if len(answers) == len(wanted):
         log.info("teacher answers: reusing %d from %s", len(answers), folder / ANSWERS)
     elif process_state().is_main_process:
+        if recorded is None and (folder / ANSWERS).is_file():
+            log.warning("%s has no %s to say what made its answers: the teacher answers again", folder, INDEX)
+            (folder / ANSWERS).unlink()
         pending = [s for s in prompts if s.id not in answers]
         log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
-        answers |= _generate(cfg, processor, pending, folder, index, len(answers))
+        with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
+            answers |= _generate(cfg, processor, pending, folder, index, len(answers))
     else:
-        while len(answers) < len(wanted):  # the main process is answering them
+        while len(answers) < len(wanted):  # the main process is answering them (it writes the index first)
             time.sleep(POLL_SECONDS)
-            answers = read_answers(folder / ANSWERS, wanted)
+            answers = read_answers(folder / ANSWERS, wanted) if (folder / INDEX).is_file() else {}
     empty = sorted(i for i, text in answers.items() if not text)
     if empty:
         log.warning("the teacher answered %d prompts with nothing (e.g. %s); they are left out", len(empty), empty[0])
     return [s for s in with_answers(samples, answers) if s.id not in empty]
 
 
-def teacher_identity(path: str) -> str:
-    """A hub id as given; a local directory as a hash of its config.json and weight files' names, sizes and
-    modification times (a teacher retrained or replaced in place changes it)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
-    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-
-
-def prompts_key(prompts: list[Sample]) -> str:
-    """Hash of what the answers depend on in the data: ids, messages and image files (path, size, mtime)."""
-    data = [[s.id, s.messages, [image_identity(source) for source in s.images]] for s in prompts]
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def check_index(path: Path, index: dict) -> None:
-    """Refuse answers in `path`'s folder made with another teacher, processor, prompts or answer_max_tokens."""
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text())
-    changed = [name for key, name in REUSE_KEYS.items() if before.get(key) != index[key]]
-    if changed:
-        raise ConfigError(
-            f"{path.parent} holds answers made with another {', '.join(changed)} (teacher {before.get('teacher')}, "
-            f"data {before.get('data')}); they are not reused: delete {path.parent} (and the stages finished "
-            "beside it) to have the teacher answer again, or use a new --output"
-        )
-
-
 def read_answers(path: Path, wanted: set[str]) -> dict[str, str]:
     """{id: answer} of the prompts in `wanted` answered in `path`; a line cut by a kill is skipped."""
-    if not path.is_file():
-        return {}
     answers = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in read_jsonl(path):
         if isinstance(row, dict) and row.get("id") in wanted and isinstance(row.get("answer"), str):
             answers[row["id"]] = row["answer"]
     return answers
@@ -174,10 +148,7 @@ def _generate(
     cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, done: int
 ) -> dict[str, str]:
     """{id: answer} of the `pending` prompts, each batch's answers appended to folder/answers.jsonl and flushed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f"{INDEX}.tmp"  # replaced atomically: other processes may be reading it
-    partial.write_text(json.dumps(index, indent=2) + "\n")
-    partial.replace(folder / INDEX)
+    write_json(folder / INDEX, index, indent=2)  # atomically: other processes may be reading it
     answers = {}
     wanted = {s.id for s in pending}
     # Rewritten without a line cut by a kill (appending after it would break the next line too).

@@ -32,30 +32,37 @@ the main process writes the index when all exist.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .answers import WEIGHT_SUFFIXES, prompts_key
 from .config import ConfigError, TrainConfig
-from .data import VLDataset, encode, make_collate
+from .data import VLDataset, encode, make_collate, split_batch
 from .data.dataset import processor_key
 from .distributed import on_main_process, process_state
 from .losses import TopK, log_probs, top_k
 from .models.family import capture, model_parts
 from .models.loading import check_fits, compute_dtype, freeze, load_model, load_processor
 from .models.verbalizer import META, WEIGHTS, Verbalizers
-from .stages.common import load_samples, split_batch
+from .runfolder import (
+    file_fingerprint,
+    files_fingerprint,
+    lock,
+    model_fingerprint,
+    read_json,
+    same_settings,
+    samples_fingerprint,
+    write_bytes,
+    write_json,
+)
 
 log = logging.getLogger("vlsi")
 
@@ -64,6 +71,7 @@ FORMAT = 2  # 2: each shard's sha256 in the index
 # index.json entries a run must match to use the cache, and how a refusal names them
 IDENTITY = {
     "teacher_identity": "teacher",
+    "teacher_quantization": "teacher_quantization",
     "verbalizers": "teacher verbalizers",
     "data_fingerprint": "data",
     "processor": "teacher processor",
@@ -78,17 +86,6 @@ UNLOADABLE = (ValueError, OSError, SyntaxError, Image.DecompressionBombError)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POLL_SECONDS = 5.0
 OPEN_SHARDS = 64  # shard files a reader keeps open at once
-HASH_BLOCK = 1 << 24
-
-
-def _sha256(paths) -> str:
-    """sha256 of the files' bytes, one after the other, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with Path(path).open("rb") as f:
-            for block in iter(lambda: f.read(HASH_BLOCK), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def verbalizers_fingerprint(directory: str | Path) -> str:
@@ -96,27 +93,16 @@ def verbalizers_fingerprint(directory: str | Path) -> str:
     directory = Path(directory)
     if not all((directory / name).is_file() for name in (META, WEIGHTS)):
         raise FileNotFoundError(f"{directory}: no verbalizers here (expected {META} and {WEIGHTS})")
-    return _sha256(directory / name for name in (META, WEIGHTS))
-
-
-def teacher_key(path: str) -> str:
-    """A hub id as given; a local folder as a hash of its config.json and its weight files' names and sizes (no
-    modification times: a teacher copied to the training machine is the same teacher; its weights are never read)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
-    weights = sorted([p.name, p.stat().st_size] for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    return hashlib.sha256(json.dumps([config, weights]).encode()).hexdigest()
+    return files_fingerprint(directory / name for name in (META, WEIGHTS))
 
 
 def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> dict:
     """The IDENTITY entries for a run: what its teacher targets depend on. `verbalizers_dir` None: the teacher's
     verbalizers are not trained yet, and the two entries that describe them are left out."""
     identity = {
-        "teacher_identity": teacher_key(cfg.teacher),
+        "teacher_identity": model_fingerprint(cfg.teacher),
         "teacher_quantization": cfg.teacher_quantization,
-        "data_fingerprint": prompts_key(samples),
+        "data_fingerprint": samples_fingerprint(samples),
         "processor": processor_key(processor),
         "top_k": cfg.cache.top_k,
         "dtype": cfg.cache.dtype,
@@ -155,49 +141,30 @@ def check_before_training(
 
 
 def check_identity(folder: Path, index: dict, identity: dict) -> None:
-    """Refuse a cache made for another run, with one line naming what differs."""
-    hashed = ("teacher_identity", "verbalizers", "data_fingerprint", "processor")  # shown by name alone
-    changed = [
-        IDENTITY[key] if key in hashed else f"{IDENTITY[key]} ({index.get(key)} -> {identity[key]})"
-        for key in IDENTITY
-        if key in identity and index.get(key) != identity[key]
-    ]
-    if changed:
-        raise ConfigError(
-            f"{folder} holds a teacher cache made for another {', '.join(changed)} (its teacher "
-            f"{index.get('teacher')}, data {index.get('data')}); it is not used: point teacher_cache at a new folder, "
-            f"or delete {folder} to rebuild it"
-        )
+    """Refuse a cache made for another run, with one line naming what differs (of the IDENTITY entries `identity`
+    has: without teacher verbalizers yet, those two are not compared)."""
+    names = {key: name for key, name in IDENTITY.items() if key in identity}
+    holds = f"a teacher cache (of teacher {index.get('teacher')}, data {index.get('data')})"
+    fix = f"point teacher_cache at a new folder, or delete {folder} to rebuild it"
+    same_settings(folder, index, identity, names, holds, fix)
 
 
 def _read_index(folder: Path) -> dict | None:
     path = folder / INDEX
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not valid JSON: delete {folder} and rebuild the cache") from None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replaced atomically: others may be reading it
-    partial.write_text(json.dumps(data, indent=1) + "\n")
-    partial.replace(path)
+    return read_json(path, f"delete {folder} and rebuild the cache") if path.is_file() else None
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples=None) -> Path:
+def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples) -> Path:
     """Make sure `folder` holds the complete teacher cache for this configuration, and return it: an existing one is
     checked (and refused if made for another run), a partial one finished, a missing one built. `samples`: the data's
-    samples as `load_samples(cfg)` gives them (read here when None). Every process of a launch must call it."""
+    samples as `vlsi.stages.common.load_samples(cfg)` gives them. Every process of a launch must call it."""
     folder = Path(folder)
     state = process_state()
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
-    samples = samples if samples is not None else load_samples(cfg)
     identity = cache_identity(cfg, verbalizers_dir, processor, samples)
     index = _read_index(folder)
     if index is not None:
@@ -205,7 +172,14 @@ def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Pat
         if index.get("complete") and all((folder / e["file"]).is_file() for e in index["shards"]):
             log.info("teacher cache: reusing %s", folder)
             return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    with lock(folder, enabled=state.is_main_process):  # one build at a time (the main process holds it for all)
+        return _build(cfg, folder, verbalizers_dir, processor, samples, identity, index)
+
+
+def _build(cfg: TrainConfig, folder: Path, verbalizers_dir, processor, samples, identity: dict, index) -> Path:
+    """`build_cache` past its checks: `index` is the one found in `folder` (None: none, so no shard there is
+    trusted), `identity` this run's."""
+    state = process_state()
     # The teacher's own length scan (the main process first, the others read its file): samples too long for
     # data.max_length are left out, as training drops them.
     with state.main_process_first():
@@ -224,12 +198,24 @@ def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Pat
         "shard_size": size,
         "samples": len(dataset),
         "complete": False,
+        "shards": (index or {}).get("shards", []),  # what earlier builds recorded: the shards are checked against it
     }
+    # Every process has read the old index (main_process_first above waits for all) before it is replaced.
     if state.is_main_process:  # (re)written before any shard: a folder with shards always says what they are
-        _write_json(folder / INDEX, header)
+        write_json(folder / INDEX, header)
     ids = [[dataset.samples[i].id for i in shard] for shard in shards]
     mine = [i for i in range(len(shards)) if i % state.num_processes == state.process_index]
-    todo = [i for i in mine if _stale(folder / shard_name(i), ids[i])]
+    if index is None and any(folder.glob("shard-*.safetensors")):
+        log.warning(
+            "teacher cache: %s has no %s to say what made its shards; computing every shard again", folder, INDEX
+        )
+        todo = mine
+    else:
+        recorded = {e["file"]: e for e in header["shards"]}
+        marks = _marks(folder)
+        before = dict(marks)
+        todo = [i for i in mine if _stale(folder / shard_name(i), ids[i], recorded.get(shard_name(i)), marks)]
+        _keep_marks(folder, marks, before)
     if todo:
         _compute_shards(cfg, folder, verbalizers_dir, processor, dataset, shards, todo)
         if torch.cuda.is_available():  # the teacher is gone: give its memory back to the stage that trains next
@@ -244,9 +230,9 @@ def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Pat
                 vocab = int(f.metadata()["vocab"])
                 rows += f.get_slice("log_probs").get_shape()[0]
             entry = {"file": path.name, "samples": len(shards[i]), "bytes": path.stat().st_size}
-            entries.append({**entry, "sha256": _sha256([path])})
+            entries.append({**entry, "sha256": file_fingerprint(path)})
         total = sum(e["bytes"] for e in entries)
-        _write_json(folder / INDEX, {**header, "complete": True, "vocab": vocab, "rows": rows, "shards": entries})
+        write_json(folder / INDEX, {**header, "complete": True, "vocab": vocab, "rows": rows, "shards": entries})
         log.info("teacher cache: %d response tokens, %.0f bytes per token, in %s", rows, total / max(rows, 1), folder)
     else:
         while not (_read_index(folder) or {}).get("complete"):
@@ -254,9 +240,16 @@ def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Pat
     return folder
 
 
-def _stale(path: Path, ids: list[str]) -> bool:
-    """Whether a shard must be (re)computed: absent, unreadable, or holding other samples."""
+def _stale(path: Path, ids: list[str], entry: dict | None, marks: dict) -> bool:
+    """Whether a shard must be (re)computed: absent, unlike what an earlier build recorded of it (`entry`: its size
+    and sha256 in the index; a shard is never recorded anew without this check), unreadable, or holding other
+    samples."""
     if not path.is_file():
+        return True
+    if entry is not None and (
+        path.stat().st_size != entry["bytes"] or file_fingerprint(path, marks) != entry["sha256"]
+    ):
+        log.warning("teacher cache: %s is not the shard %s recorded (size or sha256); computing it again", path, INDEX)
         return True
     try:
         with safe_open(path, "pt") as f:
@@ -313,11 +306,9 @@ def _compute_shards(cfg, folder: Path, verbalizers_dir, processor, dataset, shar
             tensors["ids"] = torch.cat([r.ids for r in rows]).to(torch.int32)
             tensors["log_tail"] = torch.cat([r.log_tail for r in rows]).to(torch.float32)
         path = folder / shard_name(i)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         covers = [dataset.samples[j].id for j in shards[i]]  # ids: those cached; covers: all the shard stands for
         metadata = {"ids": json.dumps(ids), "covers": json.dumps(covers), "vocab": str(vocab)}
-        save_file(tensors, partial, metadata=metadata)
-        partial.replace(path)
+        write_bytes(path, save(tensors, metadata=metadata))  # whole or absent: the shard waits in memory anyway
         written += path.stat().st_size
         per_token = f"{written / max(tokens, 1):.0f}"
     bar.close()
@@ -360,39 +351,41 @@ def cached_layers(cached: dict) -> list[TopK]:
     ]
 
 
-VERIFIED = ".verified.json"  # per shard file: [bytes, mtime_ns, sha256] when its sha256 was last checked
+VERIFIED = ".verified.json"  # `runfolder.file_fingerprint` marks of the shards: each one's stat when last hashed
+
+
+def _marks(folder: Path) -> dict:
+    try:
+        return json.loads((folder / VERIFIED).read_text())
+    except (OSError, json.JSONDecodeError):  # none yet, or damaged: every shard is hashed again
+        return {}
+
+
+def _keep_marks(folder: Path, marks: dict, before: dict) -> None:
+    if marks != before:  # a record for the next run
+        try:
+            write_json(folder / VERIFIED, marks, indent=None)
+        except OSError:  # a read-only cache folder: every run checks every shard
+            pass
 
 
 def verify_shards(folder: Path, shards: list[dict]) -> None:
     """Every shard's sha256 against the index's (same size, other bytes: a flipped bit, a partial overwrite), hashing
-    only the shards whose size or modification time changed since they were last checked here (FOLDER/.verified.json):
-    the first run reads the whole cache once (1.4 GB/s on one core of docs/CACHE.md's CPU), later runs (every seed
-    and row of an ablation) start at once. Missing or mis-sized shards are named by the caller's checks."""
-    record = folder / VERIFIED
-    try:
-        seen = json.loads(record.read_text()) if record.is_file() else {}
-    except json.JSONDecodeError:
-        seen = {}
-    checked = {}
+    only the shards changed since they were last checked here (`file_fingerprint` with FOLDER/.verified.json): the
+    first run reads the whole cache once (1.4 GB/s on one core of docs/CACHE.md's CPU), later runs (every seed and row
+    of an ablation) start at once. Missing or mis-sized shards are named by the caller's checks."""
+    marks = _marks(folder)
+    before = dict(marks)
     for entry in shards:
         path = folder / entry["file"]
-        stat = path.stat() if path.is_file() else None
-        if stat is None or stat.st_size != entry["bytes"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
             continue  # named by the caller's checks: missing, truncated
-        mark = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
-        if seen.get(entry["file"]) != mark and _sha256([path]) != entry["sha256"]:
+        if file_fingerprint(path, marks) != entry["sha256"]:
             raise ConfigError(
                 f"{path}: corrupt (its sha256 is not the one {INDEX} recorded); delete it and rerun `vlsi cache` with "
                 "the same settings to compute it again"
             )
-        checked[entry["file"]] = mark
-    if checked != seen:  # a record for the next run; runs opening the cache at once each write their own file first
-        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(checked))
-            tmp.replace(record)
-        except OSError:  # a read-only cache folder: every run checks every shard
-            tmp.unlink(missing_ok=True)
+    _keep_marks(folder, marks, before)
 
 
 class TeacherCache:

@@ -91,48 +91,56 @@ def cmd_train(teacher: str | None, student: str | None, **stage) -> None:
 
 
 def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
-    """`vlsi verbalize` / `vlsi sft`: one stage on `model`; writes OUT/config.yaml, OUT/metrics.jsonl, OUT/<folder>."""
-    from .config import save_config
+    """`vlsi verbalize` / `vlsi sft`: one stage on `model`; writes OUT/config.yaml, OUT/inputs.json,
+    OUT/metrics.jsonl, OUT/<folder>. `run(cfg, output, metrics, samples)` trains; a finished one is reused. OUT made
+    with other settings or inputs is refused, as `vlsi train` refuses it."""
+    from .config import ConfigError, save_config
     from .distributed import process_state
+    from .pipeline import check_inputs, check_same_run, run_inputs
+    from .runfolder import lock
+    from .stages.common import load_samples
     from .stages.loop import MetricsLog
 
     cfg = _config(**stage, student=model, **top)
-    out = Path(cfg.output)
+    if top.get("teacher") and cfg.data.answers != "teacher":
+        raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
+    out, target = Path(cfg.output), Path(cfg.output) / folder
     state = process_state()
+    with lock(out, enabled=state.is_main_process):  # held by the main process for the run
+        check_same_run(cfg, out)
+        state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
+        # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
+        samples = load_samples(cfg)
+        check_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
+        if state.is_main_process:
+            save_config(cfg, out / "config.yaml")
+        state.wait_for_everyone()
+        if target.exists():  # written whole or not at all (`stages.common.write_output`)
+            logging.getLogger("vlsi").info("%s: reusing %s", folder, target)
+        else:
+            run(cfg, target, MetricsLog(out / "metrics.jsonl"), samples)
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    state.wait_for_everyone()
-    run(cfg, out / folder, MetricsLog(out / "metrics.jsonl"))
-    if state.is_main_process:
-        print(f"{folder} written to {out / folder}")
+        print(f"{folder} written to {target}")
 
 
 def cmd_verbalize(model: str, who: str, **stage) -> None:
-    from .stages.common import load_samples
     from .stages.verbalize import verbalize
 
-    # Samples first: with data.answers=teacher (and teacher=PATH) the teacher answers before the model loads.
     _one_stage(
         stage,
         "verbalizers",
-        lambda cfg, out, metrics: verbalize(cfg, model, who, out, metrics, load_samples(cfg)),
+        lambda cfg, out, metrics, samples: verbalize(cfg, model, who, out, metrics, samples),
         model,
     )
 
 
 def cmd_sft(model: str, teacher: str | None, **stage) -> None:
     from .card import student_card
-    from .config import ConfigError
-    from .stages.common import load_samples
     from .stages.sft import sft
 
-    def run(cfg, out, metrics):
-        if teacher and cfg.data.answers != "teacher":
-            raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
-        # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
-        samples = load_samples(cfg)
-        return sft(cfg, model, out, metrics, samples, student_card(cfg, "sft", getattr(samples, "fingerprint", None)))
+    def run(cfg, out, metrics, samples):
+        card = student_card(cfg, "sft", json.loads((Path(cfg.output) / "inputs.json").read_text())["data"])
+        return sft(cfg, model, out, metrics, samples, card)
 
     _one_stage(stage, "model", run, model, teacher=teacher)
 
@@ -142,6 +150,8 @@ def cmd_cache(teacher: str, **stage) -> None:
     from .config import ConfigError, save_config
     from .distributed import process_state
     from .models.verbalizer import META, WEIGHTS
+    from .runfolder import lock
+    from .stages.common import load_samples
 
     cfg = _config(**stage, teacher=teacher)
     if not cfg.teacher_verbalizers:
@@ -153,10 +163,12 @@ def cmd_cache(teacher: str, **stage) -> None:
     if missing:
         raise ConfigError(f"teacher_verbalizers={cfg.teacher_verbalizers}: no {' or '.join(missing)} there")
     out = Path(cfg.output)
-    if process_state().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    build_cache(cfg, out, cfg.teacher_verbalizers)
+    main = process_state().is_main_process
+    with lock(out, enabled=main):  # held by the main process for the build
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        build_cache(cfg, out, cfg.teacher_verbalizers, load_samples(cfg))
     if process_state().is_main_process:
         print(f"teacher cache written to {out}; train from it with teacher_cache={out}")
 

@@ -15,6 +15,8 @@ from typing import Literal
 
 import yaml
 
+from .runfolder import write_text
+
 # Allowed values, declared once: the config checks them, the code that uses them reads them from here.
 Strategy = Literal["adaptive", "multinomial", "bottom_k", "uniform", "random", "fixed"]
 Temperature = Literal["range_over_scale", "scale_over_range"]
@@ -302,4 +304,5 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written atomically: a kill leaves the previous config.yaml, never a truncated one."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -3,7 +3,9 @@
     vlsi train --teacher T --student S --data train.json --image-root imgs --output OUT [key=value ...]
 
 OUT/
+  .lock                  held by the main process while a run works here (`runfolder.lock`)
   config.yaml            the resolved configuration
+  inputs.json            fingerprints of the teacher, student, data and given teacher verbalizers (`check_inputs`)
   answers/               data.answers=teacher: the teacher's answers to unanswered records (vlsi.answers)
   metrics.jsonl          one line per optimizer step: stage, step, lr, losses
   layer_match.jsonl      one line per interaction micro-step and process: matched teacher target layer per
@@ -22,8 +24,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import yaml
-
 from .cache import build_cache
 from .cache import check_before_training as check_cache_before_training
 from .card import student_card
@@ -31,8 +31,9 @@ from .config import ConfigError, TrainConfig, save_config, to_dict
 from .distributed import process_state
 from .models.family import Parts
 from .models.loading import check_same_vocabulary, load_processor, model_outline
-from .models.verbalizer import Verbalizers, check_verbalizers
+from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
+from .runfolder import check_settings, files_fingerprint, lock, model_fingerprint, samples_fingerprint, write_json
 from .stages.common import load_samples, target_layers
 from .stages.interact import interact
 from .stages.loop import MetricsLog
@@ -42,29 +43,40 @@ from .stages.verbalize import verbalize
 log = logging.getLogger("vlsi")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_same_run(cfg: TrainConfig, out: Path) -> None:
     """Refuse to mix stages made under another configuration into this output folder."""
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        return
-    before, now = _flatten(yaml.safe_load(saved.read_text()) or {}), _flatten(to_dict(cfg))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if changed:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise ConfigError(
-            f"{out} holds a run with another configuration ({shown}); finished stages would be reused wrongly: "
-            "use a new --output, or delete that folder"
-        )
+    fix = "finished stages would be reused wrongly: use a new --output, or delete that folder"
+    check_settings(out / "config.yaml", to_dict(cfg), holds="a run", fix=fix)
+
+
+# What a run's folder records of its inputs beyond its settings (OUT/inputs.json), and how a refusal names each.
+INPUTS = {
+    "teacher": "teacher (its files)",
+    "student": "student (its files)",
+    "model": "model (its files)",
+    "data": "data (its records or images)",
+    "teacher_verbalizers": "teacher_verbalizers (their files)",
+}
+
+
+def run_inputs(cfg: TrainConfig, samples, models: dict[str, str]) -> dict:
+    """The fingerprints (`vlsi.runfolder`) of what a run is made from: `models` ({role: path}), the data as read
+    (`samples`, answered), and the teacher verbalizers given with teacher_verbalizers=DIR."""
+    inputs = {who: model_fingerprint(path) for who, path in models.items()}
+    inputs["data"] = samples_fingerprint(samples)
+    if cfg.teacher_verbalizers:
+        folder = Path(cfg.teacher_verbalizers)
+        inputs["teacher_verbalizers"] = files_fingerprint([folder / META, folder / WEIGHTS])
+    return inputs
+
+
+def check_inputs(out: Path, inputs: dict, is_main: bool) -> None:
+    """Refuse to resume or reuse the stages in OUT when what they were made from changed behind the same settings
+    (data edited, a model or the verbalizers replaced in place); record the inputs of a new run."""
+    fix = f"its stages and checkpoints were made from the old ones: put those back, use a new --output, or delete {out}"
+    check_settings(out / "inputs.json", inputs, {key: INPUTS.get(key, key) for key in inputs}, "a run", fix)
+    if is_main:
+        write_json(out / "inputs.json", inputs, indent=2)
 
 
 def existing_verbalizers(cfg: TrainConfig, out: Path, who: str) -> Path | None:
@@ -105,12 +117,17 @@ def check_target_layers(cfg: TrainConfig, out: Path, outlines: dict[str, Parts])
 
 
 def run_train(cfg: TrainConfig) -> Path:
+    """Every stage into OUT, the main process holding OUT's lock for the run (a second run on OUT stops at once)."""
     for key in ("teacher", "student", "output"):
         if not getattr(cfg, key):
             raise ConfigError(f"--{key} is required")
     if not cfg.data.path:
         raise ConfigError("--data is required")
-    out = Path(cfg.output)
+    with lock(cfg.output, enabled=process_state().is_main_process):
+        return _stages(cfg, Path(cfg.output))
+
+
+def _stages(cfg: TrainConfig, out: Path) -> Path:
     state = process_state()
     check_same_run(cfg, out)
     state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
@@ -123,6 +140,8 @@ def run_train(cfg: TrainConfig) -> Path:
     outlines = {who: model_outline(getattr(cfg, who), cfg.trust_remote_code) for who in ("teacher", "student")}
     check_target_layers(cfg, out, outlines)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
+    inputs = run_inputs(cfg, samples, {"teacher": cfg.teacher, "student": cfg.student})
+    check_inputs(out, inputs, state.is_main_process)
     if cfg.teacher_cache:
         rows = {who: parts.vocab_rows for who, parts in outlines.items()}
         check_cache_before_training(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples, **rows)
@@ -161,6 +180,6 @@ def run_train(cfg: TrainConfig) -> Path:
     if final.exists():
         log.info("SFT: reusing %s", final)
     else:
-        card = student_card(cfg, "train", getattr(samples, "fingerprint", None))
+        card = student_card(cfg, "train", inputs["data"])
         sft(cfg, str(interacted / "student"), final, metrics, samples, card)
     return final

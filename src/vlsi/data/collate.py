@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlsi.data.encode import IGNORE_INDEX
+from vlsi.data.encode import IGNORE_INDEX, response_positions
 
 # Per-token keys [1, T], right-padded to the longest (input_ids with the tokenizer's pad id); every other key is
 # per image / per sample and concatenated along dim 0.
@@ -63,3 +63,12 @@ def _zero_pad_trailing(tensors: list[Tensor], key: str) -> list[Tensor]:
         missing = [size - dim for size, dim in zip(sizes, t.shape[1:], strict=True)]
         padded.append(F.pad(t, [p for n in reversed(missing) for p in (0, n)]))
     return padded
+
+
+def split_batch(batch: dict[str, Tensor]):
+    """-> (model inputs, response mask [B, T], next-token targets [N]) for one model's encoded batch."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    mask = response_positions(labels)  # [B, T]: positions whose next token is a response token
+    targets = labels.roll(-1, dims=1)[mask]  # [N]
+    return inputs, mask, targets

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..runfolder import check_settings, write_json
 from .experiment import ANSWERED, DemoSettings, stage_config
 
 log = logging.getLogger("vlsi")
@@ -235,7 +236,7 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
                 scores["student"] = _score(run_train(cfg), test)
                 scores["interact"] = _score(folder / "stages" / "interact" / "student", test)
     scores["seconds"] = round(time.time() - start, 1)
-    done.write_text(json.dumps(scores, indent=2) + "\n")
+    write_json(done, scores, indent=2)  # whole or absent: its presence marks the job finished
     return scores
 
 
@@ -274,17 +275,10 @@ def _jobs(s: AblateSettings, runs_dir: Path) -> tuple[list[Job], list[Job]]:
 
 
 def _check_same_settings(out: Path, s: AblateSettings) -> None:
-    saved = out / "settings.json"
     now = dataclasses.asdict(s)
-    if saved.is_file():
-        before = json.loads(saved.read_text())
-        keep = ("jobs", "tables")  # neither changes a run: more tables add runs, more jobs only go faster
-        changed = [k for k in now if k not in keep and before.get(k) != now[k]]
-        if changed:
-            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise ValueError(f"{out} holds an ablation with other settings ({shown}): use a new --output or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(now, indent=2) + "\n")
+    keep = ("jobs", "tables")  # neither changes a run: more tables add runs, more jobs only go faster
+    check_settings(out / "settings.json", now, {k: k for k in now if k not in keep}, "an ablation")
+    write_json(out / "settings.json", now, indent=2)
 
 
 class RunFailed(RuntimeError):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..answers import teacher_answers
 from ..config import TrainConfig
-from ..data import VLDataset, make_collate, read_dataset, response_positions
+from ..data import VLDataset, make_collate, read_dataset
 from ..data.skipping import with_skipped
 from ..distributed import on_main_process, process_state
 from ..models.family import Parts, check_target_layers, default_target_layers
@@ -35,15 +35,6 @@ class Run:
     dtype: torch.dtype
     processor: object  # the trained (or verbalized) model's processor
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # checkpointed with the run
-
-
-def split_batch(batch: dict[str, torch.Tensor]):
-    """-> (model inputs, response mask [B, T], next-token targets [N]) for one model's encoded batch."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    mask = response_positions(labels)  # [B, T]: positions whose next token is a response token
-    targets = labels.roll(-1, dims=1)[mask]  # [N]
-    return inputs, mask, targets
 
 
 def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:

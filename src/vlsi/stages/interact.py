@@ -17,7 +17,6 @@ top-k with the tail as one bucket (docs/CACHE.md#the-estimator), and the same sa
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..cache import CachedTeacher, TeacherCache, cache_identity, cached_layers
 from ..config import TrainConfig
-from ..data import make_collate
+from ..data import make_collate, split_batch
 from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import (
     chunked_cross_entropy,
@@ -50,6 +49,7 @@ from ..models.loading import (
 )
 from ..models.student import export_student, prepare_student
 from ..models.verbalizer import Verbalizers
+from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
 from .common import (
     Run,
@@ -57,12 +57,11 @@ from .common import (
     checkpointing,
     load_samples,
     save_verbalizers,
-    split_batch,
     substate,
     tracking,
     write_output,
 )
-from .loop import MetricsLog, make_accelerator, make_loader, train, truncate_jsonl
+from .loop import MetricsLog, make_accelerator, make_loader, train
 
 
 class InteractStep(nn.Module):
@@ -219,9 +218,9 @@ def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):
     def record(step_number: int, match: list[list[int]]) -> None:
         matches = gather_object([match])
         if accelerator.is_main_process:
-            with match_log.open("a") as f:
-                for m in matches:
-                    f.write(json.dumps({"step": step_number, "match": [i[0] if len(i) == 1 else i for i in m]}) + "\n")
+            append_jsonl(
+                match_log, [{"step": step_number, "match": [i[0] if len(i) == 1 else i for i in m]} for m in matches]
+            )
 
     return record
 

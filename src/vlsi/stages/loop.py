@@ -11,7 +11,6 @@ and gradients are averaged over processes and accumulation steps; metrics are av
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import StageConfig
 from ..data.skipping import SKIPPED, SkippedRecords
 from ..distributed import configure_plugins, full_state_dict, unwrap
+from ..runfolder import append_jsonl, truncate_jsonl
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
@@ -78,29 +78,12 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled and PartialState().is_main_process:  # the state the stage's Accelerator set up
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, [record])
 
     def truncate(self, stage: str, step: int) -> None:
         """Forget `stage`'s lines after `step`: a resumed stage writes them again."""
         if self.enabled and PartialState().is_main_process:
             truncate_jsonl(self.path, lambda row: row.get("stage") != stage or row.get("step", 0) <= step)
-
-
-def truncate_jsonl(path: Path, keep) -> None:
-    """Rewrite a JSONL log (atomically) with the rows `keep(row)` accepts; a torn last line is dropped."""
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows if keep(row)))
-    tmp.replace(path)
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..card import CARD
 from ..config import TrainConfig
+from ..data import split_batch
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts
 from ..models.loading import compute_dtype, load_processor
@@ -24,7 +25,6 @@ from .common import (
     build_loader,
     checkpointing,
     load_samples,
-    split_batch,
     substate,
     tracking,
     write_output,

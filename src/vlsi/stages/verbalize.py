@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..data import split_batch
 from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import chunked_cross_entropy, shared_vocab_size
 from ..models.family import Parts, capture, model_parts
@@ -25,7 +26,6 @@ from .common import (
     checkpointing,
     load_samples,
     save_verbalizers,
-    split_batch,
     target_layers,
     tracking,
     write_output,

@@ -152,10 +152,10 @@ def test_resume_after_a_kill_generates_each_row_once(mmbench_run, model_dir, tmp
 @pytest.mark.parametrize(
     "change, message",
     [
-        (["--batch-size", "2"], "was written with batch_size = 4, not 2"),
-        (["--max-new-tokens", "5"], "was written with max_new_tokens = 4, not 5"),
-        (["--dtype", "fp16"], 'was written with dtype = "fp32", not "fp16"'),
-        (["--generation-config", "model"], 'was written with generation_config = "vlmevalkit", not "model"'),
+        (["--batch-size", "2"], "(--batch-size: 4 -> 2)"),
+        (["--max-new-tokens", "5"], "(--max-new-tokens: 4 -> 5, the decoding options)"),
+        (["--dtype", "fp16"], "(--dtype: 'fp32' -> 'fp16')"),
+        (["--generation-config", "model"], "(--generation-config: 'vlmevalkit' -> 'model', the decoding options)"),
     ],
 )
 def test_resume_refuses_other_settings(mmbench_run, model_dir, tmp_path, capsys, change, message):
@@ -178,7 +178,7 @@ def test_resume_refuses_other_data_or_another_model(mmbench_run, model_dir, tmp_
     edited.write_text(Path(data).read_text().replace("\tA\tcolour", "\tB\tcolour", 1))
     assert edited.read_text() != Path(data).read_text()
     assert cli("--model", model_dir, "--data", str(edited), *argv) == 2
-    assert "was written from other contents of the data file" in capsys.readouterr().err
+    assert "predictions.jsonl made with other settings (the contents of --data" in capsys.readouterr().err
     # Another model put at the path of the one that wrote the predictions.
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
@@ -186,8 +186,26 @@ def test_resume_refuses_other_data_or_another_model(mmbench_run, model_dir, tmp_
     capsys.readouterr()
     build_tiny_vlm(model, seed=1)
     assert cli("--model", str(model), "--data", data, *argv) == 2
-    assert "was written by another model" in capsys.readouterr().err
+    assert "made with other settings (the model (its config or weight files))" in capsys.readouterr().err
     assert (out / "predictions.jsonl").read_text() == before
+
+
+def test_a_second_run_on_the_output_folder_stops(mmbench_run, model_dir, tmp_path, capsys):
+    import fcntl
+    import os
+
+    data, full = mmbench_run
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    held = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # another run holds the folder
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST]
+        assert cli(*argv) == 2
+        assert "is in use by another run" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    assert cli(*argv) == 0
 
 
 def test_the_model_generation_config_is_ignored_unless_asked(model_dir, tmp_path):
@@ -286,15 +304,19 @@ def test_a_unicode_line_separator_in_a_question_survives_resume(model_dir, tmp_p
     data = write_tsv(tmp_path / "AI2D_TEST.tsv", rows)
     argv = ["--model", model_dir, "--benchmark", "ai2d", "--data", data, "--output", str(tmp_path / "o"), *FAST]
     assert cli(*argv) == 0
-    first = (tmp_path / "o" / "predictions.jsonl").read_text()
-    assert "\u2028" in first  # written as the character: str.splitlines would cut the line there
+    predictions = tmp_path / "o" / "predictions.jsonl"
+    assert "\u2028" not in predictions.read_text() and len(predictions.read_text().splitlines()) == 2  # escaped
+    assert [row["question"] for row in read_jsonl(predictions)] == [row["question"] for row in rows]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a finished run loaded the model")
 
     monkeypatch.setattr("vlsi.eval.harness.load_model", no_model)
+    # Written as the character itself (by another writer): lines still end at "\n" only, and the run resumes.
+    raw = predictions.read_text().replace("\\u2028", "\u2028")
+    predictions.write_text(raw)
     assert cli(*argv) == 0
-    assert (tmp_path / "o" / "predictions.jsonl").read_text() == first
+    assert predictions.read_text() == raw
 
 
 def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, capsys):

@@ -253,6 +253,18 @@ def greedy(model, processor, inputs: dict, max_new_tokens: int, **generate_kwarg
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+# JSON lets these stand inside a string, but str.splitlines (runfolder.read_jsonl, many tools) ends a line at them.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(row: dict) -> str:
+    """One JSONL line: the text as written (not \\u-escaped), but for the characters other readers split lines at."""
+    text = json.dumps(row, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
+
+
 def append_answers(
     model, processor, items: list[Item], max_new_tokens: int, batch_size: int, path: Path, record, bar, out_of_memory
 ) -> None:
@@ -270,7 +282,7 @@ def append_answers(
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory(start) from None
             for item, answer in zip(batch, answers, strict=True):
-                f.write(json.dumps(record(item, answer), ensure_ascii=False) + "\n")
+                f.write(json_line(record(item, answer)))
             f.flush()
             bar.update(len(batch))
 

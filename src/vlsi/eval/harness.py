@@ -14,10 +14,8 @@ change only the scoring); other inputs are refused (RESUME_KEYS).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,9 +23,17 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from vlsi.answers import teacher_identity
 from vlsi.data import read_dataset
 from vlsi.models.loading import ModelError, load_model, load_processor
+from vlsi.runfolder import (
+    check_settings,
+    file_fingerprint,
+    lock,
+    model_fingerprint,
+    samples_fingerprint,
+    write_json,
+    write_text,
+)
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, resolve_benchmark
 from .common import RULES, VLMEVALKIT
@@ -43,20 +49,21 @@ logger = logging.getLogger(__name__)
 PREDICTIONS, SCORES, SETTINGS = "predictions.jsonl", "scores.json", "eval.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GENERATION_SOURCES = ("vlmevalkit", "model")
-# What the predictions depend on: resuming onto a file written under anything else would mix two runs. Paths are
-# not here (a moved file with the same content resumes); the image root is, since images are read from it by path.
-RESUME_KEYS = (
-    "benchmark",
-    "data_fingerprint",
-    "image_root",
-    "model_fingerprint",
-    "dtype",
-    "batch_size",
-    "max_new_tokens",
-    "generation_config",
-    "generation",
-    "prompt_builder",
-)
+# What the predictions depend on, as the refusal names it: resuming onto a file written under anything else would
+# mix two runs. Paths are not here (a moved file with the same content resumes); the image root is, since images
+# are read from it by path.
+RESUME_KEYS = {
+    "benchmark": "--benchmark",
+    "data_fingerprint": "the contents of --data",
+    "image_root": "--image-root",
+    "model_fingerprint": "the model (its config or weight files)",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "max_new_tokens": "--max-new-tokens",
+    "generation_config": "--generation-config",
+    "generation": "the decoding options",
+    "prompt_builder": "the prompt builder",
+}
 
 
 def evaluate(
@@ -94,18 +101,18 @@ def evaluate(
         samples = read_dataset(data, root)[0]
         items = [custom_item(sample, data) for sample in samples]
         indices = [item.index for item in items]
-        data_fingerprint = samples.fingerprint or file_sha256(data)
+        data_fingerprint = samples_fingerprint(samples)
     else:
         rows = read_benchmark(data, name)
         indices = [row["index"] for row in rows]
-        data_fingerprint = file_sha256(data)
+        data_fingerprint = file_fingerprint(data)
     model_type = _model_type(model)
     vlmevalkit_wrapper, wrapper_tokens, _ = wrapper(model_type)
     limit = max_new_tokens or wrapper_tokens
     generation = decoding_config(model, model_type, limit, generation_config)
     settings = {
         "model": _model_id(model),
-        "model_fingerprint": teacher_identity(_model_id(model)),
+        "model_fingerprint": model_fingerprint(_model_id(model)),
         "model_type": model_type,
         "benchmark": name,
         "data": str(data.resolve()),
@@ -120,23 +127,22 @@ def evaluate(
         "generation": {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"},
         "prompt_builder": "conversation" if name == CUSTOM else builder_used(name, prompt_builder(model_type)),
     }
-    if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
-        _check_settings(out / SETTINGS, settings)
-    finished = _finished_lines(out / PREDICTIONS, set(indices))
-    if name == CUSTOM:
-        pending = [item for item in items if item.index not in finished]
-    else:  # images are decoded (and checked) only for the rows still to answer
-        pending = benchmark_items(name, rows, root, data, prompt_builder(model_type), skip=frozenset(finished))
-
-    out.mkdir(parents=True, exist_ok=True)
-    _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
-    if finished:
-        logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
-    if pending:
-        _generate(pending, len(indices), len(finished), out, settings, generation, device)
-    scores = _score(name, out / PREDICTIONS, judge, rules)
-    scores["cut"] = sum(bool(json.loads(line).get("cut")) for line in _lines(out / PREDICTIONS) if line.strip())
-    (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    with lock(out):  # one run per output folder (a second stops naming this one)
+        if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
+            _check_settings(out / SETTINGS, settings)
+        finished = _finished_lines(out / PREDICTIONS, set(indices))
+        if name == CUSTOM:
+            pending = [item for item in items if item.index not in finished]
+        else:  # images are decoded (and checked) only for the rows still to answer
+            pending = benchmark_items(name, rows, root, data, prompt_builder(model_type), skip=frozenset(finished))
+        _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
+        if finished:
+            logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
+        if pending:
+            _generate(pending, len(indices), len(finished), out, settings, generation, device)
+        scores = _score(name, out / PREDICTIONS, judge, rules)
+        scores["cut"] = sum(bool(json.loads(line).get("cut")) for line in _lines(out / PREDICTIONS) if line.strip())
+        write_json(out / SCORES, scores, indent=2)
     return scores
 
 
@@ -165,7 +171,7 @@ def _generate(
     # generate() fills every option its call leaves unset from model.generation_config: replacing it is what keeps
     # the options of the model's generation_config.json out (--generation-config vlmevalkit).
     model.generation_config = generation
-    _write_settings(out / SETTINGS, settings)  # only for a model that loaded: the settings of a run that answers
+    write_json(out / SETTINGS, settings, indent=2)  # only for a model that loaded: the settings of a run that answers
     batch_size = settings["batch_size"]
     bar = tqdm(total=total, initial=finished, desc=settings["benchmark"], unit="row", mininterval=1.0)
     with bar:
@@ -184,20 +190,6 @@ def _generate(
                 f"{finished + saved} rows are saved)"
             ),
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_settings(path: Path, settings: dict) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(settings, indent=2) + "\n")
-    partial.replace(path)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
@@ -247,23 +239,10 @@ def _model_id(model: str) -> str:
 def _check_settings(path: Path, settings: dict) -> None:
     """Resuming is only allowed onto predictions written from the same inputs (RESUME_KEYS): one line naming what
     changed, and the fix."""
-    fix = f"pass another --output, or delete {path.parent} to start over"
+    fix = f"rerun with the same inputs to resume it, or pass another --output, or delete {path.parent} to start over"
     if not path.is_file():
         raise EvalError(f"{path.parent} holds {PREDICTIONS} but no {SETTINGS}, so what wrote it is unknown; {fix}")
-    previous = json.loads(path.read_text())
-    changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
-    if not changed:
-        return
-    key = changed[0]
-    if key not in previous:
-        what = f"was written by an older vlsi eval (its {SETTINGS} has no {key})"
-    elif key == "data_fingerprint":
-        what = f"was written from other contents of the data file ({settings['data']} changed since)"
-    elif key == "model_fingerprint":
-        what = f"was written by another model (the config or weight files of {settings['model']} changed since)"
-    else:
-        what = f"was written with {key} = {json.dumps(previous[key])}, not {json.dumps(settings[key])}"
-    raise EvalError(f"{path.parent / PREDICTIONS} {what}; rerun with the same inputs to resume it, or {fix}")
+    check_settings(path, settings, RESUME_KEYS, holds=f"{PREDICTIONS}", fix=fix)
 
 
 def _lines(path: Path) -> list[str]:
@@ -305,6 +284,4 @@ def _rewrite_if_truncated(path: Path, kept: list[str]) -> None:
     """Replace predictions.jsonl by its `kept` lines when it holds anything else (a partial last line)."""
     if not path.is_file() or path.read_text(encoding="utf-8") == "".join(kept):
         return
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text("".join(kept), encoding="utf-8")
-    partial.replace(path)
+    write_text(path, "".join(kept))

@@ -2,9 +2,12 @@
 first trained step of `vlsi sft` on it (docs/PERFORMANCE.md#data-check-and-length-scan).
 
 Builds (once, reused from --data-dir) a synthetic LLaVA-format JSONL of --records records over as many distinct
-real images, PNG and JPEG alternately, 56-224 px a side, drawn with PIL; and the tiny student of `vlsi.toy`
-(Qwen2-VL processor). Each measurement runs in a fresh process, so that its peak RSS and timings stand alone:
-  check   `vlsi.data.read_dataset`: parse + validate every record, read every image's header
+real images, PNG and JPEG alternately, 56-224 px a side, drawn with PIL; the same records as a parquet file with the
+images' bytes inside (LLaVA-OneVision-Data's columns: id, conversations, image); and the tiny student of `vlsi.toy`
+(Qwen2-VL processor). `--formats` picks which of the two are measured (default both). Each measurement runs in a
+fresh process, so that its peak RSS and timings stand alone:
+  cache   (parquet) `datasets` converting the parquet file into its arrow cache, once (later opens map the cache)
+  check   `vlsi.data.sources.read_sources`: parse + validate every record, read every image's header
   scan    `vlsi.data.VLDataset`: token and response-token counts of every sample (no cache)
   step    `python -m vlsi sft ... sft.max_steps=1`: wall time from launch to the end of one trained step (load, check,
           scan, model, one step), with a fresh output folder each time
@@ -16,6 +19,7 @@ process some import starts).
 
     python benchmarks/data_scan.py                                   # 100k records, 1 and 2 processes, + one step
     python benchmarks/data_scan.py --records 5000 --procs 1 2 --no-step                # a quick run
+    python benchmarks/data_scan.py --records 20000 --formats parquet --procs 2        # the parquet path alone
     python benchmarks/data_scan.py --full 2000 --out benchmarks/results/data-scan.json
     python benchmarks/data_scan.py --no-scan --no-step --index-records 1000000        # memory of a 1M-record check
 """
@@ -55,7 +59,8 @@ def build(folder: Path, records: int) -> tuple[Path, Path]:
     from concurrent.futures import ProcessPoolExecutor
 
     data, student = folder / "data.jsonl", folder / "student"
-    if not data.is_file():
+    if not data.is_file():  # data.parquet is made from it, so a rebuilt JSONL means a rebuilt parquet
+        (folder / "data.parquet").unlink(missing_ok=True)
         (folder / "images").mkdir(parents=True, exist_ok=True)
         print(f"drawing {records} images into {folder / 'images'} ...", file=sys.stderr)
         with ProcessPoolExecutor(os.cpu_count()) as pool:
@@ -77,14 +82,54 @@ def build(folder: Path, records: int) -> tuple[Path, Path]:
     return data, student
 
 
+def build_parquet(folder: Path) -> Path:
+    """folder/data.parquet: the records of folder/data.jsonl with their images' bytes in an `image` column (a
+    `datasets.Image` column, as LLaVA-OneVision-Data stores them), written in row groups of 1000."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "data.parquet"
+    if path.is_file():
+        return path
+    turns = datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")})
+    features = datasets.Features({"id": datasets.Value("string"), "conversations": turns, "image": datasets.Image()})
+    schema = features.arrow_schema  # carries the features: `datasets` reads the column back as images
+    partial = folder / "data.parquet.tmp"
+    with open(folder / "data.jsonl") as lines, pq.ParquetWriter(partial, schema) as writer:
+        rows = []
+        for line in lines:
+            record = json.loads(line)
+            image = {"bytes": (folder / record["image"]).read_bytes(), "path": None}
+            rows.append({"id": record["id"], "conversations": record["conversations"], "image": image})
+            if len(rows) == 1000:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    partial.replace(path)
+    return path
+
+
+def measure_cache(data: Path, student: Path, number: int) -> dict:
+    """(In a fresh process.) Open the parquet file as `vlsi` does: the first time, `datasets` converts it into its
+    arrow cache."""
+    from vlsi.data.sources import open_dataset
+
+    start = time.perf_counter()
+    rows = len(open_dataset(str(data)))
+    return {"records": rows, "open_s": time.perf_counter() - start, **_peak_rss()}
+
+
 def measure(data: Path, student: Path, num_proc: int) -> dict:
     """(In a fresh process.) Check + scan with `num_proc` processes: seconds, records/s, peak RSS."""
-    from vlsi.data import VLDataset, read_dataset
+    from vlsi.data import VLDataset
+    from vlsi.data.sources import Source, read_sources
     from vlsi.models.loading import load_processor
 
     processor = load_processor(str(student), False)
     start = time.perf_counter()
-    samples, _ = read_dataset(data, num_proc=num_proc)
+    samples, _ = read_sources([Source(str(data))], num_proc=num_proc)
     checked = time.perf_counter()
     dataset = VLDataset(samples, {"model": processor}, max_length=512, num_proc=num_proc)
     scanned = time.perf_counter()
@@ -213,6 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000, help="records (and distinct images) in the set")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="data.num_proc values to measure")
+    parser.add_argument(
+        "--formats", nargs="+", choices=["jsonl", "parquet"], default=["jsonl", "parquet"], help="which sets to measure"
+    )
     parser.add_argument("--data-dir", type=Path, help="where the set is built and kept (default: a folder in /tmp)")
     parser.add_argument("--no-step", action="store_true", help="skip the time-to-first-step runs of `vlsi sft`")
     parser.add_argument("--no-scan", action="store_true", help="skip the check + scan measurements")
@@ -223,26 +271,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         what, data, student, number = args.measure
-        measurer = {"measure": measure, "measure_full": measure_full, "measure_index": measure_index}[what]
+        measurers = {"measure": measure, "measure_full": measure_full, "measure_index": measure_index}
+        measurer = (measurers | {"measure_cache": measure_cache})[what]
         print(json.dumps(measurer(Path(data), Path(student), int(number))))
         return
 
     folder = args.data_dir or Path(tempfile.gettempdir()) / f"vlsi-data-scan-{args.records}"
     data, student = build(folder, args.records)
+    sets = {"jsonl": data, "parquet": build_parquet(folder) if "parquet" in args.formats else None}
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "load_average_before": os.getloadavg(),
         "two_process_speedup_of_a_python_loop": free_cores(),
         "records": args.records,
-        "scan": [],
-        "step": [],
     }
-    for num_proc in [] if args.no_scan else args.procs:
-        results["scan"].append(_in_fresh_process("measure", data, student, num_proc))
-        print(json.dumps(results["scan"][-1]), file=sys.stderr)
-    if len(results["scan"]) > 1:
-        first, last = results["scan"][0], results["scan"][-1]
-        results["speedup"] = first["check_scan_s"] / last["check_scan_s"]
+    if "parquet" in args.formats:
+        results["parquet_cache"] = _in_fresh_process("measure_cache", sets["parquet"], student, 0)
+        print(json.dumps(results["parquet_cache"]), file=sys.stderr)
+    for name in args.formats:
+        scans, steps = results.setdefault(f"scan_{name}", []), results.setdefault(f"step_{name}", [])
+        for num_proc in [] if args.no_scan else args.procs:
+            scans.append(_in_fresh_process("measure", sets[name], student, num_proc) | {"format": name})
+            print(json.dumps(scans[-1]), file=sys.stderr)
+        if len(scans) > 1:
+            results[f"speedup_{name}"] = scans[0]["check_scan_s"] / scans[-1]["check_scan_s"]
+        for num_proc in [] if args.no_step else args.procs:
+            steps.append(measure_step(sets[name], student, num_proc) | {"format": name})
+            print(json.dumps(steps[-1]), file=sys.stderr)
     if args.full:
         results["full"] = _in_fresh_process("measure_full", data, student, args.full)
         print(json.dumps(results["full"]), file=sys.stderr)
@@ -250,10 +305,6 @@ def main() -> None:
         big = build_index_set(folder, args.index_records)
         results["index"] = _in_fresh_process("measure_index", big, student, max(args.procs))
         print(json.dumps(results["index"]), file=sys.stderr)
-    if not args.no_step:
-        for num_proc in args.procs:
-            results["step"].append(measure_step(data, student, num_proc))
-            print(json.dumps(results["step"][-1]), file=sys.stderr)
     results["load_average_after"] = os.getloadavg()
     results["two_process_speedup_of_a_python_loop_after"] = free_cores()
     text = json.dumps(results, indent=1)

@@ -154,7 +154,7 @@ def test_all_invalid_records_are_reported_at_once_and_can_be_skipped(images):
     message = str(raised.value)
     assert message.startswith(f"10 invalid records in {path} (set data.skip_invalid=true to skip them):")
     expected = [
-        "record two-placeholders (line 2): 2 <image> placeholders but 1 images",
+        "record two-placeholders (line 2): 2 <image> tags or {'type': 'image'} items but 1 images in 'image'",
         "record missing (line 3): image 'nowhere.png': file not found",
         "record corrupt (line 4): image 'garbage.png': not an image file",
         "record no-answer (line 5): no assistant turn",
@@ -335,7 +335,7 @@ def test_length_scan_is_shared_by_stages_and_follows_the_images(tiny, images, mo
     scanned = []
     real_count = dataset_module._count
     monkeypatch.setattr(
-        dataset_module, "_count", lambda s, p, names, n: scanned.append(names) or real_count(s, p, names, n)
+        dataset_module, "_count", lambda s, p, names, *a: scanned.append(names) or real_count(s, p, names, *a)
     )
     sft = VLDataset(samples, {"model": other}, max_length=200, cache_path=folder / "sft.json")
     assert scanned == [] and sft.lengths == VLDataset(samples, {"model": other}, max_length=200).lengths

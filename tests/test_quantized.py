@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlsi.config import ConfigError, load_config
+from vlsi.config import load_config
 from vlsi.models.loading import ModelError, check_fits, load_model, quantization_config
+from vlsi.runfolder import FolderError
 from vlsi.stages.common import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
@@ -72,5 +73,5 @@ def test_an_int8_teacher_answers_and_the_answers_record_it(tmp_path, teacher):
     assert len(answered) == 4 and all(s.messages[-1]["role"] == "assistant" for s in answered)
     index = json.loads((tmp_path / "out" / "answers" / "index.json").read_text())
     assert index["teacher_quantization"] == "int8"
-    with pytest.raises(ConfigError, match="teacher_quantization"):  # the same folder, the full-precision teacher
+    with pytest.raises(FolderError, match="teacher_quantization: 'int8' -> ''"):  # the same folder, full precision
         load_samples(load_config(CONFIG, settings[:-1], teacher=teacher, output=str(tmp_path / "out")))

@@ -103,7 +103,8 @@ def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, process
         "teacher_identity": model_fingerprint(cfg.teacher),
         "teacher_quantization": cfg.teacher_quantization,
         "data_fingerprint": samples_fingerprint(samples),
-        "processor": processor_key(processor),
+        # how the processor encodes: data.special_tokens=text changes some samples' tokens (as the length scan's key)
+        "processor": processor_key(processor) + ("" if cfg.data.special_tokens == "refuse" else "+special_tokens=text"),
         "top_k": cfg.cache.top_k,
         "dtype": cfg.cache.dtype,
         "max_length": cfg.data.max_length,
@@ -184,7 +185,13 @@ def _build(cfg: TrainConfig, folder: Path, verbalizers_dir, processor, samples, 
     # data.max_length are left out, as training drops them.
     with state.main_process_first():
         dataset = VLDataset(
-            samples, {"teacher": processor}, cfg.data.max_length, "drop", cache_path=folder / ".lengths.json"
+            samples,
+            {"teacher": processor},
+            cfg.data.max_length,
+            "drop",
+            cache_path=folder / ".lengths.json",
+            special_tokens=cfg.data.special_tokens,
+            skip_invalid=cfg.data.skip_invalid,
         )
     size = cfg.cache.shard_size
     shards = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
@@ -282,7 +289,7 @@ def _compute_shards(cfg, folder: Path, verbalizers_dir, processor, dataset, shar
             for j in shards[i][first : first + cfg.cache.batch_size]:
                 sample = dataset.samples[j]
                 try:
-                    items.append({"teacher": encode(sample, processor, cfg.data.max_length)})
+                    items.append({"teacher": encode(sample, processor, cfg.data.max_length, cfg.data.special_tokens)})
                 except UNLOADABLE as error:  # training passes over it too (vlsi.data.skipping)
                     log.warning("teacher cache: sample %s left out: %s", sample.id, error)
                     continue

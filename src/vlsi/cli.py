@@ -7,6 +7,7 @@ vlsi sft --model M --data train.json --output OUT [--teacher T data.answers=teac
 vlsi eval --model M --benchmark NAME --data FILE --output OUT [--rules lenient] [--judge-url U --judge-model J]
 vlsi score --benchmark NAME --predictions FILE [--rules lenient] [--judge-url U --judge-model J]
 vlsi explain --model M --verbalizers V --image IMG --question TEXT [--teacher T --teacher-verbalizers TV]
+vlsi data check --data train.jsonl [--data more.parquet ...] [--student M] [--json] [k=v ...]
 vlsi demo --output DIR [--fast] [k=v ...]
 vlsi ablate --output DIR [--fast] [k=v ...]
 vlsi study --output DIR [--fast] [k=v ...]
@@ -60,6 +61,11 @@ CACHE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
   cache.dtype=bfloat16, cache.shard_size=N, cache.batch_size=N
   data.max_length=N, precision=bf16|fp32
 """
+DATA_HELP = (
+    "training data: a JSON / JSONL file of records (LLaVA, ShareGPT, OpenAI / TRL shapes), a parquet or arrow file, "
+    "a folder of shards or written by save_to_disk, a hub id as ID[:CONFIG][@SPLIT] (e.g. "
+    "HuggingFaceM4/the_cauldron:ai2d@train), or a mixture file (.yaml); repeat --data to mix sources (docs/CONFIG.md)"
+)
 IMAGE_ROOT_HELP = "folder image paths are relative to (default: the data file's folder)"
 MODEL = dict(required=True, help="model: a local directory or a hub id")
 TEACHER_HELP = "teacher model: a local directory or a hub id"
@@ -68,13 +74,17 @@ TEACHER_HELP = "teacher model: a local directory or a hub id"
 # ---------------------------------------------------------------- train, verbalize, sft, cache
 
 
-def _config(data: str | None, image_root: str | None, output: str, config: str | None, settings: list[str], **top):
+def _config(
+    data: list[str] | None, image_root: str | None, output: str, config: str | None, settings: list[str], **top
+):
+    """The configuration of a command with --data (given once: data.path; several times: a mixture)."""
     from .config import load_config
 
     cfg = load_config(config, settings, output=output, **top)
-    for key, value in {"path": data, "image_root": image_root}.items():
-        if value is not None:
-            setattr(cfg.data, key, value)
+    if data:
+        cfg.data.path = data[0] if len(data) == 1 else data
+    if image_root is not None:
+        cfg.data.image_root = image_root
     if not cfg.data.path:
         raise ValueError("--data (or data.path in the config) is required")
     return cfg
@@ -173,6 +183,15 @@ def cmd_cache(teacher: str, **stage) -> None:
         print(f"teacher cache written to {out}; train from it with teacher_cache={out}")
 
 
+def cmd_data_check(student: str | None, json_output: bool, **options) -> None:
+    """`vlsi data check`: print the report of `vlsi.data.report.check_data` (as one JSON object with --json)."""
+    from .data.report import check_data, format_report
+
+    cfg = _config(**options, output="")
+    report = check_data(cfg, student)
+    print(json.dumps(report, ensure_ascii=False) if json_output else format_report(report))
+
+
 # ---------------------------------------------------------------- eval, score, explain
 
 
@@ -240,11 +259,16 @@ def _stage(sub, name: str, func, options: dict[str, dict], **kwargs) -> None:
     parser = _command(sub, name, func, **kwargs)
     for flag, keywords in options.items():
         parser.add_argument(flag, **keywords)
-    parser.add_argument("--data", help="training records: LLaVA-style or OpenAI-style JSON / JSONL")
-    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    _data(parser)
     _output(parser, "output folder; re-running with the same folder reuses finished stages")
     parser.add_argument("--config", help="YAML file of settings (e.g. configs/qwen2vl-72b-to-7b.yaml)")
     _settings(parser, SETTINGS_HELP)
+
+
+def _data(parser: argparse.ArgumentParser) -> None:
+    """--data (repeatable: a mixture) and --image-root."""
+    parser.add_argument("--data", action="append", help=DATA_HELP)
+    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
 
 
 def _scoring(parser: argparse.ArgumentParser) -> None:
@@ -354,6 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CACHE_MOST_CHANGED,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    p = sub.add_parser(
+        "data",
+        help="look at training data before a GPU job: `vlsi data check`",
+        description="Commands on training data; see `vlsi data check --help`.",
+    )
+    actions = p.add_subparsers(required=True, metavar="ACTION")
+    p = _command(
+        actions,
+        "check",
+        cmd_data_check,
+        help="records, images, problems and token counts of the data, per source and in total",
+        description=(
+            "Check the data as `vlsi train` does before its first step (the same check and, with --student, the same "
+            "length scan): per source and in total, the records, their images, the records with problems (the first "
+            "ones listed, by source and record) and, given a model's processor, text and image token counts (min / "
+            "median / p99 / max) and how many samples exceed data.max_length."
+        ),
+    )
+    _data(p)
+    p.add_argument("--student", help="a model (local directory or hub id) whose processor counts the tokens")
+    p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument("--config", help="YAML file of settings (data.* are read: data.max_length, data.columns, ...)")
+    _settings(p, SETTINGS_HELP)
 
     p = _command(
         sub,

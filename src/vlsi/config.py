@@ -28,12 +28,29 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ColumnsConfig:
+    # dataset column of each record key (parquet, arrow, hub ids; docs/CONFIG.md "Datasets"); "": data.preset's
+    id: str = ""
+    conversations: str = ""  # LLaVA / ShareGPT turns ({"from", "value"})
+    messages: str = ""  # OpenAI / TRL turns ({"role", "content"})
+    texts: str = ""  # the_cauldron's list of {"user", "assistant"} pairs
+    images: str = ""  # a list of images (or paths)
+    image: str = ""  # one image (or a list; LLaVA's key)
+
+
+@dataclass
 class DataConfig:
-    path: str = ""  # training records: LLaVA-style or OpenAI-style JSON / JSONL
+    # a source or a list of them (a mixture): a JSON / JSONL file of records, a parquet or arrow file, a folder of
+    # shards or written by save_to_disk, a hub id (ID[:CONFIG][@SPLIT]), or a mixture file (.yaml): docs/CONFIG.md
+    path: str | list[str] = ""
     image_root: str = ""  # image paths are relative to this (default: the data file's folder)
+    preset: Literal["auto", "trl", "cauldron", "onevision"] = "auto"  # a dataset's column names (docs/CONFIG.md)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     max_length: int = 2048  # tokens, images included; longer samples are never cut through image tokens
     overlong: Literal["drop", "error"] = "drop"  # drop (and count) | error
     skip_invalid: bool = False  # skip broken records (and say how many) instead of stopping
+    # a special token's string in a record's text (`<|im_end|>`, the image token): refuse the record | encode as text
+    special_tokens: Literal["refuse", "text"] = "refuse"
     # eager: check + length-scan everything first | lazy: check each record as it loads
     validate: Literal["eager", "lazy"] = "eager"
     max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it
@@ -173,7 +190,9 @@ def _check_type(key: str, value, annotation):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        return _check_type(key, value, next(a for a in args if a is not type(None)))
+        kinds = [a for a in args if a is not type(None)]  # a list value takes the list type (str | list[str])
+        listed = [a for a in kinds if typing.get_origin(a) is list]
+        return _check_type(key, value, listed[0] if isinstance(value, list) and listed else kinds[0])
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r} (write it as {key}=[1,2,3])")

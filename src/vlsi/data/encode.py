@@ -6,15 +6,28 @@ hard-coded role markers, so any processor whose template renders earlier turns u
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
 
 import torch
+from jinja2.exceptions import TemplateError
 from torch import Tensor
 
 from vlsi.data.images import load_image
-from vlsi.data.records import Sample
+from vlsi.data.records import Sample, is_labelled
 
 IGNORE_INDEX = -100
+SPECIAL_TOKENS = ("refuse", "text")  # data.special_tokens: what a special token's string in a record's text does
+
+
+class Unencodable(ValueError):
+    """A sample the processor cannot encode as it is (a special token's string in its text, a chat template that
+    rejects the conversation, an image outside the processor's limits): the record is bad, not the run."""
+
+    def __init__(self, sample_id: str, reason: str):
+        self.sample_id, self.reason = sample_id, reason
+        super().__init__(f"sample {sample_id}: {reason}")
 
 
 class Overlong(ValueError):
@@ -25,18 +38,34 @@ class Overlong(ValueError):
         super().__init__(f"sample {sample_id}: {length} tokens > data.max_length={max_length}")
 
 
-def encode(sample: Sample, processor, max_length: int | None = None) -> dict[str, Tensor]:
+def encode(
+    sample: Sample, processor, max_length: int | None = None, special_tokens: str = "refuse"
+) -> dict[str, Tensor]:
     """The processor's tensors for `sample` (input_ids [1, T], attention_mask [1, T], pixel_values, ...) and
     labels [1, T]: the token id on assistant tokens (content and end-of-turn token), IGNORE_INDEX elsewhere.
 
-    Raises Overlong when T > max_length.
+    A special token's string in the record's text (`<|im_end|>`, the processor's image token, ...): Unencodable with
+    `special_tokens="refuse"`; with "text" it is encoded as the plain text it is. Raises Overlong when
+    T > max_length, Unencodable when the chat template or the processor rejects the sample.
     """
-    text = processor.apply_chat_template(sample.messages, tokenize=False)
+    found = special_strings(sample, special_pattern(processor))
+    if found and special_tokens == "refuse":
+        raise Unencodable(sample.id, special_reason(found))
+    if found:
+        return _encode_as_text(sample, processor, max_length, found)
+    return _encode(sample, processor, max_length)
+
+
+def _encode(sample: Sample, processor, max_length: int | None) -> dict[str, Tensor]:
+    text = render(processor, sample.messages, sample.id)
     images = [load_image(source) for source in sample.images]
     # One image list per text: LLaVA-OneVision treats a flat list as one image per sample (batch_num_images). The
     # template already wrote the special tokens: no second <bos> (Gemma's tokenizer adds one by default).
     images_arg = [images] if images else None
-    inputs = dict(processor(text=[text], images=images_arg, add_special_tokens=False, return_tensors="pt"))
+    try:
+        inputs = dict(processor(text=[text], images=images_arg, add_special_tokens=False, return_tensors="pt"))
+    except ValueError as error:  # e.g. Qwen2-VL: "absolute aspect ratio must be smaller than 200"
+        raise Unencodable(sample.id, refusal(error)) from None
     ids = inputs["input_ids"][0]  # [T]
     if max_length is not None and len(ids) > max_length:
         raise Overlong(sample.id, len(ids), max_length)
@@ -46,6 +75,52 @@ def encode(sample: Sample, processor, max_length: int | None = None) -> dict[str
     media = _media_ids(processor)
     mask = _expand(in_span, tokens["input_ids"], ids.tolist(), media, sample.id)
     inputs["labels"] = torch.where(torch.tensor(mask)[None], inputs["input_ids"], IGNORE_INDEX)  # [1, T]
+    return inputs
+
+
+def _encode_as_text(sample: Sample, processor, max_length: int | None, found: dict[str, int]) -> dict[str, Tensor]:
+    """`encode` of a sample whose text holds special tokens' strings (`found`), each encoded as the plain text it is:
+    the tokens `tokenizer(string, split_special_tokens=True)` gives, labelled when their turn is. A special token
+    that the template, the processor and the sample leave alone (the sentinel) stands in for every such string while
+    the sample is encoded; its k-th occurrence is then replaced by the k-th string's plain tokens (templates write
+    the turns and their items in order), in every per-token tensor."""
+    tokenizer = processor.tokenizer
+    rendered = render(processor, sample.messages, sample.id)
+    reserved = {v for k, v in vars(processor).items() if k.endswith("_token") and isinstance(v, str)}
+    media = _media_ids(processor)
+    # tried first: the tokenizer's own tokens, the least likely in an image expansion (Idefics3's holds <global-img>)
+    named = [getattr(tokenizer, f"{kind}_token") for kind in ("pad", "unk", "bos", "eos")]
+    free = [
+        t
+        for t in dict.fromkeys([*named, *reversed(special_tokens_of(processor))])
+        if t and t not in rendered and t not in reserved and tokenizer.convert_tokens_to_ids(t) not in media
+    ]
+    pattern = re.compile("|".join(re.escape(t) for t in found))  # `found` is longest first
+    strings = [s for text in _texts(sample.messages) for s in pattern.findall(text)]
+    for sentinel in free:
+        messages = [
+            {**m, "content": [{**c, "text": pattern.sub(sentinel, c["text"])} if c["type"] == "text" else c
+                              for c in m["content"]]}
+            for m in sample.messages
+        ]  # fmt: skip
+        inputs = _encode(dataclasses.replace(sample, messages=messages), processor, None)
+        ids = inputs["input_ids"][0].tolist()  # [T]
+        token = tokenizer.convert_tokens_to_ids(sentinel)
+        if ids.count(token) == len(strings):  # else the processor's expansions hold it too, or the template moved text
+            break
+    else:
+        raise Unencodable(sample.id, f"{special_reason(found)}: no unused special token can stand in for it")
+    plain = iter(tokenizer(strings, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    pieces = [next(plain) if t == token else [t] for t in ids]
+    repeats = torch.tensor([len(piece) for piece in pieces])  # [T]
+    spliced = torch.tensor([t for piece in pieces for t in piece])[None]  # [1, T']
+    labelled = (inputs["labels"][0] != IGNORE_INDEX).repeat_interleave(repeats)[None]
+    for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):  # per token; the sentinel is text
+        if key in inputs:
+            inputs[key] = inputs[key][0].repeat_interleave(repeats)[None]
+    inputs["input_ids"], inputs["labels"] = spliced, torch.where(labelled, spliced, IGNORE_INDEX)
+    if max_length is not None and spliced.shape[1] > max_length:
+        raise Overlong(sample.id, spliced.shape[1], max_length)
     return inputs
 
 
@@ -60,6 +135,64 @@ def response_positions(labels: Tensor) -> Tensor:
     return positions
 
 
+def render(processor, messages: list[dict], sample_id: str, generation_prompt: bool = False) -> str:
+    """The chat template's text; Unencodable when the template raises (Gemma's and Mistral's reject two user turns
+    in a row)."""
+    try:
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as error:
+        raise Unencodable(sample_id, refusal(error)) from None
+
+
+def refusal(error: Exception) -> str:
+    """One line saying why the template or the processor rejects a sample."""
+    if isinstance(error, Unencodable):
+        return error.reason
+    if isinstance(error, TemplateError):
+        what = "the chat template rejects the conversation"
+    else:
+        what = "an image cannot be read" if isinstance(error, OSError) else "the processor refuses it"
+    return f"{what} ({type(error).__name__}: {' '.join(str(error).split())})"
+
+
+def special_tokens_of(processor) -> list[str]:
+    """The strings the tokenizer turns into special tokens, and the processor's image / video tokens, longest
+    first (so that `<|im_start|>` is found before `<|im`)."""
+    tokenizer = processor.tokenizer
+    found = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    found |= set(tokenizer.all_special_tokens)
+    found |= {getattr(processor, f"{kind}_token", None) for kind in ("image", "video")} - {None}
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+
+def special_pattern(processor) -> re.Pattern:
+    """A regex matching any of `special_tokens_of(processor)` (build it once per processor: it costs ~0.3 ms)."""
+    tokens = special_tokens_of(processor)
+    return re.compile("|".join(re.escape(t) for t in tokens) if tokens else "(?!)")  # (?!) never matches
+
+
+def special_strings(sample: Sample, pattern: re.Pattern) -> dict[str, int]:
+    """{special token string: first turn} of those `pattern` (`special_pattern`) finds in the sample's text items."""
+    found: dict[str, int] = {}
+    for i, message in enumerate(sample.messages):
+        for text in _texts([message]):
+            for match in pattern.finditer(text):
+                found.setdefault(match.group(), i)
+    return found
+
+
+def _texts(messages: list[dict]) -> list[str]:
+    return [item["text"] for message in messages for item in message["content"] if item["type"] == "text"]
+
+
+def special_reason(found: dict[str, int]) -> str:
+    tokens = ", ".join(f"{token!r} (turn {turn})" for token, turn in found.items())
+    return (
+        f"special token text {tokens}: it would be read as a control token, not as the text it is; remove it, or set "
+        "data.special_tokens=text to encode it as plain text"
+    )
+
+
 def _media_ids(processor) -> set[int]:
     """Ids of the image/video tokens: the placeholder the template writes and the token the processor repeats
     (the same id for most families; Gemma 3 writes `<start_of_image>` and repeats `<image_soft_token>`)."""
@@ -69,19 +202,21 @@ def _media_ids(processor) -> set[int]:
 
 
 def _assistant_spans(sample: Sample, processor, text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of every assistant turn in the rendered `text`: the turn's content and its
-    end-of-turn token, without the role header (generation prompt) or the whitespace after it."""
+    """[start, end) character spans of every labelled assistant turn (not weighted out: `records.is_labelled`) in
+    the rendered `text`: the turn's content and its end-of-turn token, without the role header (generation prompt)
+    or the whitespace after it."""
     spans = []
     for k, message in enumerate(sample.messages):
-        if message["role"] != "assistant":
+        if not is_labelled(message):
             continue
-        prefix = processor.apply_chat_template(sample.messages[:k], tokenize=False, add_generation_prompt=True)
-        with_turn = processor.apply_chat_template(sample.messages[: k + 1], tokenize=False).rstrip()
+        prefix = render(processor, sample.messages[:k], sample.id, generation_prompt=True)
+        with_turn = render(processor, sample.messages[: k + 1], sample.id).rstrip()
         if not (with_turn.startswith(prefix) and text.startswith(with_turn)):
-            raise ValueError(
-                f"sample {sample.id}: the chat template of {type(processor).__name__} renders the first {k} turns "
-                f"(plus generation prompt) or {k + 1} turns differently from the start of the whole conversation, "
-                "so assistant tokens cannot be located; use a template that leaves earlier turns unchanged"
+            raise Unencodable(
+                sample.id,
+                f"the chat template of {type(processor).__name__} renders the first {k} turns (plus generation "
+                f"prompt) or {k + 1} turns differently from the start of the whole conversation, so assistant "
+                "tokens cannot be located; use a template that leaves earlier turns unchanged",
             )
         spans.append((len(prefix), len(with_turn)))
     return spans
@@ -119,13 +254,15 @@ def _expand(mask: list[bool], text_ids: list[int], ids: list[int], media: set[in
         near_media = media & ({*b[max(j1 - 1, 0) : j2 + 1]} | {*a[max(i1 - 1, 0) : i2 + 1]})
         where = f"at token {head + j1} (processor {b[j1 : j1 + 3]} vs tokenizer {a[i1 : i1 + 3]})"
         if not near_media:
-            raise ValueError(
-                f"sample {sample_id}: the processor's input_ids differ from its tokenizer's {where}, away from any "
-                "image/video placeholder; only image/video placeholders may expand"
+            raise Unencodable(
+                sample_id,
+                f"the processor's input_ids differ from its tokenizer's {where}, away from any image/video "
+                "placeholder; only image/video placeholders may expand",
             )
         if any(mask[head + i1 : head + i2]):
-            raise ValueError(
-                f"sample {sample_id}: the processor's image/video expansion {where} changes assistant tokens; "
-                "put images in user turns, or separate them from the answer text"
+            raise Unencodable(
+                sample_id,
+                f"the processor's image/video expansion {where} changes assistant tokens; put images in user "
+                "turns, or separate them from the answer text",
             )
     return out

@@ -1,7 +1,12 @@
 """Conversation records -> validated `Sample`s in Hugging Face chat format.
 
-Reads a JSON array or JSONL file of LLaVA-style (`conversations`) or OpenAI-style (`messages`) records. Every
-problem in the file is collected and reported at once, each naming the file, the record and its line. Records are
+Reads a JSON array or JSONL file of records of the common shapes:
+- LLaVA / ShareGPT: `conversations` of {"from": human | gpt | system, "value": text with `<image>` tags}, images in
+  `image` (a path or a list) or `images`;
+- OpenAI / ms-swift / LLaMA-Factory: `messages` of {"role", "content": text with `<image>` tags}, images in `images`;
+- HF / TRL: `messages` whose content is a list of items, `{"type": "image"}` bound in order to `images`, or inline
+  `{"type": "image", "image": ...}` / `{"type": "image_url", "image_url": {"url": ...}}`.
+Every problem in the file is collected and reported at once, each naming the file, the record and its line. Records are
 checked in chunks on several processes and kept as an index into the file (`Samples`), not as Python objects.
 """
 
@@ -397,26 +402,40 @@ def _read_spans(path: Path, table: np.ndarray) -> list[bytes]:
 
 def _to_sample(
     record: object, sample_id: str, root: Path, unanswered: bool = False
-) -> tuple[Sample | None, list[str], list[str]]:
+) -> tuple[Sample | None, list[str], list[str | bytes]]:
     """The record as a Sample (its images' files unchecked), the reasons it is invalid (the sample is only usable
     when there are none) and its image references. `unanswered`: a record with no assistant turn is valid when it
-    ends with a user turn (the teacher answers it)."""
-    if isinstance(record, dict) and isinstance(record.get("conversations"), list):
-        messages, refs, reasons = _from_llava(record)
-    elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-        messages, refs, reasons = _from_openai(record)
-    else:
+    ends with a user turn (the teacher answers it). The shapes read are listed in the module docstring; a key that
+    would change what is trained (videos, weights, tools) is honoured or refused, never ignored."""
+    if not isinstance(record, dict) or not (
+        isinstance(record.get("conversations"), list) or isinstance(record.get("messages"), list)
+    ):
         return None, ["neither LLaVA format (a 'conversations' list) nor OpenAI format (a 'messages' list)"], []
+    if "conversations" in record and "messages" in record:
+        return None, ["both 'conversations' and 'messages': keep one of them"], []
+    reasons = _refused_keys(record)
+    turns = record["conversations"] if "conversations" in record else record["messages"]
+    messages, slots = [], []  # slots: per image item in order, its inline reference or None (bound to `images`)
+    for i, turn in enumerate(turns):
+        message = _message(turn, i, reasons)
+        if message is not None:
+            messages.append(message)
+            slots += [item.pop("ref", None) for item in message["content"] if item["type"] == "image"]
+    reasons += _system_key(record, messages)
+    refs = _bind_images(record, messages, slots, reasons)
     asks = bool(messages) and messages[-1]["role"] == "user"
-    if not any(m["role"] == "assistant" for m in messages) and not (unanswered and asks):
+    if not any(is_labelled(m) for m in messages) and not (unanswered and asks):
         fix = "; set data.answers=teacher to have the teacher answer it" if asks else ""
-        reasons.append(f"no assistant turn, so nothing to learn from{fix}")
+        weighted = any(m["role"] == "assistant" for m in messages)
+        reasons.append(f"no {'trained ' if weighted else ''}assistant turn, so nothing to learn from{fix}")
     elif messages[0]["role"] == "assistant":
         reasons.append("the conversation starts with an assistant turn; add the user turn it answers")
     for i, message in enumerate(messages):
         text = "".join(item.get("text", "") for item in message["content"])
         if message["role"] == "assistant" and not text.strip():
             reasons.append(f"turn {i}: assistant turn has no text")
+        if message["role"] == "assistant" and any(item["type"] == "image" for item in message["content"]):
+            reasons.append(f"turn {i}: an image in an assistant turn; images belong in user turns")
     sources, refs, problems = _resolve(refs, root)
     return Sample(sample_id, messages, sources), reasons + problems, refs
 
@@ -456,30 +475,139 @@ def _source(ref: object, root: Path) -> ImageSource:
     return path if path.is_absolute() else root / path
 
 
-def _from_llava(record: dict) -> tuple[list[dict], list[str], list[str]]:
-    """Messages, image references and problems of a LLaVA record; `<image>` marks where each image goes."""
-    refs = record.get("image", [])
-    refs = [refs] if isinstance(refs, str) else refs
-    reasons = []
-    if not isinstance(refs, list) or not all(isinstance(ref, str) for ref in refs):
-        reasons.append("'image' must be a path or a list of paths")
-        refs = []
-    messages, n_placeholders = [], 0
-    for i, turn in enumerate(record["conversations"]):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            reasons.append(f"turn {i}: expected {{'from': ..., 'value': <text>}}")
+def _refused_keys(record: dict) -> list[str]:
+    """Problems of the record-level keys that carry intent vlsi cannot follow: videos, tools, a sample weight."""
+    reasons = [
+        f"'{key}': videos are not supported; remove the key (and its <video> tags) or the record"
+        for key in ("video", "videos")
+        if record.get(key) not in (None, [], "")
+    ]
+    if record.get("tools") not in (None, [], ""):
+        reasons.append("'tools': tool calls are not supported; remove the key or the record")
+    if "image" in record and "images" in record:
+        reasons.append("both 'image' and 'images': keep one list of images")
+    for key, default in (("weight", 1), ("loss", True)):
+        if key in record and record[key] != default:
+            reasons.append(
+                f"'{key}': {json.dumps(record[key])}: a per-record {key} is not applied; remove the record to leave "
+                f"it out of training (per-turn '{key}' on assistant turns is honoured)"
+            )
+    return reasons
+
+
+def _message(turn: object, i: int, reasons: list[str]) -> dict | None:
+    """A turn of either shape as {"role", "content": items}, image items carrying "ref" when inline; None (with a
+    reason) when it cannot be read. LLaVA / ShareGPT turns: {"from": human | gpt | system, "value": text}; OpenAI /
+    HF turns: {"role", "content": text or content items}. In text, `<image>` marks an image; in content items,
+    an image item does."""
+    if isinstance(turn, dict) and isinstance(turn.get("value"), str) and "from" in turn:
+        role = LLAVA_ROLES.get(turn["from"], turn["from"])
+        if role not in ROLES:  # kept as is, so later checks do not report its absence
+            reasons.append(f"turn {i}: unknown role {turn['from']!r} (expected 'human', 'gpt' or 'system')")
+        content = _split_placeholders(turn["value"])
+    elif isinstance(turn, dict) and "role" in turn:
+        role = turn["role"]
+        if role not in ROLES:
+            reasons.append(f"turn {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+        content = turn.get("content")
+        if isinstance(content, str):
+            content = _split_placeholders(content)
+        elif isinstance(content, list):
+            content = _content_items(content, i, reasons)
+        else:
+            reasons.append(f"turn {i}: 'content' must be a string or a list of content items")
+            return None
+    else:
+        reasons.append(f"turn {i}: expected {{'from': ..., 'value': <text>}} or {{'role': ..., 'content': ...}}")
+        return None
+    message = {"role": role, "content": content}
+    trained = _trained(turn, role, i, reasons)
+    if not trained:
+        message["loss"] = False
+    return message
+
+
+def _trained(turn: dict, role: str, i: int, reasons: list[str]) -> bool:
+    """Whether an assistant turn is labelled: per-turn `weight` (0 or 1, axolotl's ShareGPT) or `loss` (a bool,
+    ms-swift's). Other values, and asking to train on a turn that is not the assistant's, are refused."""
+    trained = True
+    for key, allowed, valid in (
+        ("weight", (0, 1), lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v in (0, 1)),
+        ("loss", (False, True), lambda v: isinstance(v, bool)),
+    ):
+        value = turn.get(key)
+        if value is None:
             continue
-        if turn.get("from") not in LLAVA_ROLES:  # kept as is, so later checks do not report its absence
-            reasons.append(f"turn {i}: unknown role {turn.get('from')!r} (expected 'human', 'gpt' or 'system')")
-        n_placeholders += turn["value"].count(IMAGE_PLACEHOLDER)
-        role = LLAVA_ROLES.get(turn.get("from"), turn.get("from"))
-        messages.append({"role": role, "content": _split_placeholders(turn["value"])})
+        if not valid(value):
+            reasons.append(f"turn {i}: '{key}' must be {' or '.join(json.dumps(v) for v in allowed)}, got {value!r}")
+        elif role != "assistant" and value == allowed[1]:
+            reasons.append(f"turn {i}: '{key}': {json.dumps(value)} on a {role} turn; only assistant turns are trained")
+        trained = trained and value != allowed[0]
+    return trained
+
+
+def is_labelled(message: dict) -> bool:
+    """Whether the tokens of a message are trained: assistant turns not marked `"loss": False`."""
+    return message["role"] == "assistant" and message.get("loss", True)
+
+
+def _content_items(content: list, i: int, reasons: list[str]) -> list[dict]:
+    """HF / OpenAI content items -> text and image items; an image item with its reference (inline) keeps it under
+    "ref", a bare `{"type": "image"}` (other fields null, as a datasets struct column holds it) takes the next of
+    the record's `images`."""
+    items = []
+    for item in content:
+        ref = _image_ref(item)
+        if ref is not None:
+            items.append({"type": "image", "ref": ref})
+        elif (
+            isinstance(item, dict)
+            and item.get("type") == "image"
+            and all(value is None for key, value in item.items() if key != "type")
+        ):
+            items.append({"type": "image"})
+        elif isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+            items.append({"type": "text", "text": item["text"]})
+        else:
+            reasons.append(f"turn {i}: unsupported content item {json.dumps(item, default=repr)[:80]}")
+    return items
+
+
+def _system_key(record: dict, messages: list[dict]) -> list[str]:
+    """A top-level `system` string (LLaMA-Factory's layout) becomes the first turn."""
+    system = record.get("system")
+    if system in (None, ""):
+        return []
+    if not isinstance(system, str):
+        return ["'system' must be a string"]
+    if any(m["role"] == "system" for m in messages):
+        return ["both a top-level 'system' and a system turn: keep one"]
+    messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return []
+
+
+def _bind_images(record: dict, messages: list[dict], slots: list, reasons: list[str]) -> list[str | bytes]:
+    """The references of the record's images in the order of its image items: inline ones as given, the others
+    bound in order to the top-level `images` (or `image`) list. A record whose list has images and whose turns mark
+    none gets them at the start of its first user turn (LLaVA's convention); any other difference in number is a
+    problem, never an image dropped or a tag left as text."""
+    key = "images" if "images" in record else "image"
+    given = _top_level_images(record.get(key))
+    bound = slots.count(None)
     first_user = next((m for m in messages if m["role"] == "user"), None)
-    if refs and n_placeholders == 0 and first_user is not None:
-        first_user["content"] = [{"type": "image"} for _ in refs] + first_user["content"]
-    elif n_placeholders != len(refs):
-        reasons.append(f"{n_placeholders} <image> placeholders but {len(refs)} images")
-    return messages, refs, reasons
+    if given and not slots and first_user is not None:
+        first_user["content"] = [{"type": "image"} for _ in given] + first_user["content"]
+        return given
+    if bound != len(given):
+        reasons.append(f"{bound} <image> tags or {{'type': 'image'}} items but {len(given)} images in '{key}'")
+        return [ref for ref in slots if ref is not None]
+    given = iter(given)
+    return [ref if ref is not None else next(given) for ref in slots]
+
+
+def _top_level_images(value: object) -> list:
+    """A record's `images` / `image` as a list of image references (`_resolve` reads them); null: none."""
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _split_placeholders(text: str) -> list[dict]:
@@ -492,33 +620,6 @@ def _split_placeholders(text: str) -> list[dict]:
         if part:
             content.append({"type": "text", "text": part})
     return content
-
-
-def _from_openai(record: dict) -> tuple[list[dict], list[str], list[str]]:
-    """Messages, image references and problems of an OpenAI-style record; images are content items."""
-    messages, refs, reasons = [], [], []
-    for i, message in enumerate(record["messages"]):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in ROLES:  # kept as is, so later checks do not report its absence
-            reasons.append(f"turn {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list):
-            reasons.append(f"turn {i}: 'content' must be a string or a list of content items")
-            continue
-        items = []
-        for item in content:
-            ref = _image_ref(item)
-            if ref is not None:
-                refs.append(ref)
-                items.append({"type": "image"})
-            elif isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
-                items.append({"type": "text", "text": item["text"]})
-            else:
-                reasons.append(f"turn {i}: unsupported content item {json.dumps(item)[:80]}")
-        messages.append({"role": role, "content": items})
-    return messages, refs, reasons
 
 
 def _image_ref(item: object) -> str | None:

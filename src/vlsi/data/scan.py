@@ -17,7 +17,10 @@ one two-image sample), probed once per processor:
   themselves. Gemma 3, Idefics3, SmolVLM, InternVL.
 - blank: N per image from the processor run on blank images of the sample's sizes (memoised), for expansions that
   are runs of one token the rule miscounts (LLaVA-OneVision's two-image samples).
-- full: `encode` on every sample, where nothing else matches."""
+- full: `encode` on every sample, where nothing else matches.
+
+A sample `encode` would refuse (a special token's string in its text, a chat template that raises on it, an image
+outside the processor's size or aspect-ratio limits) gets the reason instead of its counts (`checked`)."""
 
 from __future__ import annotations
 
@@ -26,25 +29,39 @@ import tempfile
 from bisect import bisect_left, bisect_right
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from PIL import Image
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
-from vlsi.data.encode import IGNORE_INDEX, _assistant_spans, encode
+from vlsi.data.encode import (
+    IGNORE_INDEX,
+    _assistant_spans,
+    encode,
+    refusal,
+    special_pattern,
+    special_reason,
+    special_strings,
+)
 from vlsi.data.images import image_header
-from vlsi.data.records import Sample
+from vlsi.data.records import Sample, is_labelled
 
 log = logging.getLogger("vlsi")
 # (width, height) of the probe images: square, wide, tall, odd and large, so that rounding and resizing rules show
 PROBE_SIZES = [(56, 56), (80, 40), (30, 90), (333, 127), (640, 480), (37, 1000)]
+# what counting a sample raises when the sample, not the processor, is at fault: Unencodable (a ValueError) from
+# `encode`'s checks, the template's TemplateError, the size rule's ValueError, an image that does not open
+REFUSALS = (ValueError, TemplateError, OSError)
 
 
 class TokenCounter:
     """`counter(samples)` -> [[tokens, response tokens]] per sample, equal to `encode(sample, processor)`'s
     (input_ids length, number of labelled tokens). `mode`: how image tokens are counted (rule, expand, blank, full);
-    `by_size`: expansions memoised per image sizes, not per layout."""
+    `by_size`: expansions memoised per image sizes, not per layout. `special_tokens`: data.special_tokens, as for
+    `encode`."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, special_tokens: str = "refuse"):
+        self.processor, self.special_tokens = processor, special_tokens
+        self.special = special_pattern(processor)
         self.media = {getattr(processor, n, None) for n in ("image_token_id", "video_token_id")} - {None}
         self.memo: dict[tuple, list[int]] = {}
         self.expansions_memo: dict[tuple, list[str]] = {}
@@ -77,6 +94,34 @@ class TokenCounter:
             [length, _in_spans(ids, offsets, turns, self.media)]
             for length, (ids, offsets), turns in zip(lengths, tokens, spans, strict=True)
         ]
+
+    def checked(self, samples: list[Sample]) -> list[list[int] | str]:
+        """Per sample, [tokens, response tokens] as `self(samples)` gives them, or the one-line reason `encode`
+        refuses it. Samples holding special tokens' strings are refused (data.special_tokens=refuse) or counted by
+        `encode` itself (text: they are few); when counting the rest together fails, each is counted alone."""
+        out: list[list[int] | str | None] = [None] * len(samples)
+        plain = []
+        for i, sample in enumerate(samples):
+            found = special_strings(sample, self.special)
+            if found and self.special_tokens == "refuse":
+                out[i] = special_reason(found)
+            elif found:
+                out[i] = self._alone(sample, full=True)
+            else:
+                plain.append(i)
+        try:
+            counts = self([samples[i] for i in plain])
+        except REFUSALS:
+            counts = [self._alone(samples[i]) for i in plain]
+        for i, count in zip(plain, counts, strict=True):
+            out[i] = count
+        return out
+
+    def _alone(self, sample: Sample, full: bool = False) -> list[int] | str:
+        try:
+            return _full(sample, self.processor, self.special_tokens) if full else self([sample])[0]
+        except REFUSALS as error:
+            return refusal(error)
 
     def lengths(self, texts: list[str], tokens: list[tuple], sizes: list[list[tuple[int, int]]]) -> list[int]:
         """Tokens per sample once the processor has expanded its images: the text's tokens plus N - 1 per image, or
@@ -119,7 +164,7 @@ class TokenCounter:
     def assistant_spans(self, samples: list[Sample], texts: list[str]) -> list[list[tuple[int, int]]]:
         """`encode._assistant_spans` of every sample, its renders batched; a sample whose template rewrites earlier
         turns goes to `_assistant_spans` itself, which names it."""
-        turns = [(i, k) for i, s in enumerate(samples) for k, m in enumerate(s.messages) if m["role"] == "assistant"]
+        turns = [(i, k) for i, s in enumerate(samples) for k, m in enumerate(s.messages) if is_labelled(m)]
         prefixes = self.render([samples[i].messages[:k] for i, k in turns], True)
         inner = [(i, k) for i, k in turns if k + 1 < len(samples[i].messages)]  # the last turn's render is the text
         rendered = dict(zip(inner, self.render([samples[i].messages[: k + 1] for i, k in inner], False), strict=True))
@@ -275,8 +320,8 @@ def sample_sizes(sample: Sample) -> list[tuple[int, int]]:
     return [image_header(source) for source in sample.images]
 
 
-def _full(sample: Sample, processor) -> list[int]:
-    labels = encode(sample, processor)["labels"]  # [1, T]
+def _full(sample: Sample, processor, special_tokens: str = "refuse") -> list[int]:
+    labels = encode(sample, processor, special_tokens=special_tokens)["labels"]  # [1, T]
     return [labels.shape[1], int((labels != IGNORE_INDEX).sum())]
 
 

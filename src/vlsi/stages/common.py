@@ -16,8 +16,9 @@ from torch import nn
 
 from ..answers import teacher_answers
 from ..config import TrainConfig
-from ..data import VLDataset, make_collate, read_dataset
+from ..data import VLDataset, make_collate
 from ..data.skipping import with_skipped
+from ..data.sources import parse_sources, read_sources
 from ..distributed import on_main_process, process_state
 from ..models.family import Parts, check_target_layers, default_target_layers
 from ..models.verbalizer import Verbalizers
@@ -47,15 +48,20 @@ def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
 
 
 def load_samples(cfg: TrainConfig):
-    """The data's samples; with data.answers=teacher the unanswered ones carry the teacher's answers (generated
-    once, cached in OUT/answers: `vlsi.answers`). The main process checks the data (on data.num_proc processes) and
-    sends the result, an index into the data file, to the others."""
+    """The data's samples (one source, or a mixture: `data.sources`); with data.answers=teacher the unanswered ones
+    carry the teacher's answers (generated once, cached in OUT/answers: `vlsi.answers`). The main process checks the
+    data (on data.num_proc processes) and sends the result, an index into the data, to the others."""
     teacher = cfg.data.answers == "teacher"
-    args = (cfg.data.image_root or None, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None)
-    samples, skipped = on_main_process(read_dataset, cfg.data.path, *args, cfg.data.validate == "lazy")
-    if skipped:
-        log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(skipped), cfg.data.path)
+    options = (cfg.seed, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None, cfg.data.validate == "lazy")
+    samples, skipped = on_main_process(_read, cfg.data, options)
+    for name, problems in skipped.items():
+        if problems:
+            log.warning("skipped %d invalid records in %s (data.skip_invalid=true)", len(problems), name)
     return teacher_answers(cfg, samples) if teacher else samples
+
+
+def _read(data, options: tuple):
+    return read_sources(parse_sources(data), *options)
 
 
 def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, seed: int, name: str):
@@ -75,7 +81,11 @@ def build_loader(cfg: TrainConfig, samples, processors: dict, batch_size: int, s
             cache,
             **options,
             max_bad_fraction=cfg.data.max_bad_fraction,
+            special_tokens=cfg.data.special_tokens,
+            skip_invalid=cfg.data.skip_invalid,
         )
+    if dataset.invalid:
+        log.warning("skipped %d records that cannot be encoded (data.skip_invalid=true)", len(dataset.invalid))
     if dataset.n_dropped:
         log.warning("dropped %d samples longer than data.max_length=%d tokens", dataset.n_dropped, cfg.data.max_length)
     if len(dataset) == 0:

@@ -208,6 +208,21 @@ def test_a_second_run_on_the_output_folder_stops(mmbench_run, model_dir, tmp_pat
     assert cli(*argv) == 0
 
 
+def test_the_score_joins_the_model_card(mmbench_run, model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    data, full = mmbench_run
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n\nA student.\n")  # as vlsi exports one
+    out = tmp_path / "out"
+    shutil.copytree(full, out)  # the card is outside the model's fingerprint: the finished run is only rescored
+    assert cli("--model", str(model), "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST) == 0
+    score = json.loads((out / "scores.json").read_text())["score"]
+    [result] = ModelCard.load(model / "README.md").data.eval_results
+    assert result.dataset_name == "mmbench_en" and result.metric_value == round(score, 2)
+
+
 def test_the_model_generation_config_is_ignored_unless_asked(model_dir, tmp_path):
     """A generation_config.json whose options turn answers to noise changes nothing by default; with
     --generation-config model it applies, and eval.json records the options in both cases."""

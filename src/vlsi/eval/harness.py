@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig
 
+from vlsi.card import add_eval_result
 from vlsi.data import read_dataset
 from vlsi.models.loading import ModelError, load_model, load_processor
 from vlsi.runfolder import (
@@ -143,6 +144,9 @@ def evaluate(
         scores = _score(name, out / PREDICTIONS, judge, rules)
         scores["cut"] = sum(bool(json.loads(line).get("cut")) for line in _lines(out / PREDICTIONS) if line.strip())
         write_json(out / SCORES, scores, indent=2)
+    if scores.get("score") is not None and Path(settings["model"]).is_dir():
+        # A model vlsi exported carries a card (README.md, outside its fingerprint): the score joins its model-index.
+        add_eval_result(settings["model"], name, scores["score"])
     return scores
 
 

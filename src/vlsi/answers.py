@@ -7,8 +7,9 @@ once, and every stage trains on those answers as if they were the records' assis
 Users hold far more images and questions than answers. With this setting `read_dataset` accepts records whose
 conversation ends with a user turn and has no assistant turn; before any stage trains, the teacher answers the
 trailing user turn of every record that has one (batched greedy generation with its own processor, left padding:
-`vlsi.eval.generate.generate_answers`), and the answer is appended as the assistant turn. Assistant turns already in
-the data (gold answers) are kept as they are; in a multi-turn record only the trailing user turn is answered.
+`vlsi.eval.generate.generate_answers`; with `data.answers=server` a served teacher answers: `vlsi.served`), and the
+answer is appended as the assistant turn. Assistant turns already in the data (gold answers) are kept as they are;
+in a multi-turn record only the trailing user turn is answered.
 
 This module sits beside the stages rather than in `vlsi.data` (which turns records into tensors and never loads a
 model) or in one stage (every stage reads the answered samples, through `stages.common.load_samples`).
@@ -17,8 +18,13 @@ OUT/answers/
   index.json      what the answers were made with: teacher (path and `runfolder.model_fingerprint`), its processor
                   (`processor_key`), data (path and `runfolder.samples_fingerprint` of the prompts answered: ids,
                   messages, image files' content), answer_max_tokens, and count (the number of prompts to answer)
-  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch: a killed run resumes
-                  with the prompts still unanswered; a rerun that finds every prompt answered loads no model
+  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch (served: each answer),
+                  with "cut": true where the answer stopped at data.answer_max_tokens: a killed run resumes with the
+                  prompts still unanswered; a rerun that finds every prompt answered loads no model
+With data.answers=server the teacher is "MODEL served at URL" and there is no processor.
+
+Cut answers are left out of training (data.keep_cut_answers=true keeps them), counted and logged; when more than
+data.max_cut_fraction of the prompts are cut the run stops, naming data.answer_max_tokens.
 
 Answers made with another teacher, processor, prompts or answer_max_tokens are refused with one line, never
 regenerated: stages already finished in OUT were trained on them, and silently new answers would mix two data sets
@@ -34,13 +40,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from . import served
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
@@ -89,9 +98,12 @@ def _assistant(text: str) -> dict:
 
 
 def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
-    """`samples` with every unanswered one answered by `cfg.teacher`: read back from OUT/answers, the missing answers
-    generated first (main process). Prompts the teacher answered with nothing are left out, and counted."""
-    if not cfg.teacher:
+    """`samples` with every unanswered one answered by `cfg.teacher` (data.answers=teacher) or by the served teacher
+    (data.answers=server, `vlsi.served`): read back from OUT/answers, the missing answers generated first (main
+    process). Prompts the teacher answered with nothing are left out, and counted; so are answers cut at
+    data.answer_max_tokens unless data.keep_cut_answers."""
+    server = cfg.data.answers == "server"
+    if not server and not cfg.teacher:
         raise ConfigError(
             "data.answers=teacher needs a teacher to answer the prompts: pass --teacher (or teacher=PATH)"
         )
@@ -99,12 +111,13 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     if not prompts:
         return samples
     folder = Path(cfg.output) / "answers"
-    processor = load_processor(cfg.teacher, cfg.trust_remote_code)
+    # The server applies its own processor: the answers are the served model's, at that address.
+    processor = None if server else load_processor(cfg.teacher, cfg.trust_remote_code)
     index = {
-        "teacher": cfg.teacher,
-        "teacher_identity": model_fingerprint(cfg.teacher),
-        "teacher_quantization": cfg.teacher_quantization,
-        "processor": processor_key(processor),
+        "teacher": served.identity(cfg.data) if server else cfg.teacher,
+        "teacher_identity": served.identity(cfg.data) if server else model_fingerprint(cfg.teacher),
+        "teacher_quantization": "" if server else cfg.teacher_quantization,
+        "processor": None if server else processor_key(processor),
         "data": cfg.data.path,
         "prompts": samples_fingerprint(prompts),
         "answer_max_tokens": cfg.data.answer_max_tokens,
@@ -114,7 +127,7 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     recorded = check_settings(folder / INDEX, index, REUSE_KEYS, "teacher answers", fix)
     wanted = {s.id for s in prompts}
     # no index: nothing says what made answers already there, so none is trusted (the main process drops them)
-    answers = read_answers(folder / ANSWERS, wanted) if recorded is not None else {}
+    answers, cut = read_answers(folder / ANSWERS, wanted) if recorded is not None else ({}, set())
     if len(answers) == len(wanted):
         log.info("teacher answers: reusing %d from %s", len(answers), folder / ANSWERS)
     elif process_state().is_main_process:
@@ -124,35 +137,95 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
         pending = [s for s in prompts if s.id not in answers]
         log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
         with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
-            answers |= _generate(cfg, processor, pending, folder, index, len(answers))
+            if server:
+                _serve(cfg, pending, folder, index, answers, cut)
+            else:
+                answers |= _generate(cfg, processor, pending, folder, index, len(answers))
     else:
         while len(answers) < len(wanted):  # the main process is answering them (it writes the index first)
             time.sleep(POLL_SECONDS)
-            answers = read_answers(folder / ANSWERS, wanted) if (folder / INDEX).is_file() else {}
+            answers, cut = read_answers(folder / ANSWERS, wanted) if (folder / INDEX).is_file() else ({}, set())
+    check_cut(cfg, cut, len(wanted), folder)
     empty = sorted(i for i, text in answers.items() if not text)
+    left_out = set(empty) | (set() if cfg.data.keep_cut_answers else cut)
     if empty:
         log.warning("the teacher answered %d prompts with nothing (e.g. %s); they are left out", len(empty), empty[0])
-    return [s for s in with_answers(samples, answers) if s.id not in empty]
+    if cut:
+        log.warning(
+            "%d of %d answers were cut at data.answer_max_tokens=%d (e.g. %s); %s",
+            len(cut),
+            len(wanted),
+            cfg.data.answer_max_tokens,
+            min(cut),
+            "they are trained as they are (data.keep_cut_answers=true)"
+            if cfg.data.keep_cut_answers
+            else "they are left out (data.keep_cut_answers=true keeps them)",
+        )
+    return [s for s in with_answers(samples, answers) if s.id not in left_out]
 
 
-def read_answers(path: Path, wanted: set[str]) -> dict[str, str]:
-    """{id: answer} of the prompts in `wanted` answered in `path`; a line cut by a kill is skipped."""
-    answers = {}
+def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None:
+    """Stop when the answers cut at data.answer_max_tokens and left out are more than data.max_cut_fraction of the
+    `count` prompts: answer_max_tokens is too small for this teacher and data."""
+    if cfg.data.keep_cut_answers or len(cut) <= cfg.data.max_cut_fraction * count:
+        return
+    raise ConfigError(
+        f"{len(cut)} of the {count} prompts' answers (e.g. {min(cut)}) stop at data.answer_max_tokens="
+        f"{cfg.data.answer_max_tokens}, more than data.max_cut_fraction={cfg.data.max_cut_fraction:g}: raise "
+        f"data.answer_max_tokens (and delete {folder} to answer again), or raise data.max_cut_fraction to train "
+        "without them, or set data.keep_cut_answers=true to train on them as they are"
+    )
+
+
+def read_answers(path: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
+    """{id: answer} of the prompts in `wanted` answered in `path`, and the ids of those cut at
+    data.answer_max_tokens (`"cut": true`); a line cut by a kill is skipped."""
+    answers, cut = {}, set()
     for row in read_jsonl(path):
         if isinstance(row, dict) and row.get("id") in wanted and isinstance(row.get("answer"), str):
             answers[row["id"]] = row["answer"]
-    return answers
+            if row.get("cut") is True:
+                cut.add(row["id"])
+    return answers, cut
+
+
+def _start(folder: Path, index: dict, pending: list[Sample]) -> None:
+    """Write the index (atomically: other processes may be reading it) and drop from folder/answers.jsonl a line
+    cut by a kill (appending after it would break the next line too), before the `pending` prompts' answers are
+    appended."""
+    write_json(folder / INDEX, index, indent=2)
+    wanted = {s.id for s in pending}
+    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
+
+
+def _serve(cfg: TrainConfig, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
+    """The served teacher's answers to the `pending` prompts, each appended to folder/answers.jsonl and flushed as
+    it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too many."""
+    client = served.connect(cfg.data)
+    _start(folder, index, pending)
+    bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
+    with (
+        bar,
+        (folder / ANSWERS).open("a", encoding="utf-8") as f,
+        closing(served.answers(client, cfg.data, pending)) as got,
+    ):
+        for answer in got:
+            row = {"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            answers[answer.id] = answer.text
+            if answer.cut:
+                cut.add(answer.id)
+                check_cut(cfg, cut, index["count"], folder)
+            bar.update()
 
 
 def _generate(
     cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, done: int
 ) -> dict[str, str]:
     """{id: answer} of the `pending` prompts, each batch's answers appended to folder/answers.jsonl and flushed."""
-    write_json(folder / INDEX, index, indent=2)  # atomically: other processes may be reading it
+    _start(folder, index, pending)
     answers = {}
-    wanted = {s.id for s in pending}
-    # Rewritten without a line cut by a kill (appending after it would break the next line too).
-    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
     dtype, device = compute_dtype(cfg.precision), process_state().device
     check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)

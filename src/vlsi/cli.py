@@ -42,6 +42,8 @@ SETTINGS_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md)
   teacher_verbalizers=DIR                                    reuse the teacher's verbalizers (vlsi verbalize)
   teacher_cache=DIR                                          train from the teacher's cached targets (vlsi cache)
   data.answers=teacher                                       the teacher answers records without an answer
+  data.answers=server data.answer_server=URL data.answer_model=NAME   a served teacher answers them instead
+      [data.answer_key_env=VAR: the variable holding its API key; unset: a dummy key]   (docs/SERVING.md)
   precision=bf16|fp32, seed=N, checkpoint.every=N
 """
 VERBALIZE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
@@ -54,6 +56,8 @@ SFT_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):
   sft.max_steps, sft.lr, sft.batch_size, sft.grad_accum
   sft.lora.enabled=false, sft.lora.r=64                      full fine-tuning, or the LoRA rank
   data.answers=teacher (with --teacher)                      the teacher answers records without an answer
+  data.answers=server data.answer_server=URL data.answer_model=NAME   a served teacher answers them instead
+      [data.answer_key_env=VAR: the variable holding its API key; unset: a dummy key]   (docs/SERVING.md)
   precision=bf16|fp32, seed=N, checkpoint.every=N
 """
 CACHE_MOST_CHANGED = """settings most runs change (every key: docs/CONFIG.md):

@@ -56,10 +56,19 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # records found bad while training (skipped) past this share of the data stop it
     num_proc: int = 0  # processes that check and length-scan the data (0: every core this process may use)
     num_workers: int = 0
-    # gold: records carry their answers | teacher: the teacher answers unanswered records
-    answers: Literal["gold", "teacher"] = "gold"
-    answer_max_tokens: int = 256  # data.answers=teacher: most new tokens the teacher generates per answer
+    # gold: records carry their answers | teacher: the teacher answers unanswered records | server: a served
+    # teacher answers them (an OpenAI-compatible server: vLLM, SGLang, `transformers serve`; docs/SERVING.md)
+    answers: Literal["gold", "teacher", "server"] = "gold"
+    answer_max_tokens: int = 256  # data.answers=teacher|server: most new tokens the teacher generates per answer
     answer_batch_size: int = 8  # data.answers=teacher: prompts per generation batch (main process only)
+    keep_cut_answers: bool = False  # train on answers cut at answer_max_tokens (default: left out, and counted)
+    max_cut_fraction: float = 0.05  # cut answers left out past this share of the prompts stop the run
+    answer_server: str = ""  # data.answers=server: the server's OpenAI-compatible base URL (http://HOST:8000/v1)
+    answer_model: str = ""  # data.answers=server: the model name the server serves the teacher under
+    answer_key_env: str = ""  # data.answers=server: environment variable holding the API key ("": no key)
+    answer_concurrency: int = 8  # data.answers=server: requests in flight at once
+    answer_timeout: float = 600.0  # data.answers=server: seconds one request may take
+    answer_retries: int = 3  # data.answers=server: retries of a request failing with a timeout, 408, 429 or 5xx
 
 
 @dataclass
@@ -285,15 +294,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {cfg.chunk_size}")
-    for name in ("answer_max_tokens", "answer_batch_size"):
+    for name in ("answer_max_tokens", "answer_batch_size", "answer_concurrency"):
         if getattr(cfg.data, name) < 1:
             raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg.data, name)}")
+    if cfg.data.answer_timeout <= 0 or cfg.data.answer_retries < 0 or not 0 <= cfg.data.max_cut_fraction <= 1:
+        raise ConfigError(
+            "need data.answer_timeout > 0 (seconds), data.answer_retries >= 0 and data.max_cut_fraction between 0 "
+            f"and 1; got {cfg.data.answer_timeout}, {cfg.data.answer_retries}, {cfg.data.max_cut_fraction}"
+        )
+    if cfg.data.answers == "server" and not (cfg.data.answer_server and cfg.data.answer_model):
+        raise ConfigError(
+            "data.answers=server needs data.answer_server=URL (the OpenAI-compatible base URL, e.g. "
+            "http://127.0.0.1:8000/v1) and data.answer_model=NAME (the model the server serves)"
+        )
     if cfg.data.num_proc < 0 or not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError("data.num_proc must be >= 0 (0: every core) and data.max_bad_fraction between 0 and 1")
-    if cfg.data.validate == "lazy" and cfg.data.answers == "teacher":
+    if cfg.data.validate == "lazy" and cfg.data.answers != "gold":
         raise ConfigError(
-            "data.validate=lazy does not go with data.answers=teacher: the teacher answers every record before "
-            "training, so they are all read first anyway; use data.validate=eager"
+            f"data.validate=lazy does not go with data.answers={cfg.data.answers}: the teacher answers every record "
+            "before training, so they are all read first anyway; use data.validate=eager"
         )
     return cfg
 

@@ -1,37 +1,32 @@
 """LLM judge: a client for any OpenAI-compatible chat endpoint and the grading prompts.
 
 A judge is any callable `judge(prompt, *, temperature=0.0, system=None) -> str`; scorers take one as an
-argument, so tests pass a fake and the CLI passes the `Judge` that `make_judge(url, model, key_env)` builds. The
-API key is sent only in the Authorization header: it is kept out of repr(), error messages and logs.
+argument, so tests pass a fake and the CLI passes the `Judge` that `make_judge(url, model, key_env)` builds, on the
+official `openai` client (as the served teacher of `vlsi.served`). The API key is sent only in the Authorization
+header: it is kept out of repr(), error messages and logs.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import logging
 import os
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .io import ScoreError
+import openai
 
-logger = logging.getLogger(__name__)
+from .io import ScoreError
 
 JudgeFn = Callable[..., str]
 T = TypeVar("T")
 
-# Statuses worth retrying: timeouts, conflicts, rate limits and server faults.
-_RETRYABLE = {408, 409, 429}
-_MAX_BACKOFF_S = 30.0
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+# Sent when no key is given: the client needs one, and servers started without a key ignore it.
+NO_KEY = "EMPTY"
+_SUFFIX = "/chat/completions"
 
 
 class JudgeError(ScoreError):
@@ -40,7 +35,8 @@ class JudgeError(ScoreError):
 
 @dataclass(frozen=True)
 class Judge:
-    """OpenAI-compatible chat client with bounded retries and exponential backoff.
+    """A chat client of any OpenAI-compatible endpoint, through the `openai` client: timeouts, connection errors,
+    408, 409, 429 and 5xx are retried `retries` times with exponential backoff; other statuses fail at once.
 
     url: base URL ("http://127.0.0.1:8000/v1") or the full ".../chat/completions" address.
     """
@@ -49,14 +45,20 @@ class Judge:
     model: str
     api_key: str | None = field(default=None, repr=False)
     retries: int = 4
-    backoff_s: float = 1.0
     timeout_s: float = 120.0
     max_tokens: int = 1024
+    client: openai.OpenAI = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        base = self.url.rstrip("/").removesuffix(_SUFFIX)
+        client = openai.OpenAI(
+            base_url=base, api_key=self.api_key or NO_KEY, timeout=self.timeout_s, max_retries=self.retries
+        )
+        object.__setattr__(self, "client", client)  # one client (its connection pool) for every thread
 
     @property
     def endpoint(self) -> str:
-        url = self.url.rstrip("/")
-        return url if url.endswith("/chat/completions") else url + "/chat/completions"
+        return self.url.rstrip("/").removesuffix(_SUFFIX) + _SUFFIX
 
     def _redact(self, text: str) -> str:
         return text.replace(self.api_key, "***") if self.api_key else text
@@ -64,41 +66,42 @@ class Judge:
     def __call__(self, prompt: str, *, temperature: float = 0.0, system: str | None = None) -> str:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": self.max_tokens}
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        problem = ""
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = response.read()
-                return _reply_text(payload, self.endpoint)
-            except urllib.error.HTTPError as e:
-                problem = f"HTTP {e.code}: {self._redact(_error_body(e))}"
-                if e.code < 500 and e.code not in _RETRYABLE:
-                    raise JudgeError(
-                        f"judge {self.endpoint} answered {problem}; check --judge-url, --judge-model and the key"
-                    ) from None
-            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
-                problem = self._redact(str(getattr(e, "reason", e)))
-            if attempt < self.retries:
-                delay = min(self.backoff_s * 2**attempt, _MAX_BACKOFF_S)
-                logger.warning(
-                    "judge call failed (%s); retry %d/%d in %.1fs", problem, attempt + 1, self.retries, delay
-                )
-                time.sleep(delay)
-        raise JudgeError(
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=temperature, max_tokens=self.max_tokens
+            )
+        except openai.APIStatusError as e:
+            body = e.body if e.body is not None else e.response.text
+            problem = f"HTTP {e.status_code}: {self._redact(str(body)[:300])}"
+            if e.status_code < 500 and e.status_code not in (408, 409, 429):
+                raise JudgeError(
+                    f"judge {self.endpoint} answered {problem}; check --judge-url, --judge-model and the key"
+                ) from None
+            raise self._gave_up(problem) from None
+        except openai.APIConnectionError as e:  # the timeouts too
+            raise self._gave_up(self._redact(f"{type(e.__cause__ or e).__name__}: {e.__cause__ or e}")) from None
+        except (ValueError, openai.APIResponseValidationError):  # a body that is not JSON
+            raise self._not_a_completion() from None
+        try:
+            return reply.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
+            raise self._not_a_completion() from None
+
+    def _gave_up(self, problem: str) -> JudgeError:
+        return JudgeError(
             f"judge {self.endpoint} failed {self.retries + 1} times (last: {problem}); is the server up at --judge-url?"
+        )
+
+    def _not_a_completion(self) -> JudgeError:
+        return JudgeError(
+            f"judge {self.endpoint} did not return an OpenAI chat completion (choices[0].message.content); "
+            "point --judge-url at an OpenAI-compatible /v1 endpoint"
         )
 
 
 def make_judge(url: str | None, model: str | None, key_env: str | None = None) -> Judge | None:
     """The judge at `url` asked for `model` (`vlsi score / eval --judge-url --judge-model`), or None without both;
-    the API key is read from the environment variable `key_env` (default $OPENAI_API_KEY; unset: no key sent)."""
+    the API key is read from the environment variable `key_env` (default $OPENAI_API_KEY; unset: a dummy key)."""
     if url is None and model is None:
         return None
     if url is None or model is None:
@@ -107,23 +110,6 @@ def make_judge(url: str | None, model: str | None, key_env: str | None = None) -
     if key_env and api_key is None:
         raise ScoreError(f"--judge-key-env names ${key_env}, which is not set; export the key in it")
     return Judge(url=url, model=model, api_key=api_key)
-
-
-def _error_body(error: urllib.error.HTTPError) -> str:
-    try:
-        return error.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
-    except OSError:
-        return ""
-
-
-def _reply_text(payload: bytes, endpoint: str) -> str:
-    try:
-        return json.loads(payload)["choices"][0]["message"]["content"] or ""
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(
-            f"judge {endpoint} did not return an OpenAI chat completion (choices[0].message.content); "
-            "point --judge-url at an OpenAI-compatible /v1 endpoint"
-        ) from None
 
 
 def grade_all(

@@ -48,10 +48,10 @@ def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
 
 
 def load_samples(cfg: TrainConfig):
-    """The data's samples (one source, or a mixture: `data.sources`); with data.answers=teacher the unanswered ones
-    carry the teacher's answers (generated once, cached in OUT/answers: `vlsi.answers`). The main process checks the
-    data (on data.num_proc processes) and sends the result, an index into the data, to the others."""
-    teacher = cfg.data.answers == "teacher"
+    """The data's samples (one source, or a mixture: `data.sources`); with data.answers=teacher (or server) the
+    unanswered ones carry the teacher's answers (generated once, cached in OUT/answers: `vlsi.answers`). The main
+    process checks the data (on data.num_proc processes) and sends the result, an index into the data, to the others."""
+    teacher = cfg.data.answers != "gold"  # teacher or server
     options = (cfg.seed, cfg.data.skip_invalid, teacher, cfg.data.num_proc or None, cfg.data.validate == "lazy")
     samples, skipped = on_main_process(_read, cfg.data, options)
     for name, problems in skipped.items():

@@ -6,14 +6,15 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlsi.cli import main
-from vlsi.eval import SCORERS
-from vlsi.eval.generate import PROMPT_FAMILY, Item, benchmark_prompt, custom_hit, generate_answers, question_type
+from vlsi.eval.custom import custom_hit, question_type
+from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.tiny import build_tiny_vlm
 from vlsi.toy import write_digits_dataset
 
@@ -148,12 +149,131 @@ def test_resume_after_a_kill_generates_each_row_once(mmbench_run, model_dir, tmp
     assert scores["rules"] == "lenient" and scores["score"] == scores["score_lenient"]
 
 
-def test_resume_refuses_other_settings(mmbench_run, model_dir, capsys):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--batch-size", "2"], "(--batch-size: 4 -> 2)"),
+        (["--max-new-tokens", "5"], "(--max-new-tokens: 4 -> 5, the decoding options)"),
+        (["--dtype", "fp16"], "(--dtype: 'fp32' -> 'fp16')"),
+        (["--generation-config", "model"], "(--generation-config: 'vlmevalkit' -> 'model', the decoding options)"),
+    ],
+)
+def test_resume_refuses_other_settings(mmbench_run, model_dir, tmp_path, capsys, change, message):
     data, out = mmbench_run
-    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out)]
-    assert cli(*argv, "--max-new-tokens", "5") == 2
+    argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST, *change]
+    assert cli(*argv) == 2
     error = capsys.readouterr().err
-    assert error.startswith("vlsi eval: error:") and "max_new_tokens = 4" in error and "--output" in error
+    assert error.startswith("vlsi eval: error:") and message in error and "pass another --output" in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_resume_refuses_other_data_or_another_model(mmbench_run, model_dir, tmp_path, capsys):
+    data, full = mmbench_run
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    before = (out / "predictions.jsonl").read_text()
+    argv = ["--benchmark", "mmbench", "--output", str(out), *FAST]
+    # The TSV edited in place (one answer flipped): same path, other contents.
+    edited = tmp_path / "MMBench_DEV_EN.tsv"
+    edited.write_text(Path(data).read_text().replace("\tA\tcolour", "\tB\tcolour", 1))
+    assert edited.read_text() != Path(data).read_text()
+    assert cli("--model", model_dir, "--data", str(edited), *argv) == 2
+    assert "predictions.jsonl made with other settings (the contents of --data" in capsys.readouterr().err
+    # Another model put at the path of the one that wrote the predictions.
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    assert cli("--model", str(model), "--data", data, *argv) == 0  # the same files: resumed (nothing to answer)
+    capsys.readouterr()
+    build_tiny_vlm(model, seed=1)
+    assert cli("--model", str(model), "--data", data, *argv) == 2
+    assert "made with other settings (the model (its config or weight files))" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == before
+
+
+def test_a_second_run_on_the_output_folder_stops(mmbench_run, model_dir, tmp_path, capsys):
+    import fcntl
+    import os
+
+    data, full = mmbench_run
+    out = tmp_path / "out"
+    shutil.copytree(full, out)
+    held = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # another run holds the folder
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        argv = ["--model", model_dir, "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST]
+        assert cli(*argv) == 2
+        assert "is in use by another run" in capsys.readouterr().err
+    finally:
+        os.close(held)
+    assert cli(*argv) == 0
+
+
+def test_the_score_joins_the_model_card(mmbench_run, model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    data, full = mmbench_run
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    (model / "README.md").write_text("---\nlibrary_name: transformers\n---\n\nA student.\n")  # as vlsi exports one
+    out = tmp_path / "out"
+    shutil.copytree(full, out)  # the card is outside the model's fingerprint: the finished run is only rescored
+    assert cli("--model", str(model), "--benchmark", "mmbench", "--data", data, "--output", str(out), *FAST) == 0
+    score = json.loads((out / "scores.json").read_text())["score"]
+    [result] = ModelCard.load(model / "README.md").data.eval_results
+    assert result.dataset_name == "mmbench_en" and result.metric_value == round(score, 2)
+
+
+def test_the_model_generation_config_is_ignored_unless_asked(model_dir, tmp_path):
+    """A generation_config.json whose options turn answers to noise changes nothing by default; with
+    --generation-config model it applies, and eval.json records the options in both cases."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(
+        json.dumps({**config, "repetition_penalty": 3.0, "no_repeat_ngram_size": 1})
+    )
+    data = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", mmbench_rows())
+    runs = {}
+    for source, folder in [("vlmevalkit", "plain"), ("vlmevalkit", "noisy"), ("model", "model")]:
+        path = model_dir if folder == "plain" else str(model)
+        argv = ["--model", path, "--benchmark", "mmbench", "--data", data, "--output", str(tmp_path / folder)]
+        assert cli(*argv, "--max-new-tokens", "8", "--generation-config", source) == 0
+        runs[folder] = read_jsonl(tmp_path / folder / "predictions.jsonl")
+        settings = json.loads((tmp_path / folder / "eval.json").read_text())
+        assert settings["generation_config"] == source and settings["generation"]["do_sample"] is False
+        assert settings["generation"]["max_new_tokens"] == 8 and settings["vlmevalkit_wrapper"].startswith(
+            "Qwen2VLChat"
+        )
+        if source == "vlmevalkit":  # Qwen2VLChat passes repetition_penalty=1.0
+            assert settings["generation"]["repetition_penalty"] == 1.0
+            assert "no_repeat_ngram_size" not in settings["generation"]
+        else:
+            assert settings["generation"]["repetition_penalty"] == 3.0
+            assert settings["generation"]["no_repeat_ngram_size"] == 1
+    answers = {folder: [row["prediction"] for row in rows] for folder, rows in runs.items()}
+    assert answers["noisy"] == answers["plain"] != answers["model"]
+
+
+def test_answers_cut_at_the_limit_are_flagged_and_counted(mmbench_run):
+    _, out = mmbench_run
+    predictions = read_jsonl(out / "predictions.jsonl")
+    scores = json.loads((out / "scores.json").read_text())
+    # A random-weight model rarely ends within 4 tokens: most answers are cut, each flagged.
+    assert all(isinstance(row["cut"], bool) for row in predictions)
+    assert scores["cut"] == sum(row["cut"] for row in predictions) > 0
+
+
+def test_generate_answers_says_which_answer_was_cut(model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = [Item(str(k), [{"role": "user", "content": [{"type": "text", "text": q}]}], [], {}) for k, q in
+             enumerate(["Count", "Which digit is this?"])]  # fmt: skip
+    cut = generate_answers(model, processor, items, max_new_tokens=4)
+    assert all(isinstance(answer, str) for answer in cut) and any(answer.cut for answer in cut)
+    # Every token an end token: each answer ends at its first token, well within the limit.
+    model.generation_config.eos_token_id = list(range(model.config.text_config.vocab_size))
+    ended = generate_answers(model, processor, items, max_new_tokens=4)
+    assert not any(answer.cut for answer in ended)
 
 
 def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
@@ -169,6 +289,49 @@ def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
     assert scores["num_questions"] == 6 and 0.0 <= scores["score"] <= 100.0
     assert sum(kind["num_questions"] for kind in scores["question_types"].values()) == 6
     assert json.loads(capsys.readouterr().out) == scores
+    # `vlsi score --benchmark custom` on vlsi eval's own predictions.jsonl gives the same numbers.
+    assert main(["score", "--benchmark", "custom", "--predictions", str(tmp_path / "o" / "predictions.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out) == {key: value for key, value in scores.items() if key != "cut"}
+    # Another benchmark named for that file is refused: its eval.json says what it answers.
+    assert main(["score", "--benchmark", "pope", "--predictions", str(tmp_path / "o" / "predictions.jsonl")]) == 2
+    assert "holds vlsi eval's answers to custom" in capsys.readouterr().err
+
+
+def test_a_trailing_user_turn_in_a_custom_record_is_refused(model_dir, tmp_path, capsys):
+    data = write_digits_dataset(tmp_path, n=2)
+    records = json.loads(data.read_text())
+    records[1]["conversations"].append({"from": "human", "value": "And the next one?"})
+    data.write_text(json.dumps(records))
+    argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(data), "--output", str(tmp_path / "o")]
+    assert cli(*argv, *FAST) == 2
+    error = capsys.readouterr().err
+    assert "record digit-1 ends with a user turn after its last assistant turn" in error and "drop" in error
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_unicode_line_separator_in_a_question_survives_resume(model_dir, tmp_path, monkeypatch):
+    image = base64.b64encode(png((10, 200, 30))).decode()
+    rows = [
+        {"index": k, "question": f"Which colour\u2028is square {k}?", "A": "red", "B": "green", "answer": "B",
+         "image": image}
+        for k in range(2)
+    ]  # fmt: skip
+    data = write_tsv(tmp_path / "AI2D_TEST.tsv", rows)
+    argv = ["--model", model_dir, "--benchmark", "ai2d", "--data", data, "--output", str(tmp_path / "o"), *FAST]
+    assert cli(*argv) == 0
+    predictions = tmp_path / "o" / "predictions.jsonl"
+    assert "\u2028" not in predictions.read_text() and len(predictions.read_text().splitlines()) == 2  # escaped
+    assert [row["question"] for row in read_jsonl(predictions)] == [row["question"] for row in rows]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run loaded the model")
+
+    monkeypatch.setattr("vlsi.eval.harness.load_model", no_model)
+    # Written as the character itself (by another writer): lines still end at "\n" only, and the run resumes.
+    raw = predictions.read_text().replace("\\u2028", "\u2028")
+    predictions.write_text(raw)
+    assert cli(*argv) == 0
+    assert predictions.read_text() == raw
 
 
 def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, capsys):
@@ -194,52 +357,6 @@ def test_image_paths_and_a_judged_benchmark_without_judge(model_dir, tmp_path, c
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert scores["score"] is None and scores["scored"] is False
     assert "--judge-url" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def test_every_benchmark_has_a_prompt_family():
-    assert PROMPT_FAMILY.keys() == SCORERS.keys()
-
-
-@pytest.mark.parametrize(
-    "name, row, prompt",
-    [
-        (
-            "mmbench_en",
-            {"question": "Which colour?", "hint": "One square.", "A": "red", "B": "blue", "C": "nan"},
-            "One square.\nWhich colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices "
-            "directly.",
-        ),
-        (
-            "ai2d",
-            {"question": "Q?", "A": "x", "B": "y"},
-            "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.",
-        ),
-        (
-            "mmbench_cn",
-            {"question": "什么颜色?", "A": "红", "B": "蓝"},
-            "什么颜色?\nA. 红\nB. 蓝\n请直接回答选项字母。",
-        ),
-        ("mmmu", {"question": "How many?", "A": ""}, "How many?\nAnswer the question using a single word or phrase."),
-        ("pope", {"question": "Is there a dog in the image?"}, "Is there a dog in the image? Please answer yes or no."),
-        ("mme", {"question": "Is this red? Please answer yes or no."}, "Is this red? Please answer yes or no."),
-        (
-            "chartqa",
-            {"question": "What is the peak?"},
-            "What is the peak?\nAnswer the question using a single word or phrase.",
-        ),
-        (
-            "mathvista",
-            {"question": "Hint: ...\nQuestion: x?\nChoices:\n(A) 1"},
-            "Hint: ...\nQuestion: x?\nChoices:\n(A) 1",
-        ),
-        ("mm_vet", {"question": "Describe it."}, "Describe it."),
-    ],
-)
-def test_benchmark_prompt(name, row, prompt):
-    assert benchmark_prompt(name, row) == prompt
 
 
 # ---------------------------------------------------------------- custom matching (pure)
@@ -301,7 +418,7 @@ def test_custom_hit(reference, prediction, question, hit):
 
 
 def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
-    data, _ = mmbench_run
+    data, out = mmbench_run
     rows = mmbench_rows()
     no_answer = write_tsv(tmp_path / "no_answer.tsv", [{k: v for k, v in row.items() if k != "answer"} for row in rows])
     bad_image = write_tsv(tmp_path / "bad_image.tsv", [{**row, "image": "x" * 100} for row in rows[:1]])
@@ -309,6 +426,10 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
     orphan = write_tsv(tmp_path / "orphan.tsv", rows[1:2])  # a rotation without its main row
     broken = tmp_path / "broken"
     broken.mkdir()
+    shutil.copy(out / "eval.json", broken / "eval.json")
+    no_weights = tmp_path / "no_weights"  # its config reads, its weights do not
+    shutil.copytree(model_dir, no_weights)
+    (no_weights / "model.safetensors").write_bytes(b"not a checkpoint")
     (broken / "predictions.jsonl").write_text('{"index": "0", "prediction": "A"}\nnot json\n{"index": "1"}\n')
     cases = [
         (["--data", no_answer], "missing answer"),
@@ -317,8 +438,9 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
         (["--data", orphan], "main row"),
         (["--data", str(tmp_path / "absent.tsv")], "no such file"),
         (["--data", data, "--benchmark", "nope"], "unknown benchmark"),
-        (["--data", data, "--output", str(broken)], "line 2: not a prediction row"),
+        (["--data", data, "--output", str(broken), *FAST], "line 2: not a prediction row"),
         (["--data", data, "--model", str(tmp_path / "no_model")], "cannot load"),  # leaves "o" reusable
+        (["--data", data, "--model", str(no_weights)], "cannot load"),
         (["--data", data, "--device", "cuda:7"] if not _has_cuda() else ["--data", data, "--device", "gpu"], "device"),
     ]
     for extra, message in cases:
@@ -327,6 +449,7 @@ def test_bad_input_is_one_error_line(mmbench_run, model_dir, tmp_path, capsys):
         error = capsys.readouterr().err
         assert error.startswith("vlsi eval: error:") and message in error, (extra, error)
         assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert not (tmp_path / "o" / "eval.json").exists()  # nothing written for a model that did not load
 
 
 def test_the_parser_offers_every_dtype_and_evaluate_refuses_another(tmp_path):

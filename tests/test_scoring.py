@@ -496,6 +496,51 @@ def test_score_file_tsv_and_jsonl_agree(tmp_path):
     assert "image" not in read_predictions(tmp_path / "preds.tsv")[0]
 
 
+def test_a_quoted_cell_never_closed_is_refused_naming_its_line(tmp_path):
+    # csv alone reads every later row into the open cell (1 question, score 0); pandas refuses the file.
+    path = tmp_path / "pope.tsv"
+    path.write_text('answer\tprediction\nYes\tYes\nNo\t"No\nYes\tYes\nNo\tNo\n')
+    with pytest.raises(ScoreError, match=r"pope.tsv line 3: a quoted cell opens here and is never closed"):
+        score_file("pope", path)
+    path.write_text('answer\tprediction\nYes\t"Yes, a ""dog"""\nNo\tno "quotes" here\n')  # pandas reads these
+    assert [row["prediction"] for row in read_predictions(path)] == ['Yes, a "dog"', 'no "quotes" here']
+
+
+def test_jsonl_list_columns(tmp_path):
+    rows = [
+        {"answer": "Yes", "prediction": "Yes", "category": ["adversarial", "popular"]},
+        {"answer": "No", "prediction": "No", "category": "popular"},
+    ]
+    # A category list is the TSV's "adversarial,popular": a row counted in both splits, not in bogus ones.
+    tsv = [{**rows[0], "category": "adversarial,popular"}, rows[1]]
+    jsonl_scores = score_file("pope", write_jsonl(tmp_path / "pope.jsonl", rows))
+    assert jsonl_scores == score_file("pope", write_tsv(tmp_path / "pope.tsv", tsv))
+    assert set(jsonl_scores["categories"]) == {"adversarial", "popular"}
+    hallusion = [{"index": "VD_chart_1_0_2_1", "answer": "Yes", "prediction": "Yes", "l2-category": ["VD", "VS"]}]
+    with pytest.raises(ScoreError, match=r"line 1: column 'l2-category' holds a list; .* write it as text"):
+        score_file("hallusionbench", write_jsonl(tmp_path / "h.jsonl", hallusion))
+
+
+def test_a_unicode_line_separator_stays_inside_its_jsonl_line(tmp_path):
+    rows = [
+        {"answer": "Yes", "prediction": "Yes\u2028indeed", "question": "Is it\u2029red?"},
+        {"answer": "No", "prediction": "No"},
+    ]
+    read = read_predictions(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [row["prediction"] for row in read] == ["Yes\u2028indeed", "No"] and read[0]["question"] == "Is it\u2029red?"
+
+
+def test_a_key_passed_as_the_key_variable_is_refused_unprinted():
+    from vlsi.eval.score import judge_from_options
+
+    for key in ["sk-proj-abc123DEF456ghi789", "AIzaSyD4f8kE2Lq9Xw7Pz3Nm5Rt1Vb6Hc0Jk"]:
+        with pytest.raises(ScoreError, match="looks like a key itself") as error:
+            judge_from_options("http://127.0.0.1:9/v1", "judge", key)
+        assert key not in str(error.value) and key[:6] not in str(error.value)
+    with pytest.raises(ScoreError, match=r"names \$MY_JUDGE_KEY, which is not set"):
+        judge_from_options("http://127.0.0.1:9/v1", "judge", "MY_JUDGE_KEY")  # a variable's name is named
+
+
 def test_read_predictions_normalizes_column_names(tmp_path):
     rows = read_predictions(write_jsonl(tmp_path / "p.jsonl", [{"Question": "q", "A": 1, "Prediction": None}]))
     assert rows == [{"question": "q", "A": "1", "prediction": ""}]

@@ -202,9 +202,9 @@ def cmd_data_check(student: str | None, json_output: bool, **options) -> None:
 def cmd_eval(judge_url: str | None, judge_model: str | None, judge_key_env: str | None, **options) -> None:
     """`vlsi eval`: print the scores JSON; `options`: those of `vlsi.eval.evaluate` but `judge`."""
     from .eval.harness import evaluate
-    from .eval.judge import make_judge
+    from .eval.score import judge_from_options
 
-    scores = evaluate(**options, judge=make_judge(judge_url, judge_model, judge_key_env))
+    scores = evaluate(**options, judge=judge_from_options(judge_url, judge_model, judge_key_env))
     print(json.dumps(scores, indent=2, ensure_ascii=False))
 
 
@@ -217,10 +217,9 @@ def cmd_score(
     judge_key_env: str | None,
 ) -> None:
     """`vlsi score`: print the metrics JSON."""
-    from .eval.judge import make_judge
-    from .eval.score import score_file
+    from .eval.score import judge_from_options, score_file
 
-    judge = make_judge(judge_url, judge_model, judge_key_env)
+    judge = judge_from_options(judge_url, judge_model, judge_key_env)
     print(json.dumps(score_file(benchmark, predictions, judge, rules), indent=2, ensure_ascii=False))
 
 
@@ -438,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens",
         type=_positive,
-        help="answer length limit (default 1024 for mm_vet, mm_vet_v2, llava_wilder, mathvista; 128 otherwise)",
+        help="answer length limit in tokens (default: VLMEvalKit's for the model's family, 2048 for Qwen2-VL); "
+        'answers cut at it are marked "cut": true in predictions.jsonl and counted in scores.json',
     )
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument(
@@ -446,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bf16", "fp16", "fp32"],  # vlsi.eval.harness.DTYPES, which needs torch
         default="auto",
         help="weights' dtype (default: bf16 on a GPU that supports it, else fp32)",
+    )
+    p.add_argument(
+        "--generation-config",
+        choices=["vlmevalkit", "model"],  # vlsi.eval.harness.GENERATION_SOURCES, which needs torch
+        default="vlmevalkit",
+        help="decoding options: vlmevalkit (default) greedy with those VLMEvalKit's wrapper for the model's family "
+        "passes, the model's generation_config.json not applied; model: greedy with the options of the model's "
+        "generation_config.json (repetition_penalty, no_repeat_ngram_size, ...). eval.json records them",
     )
     _scoring(p)
 
@@ -464,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         required=True,
         help=f"benchmark name, case-insensitive ({', '.join(sorted(SCORERS))}; VLMEvalKit's dataset names such as "
-        "MMBench_DEV_EN, MathVista_MINI, CV-Bench-2D; aliases such as mmbench, mmvet)",
+        "MMBench_DEV_EN, MathVista_MINI, CV-Bench-2D; aliases such as mmbench, mmvet), or custom for the "
+        "predictions.jsonl of a `vlsi eval --benchmark custom` run",
     )
     p.add_argument(
         "--predictions",

@@ -10,18 +10,16 @@ evaluate("OUT/model", "mmbench_en", "MMBench_DEV_EN.tsv", "eval/mmbench")["score
 
 from .benchmarks import JUDGED, SCORERS, resolve_benchmark
 from .common import RULES
+from .custom import custom_hit, question_type, score_custom
 from .io import ScoreError, read_predictions
 from .judge import Judge, JudgeError
 from .score import score_file
 
 # Generation needs torch and transformers: imported on first use, so that `vlsi score` stays light.
 _GENERATION = {
+    "Answer": "generate",
     "EvalError": "generate",
-    "benchmark_prompt": "generate",
-    "custom_hit": "generate",
     "generate_answers": "generate",
-    "question_type": "generate",
-    "score_custom": "generate",
     "evaluate": "harness",
 }
 
@@ -38,11 +36,11 @@ __all__ = [
     "JUDGED",
     "RULES",
     "SCORERS",
+    "Answer",
     "EvalError",
     "Judge",
     "JudgeError",
     "ScoreError",
-    "benchmark_prompt",
     "custom_hit",
     "evaluate",
     "generate_answers",

@@ -1,11 +1,9 @@
 """What `vlsi eval` feeds the model and how it reads the answers back.
 
-Benchmark rows (VLMEvalKit's TSV layout) -> the benchmark's standard prompt and images -> batched greedy
-answers. The `custom` benchmark takes held-out records in the training format instead: the prompt is the
-conversation up to its last assistant turn, that turn is the reference, and answers are matched by question type.
-
-Prompts follow the wording VLMEvalKit's LLaVA / InternVL prompt builders use for each family of benchmark
-(vlmeval/vlm/llava/llava.py, vlmeval/api/adapters/internvl2.py at commit e8e78f0); docs/EVALUATION.md lists them.
+Benchmark rows (VLMEvalKit's TSV layout, typed as pandas types them) -> the message VLMEvalKit builds for the row
+(eval/prompts.py) and the images it resolves -> batched greedy answers, each marked when it hit the length limit.
+The `custom` benchmark takes held-out records in the training format instead: the prompt is the conversation up to
+its last assistant turn, that turn is the reference, and answers are matched by question type (eval/custom.py).
 """
 
 from __future__ import annotations
@@ -14,9 +12,6 @@ import ast
 import base64
 import binascii
 import json
-import math
-import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,62 +19,19 @@ import torch
 
 from ..data.images import UnusableImage, describe, image_header, load_image
 from .benchmarks import JUDGED, REQUIRED, SCORERS
-from .common import RULES, percent
-from .extract import (
-    infer_option,
-    is_missing,
-    normalize_punctuation,
-    number_values,
-    numbers_in,
-    options_from_row,
-    stated_answer,
-    yes_no,
-)
+from .cells import PANDAS_NA, read_like_pandas
+from .common import RULES
+from .extract import is_missing
 from .io import ScoreError, read_rows  # importing .io also lifts csv's cell size limit for base64 images
+from .prompts import DATASET, KIND, PromptError, build_message, builder_used
 
 
 class EvalError(ValueError):
     """Bad input for `vlsi eval`; the message is one line naming the file, the row and the fix."""
 
 
-MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
-MCQ_SUFFIX_CN = "请直接回答选项字母。"
-YES_NO_SUFFIX = "Please answer yes or no."
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
-
-# Benchmark -> prompt family. "as_is": the question cell already is the whole prompt (MathVista's TSV holds the
-# hint and choices in it) or the benchmark wants a free answer for a judge to grade.
-PROMPT_FAMILY = {
-    **dict.fromkeys(
-        (
-            "ai2d",
-            "blink",
-            "cv_bench",
-            "cv_bench_2d",
-            "cv_bench_3d",
-            "mmbench_cn",
-            "mmbench_en",
-            "mmmu",
-            "mmstar",
-            "q_bench",
-            "seed_2_plus",
-        ),
-        "mcq",
-    ),
-    **dict.fromkeys(("hallusionbench", "mme", "pope"), "yes_no"),
-    "chartqa": "short",
-    **dict.fromkeys(("llava_wilder", "mathvista", "mm_vet", "mm_vet_v2"), "as_is"),
-}
-
-# Long free-form answers for judge-graded benchmarks and MathVista's worked solutions; short answers elsewhere.
-LONG_ANSWER_TOKENS, SHORT_ANSWER_TOKENS = 1024, 128
 # VLMEvalKit TSVs store an image once; other rows' `image` cell holds that row's index (at most 64 characters).
 IMAGE_REFERENCE_MAX_LEN = 64
-_CJK = re.compile("[\u4e00-\u9fff]")
-
-
-def default_max_new_tokens(benchmark: str) -> int:
-    return LONG_ANSWER_TOKENS if benchmark in JUDGED or benchmark == "mathvista" else SHORT_ANSWER_TOKENS
 
 
 @dataclass
@@ -93,32 +45,19 @@ class Item:
     row: dict
 
 
+class Answer(str):
+    """A generated answer (the text) that knows whether it was `cut`: it reached the token limit before any end
+    token, so the text stops where the limit fell."""
+
+    cut: bool
+
+    def __new__(cls, text: str, cut: bool = False):
+        answer = super().__new__(cls, text)
+        answer.cut = cut
+        return answer
+
+
 # ---------------------------------------------------------------- named benchmarks
-
-
-def benchmark_prompt(benchmark: str, row: dict) -> str:
-    """The text VLMEvalKit asks for the row (images go before it).
-
-    mcq: "hint\\nquestion\\nA. ...\\nB. ...\\nAnswer with the option's letter from the given choices directly."
-    (Chinese suffix when the prompt has Chinese characters; an MMMU question without options asks for a word
-    or phrase); yes_no: question + " Please answer yes or no." unless the question already asks for yes or no
-    (MME's do); short: question + "\\nAnswer the question using a single word or phrase."; as_is: the question.
-    """
-    question = str(row["question"]).strip()
-    family = PROMPT_FAMILY[benchmark]
-    if family == "mcq":
-        hint = row.get("hint")
-        prompt = question if is_missing(hint) else f"{str(hint).strip()}\n{question}"
-        options = options_from_row(row)
-        if not options:
-            return f"{prompt}\n{SHORT_SUFFIX}"
-        prompt += "".join(f"\n{letter}. {text}" for letter, text in options.items())
-        return f"{prompt}\n{MCQ_SUFFIX_CN if _CJK.search(prompt) else MCQ_SUFFIX}"
-    if family == "yes_no":
-        return question if "yes or no" in question.lower() else f"{question} {YES_NO_SUFFIX}"
-    if family == "short":
-        return f"{question}\n{SHORT_SUFFIX}"
-    return question
 
 
 def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
@@ -160,24 +99,64 @@ def read_benchmark(path: str | Path, benchmark: str) -> list[dict]:
     return rows
 
 
-def benchmark_item(benchmark: str, row: dict, rows_by_index: dict[str, dict], image_root: Path, path: Path) -> Item:
-    """The row as an Item: its images (decoded from base64 and checked, or files under `image_root`) first,
-    then the prompt, as VLMEvalKit places them; `row` without the bulky image column."""
-    where = f"{path}: row with index {row['index']}"
-    images = _image_sources(row, rows_by_index, image_root, where)
-    if not images:
-        raise EvalError(f"{where}: no image; fill its 'image' (base64) or 'image_path' cell")
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": benchmark_prompt(benchmark, row)}]
-    output_row = {key: value for key, value in row.items() if key != "image"}
-    return Item(row["index"], [{"role": "user", "content": content}], images, output_row)
+def benchmark_items(
+    benchmark: str, rows: list[dict], root: Path, path: Path, builder: str = DATASET, skip: frozenset = frozenset()
+) -> list[Item]:
+    """The rows (but those whose index is in `skip`) as Items: VLMEvalKit's message for each (eval/prompts.py), built
+    from the rows typed as pandas types the whole file, with the images VLMEvalKit resolves (decoded from base64 and
+    checked, or files under `root`); `row` is the row as written, without the bulky image column."""
+    typed = read_like_pandas(rows)
+    images = _image_cells(rows, path)
+    items = []
+    for row, typed_row in zip(rows, typed, strict=True):
+        if row["index"] in skip:
+            continue
+        where = f"{path}: row with index {row['index']}"
+        sources = _image_sources(row, images, root, where)
+        if not sources:
+            raise EvalError(f"{where}: no image; fill its 'image' (base64) or 'image_path' cell")
+        own_prompt = KIND[benchmark] == "cv_bench" and builder_used(benchmark, builder) == DATASET
+        if own_prompt and is_missing(row.get("prompt")):
+            raise EvalError(
+                f"{where}: no 'prompt' cell; VLMEvalKit's CV-Bench TSVs hold the whole prompt (question and choices) "
+                "there, and its builder sends it as it is"
+            )
+        try:
+            content, ordered = build_message(benchmark, typed_row, sources, builder)
+        except PromptError as e:
+            raise EvalError(f"{where}: {e}") from None
+        output_row = {key: value for key, value in row.items() if key != "image"}
+        items.append(Item(row["index"], [{"role": "user", "content": content}], ordered, output_row))
+    return items
+
+
+def _image_cells(rows: list[dict], path: Path) -> dict[str, str]:
+    """{index: image cell} with references resolved as VLMEvalKit's ImageBaseDataset does: a cell of 1-64 characters
+    is the index of the row whose cell (base64, or a list of them) stands for it; a missing cell is ""."""
+    cells = {}
+    for row in rows:
+        cell = row.get("image", "")
+        cells[row["index"]] = "" if isinstance(cell, str) and cell in PANDAS_NA else cell
+    resolved = {}
+    for index, cell in cells.items():
+        if isinstance(cell, str) and 0 < len(cell) <= IMAGE_REFERENCE_MAX_LEN:
+            target = cells.get(cell, "")
+            if isinstance(target, str) and len(target) <= IMAGE_REFERENCE_MAX_LEN:
+                raise EvalError(
+                    f"{path}: row with index {index}: image cell {cell!r} is neither base64 data nor the index of "
+                    "a row holding an image"
+                )
+            cell = target
+        resolved[index] = cell
+    return resolved
 
 
 def _cell_list(value) -> list[str]:
-    """A cell holding one value or several: a JSON list, or its text "['a', 'b']" as VLMEvalKit writes it."""
+    """VLMEvalKit's `toliststr`: a JSON list, or a cell "['a', 'b']" read as the Python list it spells."""
     if isinstance(value, list):
         return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("[") and text.endswith("]"):
+    text = str(value)
+    if len(text) > 1 and text[0] == "[" and text[-1] == "]":
         try:
             return [str(v) for v in ast.literal_eval(text)]
         except (ValueError, SyntaxError):
@@ -185,19 +164,9 @@ def _cell_list(value) -> list[str]:
     return [text]
 
 
-def _image_sources(row: dict, rows_by_index: dict[str, dict], root: Path, where: str) -> list[bytes | Path]:
-    if not is_missing(row.get("image")):
-        sources = []
-        for cell in _cell_list(row["image"]):
-            if len(cell) <= IMAGE_REFERENCE_MAX_LEN:
-                referenced = rows_by_index.get(cell, {}).get("image", "")
-                if len(str(referenced)) <= IMAGE_REFERENCE_MAX_LEN:
-                    raise EvalError(
-                        f"{where}: image cell {cell!r} is neither base64 data nor the index of a row holding an image"
-                    )
-                cell = str(referenced)
-            sources.append(_decode_base64(cell, where))
-        return sources
+def _image_sources(row: dict, images: dict[str, str], root: Path, where: str) -> list[bytes | Path]:
+    if images.get(row["index"]):
+        return [_decode_base64(cell, where) for cell in _cell_list(images[row["index"]])]
     if is_missing(row.get("image_path")):
         return []
     paths = [Path(p) if Path(p).is_absolute() else root / p for p in _cell_list(row["image_path"])]
@@ -231,8 +200,11 @@ def _check_image(source: bytes | Path, where: str) -> None:
 
 
 @torch.inference_mode()
-def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -> list[str]:
-    """Greedy answers for a batch of items, special tokens dropped and whitespace stripped."""
+def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -> list[Answer]:
+    """Greedy answers for a batch of items under the model's `generation_config` (do_sample off), special tokens
+    dropped, spaces left as decoded (no clean-up, as VLMEvalKit decodes) and the ends stripped. Each answer is a str
+    whose `cut` says it reached `max_new_tokens` without an end token (`generation_config.eos_token_id`, else the
+    tokenizer's)."""
     texts = [processor.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True) for item in items]
     images = [[load_image(source) for source in item.images] for item in items]  # one list per text
     # Left padding puts every prompt's last token in the last column, so generation continues each prompt
@@ -249,14 +221,19 @@ def generate_answers(model, processor, items: list[Item], max_new_tokens: int) -
         )
     finally:
         processor.tokenizer.padding_side = side
-    return greedy(model, processor, inputs.to(model.device), max_new_tokens)
+    new_tokens = new_greedy_tokens(model, processor, inputs.to(model.device), max_new_tokens)
+    ends = model.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [processor.tokenizer.eos_token_id if ends is None else ends])
+    full = new_tokens.shape[1] == max_new_tokens  # every row of a narrower batch stopped before the limit
+    decoded = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return [
+        Answer(text.strip(), full and not ends & set(row.tolist()))
+        for text, row in zip(decoded, new_tokens, strict=True)
+    ]
 
 
-@torch.inference_mode()
-def greedy(model, processor, inputs: dict, max_new_tokens: int, **generate_kwargs) -> list[str]:
-    """Greedy continuations of left-padded `inputs` (the processor's tensors), special tokens dropped and whitespace
-    stripped. Left padding puts every prompt's last token in the last column, so the new tokens of every row start
-    at the same column."""
+def new_greedy_tokens(model, processor, inputs: dict, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
+    """[B, new] token ids generated greedily after left-padded `inputs` (a row that ends early is padded)."""
     generated = model.generate(
         **inputs,
         do_sample=False,
@@ -264,16 +241,37 @@ def greedy(model, processor, inputs: dict, max_new_tokens: int, **generate_kwarg
         pad_token_id=processor.tokenizer.pad_token_id,
         **generate_kwargs,
     )
-    new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # [B, new]
+    return generated[:, inputs["input_ids"].shape[1] :]
+
+
+@torch.inference_mode()
+def greedy(model, processor, inputs: dict, max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """Greedy continuations of left-padded `inputs` (the processor's tensors), special tokens dropped and whitespace
+    stripped. Left padding puts every prompt's last token in the last column, so the new tokens of every row start
+    at the same column."""
+    new_tokens = new_greedy_tokens(model, processor, inputs, max_new_tokens, **generate_kwargs)
     return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+# JSON lets these stand inside a string, but str.splitlines (runfolder.read_jsonl, many tools) ends a line at them.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(row: dict) -> str:
+    """One JSONL line: the text as written (not \\u-escaped), but for the characters other readers split lines at."""
+    text = json.dumps(row, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text + "\n"
 
 
 def append_answers(
     model, processor, items: list[Item], max_new_tokens: int, batch_size: int, path: Path, record, bar, out_of_memory
 ) -> None:
-    """Greedy answers for `items`, `batch_size` at a time: each batch's `record(item, answer)` dicts are appended to
-    the JSONL file `path` and flushed, so a killed run loses at most the batch being generated and resumes with the
-    rest. A batch that does not fit on the device raises `out_of_memory(saved)`, saved = items of `items` written."""
+    """Greedy answers for `items`, `batch_size` at a time: each batch's `record(item, answer)` dicts (answer: an
+    `Answer`) are appended to the JSONL file `path` and flushed, so a killed run loses at most the batch being
+    generated and resumes with the rest. A batch that does not fit on the device raises `out_of_memory(saved)`,
+    saved = items of `items` written."""
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     with path.open("a", encoding="utf-8") as f:
@@ -284,7 +282,7 @@ def append_answers(
             except torch.cuda.OutOfMemoryError:
                 raise out_of_memory(start) from None
             for item, answer in zip(batch, answers, strict=True):
-                f.write(json.dumps(record(item, answer), ensure_ascii=False) + "\n")
+                f.write(json_line(record(item, answer)))
             f.flush()
             bar.update(len(batch))
 
@@ -292,10 +290,18 @@ def append_answers(
 # ---------------------------------------------------------------- the custom benchmark
 
 
-def custom_item(sample) -> Item:
+def custom_item(sample, path: Path) -> Item:
     """A training-format Sample as an Item: the conversation up to its last assistant turn, whose text is the
-    reference `answer`; `question` is the last user turn's text, `question_type` comes from the reference."""
+    reference `answer`; `question` is the last user turn's text, `question_type` comes from the reference. A user
+    turn after the last assistant turn has no reference to score against: EvalError."""
+    from .custom import question_type
+
     last = max(k for k, message in enumerate(sample.messages) if message["role"] == "assistant")
+    if any(message["role"] == "user" for message in sample.messages[last + 1 :]):
+        raise EvalError(
+            f"{path}: record {sample.id} ends with a user turn after its last assistant turn; the reference answer is "
+            "the last assistant turn, so drop the trailing user turn or add the answer it asks for"
+        )
     prompt = sample.messages[:last]
     n_images = sum(item["type"] == "image" for message in prompt for item in message["content"])
     reference = _text(sample.messages[last]).strip()
@@ -306,88 +312,3 @@ def custom_item(sample) -> Item:
 
 def _text(message: dict) -> str:
     return "".join(item.get("text", "") for item in message["content"])
-
-
-_LETTER = re.compile(r"^\(?([A-E])\)?[.:]?$")
-_OPTION_LINE = re.compile(r"^\(?([A-Z])[.):]\s+(.+?)\s*$", re.MULTILINE)
-NUMBER_WORDS = {
-    word: float(value)
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty".split()
-    )
-}
-RELATIVE_TOLERANCE = 1e-4
-_ARTICLES = {"a", "an", "the"}
-
-
-def question_type(reference: str) -> str:
-    """ "multiple_choice" (a letter A-E: "B", "(B)", "B."), "yes_no", "number" ("7", "3.5", "1,200", "12%") or
-    "open" (anything else), read from the reference answer."""
-    reference = reference.strip()
-    if _LETTER.match(reference):
-        return "multiple_choice"
-    if reference.rstrip(".!").lower() in ("yes", "no"):
-        return "yes_no"
-    if number_values(reference):
-        return "number"
-    return "open"
-
-
-def custom_hit(reference: str, prediction: str, question: str = "") -> bool:
-    """Whether `prediction` gives the reference answer; docs/EVALUATION.md has the examples.
-
-    multiple_choice: the option letter VLMEvalKit's rule reads ("B", "(B)", "The answer is B.", the option's
-    text when the question lists "B. cat"); yes_no: the prediction's words hold exactly one of yes / no;
-    number: the whole prediction is a number (or a number word zero-twenty), else the number of its stated
-    answer ("the answer is 7"), else its last number, equal within 1e-4 relative (12% may mean 12 or 0.12);
-    open: equal after lower-casing and dropping punctuation, articles and extra spaces.
-    """
-    kind = question_type(reference)
-    if kind == "multiple_choice":
-        truth = _LETTER.match(reference.strip()).group(1)
-        # Option texts when the question lists them ("B. cat"), so that "cat" reads as B; else bare letters.
-        options = dict(_OPTION_LINE.findall(question))
-        if truth not in options:
-            options = dict.fromkeys("ABCDE", "")
-        return infer_option(prediction, options) == truth
-    if kind == "yes_no":
-        return yes_no(prediction) == reference.strip().rstrip(".!").capitalize()
-    if kind == "number":
-        truths = number_values(reference)
-        return any(math.isclose(p, t, rel_tol=RELATIVE_TOLERANCE) for p in _read_number(prediction) for t in truths)
-    return _normalize(prediction) == _normalize(reference)
-
-
-def _read_number(prediction: str) -> list[float]:
-    text = prediction.strip()
-    whole = number_values(text)
-    if whole:
-        return whole
-    word = normalize_punctuation(text.lower()).strip()
-    if word in NUMBER_WORDS:
-        return [NUMBER_WORDS[word]]
-    stated = stated_answer(text)
-    candidates = (numbers_in(stated)[:1] if stated else []) or numbers_in(text)[-1:]
-    return [float(candidates[0].replace(",", ""))] if candidates else []
-
-
-def _normalize(text: str) -> str:
-    words = normalize_punctuation(text.lower().strip()).split()
-    return " ".join(word for word in words if word not in _ARTICLES)
-
-
-def score_custom(rows: list[dict]) -> dict:
-    """Accuracy (%) over the rows and per question type, with the number of rows in each."""
-    hits = [custom_hit(str(row["answer"]), str(row["prediction"]), str(row.get("question", ""))) for row in rows]
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for row, hit in zip(rows, hits, strict=True):
-        by_type[question_type(str(row["answer"]))].append(hit)
-    return {
-        "benchmark": "custom",
-        "score": percent(hits),
-        "num_questions": len(rows),
-        "question_types": {
-            kind: {"accuracy": percent(by_type[kind]), "num_questions": len(by_type[kind])} for kind in sorted(by_type)
-        },
-    }

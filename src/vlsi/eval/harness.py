@@ -4,49 +4,67 @@
     vlsi eval --model OUT/model --benchmark custom --data heldout.json --image-root imgs --output eval/heldout
     vlsi eval --model OUT/model --benchmark ChartQA_TEST --data ChartQA_TEST.tsv --output eval/chartqa --rules lenient
 
-Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction`; one line per row as
-batches finish), OUTPUT/scores.json and OUTPUT/eval.json (the settings). Rerunning with the same settings
-resumes: rows already in predictions.jsonl are skipped, and a finished run is only rescored (also under other
---rules, which change only the scoring).
+Writes OUTPUT/predictions.jsonl (the input rows, without base64 images, plus `prediction` and `cut`; one line per
+row as batches finish), OUTPUT/scores.json and OUTPUT/eval.json (what the predictions were made from: data and
+model fingerprints, dtype, batch size, decoding options, prompt builder). Rerunning onto the same inputs resumes:
+rows already in predictions.jsonl are skipped, and a finished run is only rescored (also under other --rules, which
+change only the scoring); other inputs are refused (RESUME_KEYS).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig, GenerationConfig
 
+from vlsi.card import add_eval_result
 from vlsi.data import read_dataset
-from vlsi.models.loading import load_model, load_processor
+from vlsi.models.loading import ModelError, load_model, load_processor
+from vlsi.runfolder import (
+    check_settings,
+    file_fingerprint,
+    lock,
+    model_fingerprint,
+    samples_fingerprint,
+    write_json,
+    write_text,
+)
 
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, resolve_benchmark
 from .common import RULES, VLMEVALKIT
-from .generate import (
-    EvalError,
-    Item,
-    append_answers,
-    benchmark_item,
-    custom_item,
-    default_max_new_tokens,
-    read_benchmark,
-    score_custom,
-)
+from .custom import CUSTOM, score_custom
+from .generate import EvalError, Item, append_answers, benchmark_items, custom_item, read_benchmark
 from .io import read_predictions
 from .judge import JudgeFn
+from .prompts import builder_used, prompt_builder, wrapper
 from .score import score_file
 
 logger = logging.getLogger(__name__)
 
-CUSTOM = "custom"
 PREDICTIONS, SCORES, SETTINGS = "predictions.jsonl", "scores.json", "eval.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Settings that change the predictions: resuming under different ones would mix two runs in one file.
-RESUME_KEYS = ("model", "benchmark", "data", "image_root", "max_new_tokens")
+GENERATION_SOURCES = ("vlmevalkit", "model")
+# What the predictions depend on, as the refusal names it: resuming onto a file written under anything else would
+# mix two runs. Paths are not here (a moved file with the same content resumes); the image root is, since images
+# are read from it by path.
+RESUME_KEYS = {
+    "benchmark": "--benchmark",
+    "data_fingerprint": "the contents of --data",
+    "image_root": "--image-root",
+    "model_fingerprint": "the model (its config or weight files)",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+    "max_new_tokens": "--max-new-tokens",
+    "generation_config": "--generation-config",
+    "generation": "the decoding options",
+    "prompt_builder": "the prompt builder",
+}
 
 
 def evaluate(
@@ -61,66 +79,104 @@ def evaluate(
     dtype: str = "auto",
     judge: JudgeFn | None = None,
     rules: str = VLMEVALKIT,
+    generation_config: str = "vlmevalkit",
 ) -> dict:
     """Generate the missing predictions into `output`, score the whole file under `rules` and return the scores.
 
+    Decoding is greedy with the options VLMEvalKit's wrapper for the model's family passes (`generation_config`
+    "vlmevalkit"; the model's generation_config.json is then not applied) or with the model's own options ("model").
     Raises EvalError (or ScoreError, DataError, ModelError) with a one-line message on bad input.
     """
     if rules not in RULES:
         raise EvalError(f"unknown rules {rules!r}; use {' or '.join(RULES)}")
+    if generation_config not in GENERATION_SOURCES:
+        raise EvalError(f"--generation-config {generation_config!r}: use {' or '.join(GENERATION_SOURCES)}")
     name = CUSTOM if benchmark.strip().lower() == CUSTOM else resolve_benchmark(benchmark)
     data = Path(data)
     root = Path(image_root) if image_root is not None else data.parent
     out = Path(output)
     device, dtype = _device_and_dtype(device, dtype)
-    settings = {
-        "model": _model_id(model),
-        "benchmark": name,
-        "data": str(data.resolve()),
-        "image_root": str(root.resolve()),
-        "max_new_tokens": max_new_tokens or default_max_new_tokens(name),
-    }
 
     # Read and check everything (data, images, earlier output) before writing anything or loading the model.
     if name == CUSTOM:
-        items = [custom_item(sample) for sample in read_dataset(data, root)[0]]
+        samples = read_dataset(data, root)[0]
+        items = [custom_item(sample, data) for sample in samples]
         indices = [item.index for item in items]
+        data_fingerprint = samples_fingerprint(samples)
     else:
         rows = read_benchmark(data, name)
         indices = [row["index"] for row in rows]
-    if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
-        _check_settings(out / SETTINGS, settings)
-    finished = _finished_lines(out / PREDICTIONS, set(indices))
-    if name == CUSTOM:
-        pending = [item for item in items if item.index not in finished]
-    else:  # images are decoded (and checked) only for the rows still to answer
-        by_index = dict(zip(indices, rows))
-        pending = [benchmark_item(name, row, by_index, root, data) for row in rows if row["index"] not in finished]
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-    _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
-    if finished:
-        logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
-    if pending:
-        _generate(pending, len(indices), len(finished), out / PREDICTIONS, settings, batch_size, device, dtype)
-    scores = _score(name, out / PREDICTIONS, judge, rules)
-    (out / SCORES).write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+        data_fingerprint = file_fingerprint(data)
+    model_type = _model_type(model)
+    vlmevalkit_wrapper, wrapper_tokens, _ = wrapper(model_type)
+    limit = max_new_tokens or wrapper_tokens
+    generation = decoding_config(model, model_type, limit, generation_config)
+    settings = {
+        "model": _model_id(model),
+        "model_fingerprint": model_fingerprint(_model_id(model)),
+        "model_type": model_type,
+        "benchmark": name,
+        "data": str(data.resolve()),
+        "data_fingerprint": data_fingerprint,
+        "image_root": str(root.resolve()),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "max_new_tokens": limit,
+        "vlmevalkit_wrapper": vlmevalkit_wrapper,
+        "generation_config": generation_config,
+        # Every option that differs from transformers' defaults; the rest are those defaults.
+        "generation": {k: v for k, v in generation.to_diff_dict().items() if k != "transformers_version"},
+        "prompt_builder": "conversation" if name == CUSTOM else builder_used(name, prompt_builder(model_type)),
+    }
+    with lock(out):  # one run per output folder (a second stops naming this one)
+        if (out / PREDICTIONS).is_file():  # settings only bind once there are predictions to keep consistent
+            _check_settings(out / SETTINGS, settings)
+        finished = _finished_lines(out / PREDICTIONS, set(indices))
+        if name == CUSTOM:
+            pending = [item for item in items if item.index not in finished]
+        else:  # images are decoded (and checked) only for the rows still to answer
+            pending = benchmark_items(name, rows, root, data, prompt_builder(model_type), skip=frozenset(finished))
+        _rewrite_if_truncated(out / PREDICTIONS, list(finished.values()))
+        if finished:
+            logger.info("resuming: %d of %d rows already in %s", len(finished), len(indices), out / PREDICTIONS)
+        if pending:
+            _generate(pending, len(indices), len(finished), out, settings, generation, device)
+        scores = _score(name, out / PREDICTIONS, judge, rules)
+        scores["cut"] = sum(bool(json.loads(line).get("cut")) for line in _lines(out / PREDICTIONS) if line.strip())
+        write_json(out / SCORES, scores, indent=2)
+    if scores.get("score") is not None and Path(settings["model"]).is_dir():
+        # A model vlsi exported carries a card (README.md, outside its fingerprint): the score joins its model-index.
+        add_eval_result(settings["model"], name, scores["score"])
     return scores
 
 
+def decoding_config(model: str, model_type: str, max_new_tokens: int, source: str) -> GenerationConfig:
+    """Greedy decoding limited to `max_new_tokens`, with the model's stop, padding and start tokens, and either the
+    options VLMEvalKit's wrapper for the family passes ("vlmevalkit": the model's generation_config.json options are
+    not applied) or the model's own ("model"; its sampling options are dropped, decoding stays greedy)."""
+    try:
+        own = GenerationConfig.from_pretrained(model)
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        own = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model))
+    tokens = {key: getattr(own, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if source == "model":
+        config = copy.deepcopy(own)
+        config.update(do_sample=False, max_new_tokens=max_new_tokens, temperature=None, top_p=None, top_k=None)
+        return config
+    _, _, options = wrapper(model_type)
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, **options, **tokens)
+
+
 def _generate(
-    pending: list[Item],
-    total: int,
-    finished: int,
-    path: Path,
-    settings: dict,
-    batch_size: int,
-    device: str,
-    dtype: str,
+    pending: list[Item], total: int, finished: int, out: Path, settings: dict, generation, device: str
 ) -> None:
     processor = load_processor(settings["model"])
-    model = load_model(settings["model"], DTYPES[dtype]).to(device).eval()
+    model = load_model(settings["model"], DTYPES[settings["dtype"]]).to(device).eval()
+    # generate() fills every option its call leaves unset from model.generation_config: replacing it is what keeps
+    # the options of the model's generation_config.json out (--generation-config vlmevalkit).
+    model.generation_config = generation
+    write_json(out / SETTINGS, settings, indent=2)  # only for a model that loaded: the settings of a run that answers
+    batch_size = settings["batch_size"]
     bar = tqdm(total=total, initial=finished, desc=settings["benchmark"], unit="row", mininterval=1.0)
     with bar:
         append_answers(
@@ -129,12 +185,13 @@ def _generate(
             pending,
             settings["max_new_tokens"],
             batch_size,
-            path,
-            lambda item, answer: {**item.row, "prediction": answer},
+            out / PREDICTIONS,
+            lambda item, answer: {**item.row, "prediction": answer, "cut": answer.cut},
             bar,
             lambda saved: EvalError(
-                f"out of memory on {device} at --batch-size {batch_size}; lower it and rerun to resume "
-                f"({finished + saved} rows are saved)"
+                f"out of memory on {device} at --batch-size {batch_size}; rerun with a new --output and a lower "
+                f"--batch-size (batch size can change greedy answers, so this run resumes only at {batch_size}; "
+                f"{finished + saved} rows are saved)"
             ),
         )
 
@@ -168,23 +225,35 @@ def _score(name: str, predictions: Path, judge: JudgeFn | None, rules: str) -> d
     return score_file(name, predictions, judge if name in JUDGED | JUDGE_OPTIONAL else None, rules)
 
 
+def _model_type(model: str) -> str:
+    """The model's `model_type` (its config.json), which picks VLMEvalKit's prompt builder and wrapper."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a vision-language model from '{model}': {str(e).splitlines()[0]}") from None
+
+
 def _model_id(model: str) -> str:
     """A local model directory as an absolute path (so a rerun from elsewhere resumes); a hub id unchanged."""
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _check_settings(path: Path, settings: dict) -> None:
-    """Resuming is only allowed under the settings that wrote the predictions (RESUME_KEYS)."""
+    """Resuming is only allowed onto predictions written from the same inputs (RESUME_KEYS): one line naming what
+    changed, and the fix."""
+    fix = f"rerun with the same inputs to resume it, or pass another --output, or delete {path.parent} to start over"
     if not path.is_file():
-        return
-    previous = json.loads(path.read_text())
-    changed = [key for key in RESUME_KEYS if previous.get(key) != settings[key]]
-    if changed:
-        key = changed[0]
-        raise EvalError(
-            f"{path.parent} holds a run with {key} = {previous.get(key)!r}, not {settings[key]!r}; rerun with "
-            "the same settings to resume it, or pass another --output"
-        )
+        raise EvalError(f"{path.parent} holds {PREDICTIONS} but no {SETTINGS}, so what wrote it is unknown; {fix}")
+    check_settings(path, settings, RESUME_KEYS, holds=f"{PREDICTIONS}", fix=fix)
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines, each with its "\\n" (the last may lack it). Split on "\\n" alone: str.splitlines also
+    splits on U+2028, U+0085, ... which a JSON writer leaves unescaped inside strings."""
+    pieces = path.read_text(encoding="utf-8").split("\n")
+    return [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
 def _finished_lines(path: Path, indices: set[str]) -> dict[str, str]:
@@ -192,7 +261,7 @@ def _finished_lines(path: Path, indices: set[str]) -> dict[str, str]:
     out (and its row generated again). Any other unreadable line, or a row not in the data, is an error."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = _lines(path)
     done: dict[str, str] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -219,6 +288,4 @@ def _rewrite_if_truncated(path: Path, kept: list[str]) -> None:
     """Replace predictions.jsonl by its `kept` lines when it holds anything else (a partial last line)."""
     if not path.is_file() or path.read_text(encoding="utf-8") == "".join(kept):
         return
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text("".join(kept), encoding="utf-8")
-    partial.replace(path)
+    write_text(path, "".join(kept))

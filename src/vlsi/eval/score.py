@@ -11,12 +11,19 @@ output always carries both, as `score_vlmevalkit` and `score_lenient`.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+from . import custom
 from .benchmarks import JUDGE_OPTIONAL, JUDGED, REQUIRED, SCORERS, resolve_benchmark
 from .common import RULES, VLMEVALKIT
 from .io import ScoreError, read_predictions
-from .judge import DEFAULT_KEY_ENV, JudgeFn, SharedReplies
+from .judge import DEFAULT_KEY_ENV, JudgeFn, SharedReplies, make_judge
+
+# What `vlsi eval` writes beside its predictions.jsonl: the settings, which name the benchmark answered.
+EVAL_SETTINGS = "eval.json"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def score_file(benchmark: str, predictions: str | Path, judge: JudgeFn | None = None, rules: str = VLMEVALKIT) -> dict:
@@ -28,7 +35,10 @@ def score_file(benchmark: str, predictions: str | Path, judge: JudgeFn | None = 
     """
     if rules not in RULES:
         raise ScoreError(f"unknown rules {rules!r}; use {' or '.join(RULES)}")
-    name = resolve_benchmark(benchmark)
+    name = custom.CUSTOM if benchmark.strip().lower() == custom.CUSTOM else resolve_benchmark(benchmark)
+    _check_answered_benchmark(Path(predictions), name)
+    if name == custom.CUSTOM:
+        return custom.score_custom(read_predictions(predictions, custom.REQUIRED, name))
     if name in JUDGED and judge is None:
         raise ScoreError(
             f"{name} is scored by an LLM judge; pass --judge-url and --judge-model "
@@ -50,3 +60,38 @@ def score_file(benchmark: str, predictions: str | Path, judge: JudgeFn | None = 
 def _score(name: str, rows: list[dict], judge: JudgeFn | None, rules: str) -> dict:
     scorer = SCORERS[name]
     return scorer(rows, judge, rules=rules) if name in JUDGED | JUDGE_OPTIONAL else scorer(rows, rules=rules)
+
+
+def _check_answered_benchmark(predictions: Path, name: str) -> None:
+    """A predictions file that `vlsi eval` wrote for another benchmark (its eval.json says which) is refused."""
+    settings = predictions.with_name(EVAL_SETTINGS)
+    if predictions.name != "predictions.jsonl" or not settings.is_file():
+        return
+    try:
+        answered = json.loads(settings.read_text()).get("benchmark")
+    except (json.JSONDecodeError, AttributeError):
+        return
+    if answered is not None and answered != name:
+        raise ScoreError(
+            f"{predictions} holds vlsi eval's answers to {answered} ({settings}), not {name}; "
+            f"pass --benchmark {answered}"
+        )
+
+
+def judge_from_options(url: str | None, model: str | None, key_env: str | None) -> JudgeFn | None:
+    """The judge `--judge-url`, `--judge-model` and `--judge-key-env` name (`judge.make_judge`), after checking that
+    --judge-key-env holds a variable's name: a key passed there by mistake is refused without being printed."""
+    if key_env is not None and (not _ENV_NAME.fullmatch(key_env) or _looks_like_key(key_env)):
+        raise ScoreError(
+            "--judge-key-env takes the name of the environment variable that holds the API key, and what was "
+            "passed looks like a key itself (not shown here); export the key, e.g. export OPENAI_API_KEY=..., and "
+            "pass --judge-key-env OPENAI_API_KEY"
+        )
+    return make_judge(url, model, key_env)
+
+
+def _looks_like_key(name: str) -> bool:
+    """API keys are long mixes of letters and digits (sk-..., AIza...); variable names are words in capitals."""
+    return name.lower().startswith(("sk-", "sk_")) or (
+        len(name) >= 20 and any(c.isdigit() for c in name) and any(c.islower() for c in name)
+    )

@@ -45,6 +45,7 @@ def load_model(
 ) -> nn.Module:
     """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated);
     with `quantization` (a `QUANTIZATIONS` name), its weights quantized as they load."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     try:
@@ -58,6 +59,8 @@ def load_model(
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:  # a weight file cut short or overwritten
+        raise ModelError(f"cannot load the weights of '{path}': {e} (the .safetensors files are damaged)") from None
     except RuntimeError as e:  # the checkpoint's tensors do not fit the model transformers built
         if "Error(s) in loading state_dict" not in str(e):
             raise

@@ -54,7 +54,7 @@ from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
 from .distributed import process_state
-from .eval.generate import Item, append_answers
+from .eval.generate import Answer, Item, append_answers
 from .models.loading import check_fits, compute_dtype, load_model, load_processor
 from .runfolder import (
     check_settings,
@@ -140,7 +140,7 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
             if server:
                 _serve(cfg, pending, folder, index, answers, cut)
             else:
-                answers |= _generate(cfg, processor, pending, folder, index, len(answers))
+                _generate(cfg, processor, pending, folder, index, answers, cut)
     else:
         while len(answers) < len(wanted):  # the main process is answering them (it writes the index first)
             time.sleep(POLL_SECONDS)
@@ -221,20 +221,23 @@ def _serve(cfg: TrainConfig, pending: list[Sample], folder: Path, index: dict, a
 
 
 def _generate(
-    cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, done: int
-) -> dict[str, str]:
-    """{id: answer} of the `pending` prompts, each batch's answers appended to folder/answers.jsonl and flushed."""
+    cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set
+) -> None:
+    """The local teacher's answers to the `pending` prompts, each batch's appended to folder/answers.jsonl and
+    flushed, and added to `answers` (and `cut`: those that reached data.answer_max_tokens before an end token)."""
     _start(folder, index, pending)
-    answers = {}
+    done = len(answers)
     dtype, device = compute_dtype(cfg.precision), process_state().device
     check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
     model = model.to(device).eval()
     size = cfg.data.answer_batch_size
 
-    def record(item: Item, text: str) -> dict:
-        answers[item.index] = text
-        return {"id": item.index, "answer": text}
+    def record(item: Item, text: Answer) -> dict:
+        answers[item.index] = str(text)
+        if text.cut:
+            cut.add(item.index)
+        return {"id": item.index, "answer": str(text)} | ({"cut": True} if text.cut else {})
 
     bar = tqdm(total=index["count"], initial=done, desc="teacher answers", unit="prompt", mininterval=1.0)
     with bar:
@@ -256,4 +259,3 @@ def _generate(
     gc.collect()  # the stages load their models next: the teacher's memory must be free
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return answers

@@ -622,12 +622,16 @@ def _split_placeholders(text: str) -> list[dict]:
     return content
 
 
-def _image_ref(item: object) -> str | None:
-    """The path or URL of an image content item (`image` or `image_url` type), None for anything else."""
+def _image_ref(item: object) -> object | None:
+    """The reference of an image content item (`image` or `image_url` type): a path or URL, or, inline in a dataset
+    row, the image's bytes or a `datasets` image value ({"bytes", "path"}); None for anything else."""
     if not isinstance(item, dict):
         return None
-    if item.get("type") == "image" and isinstance(item.get("image"), str):
-        return item["image"]
+    image = item.get("image")
+    if item.get("type") == "image" and (
+        isinstance(image, str | bytes) or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))
+    ):
+        return image
     url = item.get("image_url")
     url = url.get("url") if isinstance(url, dict) else None
     return url if item.get("type") == "image_url" and isinstance(url, str) else None

@@ -1,4 +1,4 @@
-"""Command lines shared by the tests that run `vlsi train` (test_cli.py, test_resume.py)."""
+"""Command lines shared by the tests that run `vlsi train` (test_cli.py, test_resume.py) or hold a folder's lock."""
 
 from pathlib import Path
 
@@ -14,3 +14,12 @@ def train_argv(teacher, student, data, output, *settings: str) -> list[str]:
         *("--output", str(output), "--config", CONFIG),
         *settings,
     ]
+
+
+# `python -c HOLD_LOCK FOLDER`: a second run holding FOLDER's lock; prints "locked" once it does, then sleeps
+HOLD_LOCK = """import sys, time
+from vlsi import runfolder
+with runfolder.lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""

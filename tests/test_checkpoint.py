@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from vlsi.config import StageConfig
+from vlsi.runfolder import FolderError
 from vlsi.stages import checkpoint
 from vlsi.stages.loop import cosine_schedule
 
@@ -69,6 +71,31 @@ def test_unfinished_save_leaves_the_previous_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000004"], "older and unfinished ones are cleaned up"
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / "rng-0.safetensors").unlink(), "rng-0.safetensors: missing"),
+        (lambda p: _flip_last_byte(p / "trainable.safetensors"), "trainable.safetensors: damaged"),
+        (lambda p: (p / "state.json").write_text((p / "state.json").read_text()[:20]), "state.json: damaged"),
+        (lambda p: (p / "checksums-0.json").unlink(), "has no checksums.json"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, message):
+    """A deleted RNG file, a flipped weight, a truncated state.json, lost checksums: never resumed from."""
+    module, optimizer, scheduler = _setup()
+    path = checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {}, {})
+    damage(path)
+    with pytest.raises(FolderError, match=f"{message}.*; delete {tmp_path} to start the stage over") as refused:
+        checkpoint.load(path, *_setup(seed=3), {})
+    assert "\n" not in str(refused.value)
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a weight's last byte: same size, the header intact
+    path.write_bytes(bytes(data))
+
+
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     module, optimizer, scheduler = _setup()
     checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {}, {})
@@ -103,6 +130,8 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
         assert found["layout"] == {"weights": True, "optimizer": True} and found["progress"] == {"step": 3}
         assert found["max_difference"] == 0.0
         assert found["files"] == [
+            "checksums-0.json",  # each process's files' sha256, checked on resume
+            "checksums-1.json",
             "optimizer-rank0.safetensors",
             "optimizer-rank1.safetensors",
             "rng-0.json",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from commands import CONFIG, train_argv
+from commands import CONFIG, HOLD_LOCK, train_argv
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
@@ -135,6 +135,25 @@ def test_a_finished_run_whose_inputs_changed_is_refused_not_reused(tmp_path, cap
     assert json.loads((out / "inputs.json").read_text()) == inputs, "the record keeps what the stages were made from"
 
 
+def test_a_second_run_on_a_folder_in_use_stops_naming_the_holder(toy, tmp_path, capsys):
+    """A real second process holds OUT (a run in progress): `vlsi train` and `vlsi sft` into it stop in one line."""
+    _, teacher, student, data = toy
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(train_argv(teacher, student, data, out, *SHORT)) == 2
+        err = capsys.readouterr().err
+        assert f"vlsi train: error: {out} is in use by another run (pid {holder.pid} on " in err
+        assert err.count("\n") == 1
+        assert main(["sft", "--model", student, "--data", data, "--output", str(out), "--config", CONFIG]) == 2
+        assert f"in use by another run (pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "config.yaml").exists(), "nothing was written into the folder in use"
+
+
 def test_different_tokenizers_stop_before_loading(toy, tmp_path):
     other = build_tokenizer(corpus="a wholly different corpus of words " * 20, vocab_size=320)
     build_tiny_vlm(tmp_path / "alien", tokenizer=other)
@@ -233,6 +252,15 @@ def test_sft_rerun_reuses_its_model_and_refuses_other_settings_or_inputs(toy, tm
         assert main(sft) == 0
     assert f"model: reusing {out / 'model'}" in caplog.text
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == written, "not trained again"
+    exported = (out / "model" / "model.safetensors").read_bytes()
+    (out / "model" / "model.safetensors").write_bytes(exported[:-100])  # truncated: never reported as finished
+    capsys.readouterr()
+    assert main(sft) == 2
+    assert f"{out / 'model' / 'model.safetensors'}: damaged" in capsys.readouterr().err
+    (out / "model" / "model.safetensors").unlink()
+    assert main(sft) == 2
+    assert f"{out / 'model' / 'model.safetensors'}: missing; delete {out / 'model'}" in capsys.readouterr().err
+    (out / "model" / "model.safetensors").write_bytes(exported)
     capsys.readouterr()
     assert main([*sft, "sft.lr=0.5"]) == 2
     assert "made with other settings (sft.lr: " in capsys.readouterr().err

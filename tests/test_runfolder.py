@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import HOLD_LOCK
 from safetensors.torch import save_file
 
 from vlsi import runfolder
@@ -157,18 +158,14 @@ def test_a_damaged_record_is_one_line_naming_it(tmp_path, text):
 
 
 SRC = str(Path(__file__).parent.parent / "src")
-HOLD = """import sys, time
-from vlsi import runfolder
-with runfolder.lock(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(600)
-"""
 
 
 def _holder(folder) -> subprocess.Popen:
     """A real second run: another python process holding `folder`'s lock until it is killed."""
     env = {**os.environ, "PYTHONPATH": SRC}
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert process.stdout.readline() == "locked\n"
     return process
 
@@ -223,3 +220,34 @@ def test_without_kernel_locks_the_record_decides_by_pid_and_host(tmp_path, monke
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_truncated_verbalizers_are_one_line_naming_the_file(tmp_path):
+    from vlsi.models.verbalizer import WEIGHTS, Verbalizers
+
+    Verbalizers(8, [0, 1]).save(tmp_path)
+    assert Verbalizers.load(tmp_path).target_layers == [0, 1]
+    weights = tmp_path / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(runfolder.FolderError, match=f"{weights} is damaged .*; train the verbalizers in") as refused:
+        Verbalizers.load(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_checksums_recorded_beside_a_folder_catch_a_missing_or_changed_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"a")
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    runfolder.record_checksums(tmp_path)
+    assert json.loads((tmp_path / "checksums.json").read_text()) == {
+        "a.bin": hashlib.sha256(b"a").hexdigest(),
+        "sub/b.json": hashlib.sha256(b"{}").hexdigest(),
+    }
+    runfolder.verify_checksums(tmp_path, "fix it")
+    (tmp_path / "a.bin").write_bytes(b"b")
+    with pytest.raises(runfolder.FolderError, match=f"{tmp_path / 'a.bin'}: damaged .*; fix it"):
+        runfolder.verify_checksums(tmp_path, "fix it")
+    (tmp_path / "a.bin").unlink()
+    with pytest.raises(runfolder.FolderError, match=f"{tmp_path / 'a.bin'}: missing; fix it"):
+        runfolder.verify_checksums(tmp_path, "fix it")
+    runfolder.verify_checksums(tmp_path, "fix it", ["sub/b.json"])

@@ -112,7 +112,7 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
     from .distributed import process_state
     from .pipeline import check_inputs, check_same_run, run_inputs
     from .runfolder import lock
-    from .stages.common import load_samples
+    from .stages.common import load_samples, reuse
     from .stages.loop import MetricsLog
 
     cfg = _config(**stage, student=model, **top)
@@ -129,9 +129,7 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
         if state.is_main_process:
             save_config(cfg, out / "config.yaml")
         state.wait_for_everyone()
-        if target.exists():  # written whole or not at all (`stages.common.write_output`)
-            logging.getLogger("vlsi").info("%s: reusing %s", folder, target)
-        else:
+        if not reuse(target, folder):  # written whole, its checksums beside it (`stages.common.write_output`)
             run(cfg, target, MetricsLog(out / "metrics.jsonl"), samples)
     if state.is_main_process:
         print(f"{folder} written to {target}")

@@ -33,8 +33,17 @@ from .models.family import Parts
 from .models.loading import check_same_vocabulary, load_processor, model_outline
 from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
-from .runfolder import check_settings, files_fingerprint, lock, model_fingerprint, samples_fingerprint, write_json
-from .stages.common import load_samples, target_layers
+from .runfolder import (
+    check_settings,
+    files_fingerprint,
+    lock,
+    model_fingerprint,
+    record_checksums,
+    samples_fingerprint,
+    verify_checksums,
+    write_json,
+)
+from .stages.common import atomic_dir, load_samples, reuse, target_layers
 from .stages.interact import interact
 from .stages.loop import MetricsLog
 from .stages.sft import sft
@@ -84,7 +93,10 @@ def existing_verbalizers(cfg: TrainConfig, out: Path, who: str) -> Path | None:
     with teacher_verbalizers=DIR; None: stage 1 trains them."""
     reused = out / "verbalizers" / who
     given = cfg.teacher_verbalizers if who == "teacher" else ""
-    return reused if reused.exists() else Path(given) if given else None
+    if reused.exists():
+        verify_checksums(reused, f"delete {reused} to have them trained (or copied) again")
+        return reused
+    return Path(given) if given else None
 
 
 def check_target_layers(cfg: TrainConfig, out: Path, outlines: dict[str, Parts]) -> None:
@@ -153,23 +165,22 @@ def _stages(cfg: TrainConfig, out: Path) -> Path:
 
     teacher_verb = out / "verbalizers" / "teacher"
     if cfg.teacher_verbalizers and not teacher_verb.exists() and state.is_main_process:
-        shutil.copytree(cfg.teacher_verbalizers, teacher_verb)
+        with atomic_dir(teacher_verb) as copy:  # checked against OUT/inputs.json's fingerprint above
+            shutil.copytree(cfg.teacher_verbalizers, copy, dirs_exist_ok=True)
+            record_checksums(copy)
     state.wait_for_everyone()
     for who, path in (("teacher", cfg.teacher), ("student", cfg.student)):
         target = out / "verbalizers" / who
-        if target.exists():
-            log.info("verbalizers for the %s: reusing %s", who, target)
-        elif who in cfg.verbalize.models:
-            verbalize(cfg, path, who, target, metrics, samples)
-        else:
+        if reuse(target, f"verbalizers for the {who}"):
+            continue
+        if who not in cfg.verbalize.models:
             raise ConfigError(f"verbalize.models leaves out the {who}, but {target} does not exist")
+        verbalize(cfg, path, who, target, metrics, samples)
     if state.is_main_process:
         plot_verbalizer_loss(out / "metrics.jsonl", out / "verbalizer_loss.png")
 
     interacted = out / "stages" / "interact"
-    if interacted.exists():
-        log.info("interaction: reusing %s", interacted)
-    else:
+    if not reuse(interacted, "interaction"):
         if cfg.teacher_cache:  # the teacher runs once, into the cache (or a matching cache is reused), not here
             build_cache(cfg, cfg.teacher_cache, teacher_verb, samples)
         interact(cfg, out, metrics, samples)
@@ -177,9 +188,7 @@ def _stages(cfg: TrainConfig, out: Path) -> Path:
         plot_layer_match(out / "layer_match.jsonl", out / "layer_match.png")
 
     final = out / "student"
-    if final.exists():
-        log.info("SFT: reusing %s", final)
-    else:
+    if not reuse(final, "SFT"):
         card = student_card(cfg, "train", inputs["data"])
         sft(cfg, str(interacted / "student"), final, metrics, samples, card)
     return final

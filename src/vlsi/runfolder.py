@@ -43,6 +43,8 @@ MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
 # this at hashing time: a later change then lands on another clock tick and changes the stat (git's "racy" rule).
 RACY_NS = 1_000_000_000
 LOCK = ".lock"
+# Files a stage output may hold that later commands change: the model card, into which `vlsi eval` writes its scores.
+UNCHECKED = ("README.md",)
 
 log = logging.getLogger("vlsi")
 
@@ -115,6 +117,17 @@ def read_yaml(path: str | Path, fix: str):
     if not isinstance(values, dict):
         raise FolderError(f"{path} is damaged (empty, or not a mapping of settings); {fix}")
     return values
+
+
+def read_safetensors(path: str | Path, fix: str) -> dict:
+    """{name: tensor} of a safetensors file; a truncated or unreadable one is one line naming it and `fix`."""
+    from safetensors import SafetensorError  # here: torch is loaded only by commands that read tensors
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise FolderError(f"{path} is damaged (not a readable safetensors file: {e}); {fix}") from None
 
 
 # ------------------------------------------------------------------------------------------------ JSONL logs
@@ -220,6 +233,44 @@ def file_fingerprint(path: str | Path, marks: dict | None = None) -> str:
         if marks is not None:
             marks[path.name] = [*stamp, sha]
     return sha
+
+
+CHECKSUMS = "checksums.json"
+
+
+def record_checksums(folder: str | Path, name: str = CHECKSUMS) -> None:
+    """Write FOLDER/`name`: {relative path: sha256} of every file under `folder` (but such records and the UNCHECKED
+    ones), for `verify_checksums` before the folder is reused."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_record(p) and p.name not in UNCHECKED)
+    write_json(folder / name, {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}, indent=1)
+
+
+def _is_record(path: Path) -> bool:
+    return path.name == CHECKSUMS or (path.name.startswith("checksums-") and path.suffix == ".json")
+
+
+def verify_checksums(folder: str | Path, fix: str, names=None) -> None:
+    """Check the files under `folder` against the checksums recorded beside them (every FOLDER/checksums*.json):
+    `names` (relative paths; None: every file recorded) must each be recorded, present and of the recorded sha256.
+    Anything else is one line naming the file and `fix`: a damaged or half-deleted folder is never taken as finished."""
+    folder = Path(folder)
+    records = sorted(p for p in folder.iterdir() if p.is_file() and _is_record(p))
+    if not records:
+        raise FolderError(
+            f"{folder} has no {CHECKSUMS} (written by a run that was stopped, or by an older vlsi); {fix}"
+        )
+    recorded = {}
+    for record in records:
+        recorded |= read_json(record, fix)
+    for name in recorded if names is None else names:
+        path = folder / name
+        if name not in recorded:
+            raise FolderError(f"{path}: not in {folder}'s checksums; {fix}")
+        if not path.is_file():
+            raise FolderError(f"{path}: missing; {fix}")
+        if file_fingerprint(path) != recorded[name]:
+            raise FolderError(f"{path}: damaged (its sha256 is not the one recorded when it was written); {fix}")
 
 
 def _safetensors_header(path: Path) -> bytes:

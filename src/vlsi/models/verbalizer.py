@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..runfolder import read_json, read_safetensors
 from .family import Parts
 
 WEIGHTS = "verbalizers.safetensors"
@@ -88,9 +89,10 @@ class Verbalizers(nn.Module):
         directory = Path(directory)
         if not (directory / META).is_file() or not (directory / WEIGHTS).is_file():
             raise FileNotFoundError(f"{directory}: no verbalizers here (expected {META} and {WEIGHTS})")
-        meta = json.loads((directory / META).read_text())
+        fix = f"train the verbalizers in {directory} again, or give others"
+        meta = read_json(directory / META, fix)
         verbalizers = cls(meta["hidden_size"], meta["target_layers"], meta["residual"], meta.get("family", ""))
-        verbalizers.load_state_dict(load_file(directory / WEIGHTS))
+        verbalizers.load_state_dict(read_safetensors(directory / WEIGHTS, fix))
         return verbalizers
 
 

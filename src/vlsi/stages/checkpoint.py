@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..distributed import gathered_weight, state_file, zero_optimizer
+from ..runfolder import read_json, sha256_file, verify_checksums, write_json
 
 PREFIX = "step-"
 
@@ -172,8 +173,9 @@ def save(
         tmp.mkdir(parents=True)
     barrier()
     rng_tensors, rng_meta = rng_state(generators)
-    save_file(rng_tensors, tmp / f"rng-{process_index}.safetensors")
-    (tmp / f"rng-{process_index}.json").write_text(json.dumps(rng_meta))
+    written = [f"rng-{process_index}.safetensors", f"rng-{process_index}.json"]  # this process's files
+    save_file(rng_tensors, tmp / written[0])
+    (tmp / written[1]).write_text(json.dumps(rng_meta))
     parts = layout(module, optimizer)
     writes = parts["weights"] or is_main
     weights = {}
@@ -182,14 +184,19 @@ def save(
             if writes:
                 weights[name] = _local(p)
     if writes:
-        save_file(weights, tmp / state_file("trainable", parts["weights"], process_index))
+        written.append(state_file("trainable", parts["weights"], process_index))
+        save_file(weights, tmp / written[-1])
     if parts["optimizer"] or is_main:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / state_file("optimizer", parts["optimizer"], process_index))
+        written.append(state_file("optimizer", parts["optimizer"], process_index))
+        save_file(opt_tensors, tmp / written[-1])
     if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         meta.update(layout=parts, processes=num_processes)
         (tmp / "state.json").write_text(json.dumps(meta))
+        written.append("state.json")
+    # each process hashes what it wrote (in parallel); `load` checks every file it reads against these
+    write_json(tmp / f"checksums-{process_index}.json", {name: sha256_file(tmp / name) for name in written})
     barrier()
     if is_main:
         tmp.rename(final)
@@ -209,8 +216,11 @@ def load(
     process_index: int = 0,
     num_processes: int = 1,
 ) -> dict:
-    """Restore a checkpoint written by `save`; returns its `progress` dict (step, epoch, batches)."""
-    meta = json.loads((path / "state.json").read_text())
+    """Restore a checkpoint written by `save`, every file it reads checked against the checksums recorded when it was
+    written; returns its `progress` dict (step, epoch, batches)."""
+    fix = f"delete {path.parent} to start the stage over"
+    verify_checksums(path, fix, ["state.json"])
+    meta = read_json(path / "state.json", fix)
     parts, was = layout(module, optimizer), meta["layout"]
     if was != parts or (any(parts.values()) and meta["processes"] != num_processes):
         raise ValueError(
@@ -218,21 +228,28 @@ def load(
             f"{_describe(parts, num_processes)}; resume with the same launch configuration (number of processes, "
             "FSDP2 or ZeRO stage), or delete the folder to start the stage over"
         )
-    weights = load_file(path / state_file("trainable", parts["weights"], process_index))
+    rng = [f"rng-{process_index}.safetensors", f"rng-{process_index}.json"]
+    if (path / f"checksums-{process_index}.json").is_file():  # else a run resumed on more processes than wrote it
+        verify_checksums(path, fix, rng)
+    files = [
+        state_file(kind, parts[key], process_index)
+        for kind, key in (("trainable", "weights"), ("optimizer", "optimizer"))
+    ]
+    verify_checksums(path, fix, files)
+    weights = load_file(path / files[0])
     params = _trainable(module)
     if set(weights) != set(params):
         raise ValueError(
             f"{path}: the checkpoint's trainable parameters do not match this run's (was the configuration changed?); "
             "delete the folder to start the stage over"
         )
-    tensors = load_file(path / state_file("optimizer", parts["optimizer"], process_index))
+    tensors = load_file(path / files[1])
     with torch.no_grad():
         for name, p in params.items():
             with gathered_weight(p, modify=True):
                 (p.to_local() if isinstance(p, DTensor) else p).copy_(weights[name])
     _load_optimizer(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    rng = path / f"rng-{process_index}.safetensors"
-    if rng.is_file():  # a run resumed on fewer or more processes keeps its fresh RNG state
-        set_rng_state(load_file(rng), json.loads((path / f"rng-{process_index}.json").read_text()), generators)
+    if (path / rng[0]).is_file():  # a run resumed on more processes than wrote it keeps its fresh RNG state
+        set_rng_state(load_file(path / rng[0]), read_json(path / rng[1], fix), generators)
     return meta["progress"]

@@ -22,6 +22,7 @@ from ..data.sources import parse_sources, read_sources
 from ..distributed import on_main_process, process_state
 from ..models.family import Parts, check_target_layers, default_target_layers
 from ..models.verbalizer import Verbalizers
+from ..runfolder import record_checksums, verify_checksums
 
 log = logging.getLogger("vlsi")
 
@@ -129,9 +130,20 @@ def write_output(cfg: TrainConfig, run: Run, name: str, output: Path, write: Cal
     if run.accelerator.is_main_process:
         with atomic_dir(output) as tmp:
             write(tmp)
+            record_checksums(tmp)  # verified before a rerun reuses the output (`reuse`)
         drop_checkpoints(cfg, name)
     run.accelerator.wait_for_everyone()
     return output
+
+
+def reuse(output: Path, what: str) -> bool:
+    """Whether a stage's output is there to reuse: written whole (`write_output` renames it into place at the end) and
+    every file as its checksums recorded; a damaged one stops the run naming the file."""
+    if not output.exists():
+        return False
+    verify_checksums(output, f"delete {output} to have the {what} written again")
+    log.info("%s: reusing %s", what, output)
+    return True
 
 
 @contextmanager

@@ -44,3 +44,15 @@ def test_eval_scores_go_into_the_model_index_replacing_an_earlier_score(tmp_path
     results = ModelCard.load(tmp_path / "README.md").data.eval_results
     assert sorted((r.dataset_name, r.metric_value) for r in results) == [("MMBench_DEV_EN", 62.5), ("POPE", 80.0)]
     assert not add_eval_result(tmp_path / "elsewhere", "POPE", 1.0)  # no card: a model vlsi did not make
+
+
+def test_a_score_written_into_the_card_leaves_the_folder_reusable(tmp_path):
+    """The card is outside the stage output's checksums: `vlsi eval` writing into it does not make a rerun of
+    `vlsi train` refuse the finished student."""
+    from vlsi.runfolder import record_checksums, verify_checksums
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    student_card(_cfg(tmp_path), "train", "abc").save(tmp_path / "README.md")
+    record_checksums(tmp_path)
+    assert add_eval_result(tmp_path, "POPE", 80.0)
+    verify_checksums(tmp_path, "rerun")

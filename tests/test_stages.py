@@ -16,7 +16,7 @@ from vlsi.matching import layer_match
 from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import load_model
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.common import split_batch
+from vlsi.data import split_batch
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog, train
 from vlsi.toy import write_digits_dataset, write_tiny_pair

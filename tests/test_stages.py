@@ -11,12 +11,11 @@ import vlsi.stages.interact as interact_stage
 import vlsi.stages.sft as sft_stage
 import vlsi.stages.verbalize as verbalize_stage
 from vlsi.config import load_config
-from vlsi.data import read_dataset
+from vlsi.data import read_dataset, split_batch
 from vlsi.matching import layer_match
 from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import load_model
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.data import split_batch
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog, train
 from vlsi.toy import write_digits_dataset, write_tiny_pair

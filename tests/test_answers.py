@@ -24,6 +24,7 @@ from vlsi.toy import write_digits_dataset, write_tiny_pair
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 UNANSWERED = {"digit-1", "digit-2", "digit-4", "digit-5"}
 MULTI_TURN = "digit-5"  # answered, then asked again: only the trailing question is the teacher's
+CUT = "data.keep_cut_answers=true"  # the toy teacher's random weights never end an answer: all are cut, and kept
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,9 @@ def toy(tmp_path_factory):
 
 def _cfg(toy, out, *overrides, teacher=None):
     teacher_path, _, data = toy
+    # The toy teacher's random weights never end an answer: every one is cut at answer_max_tokens, and kept.
     settings = [f"data.path={data}", "data.answers=teacher", "data.answer_max_tokens=6", "data.answer_batch_size=3"]
+    settings.append("data.keep_cut_answers=true")
     return load_config(CONFIG, [*settings, *overrides], teacher=teacher or teacher_path, output=str(out))
 
 
@@ -198,6 +201,18 @@ def test_empty_answers_are_left_out(toy, tmp_path, monkeypatch, caplog):
     assert "the teacher answered 4 prompts with nothing" in caplog.text
 
 
+def test_cut_answers_of_the_local_teacher_are_marked_refused_above_the_bound_and_left_out_below(toy, tmp_path):
+    """The toy teacher never ends an answer within data.answer_max_tokens: every answer is cut, marked so in
+    answers.jsonl, and (more than data.max_cut_fraction of them) the run stops naming the setting to raise."""
+    settings = [f"data.path={toy[2]}", "data.answers=teacher", "data.answer_max_tokens=2"]
+    cfg = load_config(CONFIG, settings, teacher=toy[0], output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"4 of the 4 prompts' answers .* stop at data.answer_max_tokens=2"):
+        load_samples(cfg)
+    assert all(row["cut"] is True for row in _cached(tmp_path / "out"))
+    cfg = load_config(CONFIG, [*settings, "data.max_cut_fraction=1"], teacher=toy[0], output=str(tmp_path / "out"))
+    assert not UNANSWERED & {s.id for s in load_samples(cfg)}  # the saved answers, reused, then left out
+
+
 def test_a_teacher_is_required(toy, tmp_path):
     cfg = _cfg(toy, tmp_path / "out")
     cfg.teacher = ""
@@ -226,7 +241,7 @@ def _sft(toy, out, *extra, teacher=None):
 def test_sft_with_teacher_answers_end_to_end(toy, tmp_path, capsys):
     teacher = toy[0]
     out = tmp_path / "s"
-    assert _sft(toy, out, "data.answers=teacher", "data.answer_max_tokens=6", teacher=teacher) == 0
+    assert _sft(toy, out, "data.answers=teacher", "data.answer_max_tokens=6", CUT, teacher=teacher) == 0
     assert sorted(row["id"] for row in _cached(out)) == sorted(UNANSWERED)
     assert (out / "model" / "model.safetensors").is_file()
     assert load_config(out / "config.yaml").teacher == teacher
@@ -243,7 +258,7 @@ def test_train_with_teacher_answers_end_to_end(toy, tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--teacher", teacher, "--student", student, "--data", data, "--output", str(out)]
     steps = ["verbalize.max_steps=1", "interact.max_steps=1", "sft.max_steps=1", "data.answer_max_tokens=6"]
-    assert main([*argv, "--config", CONFIG, *steps, "data.answers=teacher"]) == 0
+    assert main([*argv, "--config", CONFIG, *steps, "data.answers=teacher", CUT]) == 0
     assert sorted(row["id"] for row in _cached(out)) == sorted(UNANSWERED)
     assert (out / "student" / "model.safetensors").is_file()
     stages = [json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()]

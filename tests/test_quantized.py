@@ -68,6 +68,7 @@ def test_an_int8_teacher_answers_and_the_answers_record_it(tmp_path, teacher):
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     settings = [f"data.path={data}", "data.answers=teacher", "data.answer_max_tokens=3", "teacher_quantization=int8"]
+    settings.insert(0, "data.keep_cut_answers=true")  # the toy teacher's random weights never end an answer
     cfg = load_config(CONFIG, settings, teacher=teacher, output=str(tmp_path / "out"))
     answered = load_samples(cfg)
     assert len(answered) == 4 and all(s.messages[-1]["role"] == "assistant" for s in answered)

@@ -234,10 +234,11 @@ def _generate(
     size = cfg.data.answer_batch_size
 
     def record(item: Item, text: Answer) -> dict:
+        stopped = getattr(text, "cut", False)  # `generate_answers` gives an Answer; a plain str was not cut
         answers[item.index] = str(text)
-        if text.cut:
+        if stopped:
             cut.add(item.index)
-        return {"id": item.index, "answer": str(text)} | ({"cut": True} if text.cut else {})
+        return {"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {})
 
     bar = tqdm(total=index["count"], initial=done, desc="teacher answers", unit="prompt", mininterval=1.0)
     with bar:

@@ -136,9 +136,10 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
             (folder / ANSWERS).unlink()
         pending = [s for s in prompts if s.id not in answers]
         log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
+        client = served.connect(cfg.data) if server else None  # a model not served: nothing written, fix the name
         with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
             if server:
-                _serve(cfg, pending, folder, index, answers, cut)
+                _serve(cfg, client, pending, folder, index, answers, cut)
             else:
                 _generate(cfg, processor, pending, folder, index, answers, cut)
     else:
@@ -198,10 +199,10 @@ def _start(folder: Path, index: dict, pending: list[Sample]) -> None:
     truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
 
 
-def _serve(cfg: TrainConfig, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
-    """The served teacher's answers to the `pending` prompts, each appended to folder/answers.jsonl and flushed as
-    it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too many."""
-    client = served.connect(cfg.data)
+def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
+    """The served teacher's (`client`'s) answers to the `pending` prompts, each appended to folder/answers.jsonl and
+    flushed as it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too
+    many."""
     _start(folder, index, pending)
     bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
     with (

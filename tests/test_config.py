@@ -38,12 +38,21 @@ def test_yaml_then_overrides(tmp_path):
         ("data.answer_max_tokens=0", "data.answer_max_tokens must be >= 1"),
         ("data.answer_batch_size=0", "data.answer_batch_size must be >= 1"),
         ("interact.match.strategy=fixed", "needs interact.match.fixed"),
+        ("interact.intermediate_weight=-0.5", "interact.intermediate_weight must be a finite number >= 0"),
+        ("interact.intermediate_weight=.inf", "interact.intermediate_weight must be a finite number >= 0"),
+        ("interact.intermediate_weight=heavy", "interact.intermediate_weight: expected a number"),
+        ("interact.freeze_student_verbalizers=maybe", "interact.freeze_student_verbalizers: expected bool"),
         ("nokey", "is not key=value"),
     ],
 )
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, [override])
+
+
+def test_no_layer_terms_and_no_last_layer_term_is_refused():
+    with pytest.raises(ConfigError, match="interact.intermediate_weight=0 with interact.last_loss=none: nothing"):
+        load_config(None, ["interact.intermediate_weight=0", "interact.last_loss=none"])
 
 
 def test_bad_file_names_the_file(tmp_path):

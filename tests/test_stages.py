@@ -172,6 +172,63 @@ def test_intermediate_reduction_mean_divides_the_layer_terms_only(toy, tmp_path,
     assert mean_loss.item() == pytest.approx(sum(terms) / 2 + mean_logs["last"], rel=1e-5)
 
 
+def _loss_and_gradients(toy, out, *overrides):
+    """One interaction step under full fine-tuning on the first batch: the loss, its logs and the gradient of every
+    trained parameter (zeros where it gets none)."""
+    run = _interaction(toy, out, "interact.lora.enabled=false", *overrides)
+    loss, logs = run.step(next(iter(run.loader)))
+    named = [(n, p) for n, p in run.step.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return loss, logs, {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads, strict=True)}
+
+
+@pytest.mark.parametrize("intermediate, reduction", [("kld", "sum"), ("kld", "mean"), ("ce", "sum")])
+def test_intermediate_weight_multiplies_the_layer_terms_only(toy, tmp_path, intermediate, reduction):
+    """`interact.intermediate_weight` λ against the plain sum on the same batch and the same match draw: the loss is
+    the last-layer term plus λ times the layer terms (their sum, or their mean), and so are its gradients; λ=1 is the
+    default bit for bit, λ=0 leaves the last-layer term alone."""
+    layer_settings = (f"interact.intermediate_loss={intermediate}", f"interact.intermediate_reduction={reduction}")
+    layers_loss, _, layers_grads = _loss_and_gradients(
+        toy, tmp_path / "layers", *layer_settings, "interact.last_loss=none"
+    )
+    last_loss, last_logs, last_grads = _loss_and_gradients(toy, tmp_path / "last", "interact.intermediate_loss=none")
+    default = _loss_and_gradients(toy, tmp_path / "default", *layer_settings)
+    for weight in (0.3, 1.0, 0.0):
+        out = tmp_path / f"weight{weight}"
+        loss, logs, grads = _loss_and_gradients(toy, out, *layer_settings, f"interact.intermediate_weight={weight}")
+        assert logs["last"] == last_logs["last"] and logs.get("match") == default[1].get("match")
+        torch.testing.assert_close(loss, last_loss + weight * layers_loss)
+        assert grads.keys() == layers_grads.keys()
+        for name, grad in grads.items():  # the verbalizers get no gradient from the last-layer term
+            want = last_grads.get(name, torch.zeros_like(grad)) + weight * layers_grads[name]
+            torch.testing.assert_close(grad, want, msg=name)
+        if weight == 1.0:
+            assert torch.equal(loss, default[0]) and logs == default[1]
+            assert all(torch.equal(grad, default[2][name]) for name, grad in grads.items())
+        if weight == 0.0:
+            assert loss.item() == logs["last"]
+            assert all(not grad.any() for name, grad in grads.items() if name.startswith("verbalizers."))
+
+
+def test_freeze_student_verbalizers_leaves_them_as_stage_1_did(toy, tmp_path):
+    """`interact.freeze_student_verbalizers`: the student's verbalizers stay bit for bit as OUT/verbalizers holds them,
+    through a step and into OUT/stages/interact/verbalizers; the layer terms alone (no last-layer term here) move
+    the backbone through them."""
+    overrides = ["interact.max_steps=1", "interact.lr=1e-2", "interact.lora.enabled=false", "interact.last_loss=none"]
+    cfg = _cfg(toy, *overrides, "interact.freeze_student_verbalizers=true", output=tmp_path)
+    _with_verbalizers(cfg, tmp_path)
+    run = interact_stage.setup(cfg, tmp_path, _samples(toy))
+    step = run.step
+    before_verb, before_student = _snapshot(step.verbalizers), _snapshot(step.student)
+    state = train(run.accelerator, step, run.loader, cfg.interact, "interact", MetricsLog(tmp_path / "m.jsonl"))
+    assert not _changed(before_verb, step.verbalizers), "student verbalizers frozen"
+    assert any(n.startswith("model.language_model.layers.0.") for n in _changed(before_student, step.student))
+    interact_stage.save(cfg, tmp_path, run, state)
+    stage_1 = Verbalizers.load(tmp_path / "verbalizers" / "student").state_dict()
+    saved = Verbalizers.load(tmp_path / "stages" / "interact" / "verbalizers").state_dict()
+    assert saved.keys() == stage_1.keys() and all(torch.equal(saved[k], stage_1[k]) for k in stage_1)
+
+
 @pytest.fixture(scope="module")
 def interacted(toy, tmp_path_factory):
     """`interact` as `vlsi train` runs it, with full fine-tuning, from untrained verbalizers: (config, OUT)."""

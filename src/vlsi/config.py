@@ -7,6 +7,7 @@ the same object (`load_config(OUT/config.yaml)`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,8 +136,12 @@ class InteractConfig(StageConfig):
     # how the per-layer terms add up: sum (the paper: with t_s layers the last-layer term is 1/(t_s+1) of the loss)
     # | mean (their mean: the layer terms together weigh as much as the last-layer term)
     intermediate_reduction: Literal["sum", "mean"] = "sum"
+    # λ: the layer terms (their sum or mean) times λ, then the last-layer term added; 1: the paper's plain sum
+    intermediate_weight: float = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_vision: bool = True
+    # the student's verbalizers stay as stage 1 left them: the layer terms can only move the backbone
+    freeze_student_verbalizers: bool = False
 
 
 @dataclass
@@ -282,6 +287,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("interact.match.strategy=fixed needs interact.match.fixed=[teacher index per student layer]")
     if cfg.interact.intermediate_loss == "none" and cfg.interact.last_loss == "none":
         raise ConfigError("interact.intermediate_loss and interact.last_loss are both none: nothing to train")
+    weight = cfg.interact.intermediate_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ConfigError(
+            f"interact.intermediate_weight must be a finite number >= 0 (1: the paper's sum), got {weight}"
+        )
+    if cfg.interact.intermediate_weight == 0 and cfg.interact.last_loss == "none":
+        raise ConfigError("interact.intermediate_weight=0 with interact.last_loss=none: nothing to train")
     unknown = set(cfg.report_to) - TRACKERS
     if unknown:
         raise ConfigError(f"report_to: unknown tracker(s) {sorted(unknown)}; use {', '.join(sorted(TRACKERS))}")

@@ -1,15 +1,16 @@
 """Stage 2, interaction (docs/METHOD.md#stage-2-interaction): adaptive layer matching between student and teacher
 verbalized layers.
 
-Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs; final norm and LM head
-frozen (shared by every verbalizer head); vision tower frozen by default. Teacher forcing on the training sample,
-response tokens only. Per batch:
+Teacher entirely frozen. Student: LLM with LoRA (or fully trained), its verb-FFNs (frozen with
+interact.freeze_student_verbalizers); final norm and LM head frozen (shared by every verbalizer head); vision tower
+frozen by default. Teacher forcing on the training sample, response tokens only. Per batch:
   targets = the teacher's distribution at each target layer and at its output        -> t_l + 1 x [N, V]
   D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
   match   = layer_match(D)  (search range, order preservation, adaptive temperature); logged with how sharp
             each layer's draw was (normalised entropy, top probability)
-  loss    = sum_i KL(matched teacher layer || student layer i)  (the scores of D, their gradient recomputed chunk
-            by chunk in backward; their mean with interact.intermediate_reduction=mean)
+  loss    = λ * sum_i KL(matched teacher layer || student layer i)  (the scores of D, their gradient recomputed
+            chunk by chunk in backward; their mean with interact.intermediate_reduction=mean; λ =
+            interact.intermediate_weight, 1 by default)
           + KL(teacher output || student output)
 The targets come from the live teacher (`LiveTeacher`, each computed once per step) or, with `teacher_cache=C`, from
 the cache (`cached_targets`: the teacher is never loaded, top-k with the tail as one bucket,
@@ -168,6 +169,7 @@ class InteractStep(nn.Module):
         loss = s_logits.new_zeros((), dtype=torch.float32)
         for term in terms:  # one at a time, in layer order: a sum's rounding as the paper's plain loop gives it
             loss = loss + (term / len(terms) if cfg.intermediate_reduction == "mean" else term)
+        loss = loss * cfg.intermediate_weight  # λ; x * 1.0 is x exactly: the default is the paper's sum bit for bit
         if cfg.last_loss == "kld":
             last = divergence(s_logits, teacher.output, cfg.divergence)
         elif cfg.last_loss == "ce":  # the ground truth instead of the teacher: an ablation row
@@ -226,8 +228,8 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
     s_verb = Verbalizers.load(out / "verbalizers" / "student")  # no more layers than the teacher's: pipeline checked
     torch.manual_seed(cfg.seed)
     student, s_parts = prepare_student(cfg.student, dtype, stage, cfg)
-    if stage.intermediate_loss == "none":
-        freeze(s_verb)
+    if stage.intermediate_loss == "none" or stage.freeze_student_verbalizers:
+        freeze(s_verb)  # saved with the stage's output as they were loaded
     vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_rows)
     if cache is not None:
         cache.check_vocab(vocab)

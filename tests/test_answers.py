@@ -25,6 +25,8 @@ CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 UNANSWERED = {"digit-1", "digit-2", "digit-4", "digit-5"}
 MULTI_TURN = "digit-5"  # answered, then asked again: only the trailing question is the teacher's
 CUT = "data.keep_cut_answers=true"  # the toy teacher's random weights never end an answer: all are cut, and kept
+# The tiny teacher's answers run to data.answer_max_tokens: kept, so that the resume tests see every prompt answered.
+KEEP_CUT = ["data.keep_cut_answers=true"]
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +268,50 @@ def test_train_with_teacher_answers_end_to_end(toy, tmp_path):
     # The length scan saw the answered samples: each stage's cached lengths hold all six.
     for name in ("verbalize-teacher", "interact", "sft"):
         assert len(json.loads((out / ".cache" / f"{name}-lengths.json").read_text())["lengths"]) == 6
+
+
+def test_read_answers_merges_the_processes_files(tmp_path):
+    """answers.jsonl (the main process) and answers-R.jsonl (process R) are one set of answers, by prompt id; a line
+    cut by a kill at the end of any of them is skipped."""
+    rows = {
+        "answers.jsonl": [{"id": "a", "answer": "one"}, {"id": "c", "answer": "three", "cut": True}],
+        "answers-1.jsonl": [{"id": "b", "answer": "two"}, {"id": "other", "answer": "not asked"}],
+        "answers-2.jsonl": [{"id": "d", "answer": "four", "cut": True}],
+    }
+    for name, lines in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in lines))
+    with (tmp_path / "answers-2.jsonl").open("a") as f:
+        f.write('{"id": "e", "ans')  # killed while writing
+    answers, cut = answers_module.read_answers(tmp_path, {"a", "b", "c", "d", "e"})
+    assert answers == {"a": "one", "b": "two", "c": "three", "d": "four"}
+    assert cut == {"c", "d"}
+
+
+def test_answers_of_another_number_of_processes_are_resumed(toy, tmp_path, calls):
+    """A 2-process run killed midway left answers in answers.jsonl and answers-1.jsonl (one torn line): one process
+    reads both and answers only the prompts still missing, into answers.jsonl."""
+    cfg = _cfg(toy, tmp_path / "out", *KEEP_CUT)
+    first = load_samples(cfg)
+    folder = tmp_path / "out" / "answers"
+    lines = (folder / "answers.jsonl").read_text().splitlines(keepends=True)
+    (folder / "answers.jsonl").write_text(lines[0])
+    (folder / "answers-1.jsonl").write_text(lines[1] + lines[2][:7])
+    kept = {json.loads(line)["id"] for line in lines[:2]}
+
+    calls.clear()
+    assert load_samples(cfg) == first
+    assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED - kept)
+    assert sorted(row["id"] for row in _cached(cfg.output)) == sorted(UNANSWERED - {json.loads(lines[1])["id"]})
+    assert (folder / "answers-1.jsonl").read_text().startswith(lines[1]), "another process's file is left as it was"
+
+
+def test_answers_without_their_index_are_answered_again_every_process_file_too(toy, tmp_path, calls):
+    out = tmp_path / "out"
+    first = load_samples(_cfg(toy, out, *KEEP_CUT))
+    stale = out / "answers" / "answers-1.jsonl"
+    stale.write_text("".join(json.dumps({"id": i, "answer": "stale"}) + "\n" for i in UNANSWERED))
+    (out / "answers" / "index.json").unlink()
+    calls.clear()
+    assert load_samples(_cfg(toy, out, *KEEP_CUT)) == first
+    assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED)
+    assert not stale.exists()

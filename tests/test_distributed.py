@@ -308,3 +308,60 @@ def test_fsdp2_frozen_model_read_by_the_main_process_only_tied_head_included(tmp
     name = "verbalizers/verbalizers.safetensors"
     diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
     assert diff <= WEIGHT_ATOL, f"max |difference| {diff:.3g}"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
+    """`vlsi sft` with data.answers=teacher on two processes: each answers its share into its own file, and the
+    merged answers are one process's answers, id for id; one process rerun on that folder reuses them all."""
+    from vlsi.answers import read_answers
+    from vlsi.config import load_config
+    from vlsi.stages.common import load_samples
+
+    teacher, student = write_tiny_pair(tmp_path)
+    records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())
+    for record in records:
+        record["conversations"] = record["conversations"][:1]  # every record a question for the teacher
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = ["data.answers=teacher", "data.answer_max_tokens=6", "data.answer_batch_size=2"]
+    settings += ["data.keep_cut_answers=true"]  # the tiny teacher's answers run to the limit
+    config = str(ROOT / "configs" / "tiny-cpu.yaml")
+    args = ["sft", "--model", str(student), "--teacher", str(teacher), "--data", str(data), "--config", config]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    start = time.perf_counter()
+    two = subprocess.run(
+        [*launch, *args, "--output", str(out), *settings, "sft.max_steps=1", "sft.batch_size=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    print(f"2-process vlsi sft with 8 teacher answers: {time.perf_counter() - start:.1f} s")
+    folder = out / "answers"
+    shares = [[json.loads(line)["id"] for line in (folder / name).read_text().splitlines()] for name in SHARES]
+    assert all(shares) and sorted(shares[0] + shares[1]) == sorted(r["id"] for r in records), "each answered, once"
+    wanted = {r["id"] for r in records}
+    merged, _ = read_answers(folder, wanted)
+
+    one = load_config(config, [f"data.path={data}", *settings], teacher=str(teacher), output=str(tmp_path / "one"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        answered = load_samples(one)
+    finally:
+        torch.set_num_threads(threads)
+    assert merged == read_answers(tmp_path / "one" / "answers", wanted)[0], "the same answers, id for id"
+    assert [s.id for s in answered] == [r["id"] for r in records], "in record order"
+
+    before = {name: (folder / name).read_text() for name in SHARES}
+    one.output = str(out)
+    assert [s.messages for s in load_samples(one)] == [s.messages for s in answered], "one process reuses them all"
+    assert {name: (folder / name).read_text() for name in SHARES} == before, "nothing answered again"
+
+
+SHARES = ["answers.jsonl", "answers-1.jsonl"]  # the main process's answers, process 1's

@@ -21,6 +21,9 @@ OUT/answers/
   answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch (served: each answer),
                   with "cut": true where the answer stopped at data.answer_max_tokens: a killed run resumes with the
                   prompts still unanswered; a rerun that finds every prompt answered loads no model
+  answers-R.jsonl the same, the answers of process R (R >= 1) of a multi-process launch; answers.jsonl holds the
+                  main process's. The answers are the union of the files, by prompt id: a run with any number of
+                  processes reads (and resumes) what a run with another number wrote
 With data.answers=server the teacher is "MODEL served at URL" and there is no processor.
 
 Cut answers are left out of training (data.keep_cut_answers=true keeps them), counted and logged; when more than
@@ -31,9 +34,12 @@ regenerated: stages already finished in OUT were trained on them, and silently n
 in one run. Delete OUT/answers (and the finished stages) or use a new --output. Answers without an index (deleted)
 cannot be checked: they are answered again, never trusted.
 
-Under a multi-process launch the main process generates (the teacher must fit on its device) and the others poll
-answers.jsonl until every prompt is answered: a barrier would time out (10 minutes under NCCL) long before a large
-teacher has answered a large data set. If the main process fails, the launcher stops the others.
+Under a multi-process launch every process loads the local teacher on its device and answers its share: the main
+process clears answers left without an index, writes the index and sends the others the ids still unanswered
+(quick file work before one broadcast), and process R of N answers the pending prompts R, R+N, R+2N, ... into its
+own file. Then each process polls the files until every prompt is answered: a barrier would time out (10 minutes
+under NCCL) long before a large teacher has answered a large data set. A served teacher (data.answers=server) is
+asked by the main process alone while the others poll. If a process fails, the launcher stops the others.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from . import served
 from .config import ConfigError, TrainConfig
 from .data import Sample
 from .data.dataset import processor_key
-from .distributed import process_state
+from .distributed import on_main_process, process_state
 from .eval.generate import Answer, Item, append_answers
 from .models.loading import check_fits, compute_dtype, load_model, load_processor
 from .runfolder import (
@@ -69,6 +75,7 @@ from .runfolder import (
 log = logging.getLogger("vlsi")
 
 ANSWERS, INDEX = "answers.jsonl", "index.json"
+SHARE_GLOB = "answers-*.jsonl"  # the answers of processes 1, 2, ... of a launch
 # Index entries that must match to reuse the answers, and how the refusal names them.
 REUSE_KEYS = {
     "teacher_identity": "teacher",
@@ -127,25 +134,23 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     recorded = check_settings(folder / INDEX, index, REUSE_KEYS, "teacher answers", fix)
     wanted = {s.id for s in prompts}
     # no index: nothing says what made answers already there, so none is trusted (the main process drops them)
-    answers, cut = read_answers(folder / ANSWERS, wanted) if recorded is not None else ({}, set())
+    answers, cut = read_answers(folder, wanted) if recorded is not None else ({}, set())
+    state = process_state()
     if len(answers) == len(wanted):
-        log.info("teacher answers: reusing %d from %s", len(answers), folder / ANSWERS)
-    elif process_state().is_main_process:
-        if recorded is None and (folder / ANSWERS).is_file():
-            log.warning("%s has no %s to say what made its answers: the teacher answers again", folder, INDEX)
-            (folder / ANSWERS).unlink()
-        pending = [s for s in prompts if s.id not in answers]
-        log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder / ANSWERS)
-        client = served.connect(cfg.data) if server else None  # a model not served: nothing written, fix the name
-        with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
-            if server:
-                _serve(cfg, client, pending, folder, index, answers, cut)
-            else:
-                _generate(cfg, processor, pending, folder, index, answers, cut)
+        log.info("teacher answers: reusing %d from %s", len(answers), folder)
+    elif server:
+        if state.is_main_process:
+            client = served.connect(cfg.data)  # a model not served: nothing is written, fixing the name is enough
+            with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
+                pending = set(_prepare(folder, index, recorded, prompts, answers))
+                _serve(cfg, client, [s for s in prompts if s.id in pending], folder, index, answers, cut)
+        answers, cut = _wait(folder, wanted)
     else:
-        while len(answers) < len(wanted):  # the main process is answering them (it writes the index first)
-            time.sleep(POLL_SECONDS)
-            answers, cut = read_answers(folder / ANSWERS, wanted) if (folder / INDEX).is_file() else ({}, set())
+        with lock(folder, enabled=state.is_main_process):  # the main process holds it for the launch
+            pending = on_main_process(_prepare, folder, index, recorded, prompts, answers)
+            mine = set(pending[state.process_index :: state.num_processes])  # every process holds the same `pending`
+            _generate(cfg, processor, [s for s in prompts if s.id in mine], folder)
+        answers, cut = _wait(folder, wanted)
     check_cut(cfg, cut, len(wanted), folder)
     empty = sorted(i for i, text in answers.items() if not text)
     left_out = set(empty) | (set() if cfg.data.keep_cut_answers else cut)
@@ -178,32 +183,65 @@ def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None
     )
 
 
-def read_answers(path: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
-    """{id: answer} of the prompts in `wanted` answered in `path`, and the ids of those cut at
-    data.answer_max_tokens (`"cut": true`); a line cut by a kill is skipped."""
+def read_answers(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
+    """{id: answer} of the prompts in `wanted` answered in folder/answers.jsonl and the processes' answers-*.jsonl
+    (the first answer of a prompt counts), and the ids of those cut at data.answer_max_tokens (`"cut": true`); a
+    line cut by a kill is skipped."""
     answers, cut = {}, set()
-    for row in read_jsonl(path):
-        if isinstance(row, dict) and row.get("id") in wanted and isinstance(row.get("answer"), str):
-            answers[row["id"]] = row["answer"]
-            if row.get("cut") is True:
-                cut.add(row["id"])
+    for path in [folder / ANSWERS, *sorted(folder.glob(SHARE_GLOB))]:
+        for row in read_jsonl(path):
+            if not isinstance(row, dict) or row.get("id") in answers:
+                continue
+            if row.get("id") in wanted and isinstance(row.get("answer"), str):
+                answers[row["id"]] = row["answer"]
+                if row.get("cut") is True:
+                    cut.add(row["id"])
     return answers, cut
 
 
-def _start(folder: Path, index: dict, pending: list[Sample]) -> None:
-    """Write the index (atomically: other processes may be reading it) and drop from folder/answers.jsonl a line
-    cut by a kill (appending after it would break the next line too), before the `pending` prompts' answers are
-    appended."""
+def answers_file(folder: Path) -> Path:
+    """The file this process appends its answers to: answers.jsonl (the main process), answers-R.jsonl (process R)."""
+    rank = process_state().process_index
+    return folder / (ANSWERS if rank == 0 else f"answers-{rank}.jsonl")
+
+
+def _prepare(folder: Path, index: dict, recorded: dict | None, prompts: list[Sample], answers: dict) -> list[str]:
+    """(main process) The ids of the `prompts` not in `answers`, once the answer files left without an index are
+    deleted and the index is written (atomically: other processes may be reading it)."""
+    files = [folder / ANSWERS, *folder.glob(SHARE_GLOB)]
+    if recorded is None and any(path.is_file() for path in files):
+        log.warning("%s has no %s to say what made its answers: the teacher answers again", folder, INDEX)
+        for path in files:
+            path.unlink(missing_ok=True)
+    pending = [s.id for s in prompts if s.id not in answers]
+    log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder)
     write_json(folder / INDEX, index, indent=2)
+    return pending
+
+
+def _wait(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
+    """The answers to every prompt in `wanted`, polled from the folder's files until the other processes (or the
+    main process, serving) have written theirs."""
+    while True:
+        # before the index is written the main process may still delete answers left without one
+        answers, cut = read_answers(folder, wanted) if (folder / INDEX).is_file() else ({}, set())
+        if len(answers) == len(wanted):
+            return answers, cut
+        time.sleep(POLL_SECONDS)
+
+
+def _start(path: Path, pending: list[Sample]) -> None:
+    """Drop from the answer file `path` a line cut by a kill (appending after it would break the next line too),
+    before the `pending` prompts' answers are appended."""
     wanted = {s.id for s in pending}
-    truncate_jsonl(folder / ANSWERS, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
+    truncate_jsonl(path, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
 
 
 def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
     """The served teacher's (`client`'s) answers to the `pending` prompts, each appended to folder/answers.jsonl and
     flushed as it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too
     many."""
-    _start(folder, index, pending)
+    _start(folder / ANSWERS, pending)
     bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
     with (
         bar,
@@ -221,13 +259,13 @@ def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index:
             bar.update()
 
 
-def _generate(
-    cfg: TrainConfig, processor, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set
-) -> None:
-    """The local teacher's answers to the `pending` prompts, each batch's appended to folder/answers.jsonl and
-    flushed, and added to `answers` (and `cut`: those that reached data.answer_max_tokens before an end token)."""
-    _start(folder, index, pending)
-    done = len(answers)
+def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) -> None:
+    """The local teacher's answers to the `pending` prompts (this process's share), each batch's appended to this
+    process's `answers_file` and flushed, "cut" where an answer reached data.answer_max_tokens before an end token."""
+    path = answers_file(folder)
+    _start(path, pending)
+    if not pending:
+        return
     dtype, device = compute_dtype(cfg.precision), process_state().device
     check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
@@ -236,12 +274,10 @@ def _generate(
 
     def record(item: Item, text: Answer) -> dict:
         stopped = getattr(text, "cut", False)  # `generate_answers` gives an Answer; a plain str was not cut
-        answers[item.index] = str(text)
-        if stopped:
-            cut.add(item.index)
         return {"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {})
 
-    bar = tqdm(total=index["count"], initial=done, desc="teacher answers", unit="prompt", mininterval=1.0)
+    main = process_state().is_main_process
+    bar = tqdm(total=len(pending), desc="teacher answers", unit="prompt", mininterval=1.0, disable=not main)
     with bar:
         append_answers(
             model,
@@ -249,12 +285,12 @@ def _generate(
             [Item(s.id, s.messages, list(s.images), {}) for s in pending],
             cfg.data.answer_max_tokens,
             size,
-            folder / ANSWERS,
+            path,
             record,
             bar,
             lambda saved: ConfigError(
                 f"out of memory answering with the teacher at data.answer_batch_size={size}; lower it and rerun "
-                f"to resume ({done + saved} answers are saved in {folder / ANSWERS})"
+                f"to resume (the answers made so far are saved in {folder}, {saved} of them in {path.name})"
             ),
         )
     del model

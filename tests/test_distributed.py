@@ -183,13 +183,8 @@ def _max_difference(a_path: Path, b_path: Path) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-# ZeRO-3 fails here since the 2026-12-07 merges (a gloo collective of mismatched sizes after the resume: the new
-# interaction backward's chunked head rerun or the per-process checkpoint checksums); open in issue #29's note.
-KNOWN_BROKEN = pytest.mark.xfail(reason="ZeRO-3 resume: collective size mismatch since 2026-12-07", strict=False)
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
-@pytest.mark.parametrize("case", [pytest.param(c, marks=KNOWN_BROKEN) if c == "zero3" else c for c in SHARDED])
+@pytest.mark.parametrize("case", SHARDED)
 def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
     """`vlsi train` under FSDP2 or DeepSpeed on two CPU processes (tests/fsdp2_on_cpu.py and tests/deepspeed_on_cpu.py
     stand in for the GPU-only parts of accelerate) trains what one process trains, and, SIGKILLed after the

@@ -173,8 +173,9 @@ def load_frozen(
             "teacher_quantization"
         )
     share = accelerator.num_processes if sharded else 1
-    if accelerator.is_main_process:
-        check_fits(path, dtype, accelerator.device, quantization, share, trust_remote_code)
+    if accelerator.is_main_process:  # its outline built whole: under ZeRO-3's zero.Init it would be partitioned
+        with deepspeed_loading(accelerator, partition=False):  # (numel 0) in collectives the others never join
+            check_fits(path, dtype, accelerator.device, quantization, share, trust_remote_code)
     empty = accelerator.is_fsdp2 and not accelerator.is_main_process
     with deepspeed_loading(accelerator, partition=True, dtype=dtype):
         model = load_model(path, dtype, trust_remote_code, empty=empty, quantization=quantization)

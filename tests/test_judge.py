@@ -3,10 +3,9 @@
 import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import FakeServer, completion, serving
 
 from vlsi.cli import main
 from vlsi.eval import Judge, JudgeError, ScoreError, score_file
@@ -16,62 +15,33 @@ from vlsi.eval.judged import score_llava_wilder, score_mm_vet, score_mm_vet_v2
 SECRET = "sk-test-0123456789-secret"
 
 
-class FakeEndpoint:
-    """State of the fake /v1/chat/completions server: canned replies, injected failures, a request log."""
+class FakeEndpoint(FakeServer):
+    """A judge's server: canned grades (`grade(prompt)`), the first `fail_first` calls answered with HTTP 500, every
+    call past them with `status` when it is not 200."""
 
     def __init__(self):
-        self.requests = []  # (path, headers, body)
-        self.fail_first = 0  # answer the first N calls with HTTP 500
-        self.status = 200  # status for calls past the failures
-        self.reply = lambda prompt: "0.5"
-        self.lock = threading.Lock()
+        super().__init__(self._judge)
+        self.fail_first = 0
+        self.status = 200
+        self.grade = lambda prompt: "0.5"
 
-
-def make_handler(state: FakeEndpoint):
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests.append((self.path, self.headers, body))  # names: any case
-                calls = len(state.requests)
-            if self.path != "/v1/chat/completions":
-                return self.answer(404, {"error": "not found"})
-            if calls <= state.fail_first:
-                return self.answer(500, {"error": "overloaded"})
-            if state.status != 200:
-                # Echo the Authorization header, as careless servers do: the client must not repeat it.
-                return self.answer(state.status, {"error": f"bad key {self.headers.get('Authorization')}"})
-            content = state.reply(body["messages"][-1]["content"])
-            self.answer(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
-
-        def answer(self, status, payload):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
+    def _judge(self, body):
+        calls = len(self.requests)
+        if calls <= self.fail_first:
+            return 500, {"error": "overloaded"}, 0.0
+        if self.status != 200:  # echo the Authorization header, as careless servers do: the client must not repeat it
+            return self.status, {"error": f"bad key {self.requests[-1][1].get('Authorization')}"}, 0.0
+        return 200, completion(self.grade(body["messages"][-1]["content"])), 0.0
 
 
 @pytest.fixture
 def endpoint():
-    state = FakeEndpoint()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
+    with serving(FakeEndpoint()) as state:
+        yield state
 
 
 def test_judge_sends_key_in_header_and_returns_content(endpoint):
-    endpoint.reply = lambda prompt: f"echo: {prompt}"
+    endpoint.grade = lambda prompt: f"echo: {prompt}"
     judge = Judge(url=endpoint.url, model="judge-model", api_key=SECRET)
     assert judge("grade this", temperature=0.5, system="be precise") == "echo: grade this"
     path, headers, body = endpoint.requests[0]
@@ -227,7 +197,7 @@ def run_cli(*argv):
 
 def test_cli_scores_mm_vet_through_the_server_without_leaking_the_key(endpoint, tmp_path, monkeypatch, capsys, caplog):
     endpoint.fail_first = 1  # the first call is retried
-    endpoint.reply = lambda prompt: "1.0" if prompt.endswith("| stop sign | ") else "0.0"
+    endpoint.grade = lambda prompt: "1.0" if prompt.endswith("| stop sign | ") else "0.0"
     path = tmp_path / "mmvet.jsonl"
     rows = [mmvet_row("stop sign", "ocr"), mmvet_row("a tree", "rec")]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

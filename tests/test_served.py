@@ -11,14 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_openai import FakeServer, completion, serving
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
@@ -84,19 +83,10 @@ def _rows(out) -> list[dict]:
 # ---------------------------------------------------------------- a small local server, for the faults
 
 
-class Fake:
-    """State of the fake OpenAI-compatible server: `reply(body)` gives (status, payload, delay in seconds) for a
-    chat completion (payload: a dict sent as JSON, or bytes sent as they are); every request is logged."""
-
-    def __init__(self):
-        self.models = ["teacher"]
-        self.requests = []  # (path, headers (case-insensitive), body)
-        self.lock = threading.Lock()
-        self.reply = lambda body: (200, completion(f"answer to {_text(body)}"), 0.0)
-
-
-def completion(content, finish="stop"):
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}]}
+@pytest.fixture
+def fake():
+    with serving(FakeServer(lambda body: (200, completion(f"answer to {_text(body)}"), 0.0))) as state:
+        yield state
 
 
 def _text(body) -> str:
@@ -105,53 +95,7 @@ def _text(body) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-def _handler(state: Fake):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            with state.lock:
-                state.requests.append((self.path, self.headers, None))
-            models = [{"id": name, "object": "model", "created": 0, "owned_by": "me"} for name in state.models]
-            self.send(200, {"object": "list", "data": models})
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests.append((self.path, self.headers, body))
-            status, payload, delay = state.reply(body)
-            time.sleep(delay)
-            self.send(status, payload)
-
-        def send(self, status, payload):
-            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow reply
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    return Handler
-
-
-@pytest.fixture
-def fake():
-    state = Fake()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
-def _chats(state: Fake) -> list[dict]:
+def _chats(state: FakeServer) -> list[dict]:
     return [body for path, _, body in state.requests if path == "/v1/chat/completions"]
 
 

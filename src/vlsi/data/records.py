@@ -19,7 +19,7 @@ import json
 import os
 import re
 from codecs import BOM_UTF8
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
@@ -185,27 +185,49 @@ def read_dataset(
         f"checking {path.name}",
         len(table),
     )
-    keep, sizes, counts, digest, lines_by_id = [], [], [], hashlib.sha256(str(path.resolve()).encode()), {}
-    for r, (checked, chunk_digest) in zip(ranges, results, strict=True):
-        digest.update(chunk_digest)
-        for position, (sample_id, reasons, image_sizes, parsed) in zip(r, checked, strict=True):
-            line = int(table[position, 3])
-            if parsed:
-                if sample_id in lines_by_id:
-                    reasons.append(f"duplicate id (also on line {lines_by_id[sample_id]}); ids must be unique")
-                lines_by_id.setdefault(sample_id, line)
-            problems += [f"{path}: record {sample_id} (line {line}): {reason}" for reason in reasons]
-            if not reasons:
-                keep.append(position)
-                sizes += image_sizes
-                counts.append(len(image_sizes))
-    if problems and (not skip_invalid or not keep):
-        fix = "set data.skip_invalid=true to skip them" if keep else "no valid record"
-        raise DataError(problems, f"{len(problems)} invalid records in {path} ({fix}):")
-    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    sizes = np.array(sizes, dtype=np.int32).reshape(-1, 2)
+    digest = hashlib.sha256(str(path.resolve()).encode())
+
+    def verdicts():
+        for r, (checked, chunk_digest) in zip(ranges, results, strict=True):
+            digest.update(chunk_digest)
+            for position, (sample_id, reasons, image_sizes, parsed) in zip(r, checked, strict=True):
+                yield position, sample_id, parsed, reasons, image_sizes
+
+    def where(position: int, sample_id: str) -> str:
+        return f"{path}: record {sample_id} (line {int(table[position, 3])})"
+
+    def place(position: int) -> str:
+        return f"on line {int(table[position, 3])}"
+
+    keep, sizes, starts, problems = kept_records(verdicts(), where, place, skip_invalid, str(path))
     samples = Samples(path, root, unanswered, table[keep], sizes, starts, digest.hexdigest())
     return samples, problems
+
+
+def kept_records(
+    verdicts, where: Callable, place: Callable, skip_invalid: bool, name: str
+) -> tuple[list[int], np.ndarray, np.ndarray, list[str]]:
+    """The records of data set `name` that passed their checks. `verdicts` yields, in record order, each record's
+    (position, id, whether the id is the record's own (false for one that did not parse), reasons, image sizes);
+    `where(position, id)` names a record in a problem, `place(position)` in a duplicate id's (ids must be unique).
+    Returns the kept positions, their image sizes [M, 2] and each kept record's first row in them (starts [K + 1]),
+    and the problems of those skipped; DataError when any is invalid and `skip_invalid` is off, or none is valid."""
+    keep, sizes, counts, problems, first = [], [], [], [], {}
+    for position, sample_id, own_id, reasons, image_sizes in verdicts:
+        if own_id:
+            if sample_id in first:
+                reasons.append(f"duplicate id (also {place(first[sample_id])}); ids must be unique")
+            first.setdefault(sample_id, position)
+        problems += [f"{where(position, sample_id)}: {reason}" for reason in reasons]
+        if not reasons:
+            keep.append(position)
+            sizes += image_sizes
+            counts.append(len(image_sizes))
+    if problems and (not skip_invalid or not keep):
+        fix = "set data.skip_invalid=true to skip them" if keep else "no valid record"
+        raise DataError(problems, f"{len(problems)} invalid records in {name} ({fix}):")
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    return keep, np.array(sizes, dtype=np.int32).reshape(-1, 2), starts, problems
 
 
 def _record_id(record: object, index: int) -> str:

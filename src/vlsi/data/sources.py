@@ -33,7 +33,16 @@ import numpy as np
 import yaml
 
 from vlsi.data.parallel import chunks, default_num_proc, run_chunks
-from vlsi.data.records import BadRecord, DataError, Sample, Samples, _image_info, _to_sample, read_dataset
+from vlsi.data.records import (
+    BadRecord,
+    DataError,
+    Sample,
+    Samples,
+    _image_info,
+    _to_sample,
+    kept_records,
+    read_dataset,
+)
 
 log = logging.getLogger("vlsi")
 HF_SUFFIXES = (".parquet", ".arrow")
@@ -401,25 +410,19 @@ def read_hf(
         min(num_proc, len(ranges)),
         f"checking {source.name}",
         len(dataset),
-    )
-    keep, sizes, counts, problems, rows_by_id = [], [], [], [], {}
-    for r, (checked, chunk_digest) in zip(ranges, results, strict=True):
-        digest.update(chunk_digest)
-        for row, (sample_id, reasons, image_sizes) in zip(r, checked, strict=True):
-            if sample_id in rows_by_id:
-                reasons.append(f"duplicate id (also in row {rows_by_id[sample_id]}); ids must be unique")
-            rows_by_id.setdefault(sample_id, row)
-            problems += [f"{everything.where_row(row, sample_id)}: {reason}" for reason in reasons]
-            if not reasons:
-                keep.append(row)
-                sizes += image_sizes
-                counts.append(len(image_sizes))
-    _CHECKING = None
-    if problems and (not skip_invalid or not keep):
-        fix = "set data.skip_invalid=true to skip them" if keep else "no valid record"
-        raise DataError(problems, f"{len(problems)} invalid records in {source.name} ({fix}):")
-    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    sizes = np.array(sizes, dtype=np.int32).reshape(-1, 2)
+    )  # a generator: chunks are checked (reading _CHECKING) as `verdicts` consumes them
+
+    def verdicts():
+        for r, (checked, chunk_digest) in zip(ranges, results, strict=True):
+            digest.update(chunk_digest)
+            for row, (sample_id, reasons, image_sizes) in zip(r, checked, strict=True):
+                yield row, sample_id, True, reasons, image_sizes
+
+    where, place = everything.where_row, lambda row: f"in row {row}"
+    try:
+        keep, sizes, starts, problems = kept_records(verdicts(), where, place, skip_invalid, source.name)
+    finally:
+        _CHECKING = None
     rows = np.array(keep, dtype=np.int64)
     return DatasetSamples(source, dataset, mapping, unanswered, rows, sizes, starts, digest.hexdigest()), problems
 

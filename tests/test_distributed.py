@@ -365,3 +365,42 @@ def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
 
 
 SHARES = ["answers.jsonl", "answers-1.jsonl"]  # the main process's answers, process 1's
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_two_processes_train_on_a_parquet_dataset_as_one_process(tmp_path):
+    """`vlsi sft` on a parquet (written with `datasets`, the images' bytes inside, LLaVA-OneVision's columns) under a
+    2-process launch: the main process checks the rows and sends the others its index of them; the student equals
+    one process's on the same global batches (3 steps cross the epoch's reshuffle)."""
+    datasets = pytest.importorskip("datasets")
+    _, student = write_tiny_pair(tmp_path)
+    records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())
+    rows = {
+        "id": [r["id"] for r in records],
+        "conversations": [r["conversations"] for r in records],
+        "image": [{"bytes": (tmp_path / r["image"]).read_bytes(), "path": None} for r in records],
+    }
+    parquet = tmp_path / "digits.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(parquet)
+    (tmp_path / "images").rename(tmp_path / "moved")  # nothing is read from image files
+    args = ["sft", "--model", str(student), "--data", str(parquet), "--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
+    args += ["sft.max_steps=3", "sft.batch_size=2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "sft.grad_accum=2", "--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    name = "model/model.safetensors"
+    diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
+    assert diff <= WEIGHT_ATOL, f"max |difference| {diff:.3g}"
+    before, after = load_file(student / "model.safetensors"), load_file(tmp_path / "two" / name)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
+    print(f"2 processes vs 1 on a parquet source: max |difference| {diff:.3g}")

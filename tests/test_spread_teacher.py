@@ -5,6 +5,7 @@ teacher's."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,13 @@ def test_the_cache_names_what_fits_a_teacher_it_cannot_shard(toy, tmp_path, monk
     assert "teacher_quantization=int8" in message and "no teacher_cache" in message and "data.answers" not in message
 
 
+def test_a_spread_teacher_that_fits_one_device_is_placed_there(toy, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vlsi"):
+        model = answers_module._load_teacher(_cfg(toy, tmp_path, "teacher_device_map=auto"))
+    assert len({p.device for p in model.parameters()}) == 1 and not model.training  # cpu here; a GPU where one is
+    assert re.search(r"the teacher answers spread over \{'\w+': 1\}", caplog.text)
+
+
 def test_the_settings_are_checked(toy, tmp_path):
     with pytest.raises(ConfigError, match=r"teacher_device_map=auto places only the teacher that answers prompts"):
         load_config(CONFIG, ["teacher_device_map=auto"], output=str(tmp_path))
@@ -140,6 +148,8 @@ def test_the_settings_are_checked(toy, tmp_path):
     for size in ("lots", "0GB", 1.5, True):
         with pytest.raises(ConfigError, match=f"teacher_max_memory: cpu: {size!r} is not a size"):
             _cfg(toy, tmp_path, *SPREAD[:1], f"teacher_max_memory={{cpu: {size}}}")
+    with pytest.raises(ConfigError, match="teacher_quantization=int8 loads a whole quantized teacher on one device"):
+        _cfg(toy, tmp_path, *SPREAD, "teacher_quantization=int8")
     cfg = _cfg(toy, tmp_path, *SPREAD)
     assert cfg.teacher_max_memory == {"cpu": "1MB", "disk": "1GiB"}
 

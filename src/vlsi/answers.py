@@ -331,6 +331,8 @@ def _load_teacher(cfg: TrainConfig):
     )
     if spread is None:
         return model.to(device).eval()
-    placed = Counter(str(d) for d in model.hf_device_map.values())  # {module name: GPU index, "cpu" or "disk"}
+    # {module name: GPU index, "cpu" or "disk"}; none when all of it went to one device
+    where = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+    placed = Counter(str(device) for device in where.values())
     log.info("the teacher answers spread over %s (modules per device)", dict(placed))
     return model.eval()

@@ -345,6 +345,13 @@ def _check_device_map(cfg: TrainConfig) -> None:
             f"teacher_device_map={cfg.teacher_device_map} places only the teacher that answers prompts (data.answers="
             "teacher); the cache and the stages place the teacher as the launch does (docs/DISTRIBUTED.md): drop it"
         )
+    if (
+        cfg.teacher_device_map and cfg.teacher_quantization
+    ):  # transformers' torchao conversion fails for offloaded weights
+        raise ConfigError(
+            f"teacher_quantization={cfg.teacher_quantization} loads a whole quantized teacher on one device (a 72B "
+            "teacher in nf4 or int4 is ~40 GB), which teacher_device_map=auto does not spread: drop one of them"
+        )
     if cfg.teacher_max_memory and not cfg.teacher_device_map:
         raise ConfigError("teacher_max_memory bounds the devices of teacher_device_map=auto: add it, or drop this")
     if not cfg.teacher_max_memory:

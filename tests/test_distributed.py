@@ -360,3 +360,77 @@ def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
 
 
 SHARES = ["answers.jsonl", "answers-1.jsonl"]  # the main process's answers, process 1's
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_two_processes_train_on_a_parquet_dataset_as_one_process(tmp_path):
+    """`vlsi sft` on a parquet (written with `datasets`, the images' bytes inside, LLaVA-OneVision's columns) under a
+    2-process launch: the main process checks the rows and sends the others its index of them; the student equals
+    one process's on the same global batches (3 steps cross the epoch's reshuffle)."""
+    datasets = pytest.importorskip("datasets")
+    _, student = write_tiny_pair(tmp_path)
+    records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())
+    rows = {
+        "id": [r["id"] for r in records],
+        "conversations": [r["conversations"] for r in records],
+        "image": [{"bytes": (tmp_path / r["image"]).read_bytes(), "path": None} for r in records],
+    }
+    parquet = tmp_path / "digits.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(parquet)
+    (tmp_path / "images").rename(tmp_path / "moved")  # nothing is read from image files
+    args = ["sft", "--model", str(student), "--data", str(parquet), "--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
+    args += ["sft.max_steps=3", "sft.batch_size=2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "sft.grad_accum=2", "--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    name = "model/model.safetensors"
+    diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
+    assert diff <= WEIGHT_ATOL, f"max |difference| {diff:.3g}"
+    before, after = load_file(student / "model.safetensors"), load_file(tmp_path / "two" / name)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student trained"
+    print(f"2 processes vs 1 on a parquet source: max |difference| {diff:.3g}")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_a_spread_teacher_answers_alone_under_a_launch(tmp_path):
+    """`vlsi sft` with data.answers=teacher teacher_device_map=auto on two processes: the main process answers every
+    prompt with the teacher spread over CPU memory and disk while the other waits; the answers are one process's with
+    the whole teacher, id for id."""
+    from vlsi.answers import read_answers
+    from vlsi.config import load_config
+    from vlsi.stages.common import load_samples
+
+    teacher, student = write_tiny_pair(tmp_path)
+    records = json.loads(write_digits_dataset(tmp_path, n=6).read_text())
+    for record in records:
+        record["conversations"] = record["conversations"][:1]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = ["data.answers=teacher", "data.answer_max_tokens=4", "data.keep_cut_answers=true"]
+    spread = ["teacher_device_map=auto", "teacher_max_memory={cpu: 1MB, disk: 1GiB}"]
+    config = str(ROOT / "configs" / "tiny-cpu.yaml")
+    args = ["sft", "--model", str(student), "--teacher", str(teacher), "--data", str(data), "--config", config]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    command = [*launch, *args, "--output", str(out), *settings, *spread, "sft.max_steps=1", "sft.batch_size=2"]
+    two = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "the teacher answers spread over" in two.stderr and "'disk'" in two.stderr
+    assert not (out / "answers" / "answers-1.jsonl").exists(), "process 1 answered nothing"
+    assert not (out / ".cache" / "teacher-offload").exists()
+    wanted = {r["id"] for r in records}
+    one = load_config(config, [f"data.path={data}", *settings], teacher=str(teacher), output=str(tmp_path / "one"))
+    load_samples(one)
+    assert read_answers(out / "answers", wanted)[0] == read_answers(tmp_path / "one" / "answers", wanted)[0]

@@ -297,6 +297,39 @@ def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
     assert "holds vlsi eval's answers to custom" in capsys.readouterr().err
 
 
+def test_custom_benchmark_on_a_parquet_dataset_answers_as_on_its_json_records(model_dir, tmp_path, capsys):
+    """The same held-out digits as JSON records over PNG files and as a parquet written with `datasets` (the images'
+    bytes inside, LLaVA-OneVision's columns with the turns renamed, mapped by --column): the same predictions."""
+    datasets = pytest.importorskip("datasets")
+    data = write_digits_dataset(tmp_path, n=6)
+    records = json.loads(data.read_text())
+    rows = {
+        "id": [r["id"] for r in records],
+        "turns": [r["conversations"] for r in records],
+        "image": [{"bytes": (tmp_path / r["image"]).read_bytes(), "path": None} for r in records],
+    }
+    parquet = tmp_path / "heldout.parquet"
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(parquet)
+    images = tmp_path / "images"
+    images.rename(tmp_path / "moved")  # the parquet run reads no image file
+    argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(parquet), "--output", str(tmp_path / "pq")]
+    assert cli(*argv, "--column", "conversations=turns", *FAST) == 0
+    (tmp_path / "moved").rename(images)
+    argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(data), "--output", str(tmp_path / "js")]
+    assert cli(*argv, *FAST) == 0
+    from_parquet, from_json = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("pq", "js"))
+    assert [row["index"] for row in from_parquet] == [r["id"] for r in records]
+    assert from_parquet == from_json
+    settings = json.loads((tmp_path / "pq" / "eval.json").read_text())
+    assert settings["data_fingerprint"] == json.loads((tmp_path / "js" / "eval.json").read_text())["data_fingerprint"]
+    capsys.readouterr()
+    assert cli(*argv[:-2], "--output", str(tmp_path / "pq"), "--data", str(parquet), *FAST) == 2  # no column mapped
+    assert "turns" in capsys.readouterr().err
+    mmbench = ["--model", model_dir, "--benchmark", "mmbench_en", "--data", "x.tsv", "--output", str(tmp_path / "m")]
+    assert cli(*mmbench, "--preset", "trl") == 2
+    assert "--preset and --column map a dataset's columns for --benchmark custom" in capsys.readouterr().err
+
+
 def test_a_trailing_user_turn_in_a_custom_record_is_refused(model_dir, tmp_path, capsys):
     data = write_digits_dataset(tmp_path, n=2)
     records = json.loads(data.read_text())

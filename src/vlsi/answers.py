@@ -39,7 +39,9 @@ process clears answers left without an index, writes the index and sends the oth
 (quick file work before one broadcast), and process R of N answers the pending prompts R, R+N, R+2N, ... into its
 own file. Then each process polls the files until every prompt is answered: a barrier would time out (10 minutes
 under NCCL) long before a large teacher has answered a large data set. A served teacher (data.answers=server) is
-asked by the main process alone while the others poll. If a process fails, the launcher stops the others.
+asked by the main process alone while the others poll; so is a teacher spread over the machine's devices
+(teacher_device_map=auto: accelerate's big-model inference, GPUs first, then CPU memory, then disk under
+OUT/.cache/teacher-offload, deleted when the answers are made). If a process fails, the launcher stops the others.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 import time
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -61,7 +65,7 @@ from .data import Sample
 from .data.dataset import processor_key
 from .distributed import on_main_process, process_state
 from .eval.generate import Answer, Item, append_answers
-from .models.loading import check_fits, compute_dtype, load_model, load_processor
+from .models.loading import QUANTIZE, SERVE, check_fits, compute_dtype, load_model, load_processor, spread_memory
 from .runfolder import (
     check_settings,
     lock,
@@ -148,7 +152,8 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
     else:
         with lock(folder, enabled=state.is_main_process):  # the main process holds it for the launch
             pending = on_main_process(_prepare, folder, index, recorded, prompts, answers)
-            mine = set(pending[state.process_index :: state.num_processes])  # every process holds the same `pending`
+            # every process holds the same `pending`; one teacher spread over the machine's devices answers alone
+            mine = set(share(pending, state.process_index, 1 if cfg.teacher_device_map else state.num_processes))
             _generate(cfg, processor, [s for s in prompts if s.id in mine], folder)
         answers, cut = _wait(folder, wanted)
     check_cut(cfg, cut, len(wanted), folder)
@@ -197,6 +202,11 @@ def read_answers(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[st
                 if row.get("cut") is True:
                     cut.add(row["id"])
     return answers, cut
+
+
+def share(pending: list[str], rank: int, answering: int) -> list[str]:
+    """The prompts process `rank` answers when the first `answering` processes share `pending`: rank, rank + N, ..."""
+    return pending[rank::answering] if rank < answering else []
 
 
 def answers_file(folder: Path) -> Path:
@@ -266,10 +276,7 @@ def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) 
     _start(path, pending)
     if not pending:
         return
-    dtype, device = compute_dtype(cfg.precision), process_state().device
-    check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
-    model = model.to(device).eval()
+    model = _load_teacher(cfg)
     size = cfg.data.answer_batch_size
 
     def record(item: Item, text: Answer) -> dict:
@@ -297,3 +304,35 @@ def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) 
     gc.collect()  # the stages load their models next: the teacher's memory must be free
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    shutil.rmtree(offload_folder(cfg), ignore_errors=True)
+
+
+def offload_folder(cfg: TrainConfig) -> Path:
+    """Where teacher_device_map=auto keeps the teacher weights it places on the disk while answering."""
+    return Path(cfg.output) / ".cache" / "teacher-offload"
+
+
+def _load_teacher(cfg: TrainConfig):
+    """The teacher for answering, in evaluation mode: whole on this process's device, or (teacher_device_map=auto)
+    spread over this machine's devices by accelerate; stopped first when it cannot fit there (`check_fits`)."""
+    dtype, device = compute_dtype(cfg.precision), process_state().device
+    spread = cfg.teacher_max_memory if cfg.teacher_device_map else None
+    if spread is None:
+        memory, fix = None, "spread it over this machine's GPUs, CPU memory and disk (teacher_device_map=auto)"
+    else:
+        memory = spread_memory(spread)
+        fix = "give it more devices or memory (teacher_max_memory; naming disk there offloads the rest, slowly)"
+    fixes = f"{fix}, {QUANTIZE}, or {SERVE}"
+    options = {"trust_remote_code": cfg.trust_remote_code, "memory": memory, "fixes": fixes}
+    check_fits(cfg.teacher, dtype, device, cfg.teacher_quantization, **options)
+    offload = str(offload_folder(cfg))
+    model = load_model(
+        cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization, spread=spread, offload=offload
+    )
+    if spread is None:
+        return model.to(device).eval()
+    # {module name: GPU index, "cpu" or "disk"}; none when all of it went to one device
+    where = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+    placed = Counter(str(device) for device in where.values())
+    log.info("the teacher answers spread over %s (modules per device)", dict(placed))
+    return model.eval()

@@ -50,7 +50,7 @@ from .data.dataset import processor_key
 from .distributed import on_main_process, process_state
 from .losses import TopK, log_probs, top_k
 from .models.family import capture, model_parts
-from .models.loading import check_fits, compute_dtype, freeze, load_model, load_processor
+from .models.loading import QUANTIZE, check_fits, compute_dtype, freeze, load_model, load_processor
 from .models.verbalizer import META, WEIGHTS, Verbalizers
 from .runfolder import (
     file_fingerprint,
@@ -272,7 +272,14 @@ def _compute_shards(cfg, folder: Path, verbalizers_dir, processor, dataset, shar
     """Run the teacher over the shards `todo` of this process, writing each one atomically."""
     state = process_state()
     dtype = compute_dtype(cfg.precision)
-    check_fits(cfg.teacher, dtype, state.device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code)
+    fixes = (  # teacher_device_map places only the answering teacher (`config._check_device_map`)
+        f"the cache holds the whole teacher on each process's device, a launch does not shard it: {QUANTIZE}, or "
+        "train with the live teacher sharded (no teacher_cache; launch with configs/accelerate/fsdp2.yaml or "
+        "zero3.yaml)"
+    )
+    check_fits(
+        cfg.teacher, dtype, state.device, cfg.teacher_quantization, trust_remote_code=cfg.trust_remote_code, fixes=fixes
+    )
     teacher = load_model(cfg.teacher, dtype, cfg.trust_remote_code, quantization=cfg.teacher_quantization)
     teacher = freeze(teacher).to(state.device).eval()
     parts = model_parts(teacher)

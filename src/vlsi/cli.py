@@ -202,6 +202,7 @@ def cmd_eval(judge_url: str | None, judge_model: str | None, judge_key_env: str 
     from .eval.harness import evaluate
     from .eval.score import judge_from_options
 
+    options["columns"] = dict(options["columns"] or [])  # --column KEY=COLUMN, repeated
     scores = evaluate(**options, judge=judge_from_options(judge_url, judge_model, judge_key_env))
     print(json.dumps(scores, indent=2, ensure_ascii=False))
 
@@ -236,6 +237,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _column(text: str) -> tuple[str, str]:
+    key, sep, column = text.partition("=")
+    if not (sep and key and column):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=COLUMN (e.g. messages=conversation)")
+    return key, column
 
 
 def _output(parser: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
@@ -427,9 +435,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         help="the benchmark's VLMEvalKit TSV (or JSONL with its fields; images base64 in `image` or files in "
-        "`image_path`); for custom, LLaVA-style or OpenAI-style JSON / JSONL records",
+        "`image_path`); for custom, what training reads: JSON / JSONL records, a parquet or arrow file, a folder of "
+        "shards or of save_to_disk, a hub id ID[:CONFIG][@SPLIT]",
     )
     p.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    p.add_argument(
+        "--preset",
+        choices=["auto", "trl", "cauldron", "onevision"],  # vlsi.data.sources.PRESETS
+        default="auto",
+        help="custom on a dataset: its columns, as data.preset (default auto: the columns named as record keys)",
+    )
+    p.add_argument(
+        "--column",
+        dest="columns",
+        type=_column,
+        action="append",
+        metavar="KEY=COLUMN",
+        help="custom on a dataset: the column of a record key, as data.columns.KEY=COLUMN (repeatable)",
+    )
     _output(p, "output folder; rerunning with it resumes the run")
     p.add_argument("--batch-size", type=_positive, default=8, help="rows per generate call (default 8)")
     p.add_argument(

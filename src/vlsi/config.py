@@ -174,6 +174,13 @@ class TrainConfig:
     # the teacher's weights quantized as they load (answers, cache, interaction): int8 (torchao, CPU or GPU), int4
     # (torchao), nf4 / bnb8 (bitsandbytes), fp8 (Hopper); empty: as stored. docs/CONFIG.md#a-quantized-teacher
     teacher_quantization: Literal["", "int8", "int4", "nf4", "bnb8", "fp8"] = ""
+    # data.answers=teacher: "" answers with the whole teacher on each process's device; auto spreads one teacher over
+    # this machine's GPUs, then CPU memory, then disk (accelerate's big-model inference; the main process answers
+    # alone). docs/DISTRIBUTED.md#answering-with-a-teacher-larger-than-one-device
+    teacher_device_map: Literal["", "auto"] = ""
+    # teacher_device_map=auto: the most each device may hold, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB, disk: 500GiB}
+    # (GPU index, cpu, disk); only the devices named are used, and disk only when named. Empty: every GPU and the CPU
+    teacher_max_memory: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
@@ -319,6 +326,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "data.answers=server needs data.answer_server=URL (the OpenAI-compatible base URL, e.g. "
             "http://127.0.0.1:8000/v1) and data.answer_model=NAME (the model the server serves)"
         )
+    _check_device_map(cfg)
     if cfg.data.num_proc < 0 or not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError("data.num_proc must be >= 0 (0: every core) and data.max_bad_fraction between 0 and 1")
     if cfg.data.validate == "lazy" and cfg.data.answers != "gold":
@@ -327,6 +335,40 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "before training, so they are all read first anyway; use data.validate=eager"
         )
     return cfg
+
+
+def _check_device_map(cfg: TrainConfig) -> None:
+    """teacher_device_map places the teacher that answers prompts, and nothing else; teacher_max_memory names devices
+    as accelerate does (a GPU index, cpu, disk) with a size each (bytes, or "70GiB")."""
+    if cfg.teacher_device_map and cfg.data.answers != "teacher":
+        raise ConfigError(
+            f"teacher_device_map={cfg.teacher_device_map} places only the teacher that answers prompts (data.answers="
+            "teacher); the cache and the stages place the teacher as the launch does (docs/DISTRIBUTED.md): drop it"
+        )
+    if (
+        cfg.teacher_device_map and cfg.teacher_quantization
+    ):  # transformers' torchao conversion fails for offloaded weights
+        raise ConfigError(
+            f"teacher_quantization={cfg.teacher_quantization} loads a whole quantized teacher on one device (a 72B "
+            "teacher in nf4 or int4 is ~40 GB), which teacher_device_map=auto does not spread: drop one of them"
+        )
+    if cfg.teacher_max_memory and not cfg.teacher_device_map:
+        raise ConfigError("teacher_max_memory bounds the devices of teacher_device_map=auto: add it, or drop this")
+    if not cfg.teacher_max_memory:
+        return
+    from accelerate.utils import convert_file_size_to_int
+
+    for device, size in cfg.teacher_max_memory.items():
+        if not (
+            device in ("cpu", "disk") or (isinstance(device, int) and not isinstance(device, bool) and device >= 0)
+        ):
+            raise ConfigError(f"teacher_max_memory: {device!r} is not a device (a GPU index such as 0, cpu or disk)")
+        try:
+            valid = not isinstance(size, bool) and convert_file_size_to_int(size) > 0
+        except (ValueError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"teacher_max_memory: {device}: {size!r} is not a size (bytes, or e.g. 70GiB, 500MB)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **top) -> TrainConfig:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from vlsi.card import add_eval_result
-from vlsi.data import read_dataset
+from vlsi.data.sources import Source, read_source
 from vlsi.models.loading import ModelError, load_model, load_processor
 from vlsi.runfolder import (
     check_settings,
@@ -80,8 +80,13 @@ def evaluate(
     judge: JudgeFn | None = None,
     rules: str = VLMEVALKIT,
     generation_config: str = "vlmevalkit",
+    preset: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """Generate the missing predictions into `output`, score the whole file under `rules` and return the scores.
+    The custom benchmark's `data` is any source training reads (`vlsi.data.sources`: JSON / JSONL records, a parquet
+    or arrow file, a folder of shards or of save_to_disk, a hub id), a dataset's columns mapped by `preset` and
+    `columns` ({record key: column}) as data.preset and data.columns map them.
 
     Decoding is greedy with the options VLMEvalKit's wrapper for the model's family passes (`generation_config`
     "vlmevalkit"; the model's generation_config.json is then not applied) or with the model's own options ("model").
@@ -92,6 +97,8 @@ def evaluate(
     if generation_config not in GENERATION_SOURCES:
         raise EvalError(f"--generation-config {generation_config!r}: use {' or '.join(GENERATION_SOURCES)}")
     name = CUSTOM if benchmark.strip().lower() == CUSTOM else resolve_benchmark(benchmark)
+    if name != CUSTOM and (preset != "auto" or columns):
+        raise EvalError(f"--preset and --column map a dataset's columns for --benchmark custom; {name} reads its TSV")
     data = Path(data)
     root = Path(image_root) if image_root is not None else data.parent
     out = Path(output)
@@ -99,7 +106,9 @@ def evaluate(
 
     # Read and check everything (data, images, earlier output) before writing anything or loading the model.
     if name == CUSTOM:
-        samples = read_dataset(data, root)[0]
+        source = Source(str(data), str(image_root or ""), preset, dict(columns or {}))
+        samples = read_source(source)[0]  # a dataset's images stay encoded bytes until a batch is answered
+        root = samples.root
         items = [custom_item(sample, data) for sample in samples]
         indices = [item.index for item in items]
         data_fingerprint = samples_fingerprint(samples)
@@ -116,7 +125,7 @@ def evaluate(
         "model_fingerprint": model_fingerprint(_model_id(model)),
         "model_type": model_type,
         "benchmark": name,
-        "data": str(data.resolve()),
+        "data": str(data.resolve()) if data.exists() else str(data),  # a hub id is no path
         "data_fingerprint": data_fingerprint,
         "image_root": str(root.resolve()),
         "dtype": dtype,

@@ -41,10 +41,18 @@ def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
 
 
 def load_model(
-    path: str, dtype: torch.dtype, trust_remote_code: bool = False, empty: bool = False, quantization: str = ""
+    path: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    empty: bool = False,
+    quantization: str = "",
+    spread: dict | None = None,
+    offload: str = "",
 ) -> nn.Module:
     """The model in `path`; with `empty`, its architecture only, on the meta device (no weights read or allocated);
-    with `quantization` (a `QUANTIZATIONS` name), its weights quantized as they load."""
+    with `quantization` (a `QUANTIZATIONS` name), its weights quantized as they load; with `spread` (a
+    teacher_max_memory, {} for every device), placed for big-model inference: accelerate's `device_map="auto"`
+    fills the GPUs, then the CPU, then the disk (the folder `offload`), and moves activations between them."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -54,6 +62,8 @@ def load_model(
             with torch.device("meta"):
                 return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
+        if spread is not None:  # a copy: accelerate converts the sizes in place
+            extra |= {"device_map": "auto", "max_memory": dict(spread) or None, "offload_folder": offload or None}
         return AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
@@ -110,26 +120,56 @@ def quantization_config(name: str):
     return FineGrainedFP8Config()
 
 
+# The ways out named when a teacher cannot fit, by where it runs (`check_fits`'s `fixes`)
+QUANTIZE = "quantize it (teacher_quantization=int8, nf4 or fp8)"
+SERVE = "serve it (data.answers=server, docs/SERVING.md)"
+SHARD = "shard it (launch with configs/accelerate/fsdp2.yaml or zero3.yaml on more devices)"
+FIXES = f"{SHARD}, {QUANTIZE}, or {SERVE}"
+
+
 def check_fits(path: str, dtype: torch.dtype, device: torch.device, quantization: str = "", share: int = 1,
-               trust_remote_code: bool = False, what: str = "teacher") -> None:  # fmt: skip
+               trust_remote_code: bool = False, what: str = "teacher", memory: dict | None = None,
+               fixes: str = FIXES) -> None:  # fmt: skip
     """Stop, before any weight is read, a model whose weights cannot fit the free memory of `device` (its `share`:
-    1/share of the weights when the launch shards it), estimated from its config (parameters x bytes per weight, plus
-    10 % for buffers and activations), with the options that make it fit."""
+    1/share of the weights when the launch shards it) or, spread by teacher_device_map=auto, the sum of `memory`
+    ({device: bytes}, `spread_memory`), estimated from its config (parameters x bytes per weight, plus 10 % for
+    buffers and activations), naming `fixes`: the options that make it fit."""
     model = load_model(path, dtype, trust_remote_code, empty=True)
     parameters = sum(p.numel() for p in model.parameters())
     per_weight = QUANTIZATIONS[quantization][2] if quantization else torch.finfo(dtype).bits / 8
     needed = parameters * per_weight * 1.1 / share
-    free = _free_memory(device)
+    free = _free_memory(device) if memory is None else sum(memory.values())
     if needed <= free:
         return
     gib = 1 << 30
     how = f"{QUANTIZATIONS[quantization][3]} weights" if quantization else f"{str(dtype).removeprefix('torch.')}"
+    room = f"{device} has {free / gib:.1f} GiB free"
+    if memory is not None:
+        shown = ", ".join(f"{name}: {size / gib:.1f}" for name, size in memory.items())
+        room = f"teacher_device_map=auto has {free / gib:.1f} GiB on this machine ({shown} GiB)"
     raise ModelError(
         f"the {what} '{path}' ({parameters / 1e9:.1f}B parameters, {how}) needs about {needed / gib:.1f} GiB "
-        f"{'per process ' if share > 1 else ''}but {device} has {free / gib:.1f} GiB free: shard it (launch with "
-        "configs/accelerate/fsdp2.yaml or zero3.yaml on more devices), quantize it (teacher_quantization=int8, nf4 "
-        "or fp8), or serve it (data.answers=server, docs/SERVING.md)"
+        f"{'per process ' if share > 1 else ''}but {room}: {fixes}"
     )
+
+
+def spread_memory(max_memory: dict) -> dict:
+    """{device: bytes} that teacher_device_map=auto may fill, in accelerate's order (GPUs, cpu, disk): the devices
+    named in `max_memory` (teacher_max_memory), each at most its free memory and the disk as given; empty: every
+    GPU's free memory and the CPU's available memory, as accelerate counts them."""
+    from accelerate.utils import get_max_memory
+
+    free = get_max_memory()
+    if not max_memory:
+        return free
+    asked = get_max_memory(dict(max_memory))  # sizes in bytes
+    missing = [device for device in asked if device != "disk" and device not in free]
+    if missing:
+        raise ModelError(
+            f"teacher_max_memory names device {missing[0]}, which this machine does not have (it has "
+            f"{', '.join(map(str, free))})"
+        )
+    return {device: size if device == "disk" else min(size, free[device]) for device, size in asked.items()}
 
 
 def _free_memory(device: torch.device) -> int:

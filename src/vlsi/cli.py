@@ -188,9 +188,11 @@ def cmd_cache(teacher: str, **stage) -> None:
 def cmd_data_check(student: str | None, json_output: bool, **options) -> None:
     """`vlsi data check`: print the report of `vlsi.data.report.check_data` (as one JSON object with --json)."""
     from .data.report import check_data, format_report
+    from .models.loading import load_processor
 
     cfg = _config(**options, output="")
-    report = check_data(cfg, student)
+    processor = load_processor(student, cfg.trust_remote_code) if student else None
+    report = check_data(cfg, student, processor)
     print(json.dumps(report, ensure_ascii=False) if json_output else format_report(report))
 
 

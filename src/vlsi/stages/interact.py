@@ -50,7 +50,6 @@ from ..models.loading import (
     freeze,
     load_processor,
 )
-from ..models.student import export_student, prepare_student
 from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
@@ -65,6 +64,7 @@ from .common import (
     write_output,
 )
 from .loop import MetricsLog, make_accelerator, make_loader, train
+from .student import export_student, prepare_student
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ class InteractStep(nn.Module):
         if any(p.requires_grad for m in (s_parts.norm, s_parts.lm_head) for p in m.parameters()):
             raise ValueError(
                 "the student's final norm and LM head must be frozen in the interaction stage: every verbalizer head "
-                "shares them, and the matched divergences train what lies below them (vlsi.models.student freezes them)"
+                "shares them, and the matched divergences train what lies below them (vlsi.stages.student freezes them)"
             )
         self.student = student
         self.verbalizers = s_verb

@@ -19,7 +19,6 @@ from ..data import split_batch
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts
 from ..models.loading import compute_dtype, load_processor
-from ..models.student import export_student, prepare_student
 from .common import (
     Run,
     build_loader,
@@ -30,6 +29,7 @@ from .common import (
     write_output,
 )
 from .loop import MetricsLog, make_accelerator, train
+from .student import export_student, prepare_student
 
 
 class SFTStep(nn.Module):

@@ -37,9 +37,9 @@ from vlsi.models.verbalizer import Verbalizers
 from vlsi.pipeline import run_train
 from vlsi.runfolder import FolderError
 from vlsi.stages import interact as interact_module
-from vlsi.stages.common import load_samples
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_toy
 
 TEACHER_LAYERS, STUDENT_LAYERS = [0, 2, 4], [0, 2]

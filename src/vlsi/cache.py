@@ -162,7 +162,7 @@ def shard_name(i: int) -> str:
 def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples) -> Path:
     """Make sure `folder` holds the complete teacher cache for this configuration, and return it: an existing one is
     checked (and refused if made for another run), a partial one finished, a missing one built. `samples`: the data's
-    samples as `vlsi.stages.common.load_samples(cfg)` gives them. Every process of a launch must call it."""
+    samples as `vlsi.stages.samples.load_samples(cfg)` gives them. Every process of a launch must call it."""
     folder = Path(folder)
     state = process_state()
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)

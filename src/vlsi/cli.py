@@ -112,8 +112,9 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
     from .distributed import process_state
     from .pipeline import check_inputs, check_same_run, run_inputs
     from .runfolder import lock
-    from .stages.common import load_samples, reuse
     from .stages.loop import MetricsLog
+    from .stages.output import reuse
+    from .stages.samples import load_samples
 
     cfg = _config(**stage, student=model, **top)
     if top.get("teacher") and cfg.data.answers != "teacher":
@@ -129,7 +130,7 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
         if state.is_main_process:
             save_config(cfg, out / "config.yaml")
         state.wait_for_everyone()
-        if not reuse(target, folder):  # written whole, its checksums beside it (`stages.common.write_output`)
+        if not reuse(target, folder):  # written whole, its checksums beside it (`stages.output.write_output`)
             run(cfg, target, MetricsLog(out / "metrics.jsonl"), samples)
     if state.is_main_process:
         print(f"{folder} written to {target}")
@@ -163,7 +164,7 @@ def cmd_cache(teacher: str, **stage) -> None:
     from .distributed import process_state
     from .models.verbalizer import META, WEIGHTS
     from .runfolder import lock
-    from .stages.common import load_samples
+    from .stages.samples import load_samples
 
     cfg = _config(**stage, teacher=teacher)
     if not cfg.teacher_verbalizers:

@@ -33,6 +33,7 @@ from .models.family import Parts
 from .models.loading import check_same_vocabulary, load_processor, model_outline
 from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
+from .preflight import target_layers
 from .runfolder import (
     check_settings,
     files_fingerprint,
@@ -43,9 +44,10 @@ from .runfolder import (
     verify_checksums,
     write_json,
 )
-from .stages.common import atomic_dir, load_samples, reuse, target_layers
 from .stages.interact import interact
 from .stages.loop import MetricsLog
+from .stages.output import atomic_dir, reuse
+from .stages.samples import load_samples
 from .stages.sft import sft
 from .stages.verbalize import verbalize
 

@@ -53,17 +53,9 @@ from ..models.loading import (
 from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
-from .common import (
-    Run,
-    build_loader,
-    checkpointing,
-    load_samples,
-    save_verbalizers,
-    substate,
-    tracking,
-    write_output,
-)
-from .loop import MetricsLog, make_accelerator, make_loader, train
+from .loop import MetricsLog, Run, checkpointing, make_accelerator, make_loader, tracking, train
+from .output import save_verbalizers, substate, write_output
+from .samples import build_loader, load_samples
 from .student import export_student, prepare_student
 
 

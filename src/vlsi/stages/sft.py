@@ -19,16 +19,9 @@ from ..data import split_batch
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts
 from ..models.loading import compute_dtype, load_processor
-from .common import (
-    Run,
-    build_loader,
-    checkpointing,
-    load_samples,
-    substate,
-    tracking,
-    write_output,
-)
-from .loop import MetricsLog, make_accelerator, train
+from .loop import MetricsLog, Run, checkpointing, make_accelerator, tracking, train
+from .output import substate, write_output
+from .samples import build_loader, load_samples
 from .student import export_student, prepare_student
 
 

@@ -16,8 +16,8 @@ LAYERS = [
     ("vlsi.distributed",),  # how a launch places models and gathers weights
     ("vlsi.eval", "vlsi.explain"),  # generation, benchmarks, per-layer decoding
     ("vlsi.cache", "vlsi.answers", "vlsi.served"),  # the teacher's answers and cached targets
-    ("vlsi.preflight",),  # every check made before a stage trains
     ("vlsi.stages",),  # verbalize, interact, sft and what they share
+    ("vlsi.preflight",),  # every check made before a stage trains
     ("vlsi.pipeline",),  # `vlsi train`: the stages in order
     ("vlsi.demo",),  # experiments built on the pipeline
     ("vlsi.cli", "vlsi.__main__"),

@@ -169,17 +169,10 @@ def train(
 
     step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
     progress = {}
+    training = checkpoint.TrainingState(unwrap(accelerator, module), optimizer, scheduler, generators)
     saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
     if saved is not None:
-        progress = checkpoint.load(
-            saved,
-            unwrap(accelerator, module),
-            optimizer,
-            scheduler,
-            generators,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+        progress = checkpoint.load(saved, training, checkpoint.Processes.of(accelerator))
         step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
         log.info("%s: resuming from %s", name, saved)
     # samples passed over so far (bad records found while loading): part of the data position
@@ -255,19 +248,7 @@ def train(
         if every and checkpoint_dir is not None and step % every == 0 and step < stage.max_steps:
             position = {"step": step, "epoch": epoch, "consumed": consumed}
             position["skipped"] = gather_object([skipped.state()])  # [each process's], in process order
-            checkpoint.save(
-                checkpoint_dir,
-                step,
-                unwrap(accelerator, module),
-                optimizer,
-                scheduler,
-                position,
-                generators,
-                accelerator.process_index,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
-                accelerator.num_processes,
-            )
+            checkpoint.save(checkpoint_dir, step, training, position, checkpoint.Processes.of(accelerator))
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage uses
         tracker.finish()

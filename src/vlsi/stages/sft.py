@@ -22,7 +22,7 @@ from ..models.loading import compute_dtype, load_processor
 from .loop import MetricsLog, Run, checkpointing, make_accelerator, tracking, train
 from .output import substate, write_output
 from .samples import build_loader, load_samples
-from .student import export_student, prepare_student
+from .student import StudentRecipe, export_student, prepare_student
 
 
 class SFTStep(nn.Module):
@@ -44,7 +44,7 @@ def setup(cfg: TrainConfig, model_path: str, samples=None) -> Run:
     accelerator = make_accelerator(cfg.sft, dtype, **tracking(cfg))
     processor = load_processor(model_path, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
-    model, parts = prepare_student(model_path, dtype, cfg.sft, cfg)
+    model, parts = prepare_student(StudentRecipe.of(model_path, dtype, cfg.sft, cfg))
     vocab = min(len(processor.tokenizer), parts.vocab_rows)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, cfg.sft.batch_size, cfg.seed, "sft")
@@ -57,7 +57,8 @@ def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict 
 
     def write(folder: Path) -> None:
         weights = substate(state, "student")
-        export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, folder)
+        recipe = StudentRecipe.of(model_path, run.dtype, cfg.sft, cfg)
+        export_student(run.accelerator, recipe, weights, run.processor, folder)
         if card is not None:
             card.save(folder / CARD)
 

@@ -4,6 +4,8 @@ frozen (docs/METHOD.md#what-trains-in-stage-2), and rebuilt whole on the main pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -14,13 +16,30 @@ from ..models.loading import add_lora, freeze, load_model
 from ..models.student import save_student
 
 
-def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractConfig, cfg: TrainConfig):
+@dataclass(frozen=True)
+class StudentRecipe:
+    """How a stage builds its student: the checkpoint it starts from, the compute dtype, the stage's settings (LoRA,
+    freeze_vision; the interaction stage's also freeze the final norm) and the run's model options."""
+
+    path: str
+    dtype: torch.dtype
+    stage: SFTConfig | InteractConfig
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, path: str, dtype: torch.dtype, stage: SFTConfig | InteractConfig, cfg: TrainConfig) -> StudentRecipe:
+        return cls(path, dtype, stage, cfg.trust_remote_code, cfg.gradient_checkpointing)
+
+
+def prepare_student(recipe: StudentRecipe):
     """Load a student to train: LoRA on the LLM (or the whole LLM), LM head frozen, vision tower frozen by default;
     for the interaction stage the final norm is frozen too."""
+    path, dtype, stage = recipe.path, recipe.dtype, recipe.stage
     lora = stage.lora
     # Full fine-tuning keeps fp32 master weights (autocast does the bf16 compute); LoRA trains fp32 adapters
     # on a base kept in the compute dtype.
-    model = load_model(path, dtype if lora.enabled else torch.float32, cfg.trust_remote_code)
+    model = load_model(path, dtype if lora.enabled else torch.float32, recipe.trust_remote_code)
     parts = model_parts(model)
     if lora.enabled:
         freeze(model)
@@ -35,22 +54,21 @@ def prepare_student(path: str, dtype: torch.dtype, stage: SFTConfig | InteractCo
     if stage.freeze_vision:
         for module in parts.vision:
             freeze(module) if isinstance(module, nn.Module) else module.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, parts
 
 
-def export_student(
-    accelerator, weights: dict, path: str, dtype: torch.dtype, stage, cfg: TrainConfig, processor, directory
-):
-    """Save a trained student from its whole state dict (`train`'s result under the step's `student.`).
+def export_student(accelerator, recipe: StudentRecipe, weights: dict, processor, directory) -> None:
+    """Save a trained student, built by `recipe`, from its whole state dict `weights` (`train`'s result under the step's
+    `student.`), with `processor` beside it in `directory`.
 
     The main process rebuilds the student on the CPU as it was trained (LoRA and all), whole even under ZeRO-3, and
     loads the trained weights, so the checkpoint is the same whether training ran replicated (one process, DDP) or
     sharded (FSDP2, ZeRO-3).
     """
     with deepspeed_loading(accelerator, partition=False):
-        model, _ = prepare_student(path, dtype, stage, cfg)
+        model, _ = prepare_student(recipe)
     model.load_state_dict(weights)
     save_student(model, processor, directory)

@@ -1,5 +1,5 @@
 """The layers of vlsi: a module imports only from its own layer or the ones below it, so a change low down never
-needs what is built on it (docs/METHOD.md#code-map). A new module must be given its layer here."""
+needs what is built on it (README.md#layout). A new module must be given its layer here."""
 
 import ast
 from functools import cache

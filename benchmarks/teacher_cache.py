@@ -34,7 +34,7 @@ from vlsi.losses import TopK, log_probs, token_divergence, top_k
 from vlsi.models.family import capture, model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.common import load_samples
+from vlsi.stages.samples import load_samples
 
 KS = (8, 32, 64, 256)
 

@@ -52,8 +52,8 @@ from vlsi.demo.tasks import CELL, CELLS, SLOT, SLOTS, _digits, chance_accuracy, 
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze
 from vlsi.models.tiny import build_tokenizer
-from vlsi.stages.common import build_loader
 from vlsi.stages.loop import MetricsLog, make_accelerator, train
+from vlsi.stages.samples import build_loader
 from vlsi.stages.sft import SFTStep
 from vlsi.stages.verbalize import verbalize
 

@@ -42,16 +42,18 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, optimizer, scheduler = build(world)
     train(model, optimizer, scheduler, rank, range(3))
-    checkpoint.save(out, 3, model, optimizer, scheduler, {"step": 3}, {}, rank, rank == 0, dist.barrier, world)
+    launch = checkpoint.Processes(rank, world, rank == 0, dist.barrier)
+    checkpoint.save(out, 3, checkpoint.TrainingState(model, optimizer, scheduler), {"step": 3}, launch)
     train(model, optimizer, scheduler, rank, range(3, 5))
     straight = {n: p.full_tensor() for n, p in model.named_parameters()}
 
     model, optimizer, scheduler = build(world)
-    progress = checkpoint.load(checkpoint.latest(out), model, optimizer, scheduler, {}, rank, world)
+    progress = checkpoint.load(checkpoint.latest(out), checkpoint.TrainingState(model, optimizer, scheduler), launch)
     train(model, optimizer, scheduler, rank, range(3, 5))
     resumed = {n: p.full_tensor() for n, p in model.named_parameters()}
     try:
-        checkpoint.load(checkpoint.latest(out), model, optimizer, scheduler, {}, rank, world + 1)
+        more = checkpoint.Processes(rank, world + 1, rank == 0, dist.barrier)
+        checkpoint.load(checkpoint.latest(out), checkpoint.TrainingState(model, optimizer, scheduler), more)
         wrong_world = ""
     except ValueError as e:
         wrong_world = str(e)

@@ -18,7 +18,7 @@ from vlsi.eval import generate as generate_module
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_processor
 from vlsi.runfolder import FolderError
-from vlsi.stages.common import load_samples
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")

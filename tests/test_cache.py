@@ -25,7 +25,6 @@ from vlsi.cache import (
     TeacherCache,
     build_cache,
     cache_identity,
-    check_before_training,
     shard_name,
     teacher_targets,
 )
@@ -35,11 +34,12 @@ from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze, load_model, load_processor
 from vlsi.models.verbalizer import Verbalizers
 from vlsi.pipeline import run_train
+from vlsi.preflight import refuse_unusable_cache
 from vlsi.runfolder import FolderError
 from vlsi.stages import interact as interact_module
-from vlsi.stages.common import load_samples
 from vlsi.stages.interact import interact
 from vlsi.stages.loop import MetricsLog
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_toy
 
 TEACHER_LAYERS, STUDENT_LAYERS = [0, 2, 4], [0, 2]
@@ -327,9 +327,9 @@ def test_a_student_head_narrower_than_the_cached_vocabulary_is_refused(toy, tmp_
     cfg = _cfg(toy, tmp_path, f"teacher_cache={tmp_path / 'c'}")
     processor, samples = load_processor(cfg.teacher), read_dataset(cfg.data.path)[0]
     width = len(processor.tokenizer)
-    check_before_training(cfg, None, processor, samples, teacher=width + 64, student=width)  # padded rows: fine
+    refuse_unusable_cache(cfg, None, processor, samples, teacher=width + 64, student=width)  # padded rows: fine
     with pytest.raises(ConfigError, match=f"LM head has {width - 1} rows, fewer than the {width} tokens"):
-        check_before_training(cfg, None, processor, samples, teacher=width + 64, student=width - 1)
+        refuse_unusable_cache(cfg, None, processor, samples, teacher=width + 64, student=width - 1)
 
 
 def _cache_command(toy, folder):

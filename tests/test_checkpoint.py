@@ -41,7 +41,8 @@ def test_resume_is_exact(tmp_path):
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         _step(module, optimizer, scheduler, g)
-    path = checkpoint.save(tmp_path, 3, module, optimizer, scheduler, {"epoch": 1, "batches": 2}, {"g": g})
+    state = checkpoint.TrainingState(module, optimizer, scheduler, {"g": g})
+    path = checkpoint.save(tmp_path, 3, state, {"epoch": 1, "batches": 2})
     random_before, numpy_before, torch_before = random.random(), np.random.rand(), torch.rand(1)
     for _ in range(2):
         _step(module, optimizer, scheduler, g)
@@ -50,7 +51,8 @@ def test_resume_is_exact(tmp_path):
     module2, optimizer2, scheduler2 = _setup(seed=7)  # different init: everything trainable must come back
     module2[0].weight.data.copy_(module[0].weight)  # frozen weights come from the model files, not the checkpoint
     g2 = torch.Generator().manual_seed(99)
-    progress = checkpoint.load(checkpoint.latest(tmp_path), module2, optimizer2, scheduler2, {"g": g2})
+    resumed = checkpoint.TrainingState(module2, optimizer2, scheduler2, {"g": g2})
+    progress = checkpoint.load(checkpoint.latest(tmp_path), resumed)
     assert progress == {"epoch": 1, "batches": 2} and path.name == "step-00000003"
     assert (random.random(), np.random.rand(), torch.rand(1)) == (random_before, numpy_before, torch_before)
     for _ in range(2):
@@ -62,12 +64,12 @@ def test_resume_is_exact(tmp_path):
 
 def test_unfinished_save_leaves_the_previous_checkpoint(tmp_path):
     module, optimizer, scheduler = _setup()
-    checkpoint.save(tmp_path, 2, module, optimizer, scheduler, {}, {})
+    checkpoint.save(tmp_path, 2, checkpoint.TrainingState(module, optimizer, scheduler, {}), {})
     partial = tmp_path / "step-00000004.tmp"
     partial.mkdir()
     (partial / "trainable.safetensors").write_bytes(b"half a file")
     assert checkpoint.latest(tmp_path).name == "step-00000002"
-    checkpoint.save(tmp_path, 4, module, optimizer, scheduler, {}, {})
+    checkpoint.save(tmp_path, 4, checkpoint.TrainingState(module, optimizer, scheduler, {}), {})
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000004"], "older and unfinished ones are cleaned up"
 
 
@@ -83,10 +85,10 @@ def test_unfinished_save_leaves_the_previous_checkpoint(tmp_path):
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, message):
     """A deleted RNG file, a flipped weight, a truncated state.json, lost checksums: never resumed from."""
     module, optimizer, scheduler = _setup()
-    path = checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {}, {})
+    path = checkpoint.save(tmp_path, 1, checkpoint.TrainingState(module, optimizer, scheduler, {}), {})
     damage(path)
     with pytest.raises(FolderError, match=f"{message}.*; delete {tmp_path} to start the stage over") as refused:
-        checkpoint.load(path, *_setup(seed=3), {})
+        checkpoint.load(path, checkpoint.TrainingState(*_setup(seed=3)))
     assert "\n" not in str(refused.value)
 
 
@@ -98,11 +100,12 @@ def _flip_last_byte(path: Path) -> None:
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     module, optimizer, scheduler = _setup()
-    checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {}, {})
+    checkpoint.save(tmp_path, 1, checkpoint.TrainingState(module, optimizer, scheduler, {}), {})
     other = nn.Linear(4, 2)
     opt = torch.optim.AdamW(other.parameters())
     try:
-        checkpoint.load(checkpoint.latest(tmp_path), other, opt, cosine_schedule(opt, StageConfig()), {})
+        state = checkpoint.TrainingState(other, opt, cosine_schedule(opt, StageConfig()))
+        checkpoint.load(checkpoint.latest(tmp_path), state)
     except ValueError as e:
         assert "do not match" in str(e)
     else:

@@ -184,12 +184,12 @@ def test_paired_comparison_against_a_reference():
 def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance():
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlsi.models.loading import check_same_vocabulary
     from vlsi.models.verbalizer import Verbalizers
+    from vlsi.preflight import refuse_different_tokenizers
 
     card = teacher_card()
     processor = AutoProcessor.from_pretrained(TEACHER_DIR)
-    check_same_vocabulary(processor, AutoProcessor.from_pretrained(STUDENT_DIR), "teacher", "student")
+    refuse_different_tokenizers(processor, AutoProcessor.from_pretrained(STUDENT_DIR), "teacher", "student")
     teacher = AutoModelForImageTextToText.from_pretrained(TEACHER_DIR, dtype=torch.float32)
     student = AutoModelForImageTextToText.from_pretrained(STUDENT_DIR, dtype=torch.float32)
     assert teacher.config.text_config.num_hidden_layers > student.config.text_config.num_hidden_layers

@@ -311,7 +311,7 @@ def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
     merged answers are one process's answers, id for id; one process rerun on that folder reuses them all."""
     from vlsi.answers import read_answers
     from vlsi.config import load_config
-    from vlsi.stages.common import load_samples
+    from vlsi.stages.samples import load_samples
 
     teacher, student = write_tiny_pair(tmp_path)
     records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())

@@ -22,8 +22,9 @@ from vlsi.data import IGNORE_INDEX, Sample, encode, make_collate, split_batch
 from vlsi.data.encode import _expand
 from vlsi.losses import cross_entropy_from_logits
 from vlsi.models.family import _get, default_target_layers, model_parts
-from vlsi.models.loading import ModelError, add_lora, check_same_vocabulary
+from vlsi.models.loading import ModelError, add_lora
 from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
+from vlsi.preflight import refuse_different_tokenizers
 from vlsi.stages.sft import SFTStep
 from vlsi.toy import write_digits_dataset
 
@@ -205,13 +206,13 @@ def test_a_mismatch_away_from_images_or_over_the_answer_is_refused():
 
 def test_mixed_family_pairs_share_a_tokenizer_or_are_refused():
     qwen25, qwen3 = _tiny("qwen2_5_vl")[1], _tiny("qwen3_vl")[1]
-    check_same_vocabulary(qwen25, qwen3, "t", "s")  # one Qwen tokenizer, two processor classes
+    refuse_different_tokenizers(qwen25, qwen3, "t", "s")  # one Qwen tokenizer, two processor classes
     with pytest.raises(ModelError, match="different tokenizers"):
-        check_same_vocabulary(_tiny("internvl")[1], qwen3, "t", "s")  # Qwen + InternVL's own tokens
+        refuse_different_tokenizers(_tiny("internvl")[1], qwen3, "t", "s")  # Qwen + InternVL's own tokens
     other_turns = copy.deepcopy(qwen3)
     other_turns.chat_template = qwen3.chat_template.replace("<|im_end|>", "<|endoftext|>")
     with pytest.raises(ModelError, match=r"label the same answer with different tokens .*<\|endoftext\|>"):
-        check_same_vocabulary(qwen3, other_turns, "t", "s")
+        refuse_different_tokenizers(qwen3, other_turns, "t", "s")
 
 
 # ---------------------------------------------------------------- presets

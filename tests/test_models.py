@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from vlsi.models.family import capture, check_target_layers, default_target_layers, model_parts
-from vlsi.models.loading import ModelError, add_lora, check_same_vocabulary, load_processor
+from vlsi.config import TrainConfig
+from vlsi.models.family import capture, default_target_layers, model_parts
+from vlsi.models.loading import ModelError, add_lora, load_processor
 from vlsi.models.tiny import build_tiny_vlm, build_tokenizer
-from vlsi.models.verbalizer import Verbalizers, VerbFFN
+from vlsi.models.verbalizer import Verbalizers, VerbFFN, target_layers
+from vlsi.preflight import refuse_different_tokenizers
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "llava_onevision"])
@@ -19,11 +21,19 @@ def test_default_target_layers_match_the_paper():
     assert 27 not in default_target_layers(28)  # the last block is covered by the last-layer loss
 
 
-def test_check_target_layers_rejects_bad_lists():
-    with pytest.raises(ValueError, match="strictly increasing"):
-        check_target_layers([3, 1], 4, "verbalizer.student_layers")
-    with pytest.raises(ValueError, match=r"in \[0, 3\]"):
-        check_target_layers([1, 4], 4, "verbalizer.student_layers")
+def test_target_layers_refuses_bad_lists(tiny):
+    _, model, _ = tiny
+    parts, cfg = model_parts(model), TrainConfig()
+    assert target_layers(cfg, parts, "student") == default_target_layers(parts.num_layers)
+    cfg.verbalizer.student_layers = [1, 0]
+    with pytest.raises(ValueError, match="verbalizer.student_layers: .* strictly increasing"):
+        target_layers(cfg, parts, "student")
+    cfg.verbalizer.student_layers = [0, parts.num_layers]
+    with pytest.raises(ValueError, match=rf"in \[0, {parts.num_layers - 1}\]"):
+        target_layers(cfg, parts, "student")
+    cfg.verbalizer.student_layers, cfg.verbalizer.offset = None, parts.num_layers
+    with pytest.raises(ValueError, match="no target layers"):
+        target_layers(cfg, parts, "student")
 
 
 def test_family_table_finds_the_parts(tiny):
@@ -81,9 +91,9 @@ def test_vocabulary_check(tmp_path):
     other = build_tokenizer(corpus="completely different words here " * 10, vocab_size=300)
     build_tiny_vlm(tmp_path / "c", layers=2, tokenizer=other)
     a, b, c = (load_processor(str(tmp_path / n)) for n in "abc")
-    check_same_vocabulary(a, b, "a", "b")  # same tokenizer, different padded head: fine
+    refuse_different_tokenizers(a, b, "a", "b")  # same tokenizer, different padded head: fine
     with pytest.raises(ModelError, match="different tokenizers"):
-        check_same_vocabulary(a, c, "a", "c")
+        refuse_different_tokenizers(a, c, "a", "c")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

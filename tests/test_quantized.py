@@ -9,7 +9,7 @@ import torch
 from vlsi.config import load_config
 from vlsi.models.loading import ModelError, check_fits, load_model, quantization_config
 from vlsi.runfolder import FolderError
-from vlsi.stages.common import load_samples
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")

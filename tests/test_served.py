@@ -28,7 +28,7 @@ from vlsi.data import read_dataset
 from vlsi.eval.generate import Item, generate_answers, load_image
 from vlsi.models.loading import load_processor
 from vlsi.runfolder import FolderError
-from vlsi.stages.common import load_samples
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_digits_dataset
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")

@@ -253,7 +253,7 @@ def test_the_teacher_cache_of_a_parquet_holds_the_targets_of_its_jsonl(digits, c
     from vlsi.models.family import model_parts
     from vlsi.models.loading import load_model
     from vlsi.models.verbalizer import Verbalizers
-    from vlsi.stages.common import load_samples
+    from vlsi.stages.samples import load_samples
 
     folder, path, _, _ = digits
     teacher = str(folder / "teacher")

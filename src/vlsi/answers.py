@@ -12,7 +12,7 @@ answer is appended as the assistant turn. Assistant turns already in the data (g
 in a multi-turn record only the trailing user turn is answered.
 
 This module sits beside the stages rather than in `vlsi.data` (which turns records into tensors and never loads a
-model) or in one stage (every stage reads the answered samples, through `stages.common.load_samples`).
+model) or in one stage (every stage reads the answered samples, through `stages.samples.load_samples`).
 
 OUT/answers/
   index.json      what the answers were made with: teacher (path and `runfolder.model_fingerprint`), its processor

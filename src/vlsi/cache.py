@@ -116,31 +116,6 @@ def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, process
     return identity
 
 
-def check_before_training(
-    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, teacher: int, student: int
-) -> None:
-    """What `vlsi train` checks of teacher_cache=C before any stage trains: the student's LM head covers the tokens a
-    cache holds (`teacher`, `student`: the two heads' rows), the l2 term needs whole distributions, and a cache
-    already in C must be for this teacher, data, processor and settings, and for these teacher verbalizers when they
-    exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks)."""
-    cached = min(len(processor.tokenizer), teacher)  # as `build_cache` keeps them
-    if student < cached:
-        raise ConfigError(
-            f"teacher_cache={cfg.teacher_cache}: the student's LM head has {student} rows, fewer than the {cached} "
-            "tokens of every cached teacher distribution, so the two cannot be compared: train this pair without "
-            "teacher_cache"
-        )
-    if cfg.interact.intermediate_loss == "l2" and cfg.cache.top_k:
-        raise ConfigError(
-            f"interact.intermediate_loss=l2 needs the whole teacher distributions, but teacher_cache="
-            f"{cfg.teacher_cache} keeps the top {cfg.cache.top_k} (cache.top_k): use a cache built with cache.top_k=0"
-        )
-    folder = Path(cfg.teacher_cache)
-    index = _read_index(folder)
-    if index is not None:
-        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples))
-
-
 def check_identity(folder: Path, index: dict, identity: dict) -> None:
     """Refuse a cache made for another run, with one line naming what differs (of the IDENTITY entries `identity`
     has: without teacher verbalizers yet, those two are not compared)."""
@@ -150,7 +125,7 @@ def check_identity(folder: Path, index: dict, identity: dict) -> None:
     same_settings(folder, index, identity, names, holds, fix)
 
 
-def _read_index(folder: Path) -> dict | None:
+def read_index(folder: Path) -> dict | None:
     path = folder / INDEX
     return read_json(path, f"delete {folder} and rebuild the cache") if path.is_file() else None
 
@@ -162,12 +137,12 @@ def shard_name(i: int) -> str:
 def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples) -> Path:
     """Make sure `folder` holds the complete teacher cache for this configuration, and return it: an existing one is
     checked (and refused if made for another run), a partial one finished, a missing one built. `samples`: the data's
-    samples as `vlsi.stages.common.load_samples(cfg)` gives them. Every process of a launch must call it."""
+    samples as `vlsi.stages.samples.load_samples(cfg)` gives them. Every process of a launch must call it."""
     folder = Path(folder)
     state = process_state()
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
     identity = cache_identity(cfg, verbalizers_dir, processor, samples)
-    index = _read_index(folder)
+    index = read_index(folder)
     if index is not None:
         check_identity(folder, index, identity)
         if index.get("complete") and all((folder / e["file"]).is_file() for e in index["shards"]):
@@ -242,7 +217,7 @@ def _build(cfg: TrainConfig, folder: Path, verbalizers_dir, processor, samples, 
         write_json(folder / INDEX, {**header, "complete": True, "vocab": vocab, "rows": rows, "shards": entries})
         log.info("teacher cache: %d response tokens, %.0f bytes per token, in %s", rows, total / max(rows, 1), folder)
     else:
-        while not (_read_index(folder) or {}).get("complete"):
+        while not (read_index(folder) or {}).get("complete"):
             time.sleep(POLL_SECONDS)
     return folder
 
@@ -409,7 +384,7 @@ class TeacherCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = _read_index(self.folder)
+        index = read_index(self.folder)
         if index is None:
             raise ConfigError(
                 f"{self.folder}: no teacher cache here (no {INDEX}); build it with `vlsi cache`, or let `vlsi train` "

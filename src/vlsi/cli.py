@@ -108,28 +108,28 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
     """`vlsi verbalize` / `vlsi sft`: one stage on `model`; writes OUT/config.yaml, OUT/inputs.json,
     OUT/metrics.jsonl, OUT/<folder>. `run(cfg, output, metrics, samples)` trains; a finished one is reused. OUT made
     with other settings or inputs is refused, as `vlsi train` refuses it."""
-    from .config import ConfigError, save_config
+    from .config import save_config
     from .distributed import process_state
-    from .pipeline import check_inputs, check_same_run, run_inputs
+    from .preflight import refuse_changed_inputs, refuse_other_settings, refuse_unused_teacher, run_inputs
     from .runfolder import lock
-    from .stages.common import load_samples, reuse
     from .stages.loop import MetricsLog
+    from .stages.output import reuse
+    from .stages.samples import load_samples
 
     cfg = _config(**stage, student=model, **top)
-    if top.get("teacher") and cfg.data.answers != "teacher":
-        raise ConfigError("--teacher is only used to answer prompts: add data.answers=teacher, or drop --teacher")
+    refuse_unused_teacher(cfg, top.get("teacher"))
     out, target = Path(cfg.output), Path(cfg.output) / folder
     state = process_state()
     with lock(out, enabled=state.is_main_process):  # held by the main process for the run
-        check_same_run(cfg, out)
+        refuse_other_settings(cfg, out)
         state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
         # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
         samples = load_samples(cfg)
-        check_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
+        refuse_changed_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
         if state.is_main_process:
             save_config(cfg, out / "config.yaml")
         state.wait_for_everyone()
-        if not reuse(target, folder):  # written whole, its checksums beside it (`stages.common.write_output`)
+        if not reuse(target, folder):  # written whole, its checksums beside it (`stages.output.write_output`)
             run(cfg, target, MetricsLog(out / "metrics.jsonl"), samples)
     if state.is_main_process:
         print(f"{folder} written to {target}")
@@ -159,21 +159,14 @@ def cmd_sft(model: str, teacher: str | None, **stage) -> None:
 
 def cmd_cache(teacher: str, **stage) -> None:
     from .cache import build_cache
-    from .config import ConfigError, save_config
+    from .config import save_config
     from .distributed import process_state
-    from .models.verbalizer import META, WEIGHTS
+    from .preflight import refuse_missing_teacher_verbalizers
     from .runfolder import lock
-    from .stages.common import load_samples
+    from .stages.samples import load_samples
 
     cfg = _config(**stage, teacher=teacher)
-    if not cfg.teacher_verbalizers:
-        raise ConfigError(
-            "vlsi cache needs the teacher's verbalizers: add teacher_verbalizers=DIR (from `vlsi verbalize --who "
-            "teacher`, or OUT/verbalizers/teacher of a `vlsi train` run)"
-        )
-    missing = [n for n in (META, WEIGHTS) if not (Path(cfg.teacher_verbalizers) / n).is_file()]
-    if missing:
-        raise ConfigError(f"teacher_verbalizers={cfg.teacher_verbalizers}: no {' or '.join(missing)} there")
+    refuse_missing_teacher_verbalizers(cfg)
     out = Path(cfg.output)
     main = process_state().is_main_process
     with lock(out, enabled=main):  # held by the main process for the build
@@ -188,9 +181,11 @@ def cmd_cache(teacher: str, **stage) -> None:
 def cmd_data_check(student: str | None, json_output: bool, **options) -> None:
     """`vlsi data check`: print the report of `vlsi.data.report.check_data` (as one JSON object with --json)."""
     from .data.report import check_data, format_report
+    from .models.loading import load_processor
 
     cfg = _config(**options, output="")
-    report = check_data(cfg, student)
+    processor = load_processor(student, cfg.trust_remote_code) if student else None
+    report = check_data(cfg, student, processor)
     print(json.dumps(report, ensure_ascii=False) if json_output else format_report(report))
 
 

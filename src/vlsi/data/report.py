@@ -20,14 +20,9 @@ from vlsi.data.sources import parse_sources, read_source
 STATS = ("min", "median", "p99", "max")
 
 
-def check_data(cfg, student: str | None = None) -> dict:
-    """The report of `cfg.data`'s sources: {"sources": [per source], "total": {...}} (JSON-able). `student`: a model
-    whose processor counts the tokens (none: no token counts)."""
-    processor = None
-    if student:
-        from vlsi.models.loading import load_processor
-
-        processor = load_processor(student, cfg.trust_remote_code)
+def check_data(cfg, student: str | None = None, processor=None) -> dict:
+    """The report of `cfg.data`'s sources: {"sources": [per source], "total": {...}} (JSON-able). `processor`: that of
+    the model `student`, which counts the tokens (none: no token counts)."""
     unanswered = cfg.data.answers == "teacher"
     num_proc = cfg.data.num_proc or None
     reports, tokens, images = [], [], []

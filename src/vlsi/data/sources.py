@@ -516,9 +516,6 @@ class Mixture(Sequence):
         k, j = (int(v) for v in self.picks[i])
         return where(self.parts[k], j)
 
-    def source_of(self, i: int) -> str:
-        return self.names[int(self.picks[i, 0])]
-
     def take(self, positions) -> Mixture:
         return Mixture(self.parts, self.names, self.picks[np.asarray(positions, dtype=np.int64)])
 

@@ -192,8 +192,8 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
     for verbalize). `answers`: the teacher's answers to the pool, copied into the run (never answered again);
     `cache`: the settings that make an interaction run read the teacher cache instead of running the teacher."""
     from ..pipeline import run_train
-    from ..stages.common import load_samples
     from ..stages.loop import MetricsLog
+    from ..stages.samples import load_samples
     from ..stages.sft import sft
     from ..stages.verbalize import verbalize
     from .models import TEACHER_DIR

@@ -41,8 +41,8 @@ from ..models.loading import load_model, load_processor
 from ..models.verbalizer import Verbalizers
 from ..pipeline import run_train
 from ..plots import plot_verbalizer_loss
-from ..stages.common import load_samples
 from ..stages.loop import MetricsLog
+from ..stages.samples import load_samples
 from ..stages.sft import sft
 from ..stages.verbalize import verbalize
 from .evaluate import answer_tokens, encode_batches, evaluate, layer_accuracy

@@ -163,16 +163,6 @@ def default_target_layers(num_layers: int, stride: int = 4, offset: int = 2) -> 
     return list(range(offset, num_layers - 1, stride))
 
 
-def check_target_layers(layers: list[int], num_layers: int, who: str) -> list[int]:
-    if not layers:
-        raise ValueError(f"{who}: no target layers (the model has {num_layers} decoder blocks)")
-    if sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(
-            f"{who}: target layers {layers} must be strictly increasing block indices in [0, {num_layers - 1}]"
-        )
-    return list(layers)
-
-
 @contextmanager
 def capture(layers: nn.ModuleList, indices: list[int]):
     """Record the output hidden states [B, T, d] of the chosen decoder blocks during a forward pass."""

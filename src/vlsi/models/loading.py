@@ -1,4 +1,4 @@
-"""Loading teacher / student VLMs and processors, the shared-vocabulary check, LoRA and freezing."""
+"""Loading teacher / student VLMs and processors, the memory check before loading, LoRA and freezing."""
 
 from __future__ import annotations
 
@@ -179,55 +179,6 @@ def _free_memory(device: torch.device) -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def check_same_vocabulary(teacher_processor, student_processor, teacher: str, student: str) -> None:
-    """Teacher and student must give the same ids to the same tokens
-    (docs/METHOD.md#models-and-the-shared-vocabulary); sizes alone are not enough. Then they must also label an
-    answer alike (`check_same_answer_tokens`)."""
-    t_vocab = teacher_processor.tokenizer.get_vocab()
-    s_vocab = student_processor.tokenizer.get_vocab()
-    if t_vocab == s_vocab:
-        check_same_answer_tokens(teacher_processor, student_processor, teacher, student)
-        return
-    differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])
-    token, _ = differing[0]
-    raise ModelError(
-        f"teacher '{teacher}' and student '{student}' have different tokenizers ({len(t_vocab)} vs {len(s_vocab)} "
-        f"tokens; e.g. {token!r} is {t_vocab.get(token)} vs {s_vocab.get(token)}): VLsI compares next-token "
-        "distributions, so both models must share one vocabulary; pick a student of the teacher's family"
-    )
-
-
-# A text-only conversation both processors encode, to check they label an answer with the same token ids
-_PROBE = [
-    {"role": "user", "content": [{"type": "text", "text": "How many objects are there? Answer with a number."}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "There are 3 objects: a cat, a dog and 1 fox."}]},
-]
-
-
-def check_same_answer_tokens(teacher_processor, student_processor, teacher: str, student: str) -> None:
-    """Teacher and student must label an answer with the same token ids, end-of-turn token included: the
-    interaction stage compares their predictions position by position over the answer tokens. A shared vocabulary
-    is not enough when the tokenizers split text differently or the chat templates end a turn differently
-    (e.g. a mixed-family pair)."""
-    from ..data.encode import IGNORE_INDEX, encode
-    from ..data.records import Sample
-
-    probe = Sample("probe", _PROBE, [])
-    answers = {}
-    for name, processor in (("teacher", teacher_processor), ("student", student_processor)):
-        labels = encode(probe, processor)["labels"][0]  # [T]
-        answers[name] = labels[labels != IGNORE_INDEX].tolist()
-    if answers["teacher"] != answers["student"]:
-        t = teacher_processor.tokenizer.convert_ids_to_tokens(answers["teacher"])
-        s = student_processor.tokenizer.convert_ids_to_tokens(answers["student"])
-        raise ModelError(
-            f"teacher '{teacher}' and student '{student}' label the same answer with different tokens "
-            f"(teacher {t} vs student {s}): their tokenizers split text or their chat templates end a turn "
-            "differently, and VLsI compares the two models token by token on the answers; pick a student of the "
-            "teacher's family"
-        )
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import TrainConfig
 from ..runfolder import read_json, read_safetensors
-from .family import Parts
+from .family import Parts, default_target_layers
 
 WEIGHTS = "verbalizers.safetensors"
 META = "verbalizers.json"
@@ -94,6 +95,24 @@ class Verbalizers(nn.Module):
         verbalizers = cls(meta["hidden_size"], meta["target_layers"], meta["residual"], meta.get("family", ""))
         verbalizers.load_state_dict(read_safetensors(directory / WEIGHTS, fix))
         return verbalizers
+
+
+def target_layers(cfg: TrainConfig, parts: Parts, who: str) -> list[int]:
+    """The blocks `who`'s verbalizers read (verbalizer.`who`_layers, or by default every verbalizer.stride-th from
+    verbalizer.offset: `default_target_layers`); refused unless strictly increasing block indices of the model."""
+    explicit = getattr(cfg.verbalizer, f"{who}_layers")
+    if explicit is None:
+        layers = default_target_layers(parts.num_layers, cfg.verbalizer.stride, cfg.verbalizer.offset)
+    else:
+        layers = explicit
+    num_layers, name = parts.num_layers, f"verbalizer.{who}_layers"
+    if not layers:
+        raise ValueError(f"{name}: no target layers (the model has {num_layers} decoder blocks)")
+    if sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(
+            f"{name}: target layers {layers} must be strictly increasing block indices in [0, {num_layers - 1}]"
+        )
+    return list(layers)
 
 
 def final_head(norm: nn.Module, lm_head: nn.Module, vocab: int):

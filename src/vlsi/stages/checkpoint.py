@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,38 @@ from ..distributed import gathered_weight, state_file, zero_optimizer
 from ..runfolder import read_json, sha256_file, verify_checksums, write_json
 
 PREFIX = "step-"
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores of a stage: the trained module, its optimizer (the torch optimizer or
+    accelerate's wrapper of it: under DeepSpeed the wrapper is required, it leads to ZeRO's master partitions), the
+    schedule and the named generators (e.g. the matching sampler's)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The launch as a checkpoint sees it: this process's index, how many there are, whether this is the main one,
+    and a barrier every process reaches. The default: one process."""
+
+    index: int = 0
+    count: int = 1
+    is_main: bool = True
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, accelerator) -> Processes:
+        return cls(
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.is_main_process,
+            accelerator.wait_for_everyone,
+        )
 
 
 def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -149,22 +183,12 @@ def saved_step(directory: Path) -> int:
     return int(path.name.removeprefix(PREFIX)) if path is not None else 0
 
 
-def save(
-    directory: Path,
-    step: int,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    progress: dict,
-    generators: dict[str, torch.Generator],
-    process_index: int = 0,
-    is_main: bool = True,
-    barrier=lambda: None,
-    num_processes: int = 1,
-) -> Path:
-    """Write checkpoint `step`: every process writes its own RNG states and its partitions of whatever training
-    partitions; the main process writes the rest. `optimizer`: the torch optimizer or accelerate's wrapper of it (under
-    DeepSpeed the wrapper is required: it leads to ZeRO's master partitions)."""
+def save(directory: Path, step: int, state: TrainingState, progress: dict, processes: Processes = Processes()) -> Path:
+    """Write checkpoint `step` of `state`, with `progress` (the data position): every process writes its own RNG
+    states and its partitions of whatever training partitions; the main process writes the rest."""
+    module, optimizer, scheduler, generators = state.module, state.optimizer, state.scheduler, state.generators
+    process_index, num_processes = processes.index, processes.count
+    is_main, barrier = processes.is_main, processes.barrier
     final = directory / f"{PREFIX}{step:08d}"
     tmp = directory / f"{final.name}.tmp"
     if is_main:
@@ -207,17 +231,11 @@ def save(
     return final
 
 
-def load(
-    path: Path,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    generators: dict[str, torch.Generator],
-    process_index: int = 0,
-    num_processes: int = 1,
-) -> dict:
-    """Restore a checkpoint written by `save`, every file it reads checked against the checksums recorded when it was
-    written; returns its `progress` dict (step, epoch, batches)."""
+def load(path: Path, state: TrainingState, processes: Processes = Processes()) -> dict:
+    """Restore `state` from a checkpoint written by `save`, every file it reads checked against the checksums recorded
+    when it was written; returns its `progress` dict (step, epoch, batches)."""
+    module, optimizer, scheduler, generators = state.module, state.optimizer, state.scheduler, state.generators
+    process_index, num_processes = processes.index, processes.count
     fix = f"delete {path.parent} to start the stage over"
     verify_checksums(path, fix, ["state.json"])
     meta = read_json(path / "state.json", fix)

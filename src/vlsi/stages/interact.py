@@ -50,21 +50,13 @@ from ..models.loading import (
     freeze,
     load_processor,
 )
-from ..models.student import export_student, prepare_student
 from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
-from .common import (
-    Run,
-    build_loader,
-    checkpointing,
-    load_samples,
-    save_verbalizers,
-    substate,
-    tracking,
-    write_output,
-)
-from .loop import MetricsLog, make_accelerator, make_loader, train
+from .loop import MetricsLog, Run, checkpointing, make_accelerator, make_loader, tracking, train
+from .output import save_verbalizers, substate, write_output
+from .samples import build_loader, load_samples
+from .student import StudentRecipe, export_student, prepare_student
 
 
 @dataclasses.dataclass
@@ -126,7 +118,7 @@ class InteractStep(nn.Module):
         if any(p.requires_grad for m in (s_parts.norm, s_parts.lm_head) for p in m.parameters()):
             raise ValueError(
                 "the student's final norm and LM head must be frozen in the interaction stage: every verbalizer head "
-                "shares them, and the matched divergences train what lies below them (vlsi.models.student freezes them)"
+                "shares them, and the matched divergences train what lies below them (vlsi.stages.student freezes them)"
             )
         self.student = student
         self.verbalizers = s_verb
@@ -227,7 +219,7 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
         t_rows = t_parts.vocab_rows
     s_verb = Verbalizers.load(out / "verbalizers" / "student")  # no more layers than the teacher's: pipeline checked
     torch.manual_seed(cfg.seed)
-    student, s_parts = prepare_student(cfg.student, dtype, stage, cfg)
+    student, s_parts = prepare_student(StudentRecipe.of(cfg.student, dtype, stage, cfg))
     if stage.intermediate_loss == "none" or stage.freeze_student_verbalizers:
         freeze(s_verb)  # saved with the stage's output as they were loaded
     vocab = shared_vocab_size(len(s_proc.tokenizer), s_parts.vocab_rows, t_rows)
@@ -272,9 +264,8 @@ def save(cfg: TrainConfig, out: Path, run: Run, state: dict | None) -> Path:
 
     def write(folder: Path) -> None:
         weights = substate(state, "student")
-        export_student(
-            run.accelerator, weights, cfg.student, run.dtype, cfg.interact, cfg, run.processor, folder / "student"
-        )
+        recipe = StudentRecipe.of(cfg.student, run.dtype, cfg.interact, cfg)
+        export_student(run.accelerator, recipe, weights, run.processor, folder / "student")
         meta = dict(model=cfg.student, num_layers=s_parts.num_layers, vocab=step.vocab)
         save_verbalizers(step.verbalizers, state, folder / "verbalizers", **meta)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,13 +28,25 @@ from accelerate.utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import StageConfig
+from ..config import StageConfig, TrainConfig
 from ..data.skipping import SKIPPED, SkippedRecords
 from ..distributed import configure_plugins, full_state_dict, unwrap
 from ..runfolder import append_jsonl, truncate_jsonl
 from . import checkpoint
 
 log = logging.getLogger("vlsi")
+
+
+@dataclass
+class Run:
+    """What a stage's `setup` builds, for its training call and its `save`."""
+
+    accelerator: Accelerator
+    step: nn.Module  # batch -> (loss, logs); its registered parameters are what trains
+    loader: object
+    dtype: torch.dtype
+    processor: object  # the trained (or verbalized) model's processor
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # checkpointed with the run
 
 
 def make_accelerator(
@@ -52,6 +66,11 @@ def make_accelerator(
         log_with=list(report_to) or None,
         project_dir=logging_dir,
     )
+
+
+def tracking(cfg: TrainConfig) -> dict:
+    """`make_accelerator()` keyword arguments: trackers asked for with report_to, logging under OUT/logs."""
+    return dict(report_to=cfg.report_to, logging_dir=Path(cfg.output) / "logs")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -150,17 +169,10 @@ def train(
 
     step, epoch, consumed = 0, 0, 0  # optimizer steps; data position: pass over the data, batches taken in it
     progress = {}
+    training = checkpoint.TrainingState(unwrap(accelerator, module), optimizer, scheduler, generators)
     saved = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
     if saved is not None:
-        progress = checkpoint.load(
-            saved,
-            unwrap(accelerator, module),
-            optimizer,
-            scheduler,
-            generators,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
+        progress = checkpoint.load(saved, training, checkpoint.Processes.of(accelerator))
         step, epoch, consumed = progress["step"], progress["epoch"], progress["consumed"]
         log.info("%s: resuming from %s", name, saved)
     # samples passed over so far (bad records found while loading): part of the data position
@@ -236,21 +248,20 @@ def train(
         if every and checkpoint_dir is not None and step % every == 0 and step < stage.max_steps:
             position = {"step": step, "epoch": epoch, "consumed": consumed}
             position["skipped"] = gather_object([skipped.state()])  # [each process's], in process order
-            checkpoint.save(
-                checkpoint_dir,
-                step,
-                unwrap(accelerator, module),
-                optimizer,
-                scheduler,
-                position,
-                generators,
-                accelerator.process_index,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
-                accelerator.num_processes,
-            )
+            checkpoint.save(checkpoint_dir, step, training, position, checkpoint.Processes.of(accelerator))
     bar.close()
     for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the next stage uses
         tracker.finish()
     accelerator.wait_for_everyone()
     return full_state_dict(accelerator, module)
+
+
+def checkpointing(cfg: TrainConfig, name: str) -> dict:
+    """`train()` keyword arguments for mid-stage checkpoints of stage `name` in OUT/checkpoints/."""
+    directory = Path(cfg.output) / "checkpoints" / name.replace("/", "-")
+    return dict(checkpoint_dir=directory, every=cfg.checkpoint.every, max_nonfinite=cfg.max_nonfinite_steps)
+
+
+def drop_checkpoints(cfg: TrainConfig, name: str) -> None:
+    """A finished stage's output is written: its mid-stage checkpoints are no longer needed."""
+    shutil.rmtree(checkpointing(cfg, name)["checkpoint_dir"], ignore_errors=True)

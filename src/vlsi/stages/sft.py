@@ -19,17 +19,10 @@ from ..data import split_batch
 from ..losses import cross_entropy_from_logits
 from ..models.family import Parts
 from ..models.loading import compute_dtype, load_processor
-from ..models.student import export_student, prepare_student
-from .common import (
-    Run,
-    build_loader,
-    checkpointing,
-    load_samples,
-    substate,
-    tracking,
-    write_output,
-)
-from .loop import MetricsLog, make_accelerator, train
+from .loop import MetricsLog, Run, checkpointing, make_accelerator, tracking, train
+from .output import substate, write_output
+from .samples import build_loader, load_samples
+from .student import StudentRecipe, export_student, prepare_student
 
 
 class SFTStep(nn.Module):
@@ -51,7 +44,7 @@ def setup(cfg: TrainConfig, model_path: str, samples=None) -> Run:
     accelerator = make_accelerator(cfg.sft, dtype, **tracking(cfg))
     processor = load_processor(model_path, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
-    model, parts = prepare_student(model_path, dtype, cfg.sft, cfg)
+    model, parts = prepare_student(StudentRecipe.of(model_path, dtype, cfg.sft, cfg))
     vocab = min(len(processor.tokenizer), parts.vocab_rows)
     samples = samples if samples is not None else load_samples(cfg)
     loader = build_loader(cfg, samples, {"model": processor}, cfg.sft.batch_size, cfg.seed, "sft")
@@ -64,7 +57,8 @@ def save(cfg: TrainConfig, model_path: str, output: Path, run: Run, state: dict 
 
     def write(folder: Path) -> None:
         weights = substate(state, "student")
-        export_student(run.accelerator, weights, model_path, run.dtype, cfg.sft, cfg, run.processor, folder)
+        recipe = StudentRecipe.of(model_path, run.dtype, cfg.sft, cfg)
+        export_student(run.accelerator, recipe, weights, run.processor, folder)
         if card is not None:
             card.save(folder / CARD)
 

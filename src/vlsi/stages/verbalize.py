@@ -19,18 +19,10 @@ from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import chunked_cross_entropy, shared_vocab_size
 from ..models.family import Parts, capture, model_parts
 from ..models.loading import compute_dtype, load_processor
-from ..models.verbalizer import Verbalizers
-from .common import (
-    Run,
-    build_loader,
-    checkpointing,
-    load_samples,
-    save_verbalizers,
-    target_layers,
-    tracking,
-    write_output,
-)
-from .loop import MetricsLog, make_accelerator, train
+from ..models.verbalizer import Verbalizers, target_layers
+from .loop import MetricsLog, Run, checkpointing, make_accelerator, tracking, train
+from .output import save_verbalizers, write_output
+from .samples import build_loader, load_samples
 
 
 class VerbalizeStep(nn.Module):

@@ -408,7 +408,7 @@ def test_a_spread_teacher_answers_alone_under_a_launch(tmp_path):
     the whole teacher, id for id."""
     from vlsi.answers import read_answers
     from vlsi.config import load_config
-    from vlsi.stages.common import load_samples
+    from vlsi.stages.samples import load_samples
 
     teacher, student = write_tiny_pair(tmp_path)
     records = json.loads(write_digits_dataset(tmp_path, n=6).read_text())

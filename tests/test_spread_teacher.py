@@ -19,7 +19,7 @@ from vlsi.data import encode, make_collate, read_dataset, split_batch
 from vlsi.models import loading
 from vlsi.models.loading import ModelError, check_fits, load_model, load_processor, spread_memory
 from vlsi.models.verbalizer import Verbalizers
-from vlsi.stages.common import load_samples
+from vlsi.stages.samples import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")

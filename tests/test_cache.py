@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from commands import one_thread
 from safetensors.torch import load_file, save_file
 
 from vlsi import cli, runfolder
@@ -424,12 +425,8 @@ def test_two_processes_each_cache_their_share_of_the_same_cache(toy, tmp_path):
         timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun gives each process
-    try:
+    with one_thread():  # as torchrun gives each process
         assert cli.main(_cache_command(toy, tmp_path / "one")[3:]) == 0
-    finally:
-        torch.set_num_threads(threads)
     one, two = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
     assert one.index["rows"] == two.index["rows"] and len(two.index["shards"]) == 8
     for entry in one.index["shards"]:

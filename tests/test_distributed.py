@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from commands import one_thread, onevision_dataset
 from safetensors.torch import load_file, save_file
 
 from vlsi.cli import main
@@ -116,12 +117,8 @@ def test_two_processes_match_one_process(tmp_path):
     # ... against 1 process x batch 2 x 2 accumulation steps: the same micro-batches, the same global batches. One
     # thread, as torchrun gives each process: CPU kernels sum in another order with more threads.
     accumulate = [f"{stage}.grad_accum=2" for stage in ("verbalize", "interact", "sft")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main([*common, "--output", str(tmp_path / "one"), *SETTINGS, *accumulate]) == 0
-    finally:
-        torch.set_num_threads(threads)
 
     two_metrics, two_matches = _read(tmp_path / "two")
     one_metrics, one_matches = _read(tmp_path / "one")
@@ -213,13 +210,9 @@ def test_sharded_run_killed_midway_resumes_exactly(tmp_path, case):
         )
     )
     assert started == {engine: 2 * n for engine, n in engines.items()}, "per process"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each launched process runs
-    try:  # the same global batches: one process, 2 accumulation steps of the same micro-batches
+    with one_thread():  # the same global batches: one process, 2 accumulation steps of the same micro-batches
         accumulate = [f"{stage}.grad_accum=2" for stage in ("verbalize", "interact", "sft")]
         assert main([*args, *accumulate, "--output", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     for name in WEIGHTS:
         diff = _max_difference(tmp_path / "straight" / name, tmp_path / "one" / name)
         assert diff <= WEIGHT_ATOL, f"{name}: two processes vs one, max |difference| {diff:.3g}"
@@ -286,12 +279,8 @@ def test_fsdp2_frozen_model_read_by_the_main_process_only_tied_head_included(tmp
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "disagree on tied weights" not in two.stderr
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main([*args, "verbalize.grad_accum=2", "--output", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     two_metrics, one_metrics = (
         [json.loads(x) for x in (tmp_path / o / "metrics.jsonl").open()] for o in ("two", "one")
     )
@@ -344,12 +333,8 @@ def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
     merged, _ = read_answers(folder, wanted)
 
     one = load_config(config, [f"data.path={data}", *settings], teacher=str(teacher), output=str(tmp_path / "one"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         answered = load_samples(one)
-    finally:
-        torch.set_num_threads(threads)
     assert merged == read_answers(tmp_path / "one" / "answers", wanted)[0], "the same answers, id for id"
     assert [s.id for s in answered] == [r["id"] for r in records], "in record order"
 
@@ -367,16 +352,11 @@ def test_two_processes_train_on_a_parquet_dataset_as_one_process(tmp_path):
     """`vlsi sft` on a parquet (written with `datasets`, the images' bytes inside, LLaVA-OneVision's columns) under a
     2-process launch: the main process checks the rows and sends the others its index of them; the student equals
     one process's on the same global batches (3 steps cross the epoch's reshuffle)."""
-    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("datasets")
     _, student = write_tiny_pair(tmp_path)
     records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())
-    rows = {
-        "id": [r["id"] for r in records],
-        "conversations": [r["conversations"] for r in records],
-        "image": [{"bytes": (tmp_path / r["image"]).read_bytes(), "path": None} for r in records],
-    }
     parquet = tmp_path / "digits.parquet"
-    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(parquet)
+    onevision_dataset(tmp_path, records).to_parquet(parquet)
     (tmp_path / "images").rename(tmp_path / "moved")  # nothing is read from image files
     args = ["sft", "--model", str(student), "--data", str(parquet), "--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
     args += ["sft.max_steps=3", "sft.batch_size=2"]
@@ -387,12 +367,8 @@ def test_two_processes_train_on_a_parquet_dataset_as_one_process(tmp_path):
         [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main([*args, "sft.grad_accum=2", "--output", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     name = "model/model.safetensors"
     diff = _max_difference(tmp_path / "two" / name, tmp_path / "one" / name)
     assert diff <= WEIGHT_ATOL, f"max |difference| {diff:.3g}"

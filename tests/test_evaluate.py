@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from commands import onevision_dataset
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -300,16 +301,11 @@ def test_custom_benchmark_on_the_digits(model_dir, tmp_path, capsys):
 def test_custom_benchmark_on_a_parquet_dataset_answers_as_on_its_json_records(model_dir, tmp_path, capsys):
     """The same held-out digits as JSON records over PNG files and as a parquet written with `datasets` (the images'
     bytes inside, LLaVA-OneVision's columns with the turns renamed, mapped by --column): the same predictions."""
-    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("datasets")
     data = write_digits_dataset(tmp_path, n=6)
     records = json.loads(data.read_text())
-    rows = {
-        "id": [r["id"] for r in records],
-        "turns": [r["conversations"] for r in records],
-        "image": [{"bytes": (tmp_path / r["image"]).read_bytes(), "path": None} for r in records],
-    }
     parquet = tmp_path / "heldout.parquet"
-    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(parquet)
+    onevision_dataset(tmp_path, records, turns="turns").to_parquet(parquet)
     images = tmp_path / "images"
     images.rename(tmp_path / "moved")  # the parquet run reads no image file
     argv = ["--model", model_dir, "--benchmark", "custom", "--data", str(parquet), "--output", str(tmp_path / "pq")]

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from commands import CONFIG
+from commands import CONFIG, onevision_dataset
 
 from vlsi.cli import main
 from vlsi.config import DataConfig, StageConfig, load_config
@@ -46,12 +46,7 @@ def _turns(record) -> tuple[str, str]:
 
 def onevision(folder, records) -> datasets.Dataset:
     """LLaVA-OneVision-Data's columns: id, conversations, image (bytes inside)."""
-    rows = {
-        "id": [r["id"] for r in records],
-        "conversations": [r["conversations"] for r in records],
-        "image": [_png(folder, r) for r in records],
-    }
-    return datasets.Dataset.from_dict(rows).cast_column("image", IMAGE)
+    return onevision_dataset(folder, records)
 
 
 def trl(folder, records) -> datasets.Dataset:

@@ -1,12 +1,17 @@
 """Run integrity: what a run reads is what it started with, what it writes is whole or refused, in one line each."""
 
 import json
+import os
 import pickle
+import re
+import shutil
 import time
 
 import pytest
+import torch
 
 from vlsi.data import DataError, VLDataset, read_dataset
+from vlsi.models.loading import DAMAGED, ModelError, load_model, load_processor
 from vlsi.models.tiny import build_tiny_vlm
 
 
@@ -50,3 +55,48 @@ def test_an_edit_during_training_stops_the_loader(tmp_path):
     _write(path, _records(4, "a dog"))
     with pytest.raises(DataError, match="changed while this run was reading it"):
         dataset[1]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_vlm(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("weights cut in half", "model.safetensors is damaged (Error while deserializing header: incomplete metadata"),
+        ("weights cut to 4 bytes", "model.safetensors is damaged (Error while deserializing header: header too small"),
+        ("weights deleted", "no file named model.safetensors"),
+        ("config cut", "config.json"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_line_naming_it_and_the_fix(model_folder, tmp_path, damage, named):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    weights = folder / "model.safetensors"
+    if damage == "weights cut in half":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "weights cut to 4 bytes":
+        os.truncate(weights, 4)
+    elif damage == "weights deleted":
+        weights.unlink()
+    else:
+        os.truncate(folder / "config.json", 30)
+    with pytest.raises(ModelError) as caught:
+        load_model(str(folder), torch.float32)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"'{folder}'" in message and named in message
+    assert message.endswith(f"({DAMAGED})")
+
+
+def test_a_damaged_processor_file_names_the_fix(model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    os.truncate(folder / "tokenizer.json", 20)
+    with pytest.raises(ModelError, match=re.escape(f"cannot load a processor from '{folder}'")) as caught:
+        load_processor(str(folder))
+    assert str(caught.value).endswith(f"({DAMAGED})") and "\n" not in str(caught.value)

@@ -18,9 +18,11 @@ OUT/answers/
   index.json      what the answers were made with: teacher (path and `runfolder.model_fingerprint`), its processor
                   (`processor_key`), data (path and `runfolder.samples_fingerprint` of the prompts answered: ids,
                   messages, image files' content), answer_max_tokens, and count (the number of prompts to answer)
-  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch (served: each answer),
-                  with "cut": true where the answer stopped at data.answer_max_tokens: a killed run resumes with the
-                  prompts still unanswered; a rerun that finds every prompt answered loads no model
+  answers.jsonl   {"id": ..., "answer": ..., "sha256": ...} per prompt, appended and flushed after each batch (served:
+                  each answer), with "cut": true where the answer stopped at data.answer_max_tokens, and the checksum
+                  of the line's other fields (`runfolder.seal`): a killed run resumes with the prompts still
+                  unanswered (a torn last line is dropped); a line edited since (by hand) is refused, naming it; a
+                  rerun that finds every prompt answered loads no model
   answers-R.jsonl the same, the answers of process R (R >= 1) of a multi-process launch; answers.jsonl holds the
                   main process's. The answers are the union of the files, by prompt id: a run with any number of
                   processes reads (and resumes) what a run with another number wrote
@@ -63,11 +65,14 @@ from .distributed import on_main_process, process_state
 from .eval.generate import Answer, Item, append_answers
 from .models.loading import check_fits, compute_dtype, load_model, load_processor
 from .runfolder import (
+    FolderError,
     check_settings,
+    is_sealed,
     lock,
     model_fingerprint,
     read_jsonl,
     samples_fingerprint,
+    seal,
     truncate_jsonl,
     write_json,
 )
@@ -186,11 +191,17 @@ def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None
 def read_answers(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
     """{id: answer} of the prompts in `wanted` answered in folder/answers.jsonl and the processes' answers-*.jsonl
     (the first answer of a prompt counts), and the ids of those cut at data.answer_max_tokens (`"cut": true`); a
-    line cut by a kill is skipped."""
+    line cut by a kill is skipped, a line whose checksum does not match (edited) stops with one line naming it."""
     answers, cut = {}, set()
     for path in [folder / ANSWERS, *sorted(folder.glob(SHARE_GLOB))]:
-        for row in read_jsonl(path):
-            if not isinstance(row, dict) or row.get("id") in answers:
+        for number, row in enumerate(read_jsonl(path), start=1):
+            if not is_sealed(row):
+                raise FolderError(
+                    f"{path}: answer {number} (prompt {row.get('id') if isinstance(row, dict) else '?'}) is not as "
+                    f"the teacher gave it (its checksum does not match: edited by hand?); delete that line to have "
+                    f"the teacher answer the prompt again, or delete {folder}"
+                )
+            if row.get("id") in answers:
                 continue
             if row.get("id") in wanted and isinstance(row.get("answer"), str):
                 answers[row["id"]] = row["answer"]
@@ -249,7 +260,7 @@ def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index:
         closing(served.answers(client, cfg.data, pending)) as got,
     ):
         for answer in got:
-            row = {"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {})
+            row = seal({"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {}))
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             answers[answer.id] = answer.text
@@ -274,7 +285,7 @@ def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) 
 
     def record(item: Item, text: Answer) -> dict:
         stopped = getattr(text, "cut", False)  # `generate_answers` gives an Answer; a plain str was not cut
-        return {"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {})
+        return seal({"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {}))
 
     main = process_state().is_main_process
     bar = tqdm(total=len(pending), desc="teacher answers", unit="prompt", mininterval=1.0, disable=not main)

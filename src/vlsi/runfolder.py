@@ -165,6 +165,26 @@ def append_jsonl(path: str | Path, rows) -> None:
         os.fsync(f.fileno())
 
 
+SEAL = "sha256"  # the key of a sealed row's checksum
+SEAL_CHARS = 16  # 64 bits of the sha256: against edits and damage, not against forgery
+
+
+def seal(row: dict) -> dict:
+    """`row` with the checksum of its other fields (`SEAL`), for a log whose rows are reused: `is_sealed` tells a row
+    edited since it was written."""
+    return row | {SEAL: _row_sum(row)}
+
+
+def is_sealed(row) -> bool:
+    """Whether `row` carries the checksum `seal` gave it, its other fields unchanged since."""
+    return isinstance(row, dict) and row.get(SEAL) == _row_sum({k: v for k, v in row.items() if k != SEAL})
+
+
+def _row_sum(row: dict) -> str:
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:SEAL_CHARS]
+
+
 def truncate_jsonl(path: str | Path, keep=lambda row: True) -> None:
     """Rewrite a JSONL file (atomically) with the rows `keep(row)` accepts, without a last line cut by a kill: rows
     appended after it would otherwise be read as part of it."""

@@ -1,18 +1,28 @@
 """Run integrity: what a run reads is what it started with, what it writes is whole or refused, in one line each."""
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import resource
 import shutil
+import signal
 import time
 
 import pytest
 import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText
 
+from vlsi import runfolder
 from vlsi.data import DataError, VLDataset, read_dataset
 from vlsi.models.loading import DAMAGED, ModelError, load_model, load_processor
+from vlsi.models.student import save_student
 from vlsi.models.tiny import build_tiny_vlm
+from vlsi.runfolder import StorageError
+from vlsi.stages import checkpoint
+from vlsi.stages.common import atomic_dir
 
 
 def _records(n: int, answer: str = "a cat") -> list[dict]:
@@ -100,3 +110,65 @@ def test_a_damaged_processor_file_names_the_fix(model_folder, tmp_path):
     with pytest.raises(ModelError, match=re.escape(f"cannot load a processor from '{folder}'")) as caught:
         load_processor(str(folder))
     assert str(caught.value).endswith(f"({DAMAGED})") and "\n" not in str(caught.value)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes of any file fail in the kernel (EFBIG) as writes to a full disk fail (ENOSPC): a real
+    refused write without root or a small filesystem (RLIMIT_FSIZE; SIGXFSZ ignored, so the write returns the error
+    instead of ending the process)."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def _refused(caught, named) -> None:
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"cannot write {named} (File too large); free space there" in message
+
+
+def test_a_full_disk_while_a_stage_output_is_written_leaves_nothing_finished(model_folder, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(model_folder)
+    processor = load_processor(str(model_folder))
+    output = tmp_path / "student"
+    with pytest.raises(StorageError) as caught, file_size_limit(100_000):  # the weights are 1 MiB
+        with atomic_dir(output) as folder:
+            save_student(model, processor, folder)
+    _refused(caught, output)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its half-written folder
+    with atomic_dir(output) as folder:
+        save_student(model, processor, folder)
+    assert load_model(str(output), torch.float32) is not None
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_complete_one(tmp_path):
+    module = nn.Linear(128, 128)  # 64 KiB of weights, 128 KiB of Adam state
+    optimizer = torch.optim.AdamW(module.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    module(torch.ones(1, 128)).sum().backward()
+    optimizer.step()
+    first = checkpoint.save(tmp_path, 1, module, optimizer, scheduler, {"step": 1}, {})
+    with pytest.raises(StorageError) as caught, file_size_limit(32_000):
+        checkpoint.save(tmp_path, 2, module, optimizer, scheduler, {"step": 2}, {})
+    _refused(caught, tmp_path / "step-00000002.tmp" / "trainable.safetensors")
+    assert checkpoint.latest(tmp_path) == first
+    assert checkpoint.load(first, module, optimizer, scheduler, {}) == {"step": 1}
+
+
+def test_a_full_disk_while_a_log_is_appended_is_one_line_and_its_cut_line_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    runfolder.append_jsonl(path, [{"step": 1}])
+    with pytest.raises(StorageError) as caught, file_size_limit(path.stat().st_size + 100):
+        runfolder.append_jsonl(path, [{"step": 2, "note": "x" * 1000}])
+    _refused(caught, path)
+    assert runfolder.read_jsonl(path) == [{"step": 1}]
+    with pytest.raises(StorageError) as caught, file_size_limit(10):
+        runfolder.write_json(tmp_path / "state.json", {"step": 2, "note": "x" * 100})
+    _refused(caught, tmp_path / "state.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -73,6 +73,7 @@ from .runfolder import (
     read_jsonl,
     samples_fingerprint,
     seal,
+    storage,
     truncate_jsonl,
     write_json,
 )
@@ -256,6 +257,7 @@ def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index:
     bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
     with (
         bar,
+        storage(folder / ANSWERS),  # a full disk: one line naming the file; a line it cut is dropped when resumed
         (folder / ANSWERS).open("a", encoding="utf-8") as f,
         closing(served.answers(client, cfg.data, pending)) as got,
     ):
@@ -289,7 +291,7 @@ def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) 
 
     main = process_state().is_main_process
     bar = tqdm(total=len(pending), desc="teacher answers", unit="prompt", mininterval=1.0, disable=not main)
-    with bar:
+    with bar, storage(path):  # a full disk: one line naming the file; a line it cut is dropped when resumed
         append_answers(
             model,
             processor,

@@ -4,7 +4,8 @@ with other settings" check. It sits at the bottom of the package (it imports not
 
 - `write_bytes` / `write_text` / `write_json`: a file is whole or absent. The data goes to a temporary file in the
   same folder, is flushed to the disk (fsync) and renamed over the target (`os.replace`), then the folder is synced;
-  a kill or a full disk at any moment leaves the previous version (or nothing), never half a file.
+  a kill or a full disk at any moment leaves the previous version (or nothing), never half a file. `storage(target)`:
+  any other write the storage refuses (a full disk during `save_pretrained`) is one line naming the file.
 - `read_jsonl` / `append_jsonl` / `truncate_jsonl`: one JSON object per line, appended and flushed; a line cut by a
   kill (the last one) is dropped when read, any other unreadable line is an error naming the file and line.
 - One fingerprint rule (docs/CONFIG.md#fingerprints), of content, never of modification times alone:
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -57,6 +59,15 @@ class FolderError(ValueError):
 # ------------------------------------------------------------------------------------------------ atomic writes
 
 
+class StorageError(OSError):
+    """A write that the storage refused (a full disk, a quota, a file size limit, an I/O error); the message names the
+    file or folder and the fix (`vlsi.cli.main` prints it as one line, exit 2)."""
+
+
+FREE_SPACE = "free space there, or use another --output"
+RERUN = "free space there and rerun (a stage resumes from its last checkpoint), or use another --output"
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically: whole or not at all, even across a kill, a power cut or a full disk."""
     path = Path(path)
@@ -70,10 +81,36 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(partial, path)
     except OSError as e:
         partial.unlink(missing_ok=True)
-        raise OSError(
-            e.errno, f"cannot write {path} ({e.strerror}); free space there, or use another --output"
-        ) from None
+        raise StorageError(e.errno, f"cannot write {path} ({e.strerror}); {FREE_SPACE}") from None
     _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def storage(target: str | Path, fix: str = FREE_SPACE):
+    """Writes in the block that the storage refuses (`OSError`, or safetensors' `SafetensorError`, which carries the
+    OS error in its text) stop with one line naming the file (or, when the error names none, `target`: the file or
+    folder being written) and `fix`. The caller makes sure what was half-written is never taken for finished (a
+    temporary name, or a folder renamed into place only when whole)."""
+    from safetensors import SafetensorError  # here: only commands that write tensors import it
+
+    try:
+        yield
+    except StorageError:
+        raise  # named already (`write_bytes`)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None or int(found.group(1)) not in STORAGE:
+            raise
+        code = int(found.group(1))
+        raise StorageError(code, f"cannot write {target} ({os.strerror(code)}); {fix}") from None
+    except OSError as e:
+        if e.errno not in STORAGE:
+            raise
+        raise StorageError(e.errno, f"cannot write {e.filename or target} ({os.strerror(e.errno)}); {fix}") from None
+
+
+# The errors of a storage that takes no more: full, over quota, over the file size limit, failing, read-only.
+STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -159,7 +196,7 @@ def append_jsonl(path: str | Path, rows) -> None:
     """Append `rows` (one JSON line each) and flush them to the disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    with storage(path), path.open("a", encoding="utf-8") as f:  # a line cut by a full disk is dropped when read
         f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())

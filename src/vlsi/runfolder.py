@@ -176,7 +176,10 @@ def read_jsonl(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # "\n" alone ends a line: `str.splitlines` also splits at U+2028, U+0085 and others, which JSON strings may hold
+    # unescaped (written by other tools)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -184,7 +187,7 @@ def read_jsonl(path: str | Path) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):
+            if number == last:
                 break  # a line cut by a kill
             raise FolderError(
                 f"{path} line {number} is not valid JSON (the file was damaged); delete the file, or that line"

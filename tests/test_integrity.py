@@ -8,7 +8,9 @@ import re
 import resource
 import shutil
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +18,17 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 
 from vlsi import runfolder
-from vlsi.data import DataError, VLDataset, read_dataset
+from vlsi.config import load_config
+from vlsi.data import DataError, Sample, VLDataset, read_dataset
 from vlsi.models.loading import DAMAGED, ModelError, load_model, load_processor
 from vlsi.models.student import save_student
 from vlsi.models.tiny import build_tiny_vlm
+from vlsi.pipeline import data_fingerprint
 from vlsi.runfolder import StorageError
 from vlsi.stages import checkpoint
 from vlsi.stages.common import atomic_dir
+
+CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 
 
 def _records(n: int, answer: str = "a cat") -> list[dict]:
@@ -172,3 +178,52 @@ def test_a_full_disk_while_a_log_is_appended_is_one_line_and_its_cut_line_droppe
         runfolder.write_json(tmp_path / "state.json", {"step": 2, "note": "x" * 100})
     _refused(caught, tmp_path / "state.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+OPENED: list[str] | None = None  # while a list: the paths this process opens (an audit hook sees every open)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and OPENED is not None and isinstance(args[0], str | os.PathLike):
+        OPENED.append(os.fspath(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+@contextlib.contextmanager
+def opened():
+    """The files opened in the block."""
+    global OPENED
+    OPENED = []
+    try:
+        yield OPENED
+    finally:
+        OPENED = None
+
+
+def test_a_rerun_on_unchanged_images_reads_none_and_a_changed_one_is_caught(tmp_path):
+    images = tmp_path / "images"
+    for folder in ("a", "b"):  # one file name in two folders: the marks key images by their whole path
+        (images / folder).mkdir(parents=True)
+        (images / folder / "0.png").write_bytes(folder.encode() * 1000)
+    text = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    samples = [Sample(str(i), text, [images / f / "0.png"]) for i, f in enumerate("ab")]
+    plain = runfolder.samples_fingerprint(samples)  # no marks: every image hashed
+    cfg = load_config(CONFIG, [f"data.path={tmp_path / 'train.jsonl'}"], output=str(tmp_path / "out"))
+    time.sleep(runfolder.RACY_NS / 1e9)  # a file changed within RACY_NS of its hash is never trusted by its stat
+    runfolder._seen.clear()  # each run is a new process
+    assert data_fingerprint(cfg, samples, True) == plain
+    assert (tmp_path / "out" / ".cache" / runfolder.IMAGE_MARKS).is_file()
+
+    runfolder._seen.clear()
+    with opened() as files:
+        assert data_fingerprint(cfg, samples, True) == plain
+    assert not [f for f in files if f.startswith(str(images))]
+
+    (images / "b" / "0.png").write_bytes(b"c" * 1000)  # same size, other content
+    runfolder._seen.clear()
+    with opened() as files:
+        changed = data_fingerprint(cfg, samples, True)
+    assert changed != plain and changed == runfolder.samples_fingerprint(samples)
+    assert [f for f in files if f.startswith(str(images))] == [str(images / "b" / "0.png")]

@@ -65,9 +65,11 @@ from .distributed import on_main_process, process_state
 from .eval.generate import Answer, Item, append_answers
 from .models.loading import check_fits, compute_dtype, load_model, load_processor
 from .runfolder import (
+    IMAGE_MARKS,
     FolderError,
     check_settings,
     is_sealed,
+    kept_marks,
     lock,
     model_fingerprint,
     read_jsonl,
@@ -132,7 +134,7 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
         "teacher_quantization": "" if server else cfg.teacher_quantization,
         "processor": None if server else processor_key(processor),
         "data": cfg.data.path,
-        "prompts": samples_fingerprint(prompts),
+        "prompts": prompts_fingerprint(cfg, prompts),
         "answer_max_tokens": cfg.data.answer_max_tokens,
         "count": len(prompts),
     }
@@ -174,6 +176,13 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
             else "they are left out (data.keep_cut_answers=true keeps them)",
         )
     return [s for s in with_answers(samples, answers) if s.id not in left_out]
+
+
+def prompts_fingerprint(cfg: TrainConfig, prompts: list[Sample]) -> str:
+    """`runfolder.samples_fingerprint` of the prompts, with the images' stats kept in OUT/.cache as the run's own data
+    fingerprint keeps them (`pipeline.data_fingerprint`): a rerun on unchanged image files reads none of them."""
+    with kept_marks(Path(cfg.output) / ".cache" / IMAGE_MARKS, process_state().is_main_process) as marks:
+        return samples_fingerprint(prompts, marks)
 
 
 def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None:

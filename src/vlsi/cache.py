@@ -96,13 +96,16 @@ def verbalizers_fingerprint(directory: str | Path) -> str:
     return files_fingerprint(directory / name for name in (META, WEIGHTS))
 
 
-def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> dict:
+def cache_identity(
+    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, fingerprint: str | None = None
+) -> dict:
     """The IDENTITY entries for a run: what its teacher targets depend on. `verbalizers_dir` None: the teacher's
-    verbalizers are not trained yet, and the two entries that describe them are left out."""
+    verbalizers are not trained yet, and the two entries that describe them are left out. `fingerprint`: the
+    samples' `runfolder.samples_fingerprint` when the run has it already."""
     identity = {
         "teacher_identity": model_fingerprint(cfg.teacher),
         "teacher_quantization": cfg.teacher_quantization,
-        "data_fingerprint": samples_fingerprint(samples),
+        "data_fingerprint": fingerprint or samples_fingerprint(samples),
         # how the processor encodes: data.special_tokens=text changes some samples' tokens (as the length scan's key)
         "processor": processor_key(processor) + ("" if cfg.data.special_tokens == "refuse" else "+special_tokens=text"),
         "top_k": cfg.cache.top_k,
@@ -117,7 +120,13 @@ def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, process
 
 
 def check_before_training(
-    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, teacher: int, student: int
+    cfg: TrainConfig,
+    verbalizers_dir: str | Path | None,
+    processor,
+    samples,
+    teacher: int,
+    student: int,
+    fingerprint: str | None = None,
 ) -> None:
     """What `vlsi train` checks of teacher_cache=C before any stage trains: the student's LM head covers the tokens a
     cache holds (`teacher`, `student`: the two heads' rows), the l2 term needs whole distributions, and a cache
@@ -138,7 +147,7 @@ def check_before_training(
     folder = Path(cfg.teacher_cache)
     index = _read_index(folder)
     if index is not None:
-        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples))
+        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples, fingerprint))
 
 
 def check_identity(folder: Path, index: dict, identity: dict) -> None:
@@ -159,14 +168,16 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples) -> Path:
+def build_cache(
+    cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples, fingerprint: str | None = None
+) -> Path:
     """Make sure `folder` holds the complete teacher cache for this configuration, and return it: an existing one is
     checked (and refused if made for another run), a partial one finished, a missing one built. `samples`: the data's
     samples as `vlsi.stages.common.load_samples(cfg)` gives them. Every process of a launch must call it."""
     folder = Path(folder)
     state = process_state()
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
-    identity = cache_identity(cfg, verbalizers_dir, processor, samples)
+    identity = cache_identity(cfg, verbalizers_dir, processor, samples, fingerprint)
     index = _read_index(folder)
     if index is not None:
         check_identity(folder, index, identity)

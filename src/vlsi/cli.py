@@ -110,7 +110,7 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
     with other settings or inputs is refused, as `vlsi train` refuses it."""
     from .config import ConfigError, save_config
     from .distributed import process_state
-    from .pipeline import check_inputs, check_same_run, run_inputs
+    from .pipeline import check_inputs, check_same_run, data_fingerprint, run_inputs
     from .runfolder import lock
     from .stages.common import load_samples, reuse
     from .stages.loop import MetricsLog
@@ -125,7 +125,8 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
         state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
         # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
         samples = load_samples(cfg)
-        check_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
+        data = data_fingerprint(cfg, samples, state.is_main_process)
+        check_inputs(out, run_inputs(cfg, data, {"model": model}), state.is_main_process)
         if state.is_main_process:
             save_config(cfg, out / "config.yaml")
         state.wait_for_everyone()

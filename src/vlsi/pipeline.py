@@ -34,8 +34,10 @@ from .models.loading import check_same_vocabulary, load_processor, model_outline
 from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers
 from .plots import plot_layer_match, plot_verbalizer_loss
 from .runfolder import (
+    IMAGE_MARKS,
     check_settings,
     files_fingerprint,
+    kept_marks,
     lock,
     model_fingerprint,
     record_checksums,
@@ -68,11 +70,19 @@ INPUTS = {
 }
 
 
-def run_inputs(cfg: TrainConfig, samples, models: dict[str, str]) -> dict:
+def data_fingerprint(cfg: TrainConfig, samples, is_main: bool) -> str:
+    """`runfolder.samples_fingerprint` of the data as read (`samples`, answered), computed once per run and passed to
+    every check that needs it; the images' stats are kept in OUT/.cache (`kept_marks`), so a rerun on unchanged image
+    files reads none of them."""
+    with kept_marks(Path(cfg.output) / ".cache" / IMAGE_MARKS, is_main) as marks:
+        return samples_fingerprint(samples, marks)
+
+
+def run_inputs(cfg: TrainConfig, data: str, models: dict[str, str]) -> dict:
     """The fingerprints (`vlsi.runfolder`) of what a run is made from: `models` ({role: path}), the data as read
-    (`samples`, answered), and the teacher verbalizers given with teacher_verbalizers=DIR."""
+    (`data`: its `data_fingerprint`), and the teacher verbalizers given with teacher_verbalizers=DIR."""
     inputs = {who: model_fingerprint(path) for who, path in models.items()}
-    inputs["data"] = samples_fingerprint(samples)
+    inputs["data"] = data
     if cfg.teacher_verbalizers:
         folder = Path(cfg.teacher_verbalizers)
         inputs["teacher_verbalizers"] = files_fingerprint([folder / META, folder / WEIGHTS])
@@ -152,11 +162,13 @@ def _stages(cfg: TrainConfig, out: Path) -> Path:
     outlines = {who: model_outline(getattr(cfg, who), cfg.trust_remote_code) for who in ("teacher", "student")}
     check_target_layers(cfg, out, outlines)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
-    inputs = run_inputs(cfg, samples, {"teacher": cfg.teacher, "student": cfg.student})
+    data = data_fingerprint(cfg, samples, state.is_main_process)
+    inputs = run_inputs(cfg, data, {"teacher": cfg.teacher, "student": cfg.student})
     check_inputs(out, inputs, state.is_main_process)
     if cfg.teacher_cache:
         rows = {who: parts.vocab_rows for who, parts in outlines.items()}
-        check_cache_before_training(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples, **rows)
+        verbalizers = existing_verbalizers(cfg, out, "teacher")
+        check_cache_before_training(cfg, verbalizers, t_proc, samples, **rows, fingerprint=data)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -182,8 +194,8 @@ def _stages(cfg: TrainConfig, out: Path) -> Path:
     interacted = out / "stages" / "interact"
     if not reuse(interacted, "interaction"):
         if cfg.teacher_cache:  # the teacher runs once, into the cache (or a matching cache is reused), not here
-            build_cache(cfg, cfg.teacher_cache, teacher_verb, samples)
-        interact(cfg, out, metrics, samples)
+            build_cache(cfg, cfg.teacher_cache, teacher_verb, samples, fingerprint=data)
+        interact(cfg, out, metrics, samples, fingerprint=data)
     if state.is_main_process:
         plot_layer_match(out / "layer_match.jsonl", out / "layer_match.png")
 

@@ -273,16 +273,18 @@ def _stamp(stat: os.stat_result) -> list[int]:
     return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def file_fingerprint(path: str | Path, marks: dict | None = None) -> str:
+def file_fingerprint(path: str | Path, marks: dict | None = None, name: str | None = None) -> str:
     """sha256 of a file's content. A file hashed before (in this process, or recorded in `marks`: {name: [inode, size,
-    mtime_ns, ctime_ns, sha256]}, a record the caller keeps between runs) whose stat is unchanged is not read again;
-    the stat counts only when the file's last change was at least RACY_NS older than the hash, so a file edited
-    in place with its size and modification time put back (which sets ctime) is read again."""
+    mtime_ns, ctime_ns, sha256]}, a record the caller keeps between runs, `name` the file's key there, by default its
+    file name) whose stat is unchanged is not read again; the stat counts only when the file's last change was at
+    least RACY_NS older than the hash, so a file edited in place with its size and modification time put back (which
+    sets ctime) is read again."""
     path = Path(path)
     stat = path.stat()
     key = str(path.resolve())
+    name = name or path.name
     stamp = _stamp(stat)
-    for known in (_seen.get(key), (marks or {}).get(path.name)):
+    for known in (_seen.get(key), (marks or {}).get(name)):
         if known is not None and known[:4] == stamp:
             return known[4]
     sha = sha256_file(path)
@@ -291,8 +293,28 @@ def file_fingerprint(path: str | Path, marks: dict | None = None) -> str:
         if len(_seen) > SEEN:
             del _seen[next(iter(_seen))]
         if marks is not None:
-            marks[path.name] = [*stamp, sha]
+            marks[name] = [*stamp, sha]
     return sha
+
+
+IMAGE_MARKS = "image-marks.json"  # OUT/.cache/: the data's images' `file_fingerprint` marks, kept between runs
+
+
+@contextlib.contextmanager
+def kept_marks(record: str | Path, write: bool = True):
+    """The `file_fingerprint` marks recorded in `record` (none when it is absent or damaged: every file is hashed
+    again), written back after the block when it added some and `write` (the main process of a launch)."""
+    record = Path(record)
+    try:
+        marks = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marks = {}
+    marks = marks if isinstance(marks, dict) else {}
+    before = dict(marks)
+    yield marks
+    if write and marks != before:
+        with contextlib.suppress(OSError):  # a read-only run folder: the next run hashes the images again
+            write_json(record, marks, indent=None)
 
 
 CHECKSUMS = "checksums.json"
@@ -372,13 +394,17 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def samples_fingerprint(samples) -> str:
+def samples_fingerprint(samples, marks: dict | None = None) -> str:
     """The data as a run read it (`vlsi.data.Sample`s): every sample's id and messages, and its images' content
     (`file_fingerprint` of a file, the sha256 of embedded bytes), so an edited answer, a replaced image or a
-    reordered file is other data."""
+    reordered file is other data. `marks` (`kept_marks`, keyed by the images' absolute paths): a rerun on image files
+    whose stat is unchanged reads none of them."""
     digest = hashlib.sha256()
     for s in samples:
-        images = [hashlib.sha256(p).hexdigest() if isinstance(p, bytes) else file_fingerprint(p) for p in s.images]
+        images = [
+            hashlib.sha256(p).hexdigest() if isinstance(p, bytes) else file_fingerprint(p, marks, os.path.abspath(p))
+            for p in s.images
+        ]
         digest.update((json.dumps([s.id, s.messages, images], sort_keys=True) + "\n").encode())
     return digest.hexdigest()
 

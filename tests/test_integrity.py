@@ -19,7 +19,8 @@ from transformers import AutoModelForImageTextToText
 
 from vlsi import runfolder
 from vlsi.config import load_config
-from vlsi.data import DataError, Sample, VLDataset, read_dataset
+from vlsi.data import DataError, Sample, VLDataset, make_collate, read_dataset
+from vlsi.data.records import changed_during_run
 from vlsi.models.loading import DAMAGED, ModelError, load_model, load_processor
 from vlsi.models.student import save_student
 from vlsi.models.tiny import build_tiny_vlm
@@ -27,6 +28,7 @@ from vlsi.pipeline import data_fingerprint
 from vlsi.runfolder import StorageError
 from vlsi.stages import checkpoint
 from vlsi.stages.common import atomic_dir
+from vlsi.stages.loop import make_loader
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
 
@@ -61,16 +63,21 @@ def test_a_data_file_edited_during_a_run_stops_it_naming_the_file(tmp_path, lazy
         assert message.startswith(f"{path} changed while this run was reading it")
 
 
-def test_an_edit_during_training_stops_the_loader(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_edit_during_training_stops_the_loader_in_one_line(tmp_path, workers):
+    """data.num_workers=1: the error is raised in a DataLoader worker, and reaches the run as the same one line (torch
+    would otherwise raise a RuntimeError holding the worker's traceback)."""
     path = tmp_path / "train.jsonl"
-    _write(path, _records(4))
+    _write(path, _records(8))
     _, processor = build_tiny_vlm()
     dataset = VLDataset(read_dataset(path, num_proc=1)[0], {"student": processor}, max_length=64, num_proc=1)
     assert dataset[0]["student"]["input_ids"].shape[0] == 1
     time.sleep(0.05)
-    _write(path, _records(4, "a dog"))
-    with pytest.raises(DataError, match="changed while this run was reading it"):
-        dataset[1]
+    _write(path, _records(8, "a dog"))
+    loader = make_loader(dataset, 2, make_collate({"student": processor}), seed=0, num_workers=workers)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == changed_during_run(path)
 
 
 @pytest.fixture(scope="module")

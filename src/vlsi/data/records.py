@@ -53,13 +53,23 @@ class Sample:
 class DataError(ValueError):
     """Invalid data: `problems` holds one line per problem; `str()` shows a header and the first MAX_SHOWN."""
 
-    def __init__(self, problems: list[str], header: str):
+    def __init__(self, problems: list[str] | str, header: str | None = None):
+        if header is None:  # one text: how a DataLoader worker's DataError reaches the main process
+            problems, header = [], _from_worker(problems)
         self.problems, self.header = problems, header
         more = [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
         super().__init__("\n".join([header, *problems[:MAX_SHOWN], *more]))
 
     def __reduce__(self):  # sent between processes (the main process's check, DataLoader workers)
         return DataError, (self.problems, self.header)
+
+
+def _from_worker(text: str) -> str:
+    """torch's DataLoader raises a worker's exception again in the main process as `type(text)`, `text` holding the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ... vlsi.data.records.
+    DataError: MESSAGE"): MESSAGE alone, so that the run stops with the worker's own message, not a traceback."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    return text.split(marker, 1)[1].strip() if marker in text else text
 
 
 class BadRecord(DataError):

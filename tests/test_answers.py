@@ -1,6 +1,7 @@
 """Teacher-answered prompts (data.answers=teacher): generated once, cached, resumed, refused when stale; through
 the real CLI on tiny local checkpoints."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 from vlsi import answers as answers_module
 from vlsi.cli import main
 from vlsi.config import ConfigError, load_config
-from vlsi.data import IGNORE_INDEX, DataError, encode, read_dataset
+from vlsi.data import IGNORE_INDEX, DataError, Samples, encode, read_dataset, sources
 from vlsi.eval import generate as generate_module
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_processor
@@ -158,6 +159,26 @@ def test_an_answer_edited_by_hand_is_refused_naming_its_line(toy, tmp_path, call
     path.write_text("".join(json.dumps(row) + "\n" for i, row in enumerate(rows) if i != 1))
     assert load_samples(cfg) == first
     assert calls == [[rows[1]["id"]]]
+
+
+def test_the_answered_samples_are_read_from_the_data_not_held_in_memory(toy, tmp_path):
+    """`with_answers` keeps an index into the data file and the answers, never the samples; it reads as the plain
+    list of answered samples does."""
+    _, _, data = toy
+    cfg = _cfg(toy, tmp_path / "out")
+    answered = load_samples(cfg)
+    assert isinstance(answered, answers_module.Answered) and isinstance(answered.samples, Samples)
+    samples, _ = read_dataset(data, unanswered=True)
+    texts = {row["id"]: row["answer"] for row in _cached(cfg.output)}
+    plain = [
+        dataclasses.replace(s, messages=[*s.messages, {"role": "assistant", "content": [{"type": "text", "text": t}]}])
+        if (t := texts.get(s.id)) is not None
+        else s
+        for s in samples
+    ]
+    assert list(answered) == plain and [answered[i] for i in range(len(plain))] == plain
+    assert list(answered.take([4, 1])) == [plain[4], plain[1]] and answered[1:3] == plain[1:3]
+    assert sources.where(answered.take([4]), 0) == sources.where(samples, 4)
 
 
 def test_a_cache_made_otherwise_is_refused(toy, tmp_path, calls):

@@ -1,6 +1,7 @@
 """Teacher-answered prompts (data.answers=teacher): generated once, cached, resumed, refused when stale; through
 the real CLI on tiny local checkpoints."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,11 +14,11 @@ from transformers import AutoModelForImageTextToText
 from vlsi import answers as answers_module
 from vlsi.cli import main
 from vlsi.config import ConfigError, load_config
-from vlsi.data import IGNORE_INDEX, DataError, encode, read_dataset
+from vlsi.data import IGNORE_INDEX, DataError, Samples, encode, read_dataset, sources
 from vlsi.eval import generate as generate_module
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_processor
-from vlsi.runfolder import FolderError
+from vlsi.runfolder import FolderError, seal
 from vlsi.stages.samples import load_samples
 from vlsi.toy import write_digits_dataset, write_tiny_pair
 
@@ -137,6 +138,47 @@ def test_a_partial_cache_is_resumed(toy, tmp_path, calls):
     assert load_samples(cfg) == first  # greedy: the same answers again
     assert sorted(i for batch in calls for i in batch) == sorted(UNANSWERED - kept)
     assert sorted(row["id"] for row in _cached(cfg.output)) == sorted(UNANSWERED)  # each once, no torn line
+
+
+def test_an_answer_edited_by_hand_is_refused_naming_its_line(toy, tmp_path, calls):
+    """Each answer line carries its checksum: an edited answer is never trained on; deleting the line (as the message
+    says) has the teacher answer that prompt again."""
+    cfg = _cfg(toy, tmp_path / "out")
+    first = load_samples(cfg)
+    path = tmp_path / "out" / "answers" / "answers.jsonl"
+    rows = _cached(cfg.output)
+    rows[1]["answer"] = "a better answer"  # its sha256 left as it was
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    calls.clear()
+    with pytest.raises(FolderError) as refused:
+        load_samples(cfg)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: answer 2 (prompt {rows[1]['id']}) is not as the teacher gave it")
+    assert "delete that line" in message and "\n" not in message
+    assert calls == []
+    path.write_text("".join(json.dumps(row) + "\n" for i, row in enumerate(rows) if i != 1))
+    assert load_samples(cfg) == first
+    assert calls == [[rows[1]["id"]]]
+
+
+def test_the_answered_samples_are_read_from_the_data_not_held_in_memory(toy, tmp_path):
+    """`with_answers` keeps an index into the data file and the answers, never the samples; it reads as the plain
+    list of answered samples does."""
+    _, _, data = toy
+    cfg = _cfg(toy, tmp_path / "out")
+    answered = load_samples(cfg)
+    assert isinstance(answered, answers_module.Answered) and isinstance(answered.samples, Samples)
+    samples, _ = read_dataset(data, unanswered=True)
+    texts = {row["id"]: row["answer"] for row in _cached(cfg.output)}
+    plain = [
+        dataclasses.replace(s, messages=[*s.messages, {"role": "assistant", "content": [{"type": "text", "text": t}]}])
+        if (t := texts.get(s.id)) is not None
+        else s
+        for s in samples
+    ]
+    assert list(answered) == plain and [answered[i] for i in range(len(plain))] == plain
+    assert list(answered.take([4, 1])) == [plain[4], plain[1]] and answered[1:3] == plain[1:3]
+    assert sources.where(answered.take([4]), 0) == sources.where(samples, 4)
 
 
 def test_a_cache_made_otherwise_is_refused(toy, tmp_path, calls):
@@ -279,7 +321,7 @@ def test_read_answers_merges_the_processes_files(tmp_path):
         "answers-2.jsonl": [{"id": "d", "answer": "four", "cut": True}],
     }
     for name, lines in rows.items():
-        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in lines))
+        (tmp_path / name).write_text("".join(json.dumps(seal(row)) + "\n" for row in lines))
     with (tmp_path / "answers-2.jsonl").open("a") as f:
         f.write('{"id": "e", "ans')  # killed while writing
     answers, cut = answers_module.read_answers(tmp_path, {"a", "b", "c", "d", "e"})

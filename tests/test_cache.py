@@ -20,7 +20,8 @@ import torch
 from commands import one_thread
 from safetensors.torch import load_file, save_file
 
-from vlsi import cli, runfolder
+from vlsi import cache as cache_module
+from vlsi import cli, preflight, runfolder
 from vlsi.cache import (
     INDEX,
     TeacherCache,
@@ -390,9 +391,18 @@ def test_cache_command_needs_the_teacher_verbalizers(toy, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "teacher_verbalizers=DIR" in err
 
 
-def test_train_builds_the_cache_then_trains_from_it(toy, tmp_path):
+def test_train_builds_the_cache_then_trains_from_it(toy, tmp_path, monkeypatch):
+    """... with the data's fingerprint computed once for the run's record, the cache's checks and the stage's."""
     root, teacher, student, data = toy
     folder, out = tmp_path / "c", tmp_path / "run"
+    fingerprinted = []
+
+    def counted(samples, marks=None):  # a spy: the real fingerprint, counted
+        fingerprinted.append(len(samples))
+        return runfolder.samples_fingerprint(samples, marks)
+
+    for module in (preflight, cache_module):  # every module that fingerprints a run's samples
+        monkeypatch.setattr(module, "samples_fingerprint", counted)
     steps = [f"{stage}.{key}=1" for stage in ("verbalize", "interact", "sft") for key in ("max_steps", "grad_accum")]
     code = cli.main(
         ["train", "--teacher", teacher, "--student", student, "--data", str(data), "--output", str(out)]
@@ -404,6 +414,7 @@ def test_train_builds_the_cache_then_trains_from_it(toy, tmp_path):
     assert json.loads((folder / INDEX).read_text())["complete"]
     assert (out / "student" / "model.safetensors").is_file()
     assert [json.loads(line)["step"] for line in (out / "layer_match.jsonl").read_text().splitlines()] == [1]
+    assert len(fingerprinted) == 1
 
 
 def _free_port() -> int:

@@ -62,6 +62,17 @@ def test_jsonl_drops_a_line_cut_by_a_kill_and_names_other_damage(tmp_path):
     assert runfolder.read_jsonl(tmp_path / "absent.jsonl") == []
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """Another tool's JSONL may hold U+2028, U+2029, U+0085 or a form feed unescaped inside a string: one line each."""
+    path = tmp_path / "answers.jsonl"
+    texts = ["one\u2028two", "three\u2029four\x85five", "six\x0cseven"]
+    path.write_text("".join(json.dumps({"answer": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert runfolder.read_jsonl(path) == [{"answer": t} for t in texts]
+    with path.open("a", encoding="utf-8") as f:
+        f.write('{"answer": "eig\u2028')  # killed mid-line, after a raw line separator
+    assert runfolder.read_jsonl(path) == [{"answer": t} for t in texts]
+
+
 def test_file_fingerprint_is_the_content_hash_and_sees_an_edit_that_restores_size_and_mtime(tmp_path, monkeypatch):
     path = tmp_path / "data.json"
     path.write_bytes(b"answer: 1")

@@ -18,9 +18,11 @@ OUT/answers/
   index.json      what the answers were made with: teacher (path and `runfolder.model_fingerprint`), its processor
                   (`processor_key`), data (path and `runfolder.samples_fingerprint` of the prompts answered: ids,
                   messages, image files' content), answer_max_tokens, and count (the number of prompts to answer)
-  answers.jsonl   {"id": ..., "answer": ...} per prompt, appended and flushed after each batch (served: each answer),
-                  with "cut": true where the answer stopped at data.answer_max_tokens: a killed run resumes with the
-                  prompts still unanswered; a rerun that finds every prompt answered loads no model
+  answers.jsonl   {"id": ..., "answer": ..., "sha256": ...} per prompt, appended and flushed after each batch (served:
+                  each answer), with "cut": true where the answer stopped at data.answer_max_tokens, and the checksum
+                  of the line's other fields (`runfolder.seal`): a killed run resumes with the prompts still
+                  unanswered (a torn last line is dropped); a line edited since (by hand) is refused, naming it; a
+                  rerun that finds every prompt answered loads no model
   answers-R.jsonl the same, the answers of process R (R >= 1) of a multi-process launch; answers.jsonl holds the
                   main process's. The answers are the union of the files, by prompt id: a run with any number of
                   processes reads (and resumes) what a run with another number wrote
@@ -53,25 +55,33 @@ import logging
 import shutil
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import served
 from .config import ConfigError, TrainConfig
-from .data import Sample
+from .data import Sample, sources
 from .data.dataset import processor_key
 from .distributed import on_main_process, process_state
 from .eval.generate import Answer, Item, append_answers
 from .models.loading import QUANTIZE, SERVE, check_fits, compute_dtype, load_model, load_processor, spread_memory
 from .runfolder import (
+    IMAGE_MARKS,
+    FolderError,
     check_settings,
+    is_sealed,
+    kept_marks,
     lock,
     model_fingerprint,
     read_jsonl,
     samples_fingerprint,
+    seal,
+    storage,
     truncate_jsonl,
     write_json,
 )
@@ -96,31 +106,96 @@ def is_unanswered(sample: Sample) -> bool:
     return sample.messages[-1]["role"] == "user"
 
 
-def with_answers(samples: list[Sample], answers: dict[str, str]) -> list[Sample]:
-    """`samples`, each one in `answers` ({id: text}) with its answer appended as an assistant turn."""
-    return [
-        dataclasses.replace(s, messages=[*s.messages, _assistant(answers[s.id])]) if s.id in answers else s
-        for s in samples
-    ]
+def with_answers(samples: Sequence[Sample], answers: dict[str, str], kept=None) -> Answered:
+    """`samples`, each unanswered one in `answers` ({id: text}) with its answer appended as an assistant turn; only
+    the positions `kept` (None: all). Read from `samples` on access (`Answered`)."""
+    return Answered(samples, answers, np.arange(len(samples)) if kept is None else np.asarray(kept, dtype=np.int64))
+
+
+class Answered(Sequence):
+    """The data's samples with the teacher's answers, read from `samples` (an index into the data file or dataset)
+    on access: held in memory are the answers and the kept positions, never the samples, whose images may be
+    embedded bytes."""
+
+    def __init__(self, samples: Sequence[Sample], answers: dict[str, str], positions: np.ndarray):
+        self.samples, self.answers, self.positions = samples, answers, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        return self._answered(self.samples[int(self.positions[i])])
+
+    def __iter__(self):
+        if len(self.positions) == len(self.samples):  # every sample, in order: one pass (one file handle)
+            yield from map(self._answered, self.samples)
+        else:
+            yield from (self[i] for i in range(len(self)))
+
+    def _answered(self, sample: Sample) -> Sample:
+        if not is_unanswered(sample) or sample.id not in self.answers:
+            return sample
+        return dataclasses.replace(sample, messages=[*sample.messages, _assistant(self.answers[sample.id])])
+
+    def take(self, positions) -> Answered:
+        return Answered(self.samples, self.answers, self.positions[np.asarray(positions, dtype=np.int64)])
+
+    def where(self, i: int) -> str:
+        return sources.where(self.samples, int(self.positions[i]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+
+def _take(samples: Sequence[Sample], positions: list[int]) -> Sequence[Sample]:
+    """The samples at `positions`: a sub-index of an index into the data (`take`), else a list."""
+    return samples.take(positions) if hasattr(samples, "take") else [samples[i] for i in positions]
+
+
+class _Items(Sequence):
+    """`samples` as the generation's `Item`s, made when a batch asks for them."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        s = self.samples[i]
+        return Item(s.id, s.messages, list(s.images), {})
 
 
 def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
+def teacher_answers(cfg: TrainConfig, samples: Sequence[Sample]) -> Sequence[Sample]:
     """`samples` with every unanswered one answered by `cfg.teacher` (data.answers=teacher) or by the served teacher
     (data.answers=server, `vlsi.served`): read back from OUT/answers, the missing answers generated first (main
     process). Prompts the teacher answered with nothing are left out, and counted; so are answers cut at
-    data.answer_max_tokens unless data.keep_cut_answers."""
+    data.answer_max_tokens unless data.keep_cut_answers. The result reads the samples from `samples` on access
+    (`Answered`): a large data set's samples are never all in memory."""
     server = cfg.data.answers == "server"
     if not server and not cfg.teacher:
         raise ConfigError(
             "data.answers=teacher needs a teacher to answer the prompts: pass --teacher (or teacher=PATH)"
         )
-    prompts = [s for s in samples if is_unanswered(s)]
-    if not prompts:
+    # one pass over the data: the prompts are kept as positions into it (`_take`), never as samples in memory
+    positions, ids = [], []
+    for position, sample in enumerate(samples):
+        if is_unanswered(sample):
+            positions.append(position)
+            ids.append(sample.id)
+    if not positions:
         return samples
+    prompts = _take(samples, positions)
     folder = Path(cfg.output) / "answers"
     # The server applies its own processor: the answers are the served model's, at that address.
     processor = None if server else load_processor(cfg.teacher, cfg.trust_remote_code)
@@ -130,13 +205,13 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
         "teacher_quantization": "" if server else cfg.teacher_quantization,
         "processor": None if server else processor_key(processor),
         "data": cfg.data.path,
-        "prompts": samples_fingerprint(prompts),
+        "prompts": prompts_fingerprint(cfg, prompts),
         "answer_max_tokens": cfg.data.answer_max_tokens,
-        "count": len(prompts),
+        "count": len(ids),
     }
     fix = f"delete {folder} (and the stages finished beside it) to have the teacher answer again, or use a new --output"
     recorded = check_settings(folder / INDEX, index, REUSE_KEYS, "teacher answers", fix)
-    wanted = {s.id for s in prompts}
+    wanted = set(ids)
     # no index: nothing says what made answers already there, so none is trusted (the main process drops them)
     answers, cut = read_answers(folder, wanted) if recorded is not None else ({}, set())
     state = process_state()
@@ -146,15 +221,16 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
         if state.is_main_process:
             client = served.connect(cfg.data)  # a model not served: nothing is written, fixing the name is enough
             with lock(folder):  # one teacher answering into the folder (OUT's lock covers it under vlsi train and sft)
-                pending = set(_prepare(folder, index, recorded, prompts, answers))
-                _serve(cfg, client, [s for s in prompts if s.id in pending], folder, index, answers, cut)
+                pending = set(_prepare(folder, index, recorded, ids, answers))
+                asked = _take(prompts, [k for k, i in enumerate(ids) if i in pending])
+                _serve(cfg, client, asked, folder, index, answers, cut)
         answers, cut = _wait(folder, wanted)
     else:
         with lock(folder, enabled=state.is_main_process):  # the main process holds it for the launch
-            pending = on_main_process(_prepare, folder, index, recorded, prompts, answers)
+            pending = on_main_process(_prepare, folder, index, recorded, ids, answers)
             # every process holds the same `pending`; one teacher spread over the machine's devices answers alone
             mine = set(share(pending, state.process_index, 1 if cfg.teacher_device_map else state.num_processes))
-            _generate(cfg, processor, [s for s in prompts if s.id in mine], folder)
+            _generate(cfg, processor, _take(prompts, [k for k, i in enumerate(ids) if i in mine]), folder)
         answers, cut = _wait(folder, wanted)
     check_cut(cfg, cut, len(wanted), folder)
     empty = sorted(i for i, text in answers.items() if not text)
@@ -172,7 +248,15 @@ def teacher_answers(cfg: TrainConfig, samples: list[Sample]) -> list[Sample]:
             if cfg.data.keep_cut_answers
             else "they are left out (data.keep_cut_answers=true keeps them)",
         )
-    return [s for s in with_answers(samples, answers) if s.id not in left_out]
+    dropped = [position for position, i in zip(positions, ids, strict=True) if i in left_out]
+    return with_answers(samples, answers, np.setdiff1d(np.arange(len(samples)), dropped))
+
+
+def prompts_fingerprint(cfg: TrainConfig, prompts: Sequence[Sample]) -> str:
+    """`runfolder.samples_fingerprint` of the prompts, with the images' stats kept in OUT/.cache as the run's own data
+    fingerprint keeps them (`preflight.data_fingerprint`): a rerun on unchanged image files reads none of them."""
+    with kept_marks(Path(cfg.output) / ".cache" / IMAGE_MARKS, process_state().is_main_process) as marks:
+        return samples_fingerprint(prompts, marks)
 
 
 def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None:
@@ -191,11 +275,17 @@ def check_cut(cfg: TrainConfig, cut: set[str], count: int, folder: Path) -> None
 def read_answers(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
     """{id: answer} of the prompts in `wanted` answered in folder/answers.jsonl and the processes' answers-*.jsonl
     (the first answer of a prompt counts), and the ids of those cut at data.answer_max_tokens (`"cut": true`); a
-    line cut by a kill is skipped."""
+    line cut by a kill is skipped, a line whose checksum does not match (edited) stops with one line naming it."""
     answers, cut = {}, set()
     for path in [folder / ANSWERS, *sorted(folder.glob(SHARE_GLOB))]:
-        for row in read_jsonl(path):
-            if not isinstance(row, dict) or row.get("id") in answers:
+        for number, row in enumerate(read_jsonl(path), start=1):
+            if not is_sealed(row):
+                raise FolderError(
+                    f"{path}: answer {number} (prompt {row.get('id') if isinstance(row, dict) else '?'}) is not as "
+                    f"the teacher gave it (its checksum does not match: edited by hand?); delete that line to have "
+                    f"the teacher answer the prompt again, or delete {folder}"
+                )
+            if row.get("id") in answers:
                 continue
             if row.get("id") in wanted and isinstance(row.get("answer"), str):
                 answers[row["id"]] = row["answer"]
@@ -215,15 +305,15 @@ def answers_file(folder: Path) -> Path:
     return folder / (ANSWERS if rank == 0 else f"answers-{rank}.jsonl")
 
 
-def _prepare(folder: Path, index: dict, recorded: dict | None, prompts: list[Sample], answers: dict) -> list[str]:
-    """(main process) The ids of the `prompts` not in `answers`, once the answer files left without an index are
-    deleted and the index is written (atomically: other processes may be reading it)."""
+def _prepare(folder: Path, index: dict, recorded: dict | None, ids: list[str], answers: dict) -> list[str]:
+    """(main process) The prompts' `ids` not in `answers`, once the answer files left without an index are deleted
+    and the index is written (atomically: other processes may be reading it)."""
     files = [folder / ANSWERS, *folder.glob(SHARE_GLOB)]
     if recorded is None and any(path.is_file() for path in files):
         log.warning("%s has no %s to say what made its answers: the teacher answers again", folder, INDEX)
         for path in files:
             path.unlink(missing_ok=True)
-    pending = [s.id for s in prompts if s.id not in answers]
+    pending = [i for i in ids if i not in answers]
     log.info("the teacher answers %d prompts (%d already in %s)", len(pending), len(answers), folder)
     write_json(folder / INDEX, index, indent=2)
     return pending
@@ -240,14 +330,16 @@ def _wait(folder: Path, wanted: set[str]) -> tuple[dict[str, str], set[str]]:
         time.sleep(POLL_SECONDS)
 
 
-def _start(path: Path, pending: list[Sample]) -> None:
+def _start(path: Path, pending: Sequence[Sample]) -> None:
     """Drop from the answer file `path` a line cut by a kill (appending after it would break the next line too),
     before the `pending` prompts' answers are appended."""
     wanted = {s.id for s in pending}
     truncate_jsonl(path, lambda row: isinstance(row, dict) and row.get("id") not in wanted)
 
 
-def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index: dict, answers: dict, cut: set) -> None:
+def _serve(
+    cfg: TrainConfig, client, pending: Sequence[Sample], folder: Path, index: dict, answers: dict, cut: set
+) -> None:
     """The served teacher's (`client`'s) answers to the `pending` prompts, each appended to folder/answers.jsonl and
     flushed as it arrives and added to `answers` (and `cut`); stops as soon as the cut answers are sure to be too
     many."""
@@ -255,11 +347,12 @@ def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index:
     bar = tqdm(total=index["count"], initial=len(answers), desc="teacher answers", unit="prompt", mininterval=1.0)
     with (
         bar,
+        storage(folder / ANSWERS),  # a full disk: one line naming the file; a line it cut is dropped when resumed
         (folder / ANSWERS).open("a", encoding="utf-8") as f,
         closing(served.answers(client, cfg.data, pending)) as got,
     ):
         for answer in got:
-            row = {"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {})
+            row = seal({"id": answer.id, "answer": answer.text} | ({"cut": True} if answer.cut else {}))
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             answers[answer.id] = answer.text
@@ -269,7 +362,7 @@ def _serve(cfg: TrainConfig, client, pending: list[Sample], folder: Path, index:
             bar.update()
 
 
-def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) -> None:
+def _generate(cfg: TrainConfig, processor, pending: Sequence[Sample], folder: Path) -> None:
     """The local teacher's answers to the `pending` prompts (this process's share), each batch's appended to this
     process's `answers_file` and flushed, "cut" where an answer reached data.answer_max_tokens before an end token."""
     path = answers_file(folder)
@@ -281,15 +374,15 @@ def _generate(cfg: TrainConfig, processor, pending: list[Sample], folder: Path) 
 
     def record(item: Item, text: Answer) -> dict:
         stopped = getattr(text, "cut", False)  # `generate_answers` gives an Answer; a plain str was not cut
-        return {"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {})
+        return seal({"id": item.index, "answer": str(text)} | ({"cut": True} if stopped else {}))
 
     main = process_state().is_main_process
     bar = tqdm(total=len(pending), desc="teacher answers", unit="prompt", mininterval=1.0, disable=not main)
-    with bar:
+    with bar, storage(path):  # a full disk: one line naming the file; a line it cut is dropped when resumed
         append_answers(
             model,
             processor,
-            [Item(s.id, s.messages, list(s.images), {}) for s in pending],
+            _Items(pending),
             cfg.data.answer_max_tokens,
             size,
             path,

@@ -55,6 +55,7 @@ from .models.verbalizer import META, WEIGHTS, Verbalizers
 from .runfolder import (
     file_fingerprint,
     files_fingerprint,
+    kept_marks,
     lock,
     model_fingerprint,
     read_json,
@@ -96,13 +97,16 @@ def verbalizers_fingerprint(directory: str | Path) -> str:
     return files_fingerprint(directory / name for name in (META, WEIGHTS))
 
 
-def cache_identity(cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples) -> dict:
+def cache_identity(
+    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, fingerprint: str | None = None
+) -> dict:
     """The IDENTITY entries for a run: what its teacher targets depend on. `verbalizers_dir` None: the teacher's
-    verbalizers are not trained yet, and the two entries that describe them are left out."""
+    verbalizers are not trained yet, and the two entries that describe them are left out. `fingerprint`: the
+    samples' `runfolder.samples_fingerprint` when the run has it already."""
     identity = {
         "teacher_identity": model_fingerprint(cfg.teacher),
         "teacher_quantization": cfg.teacher_quantization,
-        "data_fingerprint": samples_fingerprint(samples),
+        "data_fingerprint": fingerprint or samples_fingerprint(samples),
         # how the processor encodes: data.special_tokens=text changes some samples' tokens (as the length scan's key)
         "processor": processor_key(processor) + ("" if cfg.data.special_tokens == "refuse" else "+special_tokens=text"),
         "top_k": cfg.cache.top_k,
@@ -134,14 +138,16 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def build_cache(cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples) -> Path:
+def build_cache(
+    cfg: TrainConfig, folder: str | Path, verbalizers_dir: str | Path, samples, fingerprint: str | None = None
+) -> Path:
     """Make sure `folder` holds the complete teacher cache for this configuration, and return it: an existing one is
     checked (and refused if made for another run), a partial one finished, a missing one built. `samples`: the data's
     samples as `vlsi.stages.samples.load_samples(cfg)` gives them. Every process of a launch must call it."""
     folder = Path(folder)
     state = process_state()
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
-    identity = cache_identity(cfg, verbalizers_dir, processor, samples)
+    identity = cache_identity(cfg, verbalizers_dir, processor, samples, fingerprint)
     index = read_index(folder)
     if index is not None:
         check_identity(folder, index, identity)
@@ -194,10 +200,8 @@ def _build(cfg: TrainConfig, folder: Path, verbalizers_dir, processor, samples, 
         todo = mine
     else:
         recorded = {e["file"]: e for e in header["shards"]}
-        marks = _marks(folder)
-        before = dict(marks)
-        todo = [i for i in mine if _stale(folder / shard_name(i), ids[i], recorded.get(shard_name(i)), marks)]
-        _keep_marks(folder, marks, before)
+        with kept_marks(folder / VERIFIED) as marks:
+            todo = [i for i in mine if _stale(folder / shard_name(i), ids[i], recorded.get(shard_name(i)), marks)]
     if todo:
         _compute_shards(cfg, folder, verbalizers_dir, processor, dataset, shards, todo)
         if torch.cuda.is_available():  # the teacher is gone: give its memory back to the stage that trains next
@@ -343,38 +347,21 @@ def cached_layers(cached: dict) -> list[TopK]:
 VERIFIED = ".verified.json"  # `runfolder.file_fingerprint` marks of the shards: each one's stat when last hashed
 
 
-def _marks(folder: Path) -> dict:
-    try:
-        return json.loads((folder / VERIFIED).read_text())
-    except (OSError, json.JSONDecodeError):  # none yet, or damaged: every shard is hashed again
-        return {}
-
-
-def _keep_marks(folder: Path, marks: dict, before: dict) -> None:
-    if marks != before:  # a record for the next run
-        try:
-            write_json(folder / VERIFIED, marks, indent=None)
-        except OSError:  # a read-only cache folder: every run checks every shard
-            pass
-
-
 def verify_shards(folder: Path, shards: list[dict]) -> None:
     """Every shard's sha256 against the index's (same size, other bytes: a flipped bit, a partial overwrite), hashing
     only the shards changed since they were last checked here (`file_fingerprint` with FOLDER/.verified.json): the
     first run reads the whole cache once (1.4 GB/s on one core of docs/CACHE.md's CPU), later runs (every seed and row
     of an ablation) start at once. Missing or mis-sized shards are named by the caller's checks."""
-    marks = _marks(folder)
-    before = dict(marks)
-    for entry in shards:
-        path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            continue  # named by the caller's checks: missing, truncated
-        if file_fingerprint(path, marks) != entry["sha256"]:
-            raise ConfigError(
-                f"{path}: corrupt (its sha256 is not the one {INDEX} recorded); delete it and rerun `vlsi cache` with "
-                "the same settings to compute it again"
-            )
-    _keep_marks(folder, marks, before)
+    with kept_marks(folder / VERIFIED) as marks:
+        for entry in shards:
+            path = folder / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                continue  # named by the caller's checks: missing, truncated
+            if file_fingerprint(path, marks) != entry["sha256"]:
+                raise ConfigError(
+                    f"{path}: corrupt (its sha256 is not the one {INDEX} recorded); delete it and rerun `vlsi cache` "
+                    "with the same settings to compute it again"
+                )
 
 
 class TeacherCache:

@@ -110,7 +110,13 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
     with other settings or inputs is refused, as `vlsi train` refuses it."""
     from .config import save_config
     from .distributed import process_state
-    from .preflight import refuse_changed_inputs, refuse_other_settings, refuse_unused_teacher, run_inputs
+    from .preflight import (
+        data_fingerprint,
+        refuse_changed_inputs,
+        refuse_other_settings,
+        refuse_unused_teacher,
+        run_inputs,
+    )
     from .runfolder import lock
     from .stages.loop import MetricsLog
     from .stages.output import reuse
@@ -125,7 +131,8 @@ def _one_stage(stage: dict, folder: str, run, model: str, **top) -> None:
         state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
         # Samples first: with data.answers=teacher the teacher answers (and leaves memory) before the model loads.
         samples = load_samples(cfg)
-        refuse_changed_inputs(out, run_inputs(cfg, samples, {"model": model}), state.is_main_process)
+        data = data_fingerprint(cfg, samples, state.is_main_process)
+        refuse_changed_inputs(out, run_inputs(cfg, data, {"model": model}), state.is_main_process)
         if state.is_main_process:
             save_config(cfg, out / "config.yaml")
         state.wait_for_everyone()

@@ -75,8 +75,8 @@ def _stages(cfg: TrainConfig, out: Path) -> Path:
     interacted = out / "stages" / "interact"
     if not reuse(interacted, "interaction"):
         if cfg.teacher_cache:  # the teacher runs once, into the cache (or a matching cache is reused), not here
-            build_cache(cfg, cfg.teacher_cache, teacher_verb, samples)
-        interact(cfg, out, metrics, samples)
+            build_cache(cfg, cfg.teacher_cache, teacher_verb, samples, fingerprint=inputs["data"])
+        interact(cfg, out, metrics, samples, fingerprint=inputs["data"])
     if state.is_main_process:
         plot_layer_match(out / "layer_match.jsonl", out / "layer_match.png")
 

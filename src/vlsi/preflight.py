@@ -16,8 +16,10 @@ from .models.family import Parts
 from .models.loading import ModelError, load_processor, model_outline
 from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers, target_layers
 from .runfolder import (
+    IMAGE_MARKS,
     check_settings,
     files_fingerprint,
+    kept_marks,
     model_fingerprint,
     samples_fingerprint,
     verify_checksums,
@@ -29,7 +31,8 @@ from .stages.samples import load_samples
 def before_training(cfg: TrainConfig, out: Path) -> tuple[list, dict]:
     """Every check of `vlsi train` on OUT before a stage trains, cheapest first: no weight is read before the settings,
     tokenizers and target layers pass, and the teacher answers (data.answers=teacher) only after them. Returns the
-    samples (`load_samples`) and the run's inputs (`run_inputs`, recorded in OUT/inputs.json)."""
+    samples (`load_samples`) and the run's inputs (`run_inputs`, recorded in OUT/inputs.json; "data": the samples'
+    `data_fingerprint`, for every later check that needs it)."""
     state = process_state()
     refuse_other_settings(cfg, out)
     state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
@@ -42,11 +45,13 @@ def before_training(cfg: TrainConfig, out: Path) -> tuple[list, dict]:
     outlines = {who: model_outline(getattr(cfg, who), cfg.trust_remote_code) for who in ("teacher", "student")}
     refuse_unmatched_target_layers(cfg, out, outlines)
     samples = load_samples(cfg)  # data.answers=teacher: the teacher answers here, before any stage
-    inputs = run_inputs(cfg, samples, {"teacher": cfg.teacher, "student": cfg.student})
+    data = data_fingerprint(cfg, samples, state.is_main_process)
+    inputs = run_inputs(cfg, data, {"teacher": cfg.teacher, "student": cfg.student})
     refuse_changed_inputs(out, inputs, state.is_main_process)
     if cfg.teacher_cache:
         rows = {who: parts.vocab_rows for who, parts in outlines.items()}
-        refuse_unusable_cache(cfg, existing_verbalizers(cfg, out, "teacher"), t_proc, samples, **rows)
+        verbalizers = existing_verbalizers(cfg, out, "teacher")
+        refuse_unusable_cache(cfg, verbalizers, t_proc, samples, **rows, fingerprint=data)
     return samples, inputs
 
 
@@ -93,11 +98,19 @@ INPUTS = {
 }
 
 
-def run_inputs(cfg: TrainConfig, samples, models: dict[str, str]) -> dict:
+def data_fingerprint(cfg: TrainConfig, samples, is_main: bool) -> str:
+    """`runfolder.samples_fingerprint` of the data as read (`samples`, answered), computed once per run and passed to
+    every check that needs it; the images' stats are kept in OUT/.cache (`kept_marks`), so a rerun on unchanged image
+    files reads none of them."""
+    with kept_marks(Path(cfg.output) / ".cache" / IMAGE_MARKS, is_main) as marks:
+        return samples_fingerprint(samples, marks)
+
+
+def run_inputs(cfg: TrainConfig, data: str, models: dict[str, str]) -> dict:
     """The fingerprints (`vlsi.runfolder`) of what a run is made from: `models` ({role: path}), the data as read
-    (`samples`, answered), and the teacher verbalizers given with teacher_verbalizers=DIR."""
+    (`data`: its `data_fingerprint`), and the teacher verbalizers given with teacher_verbalizers=DIR."""
     inputs = {who: model_fingerprint(path) for who, path in models.items()}
-    inputs["data"] = samples_fingerprint(samples)
+    inputs["data"] = data
     if cfg.teacher_verbalizers:
         folder = Path(cfg.teacher_verbalizers)
         inputs["teacher_verbalizers"] = files_fingerprint([folder / META, folder / WEIGHTS])
@@ -200,12 +213,19 @@ def refuse_different_answer_tokens(teacher_processor, student_processor, teacher
 
 
 def refuse_unusable_cache(
-    cfg: TrainConfig, verbalizers_dir: str | Path | None, processor, samples, teacher: int, student: int
+    cfg: TrainConfig,
+    verbalizers_dir: str | Path | None,
+    processor,
+    samples,
+    teacher: int,
+    student: int,
+    fingerprint: str | None = None,
 ) -> None:
     """What `vlsi train` checks of teacher_cache=C before any stage trains: the student's LM head covers the tokens a
     cache holds (`teacher`, `student`: the two heads' rows), the l2 term needs whole distributions, and a cache
     already in C must be for this teacher, data, processor and settings, and for these teacher verbalizers when they
-    exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks)."""
+    exist (`verbalizers_dir`; None: stage 1 trains them, and the interaction stage checks). `fingerprint`: the
+    samples' fingerprint when the run has it already."""
     cached = min(len(processor.tokenizer), teacher)  # as `build_cache` keeps them
     if student < cached:
         raise ConfigError(
@@ -221,4 +241,4 @@ def refuse_unusable_cache(
     folder = Path(cfg.teacher_cache)
     index = read_index(folder)
     if index is not None:
-        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples))
+        check_identity(folder, index, cache_identity(cfg, verbalizers_dir, processor, samples, fingerprint))

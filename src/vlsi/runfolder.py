@@ -4,7 +4,8 @@ with other settings" check. It sits at the bottom of the package (it imports not
 
 - `write_bytes` / `write_text` / `write_json`: a file is whole or absent. The data goes to a temporary file in the
   same folder, is flushed to the disk (fsync) and renamed over the target (`os.replace`), then the folder is synced;
-  a kill or a full disk at any moment leaves the previous version (or nothing), never half a file.
+  a kill or a full disk at any moment leaves the previous version (or nothing), never half a file. `storage(target)`:
+  any other write the storage refuses (a full disk during `save_pretrained`) is one line naming the file.
 - `read_jsonl` / `append_jsonl` / `truncate_jsonl`: one JSON object per line, appended and flushed; a line cut by a
   kill (the last one) is dropped when read, any other unreadable line is an error naming the file and line.
 - One fingerprint rule (docs/CONFIG.md#fingerprints), of content, never of modification times alone:
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -57,6 +59,15 @@ class FolderError(ValueError):
 # ------------------------------------------------------------------------------------------------ atomic writes
 
 
+class StorageError(OSError):
+    """A write that the storage refused (a full disk, a quota, a file size limit, an I/O error); the message names the
+    file or folder and the fix (`vlsi.cli.main` prints it as one line, exit 2)."""
+
+
+FREE_SPACE = "free space there, or use another --output"
+RERUN = "free space there and rerun (a stage resumes from its last checkpoint), or use another --output"
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically: whole or not at all, even across a kill, a power cut or a full disk."""
     path = Path(path)
@@ -70,10 +81,36 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(partial, path)
     except OSError as e:
         partial.unlink(missing_ok=True)
-        raise OSError(
-            e.errno, f"cannot write {path} ({e.strerror}); free space there, or use another --output"
-        ) from None
+        raise StorageError(e.errno, f"cannot write {path} ({e.strerror}); {FREE_SPACE}") from None
     _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def storage(target: str | Path, fix: str = FREE_SPACE):
+    """Writes in the block that the storage refuses (`OSError`, or safetensors' `SafetensorError`, which carries the
+    OS error in its text) stop with one line naming the file (or, when the error names none, `target`: the file or
+    folder being written) and `fix`. The caller makes sure what was half-written is never taken for finished (a
+    temporary name, or a folder renamed into place only when whole)."""
+    from safetensors import SafetensorError  # here: only commands that write tensors import it
+
+    try:
+        yield
+    except StorageError:
+        raise  # named already (`write_bytes`)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None or int(found.group(1)) not in STORAGE:
+            raise
+        code = int(found.group(1))
+        raise StorageError(code, f"cannot write {target} ({os.strerror(code)}); {fix}") from None
+    except OSError as e:
+        if e.errno not in STORAGE:
+            raise
+        raise StorageError(e.errno, f"cannot write {e.filename or target} ({os.strerror(e.errno)}); {fix}") from None
+
+
+# The errors of a storage that takes no more: full, over quota, over the file size limit, failing, read-only.
+STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -139,7 +176,10 @@ def read_jsonl(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # "\n" alone ends a line: `str.splitlines` also splits at U+2028, U+0085 and others, which JSON strings may hold
+    # unescaped (written by other tools)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -147,7 +187,7 @@ def read_jsonl(path: str | Path) -> list:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):
+            if number == last:
                 break  # a line cut by a kill
             raise FolderError(
                 f"{path} line {number} is not valid JSON (the file was damaged); delete the file, or that line"
@@ -159,10 +199,30 @@ def append_jsonl(path: str | Path, rows) -> None:
     """Append `rows` (one JSON line each) and flush them to the disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    with storage(path), path.open("a", encoding="utf-8") as f:  # a line cut by a full disk is dropped when read
         f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
+
+
+SEAL = "sha256"  # the key of a sealed row's checksum
+SEAL_CHARS = 16  # 64 bits of the sha256: against edits and damage, not against forgery
+
+
+def seal(row: dict) -> dict:
+    """`row` with the checksum of its other fields (`SEAL`), for a log whose rows are reused: `is_sealed` tells a row
+    edited since it was written."""
+    return row | {SEAL: _row_sum(row)}
+
+
+def is_sealed(row) -> bool:
+    """Whether `row` carries the checksum `seal` gave it, its other fields unchanged since."""
+    return isinstance(row, dict) and row.get(SEAL) == _row_sum({k: v for k, v in row.items() if k != SEAL})
+
+
+def _row_sum(row: dict) -> str:
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:SEAL_CHARS]
 
 
 def truncate_jsonl(path: str | Path, keep=lambda row: True) -> None:
@@ -213,16 +273,18 @@ def _stamp(stat: os.stat_result) -> list[int]:
     return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def file_fingerprint(path: str | Path, marks: dict | None = None) -> str:
+def file_fingerprint(path: str | Path, marks: dict | None = None, name: str | None = None) -> str:
     """sha256 of a file's content. A file hashed before (in this process, or recorded in `marks`: {name: [inode, size,
-    mtime_ns, ctime_ns, sha256]}, a record the caller keeps between runs) whose stat is unchanged is not read again;
-    the stat counts only when the file's last change was at least RACY_NS older than the hash, so a file edited
-    in place with its size and modification time put back (which sets ctime) is read again."""
+    mtime_ns, ctime_ns, sha256]}, a record the caller keeps between runs, `name` the file's key there, by default its
+    file name) whose stat is unchanged is not read again; the stat counts only when the file's last change was at
+    least RACY_NS older than the hash, so a file edited in place with its size and modification time put back (which
+    sets ctime) is read again."""
     path = Path(path)
     stat = path.stat()
     key = str(path.resolve())
+    name = name or path.name
     stamp = _stamp(stat)
-    for known in (_seen.get(key), (marks or {}).get(path.name)):
+    for known in (_seen.get(key), (marks or {}).get(name)):
         if known is not None and known[:4] == stamp:
             return known[4]
     sha = sha256_file(path)
@@ -231,8 +293,28 @@ def file_fingerprint(path: str | Path, marks: dict | None = None) -> str:
         if len(_seen) > SEEN:
             del _seen[next(iter(_seen))]
         if marks is not None:
-            marks[path.name] = [*stamp, sha]
+            marks[name] = [*stamp, sha]
     return sha
+
+
+IMAGE_MARKS = "image-marks.json"  # OUT/.cache/: the data's images' `file_fingerprint` marks, kept between runs
+
+
+@contextlib.contextmanager
+def kept_marks(record: str | Path, write: bool = True):
+    """The `file_fingerprint` marks recorded in `record` (none when it is absent or damaged: every file is hashed
+    again), written back after the block when it added some and `write` (the main process of a launch)."""
+    record = Path(record)
+    try:
+        marks = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marks = {}
+    marks = marks if isinstance(marks, dict) else {}
+    before = dict(marks)
+    yield marks
+    if write and marks != before:
+        with contextlib.suppress(OSError):  # a read-only run folder: the next run hashes the images again
+            write_json(record, marks, indent=None)
 
 
 CHECKSUMS = "checksums.json"
@@ -312,13 +394,17 @@ def model_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def samples_fingerprint(samples) -> str:
+def samples_fingerprint(samples, marks: dict | None = None) -> str:
     """The data as a run read it (`vlsi.data.Sample`s): every sample's id and messages, and its images' content
     (`file_fingerprint` of a file, the sha256 of embedded bytes), so an edited answer, a replaced image or a
-    reordered file is other data."""
+    reordered file is other data. `marks` (`kept_marks`, keyed by the images' absolute paths): a rerun on image files
+    whose stat is unchanged reads none of them."""
     digest = hashlib.sha256()
     for s in samples:
-        images = [hashlib.sha256(p).hexdigest() if isinstance(p, bytes) else file_fingerprint(p) for p in s.images]
+        images = [
+            hashlib.sha256(p).hexdigest() if isinstance(p, bytes) else file_fingerprint(p, marks, os.path.abspath(p))
+            for p in s.images
+        ]
         digest.update((json.dumps([s.id, s.messages, images], sort_keys=True) + "\n").encode())
     return digest.hexdigest()
 

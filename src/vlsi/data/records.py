@@ -53,13 +53,23 @@ class Sample:
 class DataError(ValueError):
     """Invalid data: `problems` holds one line per problem; `str()` shows a header and the first MAX_SHOWN."""
 
-    def __init__(self, problems: list[str], header: str):
+    def __init__(self, problems: list[str] | str, header: str | None = None):
+        if header is None:  # one text: how a DataLoader worker's DataError reaches the main process
+            problems, header = [], _from_worker(problems)
         self.problems, self.header = problems, header
         more = [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
         super().__init__("\n".join([header, *problems[:MAX_SHOWN], *more]))
 
     def __reduce__(self):  # sent between processes (the main process's check, DataLoader workers)
         return DataError, (self.problems, self.header)
+
+
+def _from_worker(text: str) -> str:
+    """torch's DataLoader raises a worker's exception again in the main process as `type(text)`, `text` holding the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ... vlsi.data.records.
+    DataError: MESSAGE"): MESSAGE alone, so that the run stops with the worker's own message, not a traceback."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    return text.split(marker, 1)[1].strip() if marker in text else text
 
 
 class BadRecord(DataError):
@@ -77,14 +87,19 @@ class Samples(Sequence):
     """The records of a data file as `Sample`s, read back from the file on access. Held in memory is an index, not
     the records: per record its position in the file, byte offset, byte length and line (24 bytes), plus 8 bytes
     per image for its size. Eager (`read_dataset`): only records that passed the check are indexed. Lazy
-    (`read_dataset(lazy=True)`): every record is, and each is checked when accessed, raising BadRecord."""
+    (`read_dataset(lazy=True)`): every record is, and each is checked when accessed, raising BadRecord.
+
+    `stamp` is the file's identity when it was indexed (`file_stamp`): the offsets are only valid for that file, so
+    every read checks it again, and a file edited during the run stops it with a DataError naming it."""
 
     def __init__(self, path: Path, root: Path, unanswered: bool, table: np.ndarray, sizes: np.ndarray | None = None,
-                 starts: np.ndarray | None = None, fingerprint: str | None = None, lazy: bool = False):  # fmt: skip
+                 starts: np.ndarray | None = None, fingerprint: str | None = None, lazy: bool = False,
+                 stamp: tuple[int, int] | None = None):  # fmt: skip
         self.path, self.root, self.unanswered, self.lazy = path, root, unanswered, lazy
         self.table = table  # [n, 4] int64: index in the file, byte offset, byte length, line
         self.sizes, self.starts = sizes, starts  # [images, 2] (width, height); [n + 1] first image of each record
         self.fingerprint = fingerprint  # hash of the records' bytes and their images' (path, size, mtime)
+        self.stamp = stamp if stamp is not None else file_stamp(path)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -104,6 +119,9 @@ class Samples(Sequence):
         index, offset, length, line = (int(v) for v in self.table[i])
         f.seek(offset)
         raw = f.read(length)
+        # Checked at every read, after it: one fstat of the open file (about a microsecond, next to the JSON parse).
+        if file_stamp(f.fileno()) != self.stamp:
+            raise DataError([], changed_during_run(self.path))
         if self.lazy:
             (sample_id, reasons, sizes, _), *_ = _check_records([(index, line, raw)], self.root, self.unanswered)
             if reasons:
@@ -121,17 +139,35 @@ class Samples(Sequence):
         """The records at `positions` (a sub-index; its fingerprint is left to be computed from the records)."""
         positions = np.asarray(positions, dtype=np.int64)
         if self.sizes is None:
-            return Samples(self.path, self.root, self.unanswered, self.table[positions], lazy=self.lazy)
+            return Samples(
+                self.path, self.root, self.unanswered, self.table[positions], lazy=self.lazy, stamp=self.stamp
+            )
         counts = np.diff(self.starts)[positions]
         starts = np.concatenate([[0], np.cumsum(counts)])
         picked = np.repeat(self.starts[positions] - starts[:-1], counts) + np.arange(starts[-1])  # their images
         sizes = self.sizes[picked]
-        return Samples(self.path, self.root, self.unanswered, self.table[positions], sizes, starts, lazy=self.lazy)
+        table = self.table[positions]
+        return Samples(self.path, self.root, self.unanswered, table, sizes, starts, lazy=self.lazy, stamp=self.stamp)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
 
     __hash__ = None
+
+
+def file_stamp(file: Path | int) -> tuple[int, int]:
+    """(size, mtime_ns) of a file (a path or an open file's descriptor): what changes when it is edited, read
+    without opening it. The data file's is taken before it is indexed and compared at every read (`Samples`)."""
+    stat = os.fstat(file) if isinstance(file, int) else os.stat(file)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def changed_during_run(path: Path) -> str:
+    return (
+        f"{path} changed while this run was reading it (its size or modification time is not what it was when the "
+        "run indexed it); a run reads its data file until it ends: put the file back as it was and rerun (it "
+        "resumes), or train on the edited file with a new --output"
+    )
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
@@ -170,11 +206,12 @@ def read_dataset(
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    stamp = file_stamp(path)  # before the file is indexed: an edit from here on is caught when a record is read
     table, problems = _locate(path)
     if problems:
         raise DataError(problems, f"{len(problems)} invalid records in {path} (no valid record):")
     if lazy:
-        return Samples(path, root, unanswered, table, lazy=True), []
+        return Samples(path, root, unanswered, table, lazy=True, stamp=stamp), []
     num_proc = num_proc or default_num_proc()
     ranges = chunks(len(table))
     results = run_chunks(
@@ -200,7 +237,7 @@ def read_dataset(
         return f"on line {int(table[position, 3])}"
 
     keep, sizes, starts, problems = kept_records(verdicts(), where, place, skip_invalid, str(path))
-    samples = Samples(path, root, unanswered, table[keep], sizes, starts, digest.hexdigest())
+    samples = Samples(path, root, unanswered, table[keep], sizes, starts, digest.hexdigest(), stamp=stamp)
     return samples, problems
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,10 +29,19 @@ def load_processor(path: str, trust_remote_code: bool = False):
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(
-            f"cannot load a processor from '{path}': {str(e).splitlines()[0]} "
-            "(give a local model directory, or a hub id on a machine that can reach the hub)"
-        ) from None
+        fix = (
+            DAMAGED
+            if Path(path).is_dir()
+            else "give a local model directory, or a hub id on a machine that can reach the hub"
+        )
+        raise ModelError(f"cannot load a processor from '{path}': {str(e).splitlines()[0]} ({fix})") from None
+
+
+# The fix of a local model folder that does not load: a file cut short (a copy or a download stopped), or missing.
+DAMAGED = (
+    "its files are damaged or incomplete: copy or download the model again; a stage's output in a run folder: delete "
+    "that folder and rerun to have it written again"
+)
 
 
 def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
@@ -68,9 +78,12 @@ def load_model(
             path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}") from None
+        fix = f" ({DAMAGED})" if Path(path).is_dir() else ""
+        raise ModelError(f"cannot load a vision-language model from '{path}': {str(e).splitlines()[0]}{fix}") from None
     except SafetensorError as e:  # a weight file cut short or overwritten
-        raise ModelError(f"cannot load the weights of '{path}': {e} (the .safetensors files are damaged)") from None
+        raise ModelError(
+            f"cannot load the weights of '{path}': {_damaged_weights(Path(path), e)} ({DAMAGED})"
+        ) from None
     except RuntimeError as e:  # the checkpoint's tensors do not fit the model transformers built
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -81,6 +94,20 @@ def load_model(
         if is_deepspeed_zero3_enabled():  # huggingface/transformers#43257: MoE expert conversion skipped under ZeRO-3
             fix = "transformers does not convert MoE expert weights when loading under ZeRO-3: launch with fsdp2.yaml"
         raise ModelError(f"cannot load the weights of '{path}': {detail} ({fix})") from None
+
+
+def _damaged_weights(folder: Path, error: Exception) -> str:
+    """Which of the folder's safetensors files `error` (transformers' load of them) comes from, and why: the first that
+    safetensors cannot open (header cut short or garbled, data shorter than the header says)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{file} is damaged ({e})"
+    return f"a weight file is damaged ({error})"
 
 
 # teacher_quantization: (backend package, where it runs, weight bytes per parameter, how transformers is told)

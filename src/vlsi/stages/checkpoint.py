@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..distributed import gathered_weight, state_file, zero_optimizer
-from ..runfolder import read_json, sha256_file, verify_checksums, write_json
+from ..runfolder import RERUN, read_json, sha256_file, storage, verify_checksums, write_json
 
 PREFIX = "step-"
 
@@ -198,8 +198,8 @@ def save(directory: Path, step: int, state: TrainingState, progress: dict, proce
     barrier()
     rng_tensors, rng_meta = rng_state(generators)
     written = [f"rng-{process_index}.safetensors", f"rng-{process_index}.json"]  # this process's files
-    save_file(rng_tensors, tmp / written[0])
-    (tmp / written[1]).write_text(json.dumps(rng_meta))
+    _write(tmp / written[0], rng_tensors)
+    _write(tmp / written[1], json.dumps(rng_meta))
     parts = layout(module, optimizer)
     writes = parts["weights"] or is_main
     weights = {}
@@ -209,15 +209,15 @@ def save(directory: Path, step: int, state: TrainingState, progress: dict, proce
                 weights[name] = _local(p)
     if writes:
         written.append(state_file("trainable", parts["weights"], process_index))
-        save_file(weights, tmp / written[-1])
+        _write(tmp / written[-1], weights)
     if parts["optimizer"] or is_main:
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         written.append(state_file("optimizer", parts["optimizer"], process_index))
-        save_file(opt_tensors, tmp / written[-1])
+        _write(tmp / written[-1], opt_tensors)
     if is_main:
         meta = {"step": step, "progress": progress, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
         meta.update(layout=parts, processes=num_processes)
-        (tmp / "state.json").write_text(json.dumps(meta))
+        _write(tmp / "state.json", json.dumps(meta))
         written.append("state.json")
     # each process hashes what it wrote (in parallel); `load` checks every file it reads against these
     write_json(tmp / f"checksums-{process_index}.json", {name: sha256_file(tmp / name) for name in written})
@@ -229,6 +229,16 @@ def save(directory: Path, step: int, state: TrainingState, progress: dict, proce
                 shutil.rmtree(old)
     barrier()
     return final
+
+
+def _write(path: Path, data: dict[str, torch.Tensor] | str) -> None:
+    """One file of a checkpoint (tensors as safetensors, or JSON text); a full disk is one line naming it, and the
+    `.tmp` folder it was written into is never taken for a finished checkpoint."""
+    with storage(path, RERUN):
+        if isinstance(data, str):
+            path.write_text(data)
+        else:
+            save_file(data, path)
 
 
 def load(path: Path, state: TrainingState, processes: Processes = Processes()) -> dict:

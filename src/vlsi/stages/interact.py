@@ -194,7 +194,7 @@ def ce_terms(s_hidden, s_verb: Verbalizers, s_parts: Parts, vocab: int, targets,
     return terms, {f"ce/layer{layer}": term.item() for layer, term in zip(s_verb.target_layers, terms)}
 
 
-def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
+def setup(cfg: TrainConfig, out: Path, samples=None, fingerprint: str | None = None) -> Run:
     """The teacher (frozen, placed as the launch distributes training) or its cache, the student and both models'
     verbalizers from OUT/verbalizers, the step module and the data loader."""
     stage = cfg.interact
@@ -210,7 +210,7 @@ def setup(cfg: TrainConfig, out: Path, samples=None) -> Run:
     cache = None
     if cfg.teacher_cache:  # the teacher's weights are never loaded: its targets come from the cache
         cache = TeacherCache(cfg.teacher_cache)
-        cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples))
+        cache.check(cache_identity(cfg, out / "verbalizers" / "teacher", t_proc, samples, fingerprint))
         t_rows = cache.vocab
     else:
         teacher = load_frozen(accelerator, cfg.teacher, dtype, cfg.trust_remote_code, cfg.teacher_quantization)
@@ -272,9 +272,9 @@ def save(cfg: TrainConfig, out: Path, run: Run, state: dict | None) -> Path:
     return write_output(cfg, run, "interact", out / "stages" / "interact", write)
 
 
-def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None) -> Path:
+def interact(cfg: TrainConfig, out: Path, metrics: MetricsLog, samples=None, fingerprint: str | None = None) -> Path:
     """Stage 2: set up, train, save; writes OUT/stages/interact/{student,verbalizers} and OUT/layer_match.jsonl."""
-    run = setup(cfg, out, samples)
+    run = setup(cfg, out, samples, fingerprint)
     state = train(
         run.accelerator,
         run.step,

@@ -13,7 +13,7 @@ import torch
 
 from ..config import TrainConfig
 from ..models.verbalizer import Verbalizers
-from ..runfolder import record_checksums, verify_checksums
+from ..runfolder import RERUN, record_checksums, storage, verify_checksums
 from .loop import Run, drop_checkpoints
 
 log = logging.getLogger("vlsi")
@@ -44,12 +44,18 @@ def reuse(output: Path, what: str) -> bool:
 
 @contextmanager
 def atomic_dir(path: Path):
-    """Yield a temporary folder beside `path`; rename it to `path` only when the block finishes."""
+    """Yield a temporary folder beside `path`; rename it to `path` only when the block finishes. A write the storage
+    refuses in the block (a full disk) is one line naming it; the half-written folder is removed."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        with storage(path, RERUN):
+            yield tmp
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

@@ -3,9 +3,18 @@ student's samples, the step's loss on those tokens against a plain reference, λ
 capped samples, the refusals, and exact resume."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from commands import train_argv
+from safetensors.torch import load_file
 from test_stages import _cfg, _interaction, _snapshot
 from test_stages import toy as toy  # noqa: F401 -- the module's tiny pair and digits
 
@@ -13,6 +22,9 @@ from vlsi.config import ConfigError
 from vlsi.data import IGNORE_INDEX, split_batch
 from vlsi.stages.loop import MetricsLog, train
 from vlsi.stages.sample import cut, prompts, sample, with_responses
+from vlsi.toy import write_toy
+
+ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
 
 ON = ["interact.on_policy=1", "interact.sample.max_new_tokens=5"]
 
@@ -212,3 +224,98 @@ def test_split_batch_reads_a_rebuilt_batch(toy, tmp_path):
     labels = batch["student"]["labels"]
     want = torch.cat([labels[r][labels[r] != IGNORE_INDEX] if t is None else t for r, t in enumerate(responses.tokens)])
     assert torch.equal(targets, want) and mask.sum() == len(want)
+
+
+# ---------------------------------------------------------------- `vlsi train` runs: resume, launches
+
+SHORT = ["verbalize.max_steps=1", "sft.max_steps=1", "verbalize.batch_size=2", "interact.batch_size=2"]
+SHORT += ["sft.batch_size=2", "interact.on_policy=0.5", "interact.sample.max_new_tokens=4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    return tuple(str(p) for p in write_toy(tmp_path_factory.mktemp("toy"), n=10))
+
+
+def _train(written, out, *settings) -> list[str]:
+    """`vlsi train` on the toy, short stages, λ = 0.5, without the program name."""
+    return train_argv(*written, out, *SHORT, *settings)
+
+
+def test_killed_on_policy_run_resumes_exactly(written, tmp_path):
+    """λ = 0.5: SIGKILLed after the interaction stage's step-2 checkpoint, the same command resumes to the student
+    and the metrics of an uninterrupted run (the on-policy draws and the sampling seeds live in the checkpoint)."""
+    settings = ["interact.max_steps=4", "checkpoint.every=1"]
+    command = [sys.executable, "-m", "vlsi", *_train(written, tmp_path / "straight", *settings)]
+    straight = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "resumed"
+    command = [sys.executable, "-m", "vlsi", *_train(written, out, *settings)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved, deadline = out / "checkpoints" / "interact" / "step-00000002", time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline and not saved.is_dir():
+        time.sleep(0.002)
+    process.kill()
+    process.wait()
+    assert saved.is_dir() and not (out / "stages" / "interact").exists(), "killed inside the interaction stage"
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+
+    def interaction(folder):
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [line for line in lines if line["stage"] == "interact"]
+
+    want, got = interaction(tmp_path / "straight"), interaction(out)
+    assert [line["step"] for line in got] == [1, 2, 3, 4] and got == want
+    assert any("loss/on_policy" in line for line in want) and any("loss/off_policy" in line for line in want)
+    a, b = (load_file(folder / "student" / "model.safetensors") for folder in (tmp_path / "straight", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _launch(config: str, script: list[str], *options: str) -> list[str]:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config), *options]
+    return [*launch, "--num_processes", "2", "--main_process_port", str(port), *script]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_two_ddp_processes_sample_their_own_prompts(written, tmp_path):
+    """Two DDP processes (gloo): each samples its own micro-batch's responses, both take the same kind of micro-batch
+    at each micro-step, and the metrics hold both kinds."""
+    env = ENV | {"ACCELERATE_USE_CPU": "true"}
+    command = _launch("ddp.yaml", ["-m", "vlsi"]) + _train(written, tmp_path, "interact.max_steps=3")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    interaction = [line for line in lines if line["stage"] == "interact"]
+    assert [line["step"] for line in interaction] == [1, 2, 3]
+    assert all(("loss/on_policy" in line) == ("sample/length" in line) for line in interaction)
+    assert any("loss/on_policy" in line for line in interaction)
+
+
+# ZeRO-3 on two CPU processes aborts before the interaction stage since the 2026-12-07 merges (a gloo collective of
+# mismatched sizes; the lead's open ZeRO-3 regression, KNOWN_BROKEN in tests/test_distributed.py)
+ZERO3_BROKEN = pytest.mark.xfail(reason="ZeRO-3 collective size mismatch since 2026-12-07", strict=False)
+
+
+@pytest.mark.parametrize(
+    "config, shim, name",
+    [
+        ("fsdp2.yaml", "fsdp2_on_cpu.py", "FSDP2"),
+        pytest.param("zero3.yaml", "deepspeed_on_cpu.py", "ZeRO-3", marks=ZERO3_BROKEN),
+    ],
+)
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed without gloo")
+def test_sharded_launches_refuse_on_policy_in_one_line(written, tmp_path, config, shim, name):
+    if name == "ZeRO-3":
+        pytest.importorskip("deepspeed")
+    env = ENV | {"ACCELERATE_USE_CPU": "true"}
+    script = [str(Path(__file__).parent / shim)]
+    command = _launch(config, script) + _train(written, tmp_path, "verbalize.max_steps=0", "interact.max_steps=1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    line = f"interact.on_policy=0.5 is not supported under {name}"
+    assert line in result.stderr and not (tmp_path / "stages" / "interact").exists(), result.stderr[-3000:]

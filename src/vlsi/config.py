@@ -139,7 +139,7 @@ class InteractConfig(StageConfig):
     match: MatchConfig = field(default_factory=MatchConfig)
     divergence: Divergence = "forward"  # forward KL(teacher||student) | reverse | jsd
     jsd_beta: float = 0.5  # divergence=jsd: GKD's β, m = β p_teacher + (1 - β) p_student; 0.5 the symmetric JSD
-    # λ: the share of micro-batches whose responses the student samples (GKD's λ); 0: fixed responses only
+    # GKD's λ: the share of micro-batches whose responses the student samples; 0: fixed responses only
     on_policy: float = 0.0
     # every divergence of an on-policy micro-batch (matching scores, layer terms, last-layer term); interact.divergence
     # stays the off-policy one. reverse KL(student||teacher): the on-policy default (GKD, Qwen3's distillation)

@@ -12,7 +12,7 @@ frozen by default. Teacher forcing on the training sample, response tokens only.
             chunk by chunk in backward; their mean with interact.intermediate_reduction=mean; λ =
             interact.intermediate_weight, 1 by default)
           + KL(teacher output || student output)
-With interact.on_policy = λ > 0, a share λ of the micro-batches is first answered by the student itself
+With interact.on_policy > 0 (GKD's λ), that share of the micro-batches is first answered by the student itself
 (`vlsi.stages.sample.OnPolicy`): the same terms are then taken on its sampled tokens, with
 interact.on_policy_divergence (reverse KL by default) for every divergence of the batch.
 The targets come from the live teacher (`LiveTeacher`, each computed once per step) or, with `teacher_cache=C`, from

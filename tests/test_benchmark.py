@@ -29,5 +29,6 @@ def test_tiny_benchmark_reports_every_step(tmp_path):
     for name in ("kd_final", "vlsi"):  # the student samples as many tokens as the fixed response holds
         on_policy = steps[f"{name}_on_policy"]
         assert 0 < on_policy["generate_ms"] < on_policy["ms"] and 0 < on_policy["generate_share"] < 1
+        assert 0 < on_policy["generate_cpu_ms"] < on_policy["cpu_ms"] and 0 < on_policy["generate_cpu_share"] < 1
         assert report[f"{name}_on_policy_over_off_policy_time"] == on_policy["ms"] / steps[name]["ms"]
     assert "vlsi_on_policy: sampling" in result.stdout

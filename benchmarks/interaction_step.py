@@ -12,6 +12,10 @@ batch 4 x 2048 tokens of which the last 256 per sample are the response. Each st
             layers' KL (their scores, gradient recomputed chunk by chunk in backward) + the final-layer KL
   kd_final_cached, vlsi_cached (with --cache K): the same two steps trained from a teacher cache (vlsi.cache, top K
             per token and layer, 0: whole distributions), built once from the same batch: the teacher does not run
+  kd_final_on_policy, vlsi_on_policy (with --on-policy): the same two steps on on-policy batches
+            (interact.on_policy=1, vlsi.stages.onpolicy): the student samples each row's response to its prompt (the
+            tokens before the response; batched, KV cache, temperature 1) as long as the fixed one (no end token can
+            be drawn), then the step runs on it with reverse KL; `generate_ms` is the sampling's part of the step
 A step is forward + backward (no optimizer update: that costs the same in all of them). The steps are timed in turns
 (each round runs every step once), so a shared machine's changing load falls on all of them alike. Reported: median
 wall time and median CPU time of this process over `--repeats` rounds after `--warmup` (device-synchronised; with one
@@ -24,11 +28,13 @@ the step's matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
     python benchmarks/interaction_step.py --tiny                                   # CPU smoke run, one thread, seconds
     python benchmarks/interaction_step.py --tiny --cache 64                        # + the steps from a teacher cache
     python benchmarks/interaction_step.py --cpu --cache 0 --repeats 3 --warmup 1   # CPU, arithmetic-bound: minutes
+    python benchmarks/interaction_step.py --cpu --on-policy --steps kd_final vlsi    # + the on-policy steps
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -48,6 +54,7 @@ from vlsi.models.family import default_target_layers, model_parts
 from vlsi.models.loading import add_lora, freeze
 from vlsi.models.verbalizer import Verbalizers
 from vlsi.stages.interact import InteractStep, LiveTeacher, cached_targets
+from vlsi.stages.onpolicy import OnPolicy
 from vlsi.stages.sft import SFTStep
 
 TOKENIZER_LEN = 151657  # Qwen2 tokenizer; both heads are padded past it (151936 and 152064 rows)
@@ -124,6 +131,23 @@ CPU = dict(
 )
 STEPS = ("sft", "kd_final", "vlsi")
 CACHED = ("kd_final_cached", "vlsi_cached")
+ON_POLICY = ("kd_final_on_policy", "vlsi_on_policy")
+
+
+class TimedOnPolicy(OnPolicy):
+    """`OnPolicy` that keeps the wall and CPU time of each rebuild (the sampling and the new batch), in ms."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.ms: list[float] = []
+        self.cpu_ms: list[float] = []
+
+    def __call__(self, student, batch, seed):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = super().__call__(student, batch, seed)
+        self.ms.append(1000 * (time.perf_counter() - start))
+        self.cpu_ms.append(1000 * (time.process_time() - cpu_start))
+        return out
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
@@ -173,6 +197,9 @@ def step_flops(args, size: dict, s_cfg: dict, t_cfg: dict, params: tuple[int, in
         "vlsi": student + teacher + s_verb + t_verb,
         "kd_final_cached": student,
         "vlsi_cached": student + s_verb,
+        # + sampling, not counted: one forward per new token, memory-bound at batch 1
+        "kd_final_on_policy": student + teacher,
+        "vlsi_on_policy": student + teacher + s_verb + t_verb,
     }
 
 
@@ -283,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="also time kd_final and vlsi from a teacher cache of the top K per token and layer (0: whole)",
     )
+    parser.add_argument(
+        "--on-policy", action="store_true", help="also time kd_final and vlsi on batches the student answers itself"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -333,10 +363,26 @@ def main(argv: list[str] | None = None) -> int:
         steps["kd_final_cached"] = InteractStep(student, s_parts, s_verb, cached_targets, kd_cfg, vocab, generator)
         steps["vlsi_cached"] = InteractStep(student, s_parts, s_verb, cached_targets, cfg, vocab, generator)
         batches |= dict.fromkeys(CACHED, cached_batch)
+    samplers = {}
+    if args.on_policy:  # every row answered by the student, the response as long as the fixed one
+        for name, off_policy in zip(ON_POLICY, (kd_cfg, cfg), strict=True):
+            step_cfg = copy.deepcopy(off_policy)
+            stage = step_cfg.interact
+            stage.on_policy, stage.sample.max_new_tokens = 1.0, size["response"]
+            no_end = {s_cfg["vocab_size"]}  # past the head's rows: never sampled
+            samplers[name] = TimedOnPolicy(stage, dict.fromkeys(batch, 0), no_end, torch.Generator(), 0)
+            steps[name] = InteractStep(student, s_parts, s_verb, live, step_cfg, vocab, generator, None, samplers[name])
+        batches |= dict.fromkeys(ON_POLICY, batch)
     rate = matmul_rate(device, dtype)
     flops = step_flops(args, size, s_cfg, t_cfg, (s_params, t_params), (len(s_layers), len(t_layers)), vocab)
 
     results = measure(steps, batches, s_verb, device, args.repeats, args.warmup)
+    for name, sampler in samplers.items():  # the timed rounds' samplings
+        result = results[name]
+        result["generate_ms"] = statistics.median(sampler.ms[args.warmup :])
+        result["generate_cpu_ms"] = statistics.median(sampler.cpu_ms[args.warmup :])
+        result["generate_share"] = result["generate_ms"] / result["ms"]
+        result["generate_cpu_share"] = result["generate_cpu_ms"] / result["cpu_ms"]
     for name, result in results.items():
         result["flops"] = flops[name]
         result["floor_ms"] = 1000 * flops[name] / rate
@@ -380,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         live, cached = results.get(name, {}), results.get(f"{name}_cached", {})
         if live.get("ms") and cached.get("ms"):
             report[f"{name}_cached_over_live_time"] = cached["ms"] / live["ms"]
+        on_policy = results.get(f"{name}_on_policy", {})
+        if live.get("ms") and on_policy.get("ms"):
+            report[f"{name}_on_policy_over_off_policy_time"] = on_policy["ms"] / live["ms"]
+            report[f"{name}_on_policy_over_off_policy_cpu_time"] = on_policy["cpu_ms"] / live["cpu_ms"]
     print(table(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -408,6 +458,12 @@ def table(report: dict) -> str:
     for key in ("kd_final_cached_over_live_time", "vlsi_cached_over_live_time"):
         if key in report:
             rows.append(f"{key.replace('_', ' ')}: {report[key]:.2f}x (cache top-k {report['cache_top_k']})")
+    for name in ON_POLICY:
+        if name in report["steps"]:
+            r, key = report["steps"][name], f"{name.removesuffix('_on_policy')}_on_policy_over_off_policy_time"
+            ratio = f", {report[key]:.2f}x the off-policy step" if key in report else ""
+            share = f"{r['generate_share']:.0%} of the step ({r['generate_cpu_share']:.0%} of its CPU time)"
+            rows.append(f"{name}: sampling {r['generate_ms']:.1f} ms, {share}{ratio}")
     return "\n".join(rows)
 
 

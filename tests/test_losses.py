@@ -91,6 +91,33 @@ def test_jsd_is_symmetric_and_bounded():
     assert (jsd <= math.log(2) + 1e-12).all()
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_beta_matches_a_hand_computed_reference(beta):
+    """GKD's generalised JSD: beta KL(t || m) + (1 - beta) KL(s || m), m = beta p_t + (1 - beta) p_s, written out in
+    probabilities; through every loss that takes it (plain, chunked, the candidate scores) alike."""
+    s, t = _logits(seed=11), _logits(seed=12)
+    p_s, p_t = s.softmax(-1), t.softmax(-1)
+    m = beta * p_t + (1 - beta) * p_s
+    want = beta * (p_t * (p_t / m).log()).sum(-1) + (1 - beta) * (p_s * (p_s / m).log()).sum(-1)
+    torch.testing.assert_close(token_divergence(s, _whole(t), "jsd", beta), want, rtol=1e-10, atol=1e-12)
+    head = nn.Identity()
+    chunked = chunked_divergence(s, head, _whole(t), "jsd", chunks=3, beta=beta)
+    scored = divergence_matrix([s], [head], [_whole(t)], "jsd", 3, beta)[0, 0]
+    torch.testing.assert_close(chunked, want.mean(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scored, want.mean(), rtol=1e-10, atol=1e-12)
+    if beta != 0.5:  # and not the symmetric JSD
+        assert not torch.allclose(want, _reference(s, t, "jsd"))
+
+
+def test_jsd_beta_one_half_is_the_symmetric_jsd_bit_for_bit():
+    """The default beta keeps the arithmetic the symmetric JSD had before beta existed."""
+    s, t = _logits(seed=13, dtype=torch.float32), _logits(seed=14, dtype=torch.float32)
+    ls, lt = s.log_softmax(-1), t.log_softmax(-1)
+    lm = torch.logaddexp(ls, lt) - math.log(2.0)
+    symmetric = 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+    assert torch.equal(token_divergence(s, _whole(t), "jsd"), symmetric)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_for_identical_and_nonnegative(kind):
     s = _logits(seed=7)

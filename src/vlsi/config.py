@@ -127,9 +127,24 @@ class MatchConfig:
 
 
 @dataclass
+class SampleConfig:
+    # how the student samples its responses on on-policy batches (interact.on_policy; docs/METHOD.md#on-policy)
+    temperature: float = 1.0  # 1 with top_p=1: the student's own distribution (no top-k, no repetition penalty)
+    top_p: float = 1.0
+    max_new_tokens: int = 128  # a response cut here is kept as it is (no end token) and counted (sample/capped)
+
+
+@dataclass
 class InteractConfig(StageConfig):
     match: MatchConfig = field(default_factory=MatchConfig)
     divergence: Divergence = "forward"  # forward KL(teacher||student) | reverse | jsd
+    jsd_beta: float = 0.5  # divergence=jsd: GKD's β, m = β p_teacher + (1 - β) p_student; 0.5 the symmetric JSD
+    # GKD's λ: the share of micro-batches whose responses the student samples; 0: fixed responses only
+    on_policy: float = 0.0
+    # every divergence of an on-policy micro-batch (matching scores, layer terms, last-layer term); interact.divergence
+    # stays the off-policy one. reverse KL(student||teacher): the on-policy default (GKD, Qwen3's distillation)
+    on_policy_divergence: Divergence = "reverse"
+    sample: SampleConfig = field(default_factory=SampleConfig)
     # kld | l2 (matched layers) | ce (ground truth at each verbalizer) | none
     intermediate_loss: Literal["kld", "l2", "ce", "none"] = "kld"
     last_loss: Literal["kld", "ce", "none"] = "kld"  # kld (to the teacher's final output) | ce (ground truth) | none
@@ -299,6 +314,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"interact.intermediate_weight must be a finite number >= 0 (1: the paper's sum), got {weight}"
         )
+    check_on_policy(cfg)
     if cfg.interact.intermediate_weight == 0 and cfg.interact.last_loss == "none":
         raise ConfigError("interact.intermediate_weight=0 with interact.last_loss=none: nothing to train")
     unknown = set(cfg.report_to) - TRACKERS
@@ -369,6 +385,25 @@ def _check_device_map(cfg: TrainConfig) -> None:
             valid = False
         if not valid:
             raise ConfigError(f"teacher_max_memory: {device}: {size!r} is not a size (bytes, or e.g. 70GiB, 500MB)")
+
+
+def check_on_policy(cfg: TrainConfig) -> None:
+    stage, sample = cfg.interact, cfg.interact.sample
+    if not 0 <= stage.on_policy <= 1:
+        raise ConfigError(f"interact.on_policy is a share of micro-batches, between 0 and 1; got {stage.on_policy}")
+    if not 0 < stage.jsd_beta < 1:
+        raise ConfigError(f"interact.jsd_beta must lie strictly between 0 and 1 (0.5: symmetric); got {stage.jsd_beta}")
+    if not (sample.temperature > 0 and 0 < sample.top_p <= 1 and sample.max_new_tokens >= 1):
+        raise ConfigError(
+            "need interact.sample.temperature > 0, 0 < interact.sample.top_p <= 1 and interact.sample.max_new_tokens "
+            f">= 1; got {sample.temperature}, {sample.top_p}, {sample.max_new_tokens}"
+        )
+    if stage.on_policy > 0 and cfg.teacher_cache:
+        raise ConfigError(
+            f"interact.on_policy={stage.on_policy} needs the live teacher to score the student's samples, but "
+            f"teacher_cache={cfg.teacher_cache} holds targets for the fixed responses only; drop teacher_cache or set "
+            "interact.on_policy=0"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), **top) -> TrainConfig:

@@ -126,20 +126,24 @@ def _check_target(teacher: TopK, kind: str, n: int) -> None:
         raise ValueError("the l2 distance needs the whole teacher distribution: a cache with cache.top_k=0")
 
 
-def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str) -> Tensor:
-    # student / teacher log-probs [..., V] -> per-token divergence [...]
+def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    # student / teacher log-probs [..., V] -> per-token divergence [...]; beta: jsd's weight of the teacher
     if kind == "forward":  # KL(teacher || student)
         return (lt.exp() * (lt - ls)).sum(-1)
     if kind == "reverse":  # KL(student || teacher)
         return (ls.exp() * (ls - lt)).sum(-1)
     if kind == "l2":  # mean squared difference of log-probabilities: logit matching, each token's free shift removed
         return (ls - lt).square().mean(-1)
-    # jsd: log m = log((p_s + p_t) / 2), a two-term logsumexp, so m never leaves log space
-    lm = torch.logaddexp(ls, lt) - math.log(2.0)
-    return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+    # jsd (GKD's generalised JSD): m = beta p_t + (1 - beta) p_s as a two-term logsumexp, so m never leaves log
+    # space; beta 1/2 keeps the symmetric JSD's own arithmetic, bit for bit
+    if beta == 0.5:
+        lm = torch.logaddexp(ls, lt) - math.log(2.0)
+    else:
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
 
 
-def _target_divergence(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
+def _target_divergence(ls: Tensor, teacher: TopK, kind: str, beta: float = 0.5) -> Tensor:
     # student log-probs [N, V], teacher target -> per-token divergence [N]
     lt = teacher.log_probs.to(ls.dtype)
     if teacher.ids is None:
@@ -148,7 +152,7 @@ def _target_divergence(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
                 f"student logits {tuple(ls.shape)} and teacher log-probabilities {tuple(lt.shape)} differ; slice both "
                 "to shared_vocab_size(...) columns"
             )
-        return _divergence_from_log_probs(ls, lt, kind)
+        return _divergence_from_log_probs(ls, lt, kind, beta)
     # top k: both distributions coarsened to the teacher's k tokens and one bucket for everything else
     ids = teacher.ids.long()
     has_tail = teacher.log_tail > -math.inf  # [N]; False where the k tokens hold all the mass
@@ -157,12 +161,14 @@ def _target_divergence(ls: Tensor, teacher: TopK, kind: str) -> Tensor:
     lt_tail = torch.where(has_tail, teacher.log_tail.to(ls.dtype), _EMPTY_BUCKET)
     ls_c = torch.cat([ls.gather(-1, ids), ls_tail[:, None]], -1)  # [N, k + 1]
     lt_c = torch.cat([lt, lt_tail[:, None]], -1)
-    return _divergence_from_log_probs(ls_c, lt_c, kind)
+    return _divergence_from_log_probs(ls_c, lt_c, kind, beta)
 
 
-def token_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+def token_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward", beta: float = 0.5) -> Tensor:
     """Per-token divergence [N] of student logits [N, V] from a teacher target: forward KL(t||s), reverse KL(s||t),
-    Jensen-Shannon, or "l2" (mean over the vocabulary of the squared difference of log-probabilities).
+    Jensen-Shannon (GKD's generalised one with `beta`: beta KL(t||m) + (1 - beta) KL(s||m), m = beta p_t +
+    (1 - beta) p_s; 0.5 the symmetric JSD), or "l2" (mean over the vocabulary of the squared difference of
+    log-probabilities).
 
     Against a whole distribution this is the exact divergence. Against a top-k target both distributions are
     coarsened to k + 1 buckets (the teacher's k tokens, and everything else as one bucket whose mass is the tail) and
@@ -172,13 +178,13 @@ def token_divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward
     distribution.
     """
     _check_target(teacher, kind, student_logits.shape[0])
-    return _target_divergence(_log_probs(student_logits), teacher, kind)
+    return _target_divergence(_log_probs(student_logits), teacher, kind, beta)
 
 
-def divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward") -> Tensor:
+def divergence(student_logits: Tensor, teacher: TopK, kind: str = "forward", beta: float = 0.5) -> Tensor:
     """`token_divergence` averaged over tokens (the response tokens: docs/METHOD.md#stage-2-interaction): the
     last-layer term."""
-    return token_divergence(student_logits, teacher, kind).mean()
+    return token_divergence(student_logits, teacher, kind, beta).mean()
 
 
 def cross_entropy_from_logits(logits: Tensor, targets: Tensor) -> Tensor:
@@ -203,9 +209,9 @@ def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunks: C
     return total / (targets != -100).sum()
 
 
-def _chunk_divergence_sum(logits: Tensor, teacher: TopK, kind: str) -> Tensor:
+def _chunk_divergence_sum(logits: Tensor, teacher: TopK, kind: str, beta: float) -> Tensor:
     # [c, V] student logits, the teacher's rows of the chunk -> scalar sum over the chunk
-    return _target_divergence(_log_probs(logits), teacher, kind).sum()
+    return _target_divergence(_log_probs(logits), teacher, kind, beta).sum()
 
 
 class _FrozenHeadDivergence(torch.autograd.Function):
@@ -214,11 +220,11 @@ class _FrozenHeadDivergence(torch.autograd.Function):
     kept for backward, and the head's own weights get no gradient (it must be frozen)."""
 
     @staticmethod
-    def forward(ctx, hidden, value, head, kind, chunks, *teacher):
+    def forward(ctx, hidden, value, head, kind, beta, chunks, *teacher):
         ctx.save_for_backward(hidden, *teacher)
-        ctx.head, ctx.kind, ctx.chunks = head, kind, chunks
+        ctx.head, ctx.kind, ctx.beta, ctx.chunks = head, kind, beta, chunks
         if value is None:
-            value = sum(_chunk_divergence_sum(head(hidden[r]), TopK(*teacher).rows(r), kind) for r in chunks)
+            value = sum(_chunk_divergence_sum(head(hidden[r]), TopK(*teacher).rows(r), kind, beta) for r in chunks)
             return value / hidden.shape[0]
         return value.clone()
 
@@ -230,9 +236,9 @@ class _FrozenHeadDivergence(torch.autograd.Function):
         for r in ctx.chunks:
             with torch.enable_grad():
                 rows = hidden[r].detach().requires_grad_()
-                total = _chunk_divergence_sum(ctx.head(rows), teacher.rows(r), ctx.kind)
+                total = _chunk_divergence_sum(ctx.head(rows), teacher.rows(r), ctx.kind, ctx.beta)
             grads.append(torch.autograd.grad(total, rows, scale)[0])
-        return torch.cat(grads), None, None, None, None, *(None for _ in teacher)
+        return torch.cat(grads), None, None, None, None, None, *(None for _ in teacher)
 
 
 def chunked_divergence(
@@ -242,9 +248,11 @@ def chunked_divergence(
     kind: str = "forward",
     chunks: Chunks = 1024,
     value: Tensor | None = None,
+    beta: float = 0.5,
 ) -> Tensor:
-    """`divergence(student_head(student_hidden), teacher, kind)` over token chunks, for a *frozen* head (in vlsi the
-    student's final norm and LM head, which every verbalizer shares; its verb-FFN runs before, on `student_hidden`).
+    """`divergence(student_head(student_hidden), teacher, kind, beta)` over token chunks, for a *frozen* head (in vlsi
+    the student's final norm and LM head, which every verbalizer shares; its verb-FFN runs before, on
+    `student_hidden`).
 
     student_hidden [N, d]. Gradients reach `student_hidden` only. Nothing [N, V] is kept for backward: each chunk's
     logits are computed without autograd, then again during backward. `value`: this divergence when it is already
@@ -254,7 +262,7 @@ def chunked_divergence(
     n = student_hidden.shape[0]
     _check_target(teacher, kind, n)
     _check_tokens(n)
-    return _FrozenHeadDivergence.apply(student_hidden, value, student_head, kind, _chunks(n, chunks), *teacher)
+    return _FrozenHeadDivergence.apply(student_hidden, value, student_head, kind, beta, _chunks(n, chunks), *teacher)
 
 
 @torch.no_grad()
@@ -264,6 +272,7 @@ def divergence_matrix(
     teachers: Sequence[TopK],
     kind: str = "forward",
     chunks: Chunks = 1024,
+    beta: float = 0.5,
 ) -> Tensor:
     """Token-averaged divergences D [t_l, t_s], D[j, i] = divergence(student layer i || teacher target j), no
     autograd: the matching candidates' scores (docs/METHOD.md#memory-and-the-implementation).
@@ -284,7 +293,7 @@ def divergence_matrix(
         # t_s x [c, V], computed once and held against every teacher target
         student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
         chunk_sums = [
-            torch.stack([_target_divergence(ls, t.rows(rows), kind).sum() for ls in student_lp]) for t in teachers
+            torch.stack([_target_divergence(ls, t.rows(rows), kind, beta).sum() for ls in student_lp]) for t in teachers
         ]
         sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
     return sums / n

@@ -12,6 +12,9 @@ frozen by default. Teacher forcing on the training sample, response tokens only.
             chunk by chunk in backward; their mean with interact.intermediate_reduction=mean; λ =
             interact.intermediate_weight, 1 by default)
           + KL(teacher output || student output)
+With interact.on_policy > 0 (GKD's λ), that share of the micro-batches is first answered by the student itself
+(`vlsi.stages.onpolicy.OnPolicy`): the same terms are then taken on its sampled tokens, with
+interact.on_policy_divergence (reverse KL by default) for every divergence of the batch.
 The targets come from the live teacher (`LiveTeacher`, each computed once per step) or, with `teacher_cache=C`, from
 the cache (`cached_targets`: the teacher is never loaded, top-k with the tail as one bucket,
 docs/CACHE.md#the-estimator, and the same samples arrive in the same order); the step reads both alike.
@@ -54,6 +57,7 @@ from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
 from .loop import MetricsLog, Run, checkpointing, make_accelerator, make_loader, tracking, train
+from .onpolicy import OnPolicy, check_launch, end_tokens
 from .output import save_verbalizers, substate, write_output
 from .samples import build_loader, load_samples
 from .student import StudentRecipe, export_student, prepare_student
@@ -101,7 +105,8 @@ Teacher = Callable[[dict, bool], TeacherTargets]  # (batch, whether layer target
 
 class InteractStep(nn.Module):
     """Registered: the student (LoRA or full) and its verbalizers. The teacher is held outside: `teacher` gives a
-    batch's targets (`LiveTeacher`, or `cached_targets` for a teacher cache)."""
+    batch's targets (`LiveTeacher`, or `cached_targets` for a teacher cache). `on_policy` (interact.on_policy > 0)
+    chooses the micro-batches the student answers itself, and rebuilds them."""
 
     def __init__(
         self,
@@ -113,6 +118,7 @@ class InteractStep(nn.Module):
         vocab: int,
         generator: torch.Generator,
         chunks: ChunkPlan | None = None,
+        on_policy: OnPolicy | None = None,
     ):
         super().__init__()
         if any(p.requires_grad for m in (s_parts.norm, s_parts.lm_head) for p in m.parameters()):
@@ -130,9 +136,16 @@ class InteractStep(nn.Module):
         self.generator = generator
         # response tokens -> the row ranges of the chunked losses (`distributed.chunk_plan`; alone: interact.chunk_size)
         self.chunks = chunks or (lambda n: row_chunks(n, cfg.chunk_size))
+        self.on_policy = on_policy
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         (s_parts,), s_verb, cfg, vocab = self.s_parts, self.verbalizers, self.cfg, self.vocab
+        seed = self.on_policy.draw() if self.on_policy is not None else None
+        sampled = {}
+        if seed is not None:  # the student's own responses replace the fixed ones, for both models
+            batch, sampled = self.on_policy(self.student, batch, seed)
+        divergence_kind = cfg.divergence if seed is None else cfg.on_policy_divergence
+        beta = cfg.jsd_beta
         matched = cfg.intermediate_loss in ("kld", "l2")  # matched and trained on the same measure
         teacher = self.teacher(batch, matched)  # TeacherTargets: per teacher target layer if matched, and the output
         s_inputs, s_mask, targets = split_batch(batch["student"])
@@ -142,16 +155,17 @@ class InteractStep(nn.Module):
         chunks = self.chunks(len(targets)) if cfg.intermediate_loss != "none" else None
         terms, logs = [], {}  # one term per student layer, added up by interact.intermediate_reduction
         if matched:
-            kind = "l2" if cfg.intermediate_loss == "l2" else cfg.divergence
+            kind = "l2" if cfg.intermediate_loss == "l2" else divergence_kind
             verbalized = [s_verb.verb_ffn(i, h) for i, h in enumerate(s_hidden)]  # t_s x [N, d_s], with grad
             read = final_head(s_parts.norm, s_parts.lm_head, vocab)  # frozen, every verbalizer's
-            scores = divergence_matrix(verbalized, [read] * len(verbalized), teacher.layers, kind, chunks)  # [t_l, t_s]
+            heads = [read] * len(verbalized)
+            scores = divergence_matrix(verbalized, heads, teacher.layers, kind, chunks, beta)  # [t_l, t_s]
             # the interact.match section is layer_match's keyword arguments, one for one
             options = dataclasses.asdict(cfg.match)
             match, probabilities = layer_match(scores, **options, generator=self.generator, return_probabilities=True)
             for i, chosen in enumerate(match):  # a pair's loss is its score; backward recomputes its gradient
                 pairs = [
-                    chunked_divergence(verbalized[i], read, teacher.layers[j], kind, chunks, scores[j, i])
+                    chunked_divergence(verbalized[i], read, teacher.layers[j], kind, chunks, scores[j, i], beta)
                     for j in chosen
                 ]
                 terms.append(torch.stack(pairs).mean())
@@ -163,13 +177,15 @@ class InteractStep(nn.Module):
             loss = loss + (term / len(terms) if cfg.intermediate_reduction == "mean" else term)
         loss = loss * cfg.intermediate_weight  # λ; x * 1.0 is x exactly: the default is the paper's sum bit for bit
         if cfg.last_loss == "kld":
-            last = divergence(s_logits, teacher.output, cfg.divergence)
+            last = divergence(s_logits, teacher.output, divergence_kind, beta)
         elif cfg.last_loss == "ce":  # the ground truth instead of the teacher: an ablation row
             last = cross_entropy_from_logits(s_logits, targets)
         if cfg.last_loss != "none":
             logs["last"] = last.item()
             loss = loss + last
-        return loss, logs
+        if self.on_policy is not None:  # every process logs the same keys: the draws are shared
+            logs[f"loss/{'off' if seed is None else 'on'}_policy"] = loss.item()
+        return loss, logs | sampled
 
 
 def match_logs(layers: list[int], kind: str, terms: list[torch.Tensor], match, probabilities) -> dict:
@@ -201,6 +217,7 @@ def setup(cfg: TrainConfig, out: Path, samples=None, fingerprint: str | None = N
     dtype = compute_dtype(cfg.precision)
     # Without the last-layer loss the student blocks above its last target layer get no gradient.
     accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none", **tracking(cfg))
+    check_launch(accelerator, stage)
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),
         load_processor(cfg.student, cfg.trust_remote_code),
@@ -231,13 +248,20 @@ def setup(cfg: TrainConfig, out: Path, samples=None, fingerprint: str | None = N
         targets = LiveTeacher(teacher, t_parts, t_verb.to(accelerator.device, dtype), vocab)
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # each process samples its own
     chunks = chunk_plan(accelerator, cfg.chunk_size)
-    step = InteractStep(student, s_parts, s_verb, targets, cfg, vocab, generator, chunks)
+    generators = {"match": generator}  # each process draws its own
+    on_policy = None
+    if stage.on_policy > 0:  # the same draws on every process: torch.Generator seeded alike
+        pad_ids = {"student": s_proc.tokenizer.pad_token_id, "teacher": t_proc.tokenizer.pad_token_id}
+        generators["on_policy"] = torch.Generator().manual_seed(cfg.seed)
+        ends = end_tokens(student, s_proc.tokenizer)
+        on_policy = OnPolicy(stage, pad_ids, ends, generators["on_policy"], accelerator.process_index)
+    step = InteractStep(student, s_parts, s_verb, targets, cfg, vocab, generator, chunks, on_policy)
     processors = {"teacher": t_proc, "student": s_proc}
     loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")
     if cache is not None:  # the same samples in the same order, each with its cached targets as "teacher"
         dataset = CachedTeacher(loader.dataset, cache)
         loader = make_loader(dataset, stage.batch_size, make_collate(processors), cfg.seed, cfg.data.num_workers)
-    return Run(accelerator, step, loader, dtype, s_proc, generators={"match": generator})  # each process draws its own
+    return Run(accelerator, step, loader, dtype, s_proc, generators=generators)
 
 
 def match_recorder(cfg: TrainConfig, out: Path, accelerator: Accelerator):

@@ -5,9 +5,11 @@ import math
 import statistics
 
 import pytest
+import torch
 from scipy.stats import spearmanr, ttest_1samp, ttest_rel
 
 from vlsi.cli import main
+from vlsi.demo import experiment
 from vlsi.demo.ablate import RUNS, TABLES, AblateSettings, collect, needed_runs
 from vlsi.demo.ablate_report import rank_correlation, table_verdict
 from vlsi.demo.experiment import demo_config
@@ -172,12 +174,21 @@ def test_an_ablation_folder_made_with_other_settings_is_refused(tmp_path):
     assert json.loads((tmp_path / "settings.json").read_text())["jobs"] == 4
 
 
-def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path):
+def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path, monkeypatch):
     """`styles=chain` reaches every ablation run (the teacher answers to the chain's length); one seed gives means and
     differences to VLsI without intervals."""
     out = tmp_path / "ablate"
     settings = ["tables=sft", "seeds=1", "jobs=1", "n_test=8", "tasks=sequence", "styles=chain"]
+    threads, answer_pool = [], experiment.answer_pool  # torch threads at each answering: the main process's first
+
+    def observed(*args):
+        threads.append(torch.get_num_threads())
+        return answer_pool(*args)
+
+    monkeypatch.setattr(experiment, "answer_pool", observed)
+    torch.set_num_threads(2)
     assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
+    assert threads[0] == 1, "the main process answers the pool on `threads` torch threads (1), not 2"
     assert "answer_max_tokens: 7" in (out / "runs" / "vlsi" / "seed-0" / "config.yaml").read_text()
     rows = {r["key"]: r for r in json.loads((out / "results.json").read_text())["tables"]["sft"]["rows"]}
     assert rows["sft"]["accuracy"]["low"] is None and rows["sft"]["vs_vlsi"]["low"] is None

@@ -302,6 +302,8 @@ def test_demo_is_a_vlsi_subcommand():
         ("intermediate_reduction=max", "intermediate_reduction: sum or mean"),
         ("student=/nonexistent", "no Hugging Face checkpoint"),
         ("student_layers=first", "write block indices"),
+        ("intermediate_weight=-1", "intermediate_weight=-1.0: a finite number >= 0"),
+        ("freeze_student_verbalizers=2", "freeze_student_verbalizers=2: 0 or 1"),
     ],
 )
 def test_bad_demo_settings_are_refused(tmp_path, capsys, setting, message):
@@ -309,9 +311,12 @@ def test_bad_demo_settings_are_refused(tmp_path, capsys, setting, message):
     assert message in capsys.readouterr().err
 
 
-def test_fast_demo_with_another_student_and_the_layer_terms_averaged(tmp_path):
-    """`student=DIR student_layers=...` (a student initialisation of another size, with the shipped tokenizer) and
-    `intermediate_reduction=mean` reach every run: the students start from it, VLsI matches its layers."""
+def test_fast_demo_with_another_student_and_the_layer_terms_averaged_weighted_frozen(tmp_path):
+    """`student=DIR student_layers=...` (a student initialisation of another size, with the shipped tokenizer),
+    `intermediate_reduction=mean`, `intermediate_weight` and `freeze_student_verbalizers` reach every run: the
+    students start from it, VLsI matches its layers, and its verbalizers leave the interaction as stage 1 made them."""
+    from safetensors.torch import load_file
+
     from vlsi.demo.models import build_model
     from vlsi.models.loading import load_processor
 
@@ -319,7 +324,13 @@ def test_fast_demo_with_another_student_and_the_layer_terms_averaged(tmp_path):
     tokenizer = load_processor(str(TEACHER_DIR)).tokenizer  # one vocabulary with the teacher
     build_model(student, dict(hidden=32, layers=3, heads=2, vision_depth=1), 0, tokenizer)
     out = tmp_path / "demo"
-    settings = [f"student={student}", "student_layers=0,1", "intermediate_reduction=mean"]
+    settings = [
+        f"student={student}",
+        "student_layers=0,1",
+        "intermediate_reduction=mean",
+        "intermediate_weight=0.3",
+        "freeze_student_verbalizers=1",
+    ]
     assert main(["demo", "--fast", "--output", str(out), *settings]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["student"] == str(student) and results["settings"]["intermediate_reduction"] == "mean"
@@ -327,6 +338,10 @@ def test_fast_demo_with_another_student_and_the_layer_terms_averaged(tmp_path):
     assert list(results["layer_accuracy"]["init"]["compare"]) == ["block 0", "block 1", "output"]
     config = (out / "runs" / "vlsi" / "config.yaml").read_text()
     assert f"student: {student}" in config and "intermediate_reduction: mean" in config
+    assert "intermediate_weight: 0.3" in config and "freeze_student_verbalizers: true" in config
+    stage1 = load_file(out / "runs" / "vlsi" / "verbalizers" / "student" / "verbalizers.safetensors")
+    after = load_file(out / "runs" / "vlsi" / "stages" / "interact" / "verbalizers" / "verbalizers.safetensors")
+    assert stage1.keys() == after.keys() and all(torch.equal(stage1[k], after[k]) for k in stage1)
     assert "3 layers x 32" in (out / "report.md").read_text()
 
 

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 from scipy.stats import ttest_1samp, ttest_rel
 
 from vlsi.cli import main
+from vlsi.demo import experiment
 from vlsi.demo.experiment import PAIRS
 from vlsi.demo.study import StudySettings, summarise
 from vlsi.demo.study_report import findings
@@ -91,12 +93,21 @@ def test_fast_study_end_to_end_reuses_runs_and_refuses_other_settings(tmp_path, 
     assert "other settings (seeds: 1 -> 2)" in capsys.readouterr().err
 
 
-def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path):
+def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path, monkeypatch):
     """`axis=steps control=1`: one run per interaction-step budget and seed, five students each (the CE / KLD control
     beside VLsI, from VLsI's stage-1 verbalizers), scored before and after stage 3, paired by seed."""
     out = tmp_path / "budget"
     settings = ["axis=steps", "steps=1,3", "control=1", "tasks=sequence", "styles=chain"]  # chains through the study
+    threads, answer_pool = [], experiment.answer_pool  # torch threads at each answering: the main process's first
+
+    def observed(*args):
+        threads.append(torch.get_num_threads())
+        return answer_pool(*args)
+
+    monkeypatch.setattr(experiment, "answer_pool", observed)
+    torch.set_num_threads(2)
     assert main(["study", "--fast", "--output", str(out), *settings]) == 0
+    assert threads[0] == 1, "the main process answers the pool on `threads` torch threads (1), not 2"
     results = json.loads((out / "results.json").read_text())
     assert list(results["table"]) == ["1", "3"]
     for steps, row in results["table"].items():

@@ -355,6 +355,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     s.check()
     teacher_card()  # the shipped models are there, or one clear error
     start = time.time()
+    torch.set_num_threads(s.threads)  # the main process answers the pool and builds the cache (`vlsi demo` does too)
     _check_same_settings(out, s)
     data, runs_dir = out / "data", out / "runs"
     tasks, styles = s.task_list, s.style_list

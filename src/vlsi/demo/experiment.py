@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import resource
 import shutil
 import statistics
@@ -94,6 +95,8 @@ class DemoSettings:
     threads: int = 1  # torch threads; one more core feeds the data loader (data.num_workers=1)
     eval_split: str = "test"  # "val" while choosing settings: the test split is for the final numbers only
     intermediate_reduction: str = "sum"  # VLsI's layer terms: their sum (the paper) or mean (interact.* in CONFIG.md)
+    intermediate_weight: float = 1.0  # λ on VLsI's (and the control's) layer terms: interact.intermediate_weight
+    freeze_student_verbalizers: int = 0  # 1: the student's verbalizers stay as stage 1 left them in the interaction
     student: str = ""  # another student initialisation (a folder with the shipped tokenizer); "": the shipped one
     student_layers: str = ""  # its target layers, e.g. 0,1,2,3,4; "": the shipped student's (0,1,2)
 
@@ -127,6 +130,10 @@ class DemoSettings:
             raise ValueError(f"demo setting eval_split must be test or val, got {self.eval_split!r}")
         if self.intermediate_reduction not in ("sum", "mean"):
             raise ValueError(f"demo setting intermediate_reduction: sum or mean, not {self.intermediate_reduction!r}")
+        if not (math.isfinite(self.intermediate_weight) and self.intermediate_weight >= 0):
+            raise ValueError(f"demo setting intermediate_weight={self.intermediate_weight}: a finite number >= 0")
+        if self.freeze_student_verbalizers not in (0, 1):
+            raise ValueError(f"demo setting freeze_student_verbalizers={self.freeze_student_verbalizers}: 0 or 1")
         if self.student and not (self.student_dir / "config.json").is_file():
             raise ValueError(f"demo setting student={self.student}: no Hugging Face checkpoint (config.json) there")
         if self.student_layers and not all(x.strip().isdigit() for x in self.student_layers.split(",")):
@@ -218,6 +225,8 @@ def stage_config(
         student_layers=s.student_target_layers,
     )
     cfg.interact.intermediate_reduction = s.intermediate_reduction
+    cfg.interact.intermediate_weight = s.intermediate_weight
+    cfg.interact.freeze_student_verbalizers = bool(s.freeze_student_verbalizers)
     cfg.data.path = str(data)
     return cfg
 

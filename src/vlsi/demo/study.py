@@ -285,6 +285,7 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     s.check()
     teacher_card()
     start = time.time()
+    torch.set_num_threads(s.threads)  # the main process answers the pool: more threads than cores crawl when loaded
     _check_same_settings(out, s)
     data, runs_dir = out / "data", out / "runs"
     points = s.points

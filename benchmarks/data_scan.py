@@ -15,9 +15,12 @@ fresh process, so that its peak RSS and timings stand alone:
   full    (--full N) the path vlsi took before: decode every image, run the whole processor on every sample, in one
           process, on the first N records, for comparison
 Peak RSS: the measuring process's (main) and the largest of its child processes' (the workers; also a helper
-process some import starts).
+process some import starts). CPU seconds (user + system, workers included) beside each wall time: on a machine other
+jobs load, they leave out the waiting for a core. `--rounds N` measures every format and setting N times in turns
+(each round measures each once) and the summary gives the medians.
 
     python benchmarks/data_scan.py                                   # 100k records, 1 and 2 processes, + one step
+    python benchmarks/data_scan.py --rounds 3 --procs 2               # in turns, medians of 3: a loaded machine
     python benchmarks/data_scan.py --records 5000 --procs 1 2 --no-step                # a quick run
     python benchmarks/data_scan.py --records 20000 --formats parquet --procs 2        # the parquet path alone
     python benchmarks/data_scan.py --full 2000 --out benchmarks/results/data-scan.json
@@ -32,6 +35,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +132,7 @@ def measure(data: Path, student: Path, num_proc: int) -> dict:
     from vlsi.models.loading import load_processor
 
     processor = load_processor(str(student), False)
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     samples, _ = read_sources([Source(str(data))], num_proc=num_proc)
     checked = time.perf_counter()
@@ -141,9 +146,17 @@ def measure(data: Path, student: Path, num_proc: int) -> dict:
         "check_s": checked - start,
         "scan_s": scanned - checked,
         "check_scan_s": scanned - start,
+        "check_scan_cpu_s": _cpu_seconds() - cpu,
         "records_per_s": n / (scanned - start),
         **_peak_rss(),
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) this process and its finished workers have used: unlike wall time, the time spent
+    waiting for a core that other jobs hold is not in it."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
 def build_index_set(folder: Path, records: int) -> Path:
@@ -214,7 +227,30 @@ def measure_step(data: Path, student: Path, num_proc: int) -> dict:
         exit_s = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(log.read_text()[-3000:])
-    return {"num_proc": num_proc, "first_step_s": first_step, "exit_s": exit_s, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return {
+        "num_proc": num_proc,
+        "first_step_s": first_step,
+        "exit_s": exit_s,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # the whole run's, its workers included
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+    }
+
+
+def summary(results: dict, formats: list[str]) -> dict:
+    """Per format and data.num_proc, the medians over the rounds: check + scan wall and CPU seconds, time to the
+    first step and its CPU seconds, the largest peak RSS."""
+    out = {}
+    for name in formats:
+        for kind, keys in (("scan", ("check_scan_s", "check_scan_cpu_s")), ("step", ("first_step_s", "cpu_s"))):
+            runs = results.get(f"{kind}_{name}", [])
+            for num_proc in sorted({run["num_proc"] for run in runs}):
+                mine = [run for run in runs if run["num_proc"] == num_proc]
+                row = out.setdefault(f"{name} num_proc={num_proc}", {})
+                row.update({f"{key}_median": statistics.median(run[key] for run in mine) for key in keys})
+                memory = ("peak_rss_gib", "peak_rss_main_gib", "peak_rss_worker_gib")
+                row[f"{kind}_peak_rss_gib_max"] = max(run.get(key, 0.0) for run in mine for key in memory)
+                row[f"{kind}_rounds"] = len(mine)
+    return out
 
 
 def _env() -> dict:
@@ -266,6 +302,7 @@ def main() -> None:
     parser.add_argument("--no-scan", action="store_true", help="skip the check + scan measurements")
     parser.add_argument("--full", type=int, default=0, help="also time the earlier full path on this many records")
     parser.add_argument("--index-records", type=int, default=0, help="also check a set of this many records (memory)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every format and setting this many times")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)  # WHAT DATA STUDENT N, in a fresh process
     args = parser.parse_args()
@@ -288,16 +325,20 @@ def main() -> None:
     if "parquet" in args.formats:
         results["parquet_cache"] = _in_fresh_process("measure_cache", sets["parquet"], student, 0)
         print(json.dumps(results["parquet_cache"]), file=sys.stderr)
-    for name in args.formats:
-        scans, steps = results.setdefault(f"scan_{name}", []), results.setdefault(f"step_{name}", [])
+    # In turns: every round measures each format once per setting, so a shared machine's changing load falls on the
+    # formats alike; the summary gives each one's medians over the rounds.
+    for round_ in range(args.rounds):
         for num_proc in [] if args.no_scan else args.procs:
-            scans.append(_in_fresh_process("measure", sets[name], student, num_proc) | {"format": name})
-            print(json.dumps(scans[-1]), file=sys.stderr)
-        if len(scans) > 1:
-            results[f"speedup_{name}"] = scans[0]["check_scan_s"] / scans[-1]["check_scan_s"]
+            for name in args.formats:
+                scan = _in_fresh_process("measure", sets[name], student, num_proc) | {"format": name, "round": round_}
+                results.setdefault(f"scan_{name}", []).append(scan)
+                print(json.dumps(scan), file=sys.stderr)
         for num_proc in [] if args.no_step else args.procs:
-            steps.append(measure_step(sets[name], student, num_proc) | {"format": name})
-            print(json.dumps(steps[-1]), file=sys.stderr)
+            for name in args.formats:
+                step = measure_step(sets[name], student, num_proc) | {"format": name, "round": round_}
+                results.setdefault(f"step_{name}", []).append(step)
+                print(json.dumps(step), file=sys.stderr)
+    results["summary"] = summary(results, args.formats)
     if args.full:
         results["full"] = _in_fresh_process("measure_full", data, student, args.full)
         print(json.dumps(results["full"]), file=sys.stderr)

@@ -125,6 +125,26 @@ def test_a_damaged_processor_file_names_the_fix(model_folder, tmp_path):
     assert str(caught.value).endswith(f"({DAMAGED})") and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["generation_config.json", "chat_template.jinja", "tokenizer_config.json"])
+def test_a_cut_side_file_is_refused_not_replaced_by_a_default(model_folder, tmp_path, name):
+    """transformers reads a cut generation_config.json as absent (a config made from config.json: other end tokens)
+    and a cut chat template as valid until the first conversation: both are refused when the folder loads."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    file = folder / name
+    file.write_text(file.read_text()[: file.stat().st_size // 2])
+
+    def load():
+        return load_model(str(folder), torch.float32) if name.startswith("generation") else load_processor(str(folder))
+
+    with pytest.raises(ModelError) as caught:
+        load()
+    message = str(caught.value)
+    assert "\n" not in message and f"{file} is damaged" in message and message.endswith(f"({DAMAGED})")
+    shutil.copy(model_folder / name, file)  # put back whole, it loads
+    assert load() is not None
+
+
 @contextlib.contextmanager
 def file_size_limit(limit: int):
     """Writes past `limit` bytes of any file fail in the kernel (EFBIG) as writes to a full disk fail (ENOSPC): a real

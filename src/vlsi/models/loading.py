@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def compute_dtype(precision: str) -> torch.dtype:
 def load_processor(path: str, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
+    refuse_damaged_files(path, PROCESSOR_FILES)
     try:
         return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -42,6 +44,46 @@ DAMAGED = (
     "its files are damaged or incomplete: copy or download the model again; a stage's output in a run folder: delete "
     "that folder and rerun to have it written again"
 )
+
+
+# A local folder's small files that transformers reads back silently when damaged (a cut generation_config.json
+# falls back to one made from config.json: other end tokens; a cut chat template loads and fails at the first
+# conversation): each is parsed before the folder is loaded.
+MODEL_FILES = ("generation_config.json",)
+PROCESSOR_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+_GENERATION_TAG = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
+
+
+def refuse_damaged_files(path: str, names: tuple[str, ...]) -> None:
+    """ModelError naming the first of the files `names` in the local folder `path` that does not parse (JSON, or a
+    Jinja chat template); a hub id or a missing file is left to transformers."""
+    import jinja2
+
+    folder = Path(path)
+    for name in names if folder.is_dir() else ():
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+            if file.suffix == ".json":
+                json.loads(text)
+            else:  # as transformers compiles it: loop controls, and its own {% generation %} tags (dropped here)
+                jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(_GENERATION_TAG.sub("", text))
+        except (ValueError, jinja2.TemplateSyntaxError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelError(
+                f"cannot load '{path}': {file} is damaged ({str(e).splitlines()[0]}) ({DAMAGED})"
+            ) from None
 
 
 def model_outline(path: str, trust_remote_code: bool = False) -> Parts:
@@ -66,6 +108,8 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if not empty:
+        refuse_damaged_files(path, MODEL_FILES)
     try:
         if empty:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -3,6 +3,8 @@
     python scripts/train_demo_teacher.py            # 29 minutes on a busy 2-core machine; less on an idle one
     python scripts/train_demo_teacher.py --teacher-steps 40 --student-steps 20 --vision-steps 20 \
         --verbalize-steps 10 --n-train 600 --n-eval 120 --output /tmp/t     # a quick try
+    python scripts/train_demo_teacher.py --styles number yesno choice chain --n-train 16000 \
+        --output src/vlsi/assets/demo-chain     # the set that also answers chains (`vlsi demo teacher=chain`)
 
 Writes OUTPUT (default src/vlsi/assets/demo/):
   teacher/               tiny Qwen2-VL checkpoint (safetensors) + processor (tokenizer, chat template, image processor)
@@ -48,7 +50,19 @@ from vlsi.demo.models import (
     VOCAB_SIZE,
     build_model,
 )
-from vlsi.demo.tasks import CELL, CELLS, SLOT, SLOTS, _digits, chance_accuracy, corpus, make_split, write_split
+from vlsi.demo.tasks import (
+    ALL_STYLES,
+    CELL,
+    CELLS,
+    SLOT,
+    SLOTS,
+    STYLES,
+    _digits,
+    chance_accuracy,
+    corpus,
+    make_split,
+    write_split,
+)
 from vlsi.models.family import model_parts
 from vlsi.models.loading import freeze
 from vlsi.models.tiny import build_tokenizer
@@ -74,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=12000, help="questions in the training split ('teacher')")
     p.add_argument("--n-eval", type=int, default=1200, help="questions in the validation and test splits each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--styles",
+        nargs="+",
+        choices=ALL_STYLES,
+        default=list(STYLES),
+        help="answer styles both models are trained and evaluated on (default: the shipped set's; with chain, the "
+        "tokenizer learns its words too, so the models pair only with each other: write them to their own --output)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (one more core feeds the data loader)")
     return p.parse_args(argv)
 
@@ -161,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     work = Path(args.work or tempfile.mkdtemp(prefix="vlsi-demo-teacher-"))
     work.mkdir(parents=True, exist_ok=True)
-    items = make_split("teacher", args.n_train)
+    styles = tuple(args.styles)
+    items = make_split("teacher", args.n_train, styles=styles)
     perception = [item for item in items if item.task in PERCEPTION]
     data = work / "data"
     all_path, perception_path = write_split(items, data, "teacher"), write_split(perception, data, "perception")
-    val, test = make_split("val", args.n_eval), make_split("test", args.n_eval)
+    val, test = make_split("val", args.n_eval, styles=styles), make_split("test", args.n_eval, styles=styles)
     log(f"data: {len(items)} questions, {len(perception)} of them on reading digits and counting")
 
-    tokenizer = build_tokenizer(corpus=corpus(), vocab_size=VOCAB_SIZE)
+    tokenizer = build_tokenizer(corpus=corpus(styles), vocab_size=VOCAB_SIZE)
     cfg = instruction_config(
         work,
         args,
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_layers": {"teacher": TEACHER_TARGET_LAYERS, "student": STUDENT_TARGET_LAYERS},
         "training": {
             "split": "teacher",
+            "styles": list(styles),
             "questions": len(items),
             "student_tasks": list(PERCEPTION),
             "vision_steps": args.vision_steps,

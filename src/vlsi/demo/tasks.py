@@ -318,11 +318,12 @@ def read_split(path: Path) -> list[Item]:
     return [Item.from_dict(record["item"]) for record in json.loads(Path(path).read_text())]
 
 
-def corpus() -> str:
-    """Every word the task uses, for training the shared tokenizer (`vlsi.models.tiny.build_tokenizer`)."""
-    words = ["user assistant system", *SIDES, "yes no", *LETTERS]  # the shipped tokenizer: chain words are not in it
+def corpus(styles: tuple[str, ...] = STYLES) -> str:
+    """Every word the task uses in `styles`, for training the shared tokenizer (`vlsi.models.tiny.build_tokenizer`).
+    The default is the shipped tokenizer's: chain words are not in it."""
+    words = ["user assistant system", *SIDES, "yes no", *LETTERS, *(["so"] if CHAIN in styles else [])]
     for (_task, style), template in QUESTIONS.items():
-        if style == CHAIN:
+        if style not in styles:
             continue
         for q in range(10):
             options = " ".join(f"{letter}. {q}" for letter in LETTERS)

@@ -554,3 +554,40 @@ def test_fast_demo_with_the_deep_thin_student_frozen_verbalizers_and_stage_3_wit
     text = (out / "report.md").read_text()
     assert "8 layers x 32" in text and "LoRA of rank 4 (alpha 4, merged at its end)" in text
     assert "cosine from lr 0.0001 to 1e-06" in text
+
+
+def test_report_of_the_on_policy_students(tmp_path):
+    """With `on_policy` the report adds their rows, their budget rows, the live-teacher note and their verdict."""
+    hits = {
+        "sft": [1] * 500 + [0] * 500,
+        "sft_teacher": [1] * 540 + [0] * 460,
+        "kd": [1] * 550 + [0] * 450,
+        "vlsi": [1] * 612 + [0] * 388,
+        "kd_on_policy": [1] * 560 + [0] * 440,
+        "vlsi_on_policy": [1] * 650 + [0] * 350,
+    }
+    r = _results(
+        student_kd_on_policy=0.56,
+        student_vlsi_on_policy=0.65,
+        paired=comparisons({m: {"hits": h} for m, h in hits.items()}, CLUSTERS, (*PAIRS, *ON_POLICY_PAIRS)),
+        before_sft={
+            "sft": 0.48,
+            "sft_teacher": 0.52,
+            "kd": 0.53,
+            "vlsi": 0.6,
+            "kd_on_policy": 0.5,
+            "vlsi_on_policy": 0.6,
+        },
+        settings={**DemoSettings(on_policy=0.5).__dict__, "fast": False},
+    )
+    r["by_task"] |= {m: {t: 0.5 for t in ("compare", "sequence")} for m in ON_POLICY}
+    r["train_seconds"] |= {"kd_on_policy": 70.0, "vlsi_on_policy": 80.0}
+    write_report(tmp_path, r, None)
+    text = (tmp_path / "report.md").read_text()
+    assert "| student, on-policy VLsI: (d) on its own samples too | **65.0** | 60.0 |" in text and "| 80 s |" in text
+    assert (
+        "| on-policy KD | the same as (b) | (c)'s 200 steps, a share 0.5 of its batches answered by the student" in text
+    )
+    assert "the live teacher ran at each of their interaction steps" in text
+    assert "On the student's own samples (λ = 0.5 of the interaction batches): on-policy KD is 1.0 points above" in text
+    assert "on-policy VLsI is 3.8 points above VLsI (95 % CI +" in text and "Best student: on-policy VLsI." in text

@@ -197,6 +197,14 @@ def _budget(r: dict) -> list[str]:
         "- Same optimizer (AdamW), learning rate, batch, data order seed, full fine-tuning of the language model, "
         "frozen vision tower, LM head and (in stage 2) final norm, for all four.",
         *_stage3(s),
+        *(
+            [
+                "- The on-policy students read no cache (it holds the fixed answers' targets only): the live teacher "
+                "ran at each of their interaction steps, and its time, with the sampling's, is in their wall times."
+            ]
+            if "student_vlsi_on_policy" in r
+            else []
+        ),
     ]
 
 

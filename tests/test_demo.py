@@ -515,7 +515,7 @@ def test_the_shipped_deep_thin_student_reads_digits_and_has_sparse_target_layers
     assert DemoSettings(student="deep-thin", student_layers="0,7").student_target_layers == [0, 7]
     card = json.loads((folder / "student.json").read_text())
     assert card["architecture"] == model_size(folder) and card["training"]["tasks"] == ["digit", "count"]
-    assert "--layers 8 --hidden 32 --heads 2" in card["command"]
+    assert "--layers 8 --hidden 32 --heads 2 --steps 2500" in card["command"] and card["training"]["steps"] == 2500
 
 
 def test_fast_demo_with_the_deep_thin_student_frozen_verbalizers_and_stage_3_with_lora(tmp_path):

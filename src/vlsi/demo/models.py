@@ -21,7 +21,7 @@ STUDENT_DIR = ASSETS / "student"  # the student initialisation (pretrained on re
 # Shipped student initialisations of other shapes, by name (setting `student=NAME`): folder and target layers.
 # deep-thin: 8 blocks x 32, 2 heads, its layer terms on sparse blocks 1, 3, 5 (issue #26: as deep as and narrower
 # than the teacher's 8 x 128), made by `python scripts/train_demo_student.py --output DIR --layers 8 --hidden 32
-# --heads 2` and copied here (its student.json: the command, sizes and validation accuracy; docs/DEMO.md)
+# --heads 2 --steps 2500` and copied here (its student.json: the command, sizes and validation accuracy; docs/DEMO.md)
 STUDENTS = {"deep-thin": (ASSETS / "student_deep_thin", [1, 3, 5])}
 
 VOCAB_SIZE = 512

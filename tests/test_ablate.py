@@ -12,7 +12,7 @@ from vlsi.cli import main
 from vlsi.demo import experiment
 from vlsi.demo.ablate import RUNS, TABLES, AblateSettings, collect, needed_runs
 from vlsi.demo.ablate_report import rank_correlation, table_verdict
-from vlsi.demo.experiment import demo_config
+from vlsi.demo.experiment import ON_POLICY, demo_config
 
 
 def test_every_run_is_a_valid_configuration_that_sets_what_its_row_claims(tmp_path):
@@ -37,7 +37,10 @@ def test_every_run_is_a_valid_configuration_that_sets_what_its_row_claims(tmp_pa
 
 
 def test_needed_runs_follow_the_tables():
-    assert len(needed_runs(AblateSettings())) == len(RUNS)
+    assert needed_runs(AblateSettings()) == [run for run in RUNS if run not in ON_POLICY]
+    assert needed_runs(AblateSettings(tables="sft", on_policy=0.5)) == ["sft", "vlsi", "kd", *ON_POLICY]
+    with pytest.raises(ValueError, match="the on_policy table needs on_policy"):
+        AblateSettings(tables="on_policy").check()
     assert needed_runs(AblateSettings(tables="sft")) == ["sft", "vlsi"]
     assert needed_runs(AblateSettings(tables="losses")) == [r.run for r in TABLES["losses"][1]]
     with pytest.raises(ValueError, match="unknown"):
@@ -196,3 +199,25 @@ def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path, monkeypatch):
         rows["sft"]["accuracy"]["mean"] - rows["vlsi"]["accuracy"]["mean"]
     )
     assert "| VLsI (verbalize, interact, SFT) |" in (out / "report.md").read_text()
+
+
+def test_fast_ablation_with_the_on_policy_table(tmp_path):
+    """`on_policy=0.5`: KD and VLsI again with interact.on_policy=0.5, on the live teacher (no cache), from the seed's
+    stage-1 verbalizers, each compared with VLsI by seed; the off-policy rows still read the cache."""
+    out = tmp_path / "ablate"
+    settings = ["tables=on_policy", "on_policy=0.5", "seeds=1", "jobs=1", "n_test=8"]
+    assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
+    rows = {r["key"]: r for r in json.loads((out / "results.json").read_text())["tables"]["on_policy"]["rows"]}
+    assert list(rows) == ["kd", "kd-on-policy", "vlsi-on-policy", "vlsi"]
+    for key in ("kd", "kd-on-policy", "vlsi-on-policy"):
+        assert rows[key]["vs_vlsi"]["difference"] == pytest.approx(
+            rows[key]["accuracy"]["mean"] - rows["vlsi"]["accuracy"]["mean"]
+        )
+    cache = out / "pool" / "cache"
+    for run in ("kd", "vlsi"):
+        assert f"teacher_cache: {cache}" in (out / "runs" / run / "seed-0" / "config.yaml").read_text()
+    for run in ON_POLICY:
+        config = (out / "runs" / run / "seed-0" / "config.yaml").read_text()
+        assert "on_policy: 0.5" in config and "teacher_cache: ''" in config and "max_new_tokens: 2" in config
+    assert "intermediate_loss: none" in (out / "runs" / "kd_on_policy" / "seed-0" / "config.yaml").read_text()
+    assert "| on-policy VLsI |" in (out / "report.md").read_text()

@@ -5,10 +5,11 @@ import re
 
 import pytest
 import torch
+import yaml
 
 from vlsi.cli import main
 from vlsi.demo.evaluate import evaluate, score
-from vlsi.demo.experiment import PAIRS, DemoSettings, budget, comparisons
+from vlsi.demo.experiment import ON_POLICY, ON_POLICY_PAIRS, PAIRS, DemoSettings, budget, comparisons
 from vlsi.demo.models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
@@ -304,6 +305,7 @@ def test_demo_is_a_vlsi_subcommand():
         ("student_layers=first", "write block indices"),
         ("intermediate_weight=-1", "intermediate_weight=-1.0: a finite number >= 0"),
         ("freeze_student_verbalizers=2", "freeze_student_verbalizers=2: 0 or 1"),
+        ("on_policy=1.5", "on_policy=1.5: a share of interaction batches, 0 to 1"),
     ],
 )
 def test_bad_demo_settings_are_refused(tmp_path, capsys, setting, message):
@@ -349,7 +351,9 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--fast", "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    for key, _ in ROWS:
+    off_policy = [(key, label) for key, label in ROWS if "on_policy" not in key]  # on_policy=0: only these
+    assert not any(key in results for key, _ in ROWS if (key, _) not in off_policy)
+    for key, _ in off_policy:
         assert 0.0 <= results[key] <= 1.0
     assert results["n_test"] == len(read_split(out / "data" / "test.json")) == 48
     assert results["seeds"] == [0] and results["seconds"] > 0
@@ -371,7 +375,7 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert (out / "runs" / "vlsi" / "answers" / "answers.jsonl").read_text() == answers.read_text()
     text = (out / "report.md").read_text()
     assert "## What each layer knows" in text
-    for key, label in ROWS:
+    for key, label in off_policy:
         assert f"| {label} | **{100 * results[key]:.1f}** |" in text
     assert f"**{results['n_test']} questions**" in text
     for png in ("verbalizer_loss.png", "layer_match.png", "example.png"):
@@ -445,10 +449,13 @@ def test_an_answer_longer_than_four_tokens_is_generated_and_scored_whole():
     assert cut["replies"] == ["8 6 4 s"] and cut["accuracy"] == 0.0
 
 
-def test_fast_chain_demo_answers_and_decodes_to_the_chain_length(tmp_path):
-    """`styles=chain` reaches every run: the teacher answers to 7 new tokens, the report gives whole-chain accuracy."""
+def test_fast_chain_demo_answers_and_decodes_to_the_chain_length_and_adds_the_on_policy_arms(tmp_path):
+    """`styles=chain` reaches every run: the teacher answers to 7 new tokens, the report gives whole-chain accuracy.
+    `on_policy=0.5` adds on-policy KD and VLsI (their own samples to the same 7 tokens, the live teacher, no cache),
+    paired against their off-policy recipes and (b), and leaves the four students and their numbers as they were."""
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", "--output", str(out), "tasks=sequence", "styles=chain"]) == 0
+    chain = ["tasks=sequence", "styles=chain"]
+    assert main(["demo", "--fast", "--output", str(out), *chain]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["answer_tokens"] == 7 and set(results["chain_exact"]) == {
         "teacher",
@@ -457,8 +464,130 @@ def test_fast_chain_demo_answers_and_decodes_to_the_chain_length(tmp_path):
         "kd",
         "sft_teacher",
     }
+    assert "student_kd_on_policy" not in results and not (out / "runs" / "vlsi_on_policy").exists()
     for run in ("kd", "vlsi"):
         assert "answer_max_tokens: 7" in (out / "runs" / run / "config.yaml").read_text()
     assert all(item.style == "chain" for item in read_split(out / "data" / "test.json"))
     text = (out / "report.md").read_text()
     assert "Chain answers (7 new tokens decoded at most)" in text and "whole chains right" in text
+    assert "on-policy" not in text
+
+    mixed = tmp_path / "on-policy"
+    assert main(["demo", "--fast", "--output", str(mixed), *chain, "on_policy=0.5"]) == 0
+    both = json.loads((mixed / "results.json").read_text())
+    for key in ("student_sft", "student_sft_teacher", "student_kd", "student_vlsi", "layer_accuracy"):
+        assert both[key] == results[key], f"{key}: the off-policy students are untouched by the on-policy arms"
+    assert {k: both["before_sft"][k] for k in results["before_sft"]} == results["before_sft"]
+    assert {k: both["paired"][k] for k in results["paired"]} == results["paired"]
+    assert set(both["paired"]) == {f"{a}_vs_{b}" for a, b in (*PAIRS, *ON_POLICY_PAIRS)}
+    for method in ON_POLICY:
+        assert (
+            0.0 <= both[f"student_{method}"] <= 1.0 and method in both["before_sft"] and method in both["chain_exact"]
+        )
+        config = (mixed / "runs" / method / "config.yaml").read_text()
+        assert "on_policy: 0.5" in config and "max_new_tokens: 7" in config and "teacher_cache: ''" in config
+        rows = [json.loads(line) for line in (mixed / "runs" / method / "metrics.jsonl").read_text().splitlines()]
+        interact = [r for r in rows if r["stage"] == "interact"]
+        assert len(interact) == 4 and any("sample/length" in r for r in interact), "it sampled on some batches"
+    assert (
+        "teacher_cache: " + str(mixed / "runs" / ".teacher-cache")
+        in (mixed / "runs" / "vlsi" / "config.yaml").read_text()
+    )
+    stage1 = mixed / "runs" / "vlsi" / "verbalizers" / "student" / "verbalizers.safetensors"
+    copied = mixed / "runs" / "vlsi_on_policy" / "verbalizers" / "student" / "verbalizers.safetensors"
+    assert copied.read_bytes() == stage1.read_bytes(), "the two VLsI students share stage 1"
+    assert "intermediate_loss: none" in (mixed / "runs" / "kd_on_policy" / "config.yaml").read_text()
+    text = (mixed / "report.md").read_text()
+    for key, label in ROWS:
+        assert f"| {label} | **{100 * both[key]:.1f}** |" in text
+    assert "On the student's own samples (λ = 0.5 of the interaction batches): on-policy KD is " in text
+    versus = both["paired"]["vlsi_on_policy_vs_vlsi"]
+    assert f"(95 % CI {100 * versus['low']:+.1f} to {100 * versus['high']:+.1f}" in text
+
+
+def test_the_shipped_deep_thin_student_reads_digits_and_has_sparse_target_layers():
+    from vlsi.demo.models import STUDENTS, model_size
+
+    folder, layers = STUDENTS["deep-thin"]
+    assert model_size(folder) == dict(hidden=32, layers=8, heads=2, vision_depth=1) and layers == [1, 3, 5]
+    s = DemoSettings(student="deep-thin").check()
+    assert s.student_dir == folder and s.student_target_layers == [1, 3, 5]
+    assert DemoSettings(student="deep-thin", student_layers="0,7").student_target_layers == [0, 7]
+    card = json.loads((folder / "student.json").read_text())
+    assert card["architecture"] == model_size(folder) and card["training"]["tasks"] == ["digit", "count"]
+    assert "--layers 8 --hidden 32 --heads 2 --steps 2500" in card["command"] and card["training"]["steps"] == 2500
+
+
+def test_fast_demo_with_the_deep_thin_student_frozen_verbalizers_and_stage_3_with_lora(tmp_path):
+    """`student=deep-thin` (8 x 32, target blocks 1, 3, 5) with `freeze_student_verbalizers=1`, and stage 3 as the paper
+    runs it (`stage3_lora=4 stage3_lr=1e-4`): LoRA of rank 4 at the lower lr in every student's last SFT stage alone,
+    merged into a plain checkpoint; stage 2 keeps full fine-tuning at lr."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "demo"
+    settings = ["student=deep-thin", "freeze_student_verbalizers=1", "stage3_lora=4", "stage3_lr=1e-4"]
+    assert main(["demo", "--fast", "--output", str(out), *settings]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["match_entropy"]) == {f"match_entropy/layer{i}" for i in (1, 3, 5)}
+    assert list(results["layer_accuracy"]["init"]["compare"]) == ["block 1", "block 3", "block 5", "output"]
+    runs = out / "runs"
+    stage1 = load_file(runs / "vlsi" / "verbalizers" / "student" / "verbalizers.safetensors")
+    after = load_file(runs / "vlsi" / "stages" / "interact" / "verbalizers" / "verbalizers.safetensors")
+    assert stage1.keys() == after.keys() and all(torch.equal(stage1[k], after[k]) for k in stage1)
+    for run in ("kd", "vlsi"):
+        config = yaml.safe_load((runs / run / "config.yaml").read_text())
+        assert config["verbalizer"]["student_layers"] == [1, 3, 5] and "student_deep_thin" in config["student"]
+        lora = config["sft"]["lora"]
+        assert (lora["enabled"], lora["r"], lora["alpha"]) == (True, 4, 4)
+        assert (config["sft"]["lr"], config["interact"]["lr"]) == (1e-4, 1e-3)
+        assert not config["interact"]["lora"]["enabled"]
+    first = yaml.safe_load((runs / "sft" / "config.yaml").read_text())["sft"]
+    last = yaml.safe_load((runs / "sft" / "config-stage3.yaml").read_text())["sft"]
+    assert (first["lora"]["enabled"], first["lr"]) == (False, 1e-3), "SFT standing in for stage 2 is not stage 3"
+    assert (last["lora"]["enabled"], last["lora"]["r"], last["lr"]) == (True, 4, 1e-4)
+    for method in ("sft", "sft_teacher", "kd", "vlsi"):
+        rows = [json.loads(line) for line in (runs / method / "metrics.jsonl").read_text().splitlines()]
+        stage3 = [r for r in rows if r["stage"] == "sft"][-2:]  # the last sft_steps=2 rows: stage 3
+        assert all(0 < r["lr"] <= 1e-4 for r in stage3), method
+        final = load_file(runs / method / "student" / "model.safetensors")
+        assert not any("lora" in k for k in final), f"{method}: LoRA merged into a plain checkpoint"
+    text = (out / "report.md").read_text()
+    assert "8 layers x 32" in text and "LoRA of rank 4 (alpha 4, merged at its end)" in text
+    assert "cosine from lr 0.0001 to 1e-06" in text
+
+
+def test_report_of_the_on_policy_students(tmp_path):
+    """With `on_policy` the report adds their rows, their budget rows, the live-teacher note and their verdict."""
+    hits = {
+        "sft": [1] * 500 + [0] * 500,
+        "sft_teacher": [1] * 540 + [0] * 460,
+        "kd": [1] * 550 + [0] * 450,
+        "vlsi": [1] * 612 + [0] * 388,
+        "kd_on_policy": [1] * 560 + [0] * 440,
+        "vlsi_on_policy": [1] * 650 + [0] * 350,
+    }
+    r = _results(
+        student_kd_on_policy=0.56,
+        student_vlsi_on_policy=0.65,
+        paired=comparisons({m: {"hits": h} for m, h in hits.items()}, CLUSTERS, (*PAIRS, *ON_POLICY_PAIRS)),
+        before_sft={
+            "sft": 0.48,
+            "sft_teacher": 0.52,
+            "kd": 0.53,
+            "vlsi": 0.6,
+            "kd_on_policy": 0.5,
+            "vlsi_on_policy": 0.6,
+        },
+        settings={**DemoSettings(on_policy=0.5).__dict__, "fast": False},
+    )
+    r["by_task"] |= {m: {t: 0.5 for t in ("compare", "sequence")} for m in ON_POLICY}
+    r["train_seconds"] |= {"kd_on_policy": 70.0, "vlsi_on_policy": 80.0}
+    write_report(tmp_path, r, None)
+    text = (tmp_path / "report.md").read_text()
+    assert "| student, on-policy VLsI: (d) on its own samples too | **65.0** | 60.0 |" in text and "| 80 s |" in text
+    assert (
+        "| on-policy KD | the same as (b) | (c)'s 200 steps, a share 0.5 of its batches answered by the student" in text
+    )
+    assert "the live teacher ran at each of their interaction steps" in text
+    assert "On the student's own samples (λ = 0.5 of the interaction batches): on-policy KD is 1.0 points above" in text
+    assert "on-policy VLsI is 3.8 points above VLsI (95 % CI +" in text and "Best student: on-policy VLsI." in text

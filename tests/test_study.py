@@ -127,3 +127,55 @@ def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path, monkeypat
     assert "by interaction steps (the budget curve" in text and "| interaction steps |" in text
     assert "**3 interaction steps**" in text and "against the CE / KLD control" in text
     assert (out / "study.png").is_file()
+
+
+def test_a_study_builds_the_teacher_cache_once_and_scores_as_with_one_per_run(tmp_path, monkeypatch):
+    """Two seeds of one size share one teacher cache, built in the main process (`study.shared_caches`); the plain
+    version it replaces (each run building its own, as `vlsi demo` does) gives the same students, item by item."""
+    import vlsi.cache
+    from vlsi.demo import study
+
+    built = []
+    compute = vlsi.cache._compute_shards
+
+    def counted(cfg, folder, *args):
+        built.append(folder)
+        compute(cfg, folder, *args)
+
+    monkeypatch.setattr(vlsi.cache, "_compute_shards", counted)
+    settings = ["sizes=8", "seeds=2", "n_test=8"]  # jobs=1 (--fast): the patch holds in every run
+    shared = tmp_path / "shared"
+    assert main(["study", "--fast", "--output", str(shared), *settings]) == 0
+    assert built == [shared / "pool" / "cache-n8"], "one cache, before the runs"
+    for seed in (0, 1):
+        config = (shared / "runs" / f"n8-seed{seed}" / "runs" / "vlsi" / "config.yaml").read_text()
+        assert f"teacher_cache: {shared / 'pool' / 'cache-n8'}" in config
+        assert not (shared / "runs" / f"n8-seed{seed}" / "runs" / ".teacher-cache").exists()
+
+    built.clear()
+    monkeypatch.setattr(study, "shared_caches", lambda *args: {})
+    plain = tmp_path / "plain"
+    assert main(["study", "--fast", "--output", str(plain), *settings]) == 0
+    assert built == [plain / "runs" / f"n8-seed{seed}" / "runs" / ".teacher-cache" for seed in (0, 1)]
+    for seed in (0, 1):
+        a, b = (json.loads((d / "runs" / f"n8-seed{seed}" / "score.json").read_text()) for d in (shared, plain))
+        assert (a["accuracy"], a["before_sft"], a["hits"]) == (b["accuracy"], b["before_sft"], b["hits"])
+
+
+def test_a_study_with_on_policy_pairs_its_two_students_by_seed():
+    from vlsi.demo.experiment import ON_POLICY, ON_POLICY_PAIRS
+
+    s = StudySettings(sizes="10", seeds=2, on_policy=0.5, control=1).check()
+    assert s.methods == ("sft", "sft_teacher", "kd", "vlsi", *ON_POLICY, "ce_kld")
+    assert set(ON_POLICY_PAIRS) <= set(s.pairs) and ("vlsi", "ce_kld") in s.pairs
+    accuracy = [dict.fromkeys(s.methods, 0.5) | {"vlsi_on_policy": 0.75}, dict.fromkeys(s.methods, 0.5)]
+    runs = [
+        {"point": 10, "seed": k, "accuracy": acc, "before_sft": acc, "hits": {m: [1, 0] for m in s.methods}}
+        for k, acc in enumerate(accuracy)
+    ]
+    row = summarise(s, runs, ["x", "y"])["10"]
+    assert row["paired"]["vlsi_on_policy_vs_vlsi"]["per_seed"] == [0.25, 0.0]
+    assert row["paired"]["kd_on_policy_vs_kd"]["per_seed"] == [0.0, 0.0]
+    (line,) = findings({"table": {"10": row}, "settings": {"axis": "sizes", "on_policy": 0.5}})
+    assert "On the student's own samples (λ = 0.5): on-policy KD is +0.0 points against final-layer KD" in line
+    assert "on-policy VLsI +12.5 points against VLsI (95 % CI" in line

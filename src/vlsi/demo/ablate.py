@@ -22,6 +22,9 @@ DIR/
   pool/cache/    the teacher's verbalized distributions at every target layer (`teacher_cache` of every VLsI row)
   data/          the training and evaluation splits (LLaVA JSON + PNG)
 
+With `on_policy=λ` > 0 the `on_policy` table comes too: KD and VLsI again with interact.on_policy=λ, whose runs
+use the live teacher (a cache holds the fixed answers' targets only).
+
 Re-running the same command reuses every finished run; other settings into the same DIR are refused.
 """
 
@@ -44,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from ..runfolder import check_settings, write_json
-from .experiment import DemoSettings, answer_settings, stage_config
+from .experiment import KD_SETTINGS, ON_POLICY, DemoSettings, answer_settings, on_policy_settings, stage_config
 from .stats import paired_seeds, seed_mean
 
 log = logging.getLogger("vlsi")
@@ -69,7 +72,10 @@ RUNS: dict[str, list[str]] = {
     "l2-kld": ["interact.intermediate_loss=l2", "interact.last_loss=kld"],
     "kld-none": ["interact.intermediate_loss=kld", "interact.last_loss=none"],
     "kld-ce": ["interact.intermediate_loss=kld", "interact.last_loss=ce"],
-    "kd": ["interact.intermediate_loss=none", "interact.last_loss=kld"],  # final-layer KD: not in the paper's table
+    "kd": KD_SETTINGS,  # final-layer KD: not in the paper's table
+    # with `on_policy=λ` > 0 (the on_policy table): KD and VLsI with interact.on_policy=λ, the live teacher, no cache
+    "kd_on_policy": KD_SETTINGS,
+    "vlsi_on_policy": [],
     "sft": [],
 }
 
@@ -119,6 +125,15 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
             Row("vlsi", "VLsI (verbalize, interact, SFT)", "vlsi", VLSI),
         ],
     ),
+    "on_policy": (
+        "On the student's own samples (`on_policy=λ`: that share of interaction batches; not in the paper)",
+        [
+            Row("kd", "final-layer KD", "kd", (None, None, None, None)),
+            Row("kd-on-policy", "on-policy final-layer KD", "kd_on_policy", (None, None, None, None)),
+            Row("vlsi-on-policy", "on-policy VLsI", "vlsi_on_policy", (None, None, None, None)),
+            Row("vlsi", "VLsI", "vlsi", VLSI),
+        ],
+    ),
 }
 
 
@@ -130,7 +145,7 @@ class AblateSettings(DemoSettings):
 
     seeds: int = 3  # seeds 0 .. seeds-1
     jobs: int = 2  # runs at once, one torch thread each
-    tables: str = "matching,losses,sft"
+    tables: str = "matching,losses,sft"  # with on_policy > 0 the on_policy table comes too
 
     def check(self) -> AblateSettings:
         if min(self.seeds, self.jobs) < 1:
@@ -138,11 +153,14 @@ class AblateSettings(DemoSettings):
         unknown = [t for t in self.table_names() if t not in TABLES]
         if unknown or not self.table_names():
             raise ValueError(f"ablate setting tables: unknown {unknown}; choose from {','.join(TABLES)}")
+        if "on_policy" in self.table_names() and not self.on_policy:
+            raise ValueError("ablate setting tables: the on_policy table needs on_policy=λ > 0 (e.g. on_policy=0.5)")
         super().check()
         return self
 
     def table_names(self) -> list[str]:
-        return [t for t in self.tables.split(",") if t]
+        chosen = [t for t in self.tables.split(",") if t]
+        return [*chosen, "on_policy"] if self.on_policy and "on_policy" not in chosen else chosen
 
 
 FAST = dict(n_labelled=16, n_pool=48, n_test=48, distill_steps=2, sft_steps=2, verbalize_steps=2, batch_size=8, seeds=2)
@@ -218,7 +236,9 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
             else:
                 steps = {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps}
             extra = [*RUNS.get(job.name, []), "verbalize.models=[student]", *answer_settings(s)]
-            if job.kind == "train" and job.name != "sft":  # the runs with an interaction stage
+            if job.name in ON_POLICY:  # the live teacher scores the student's samples: no cache
+                extra += on_policy_settings(s)
+            elif job.kind == "train" and job.name != "sft":  # the runs with an interaction stage
                 extra += cache
             cfg = stage_config(dataclasses.replace(s, seed=job.seed), folder, steps, data / "train.json", extra, 0)
             if answers.is_dir() and not (folder / "answers").exists():

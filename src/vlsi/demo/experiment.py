@@ -14,6 +14,7 @@ DIR/
   layer_match.png       which teacher layer each student layer matched, early vs late in the interaction stage
   data/                 the training and test splits (LLaVA JSON + PNG)
   runs/sft, runs/sft_teacher, runs/kd, runs/vlsi   the four students (`student/`), their metrics and configs
+  runs/kd_on_policy, runs/vlsi_on_policy   with `on_policy=λ` > 0: KD and VLsI on the student's own samples too
   runs/.teacher-cache   the teacher's verbalized distributions on the training questions, run once for KD and VLsI
 """
 
@@ -50,10 +51,12 @@ from .evaluate import answer_tokens, encode_batches, evaluate, layer_accuracy
 from .models import (
     STUDENT_DIR,
     STUDENT_TARGET_LAYERS,
+    STUDENTS,
     TEACHER_DIR,
     TEACHER_METRICS,
     TEACHER_TARGET_LAYERS,
     TEACHER_VERBALIZERS,
+    student_folder,
     teacher_card,
 )
 from .stats import cluster_bootstrap, paired
@@ -61,7 +64,15 @@ from .tasks import ALL_STYLES, TASKS, chance_accuracy, make_split, write_split
 
 log = logging.getLogger("vlsi")
 METHODS = ("sft", "sft_teacher", "kd", "vlsi")
-RESULT_KEYS = {"sft": "student_sft", "sft_teacher": "student_sft_teacher", "kd": "student_kd", "vlsi": "student_vlsi"}
+ON_POLICY = ("kd_on_policy", "vlsi_on_policy")  # with `on_policy=λ` > 0: KD and VLsI with interact.on_policy=λ
+RESULT_KEYS = {
+    "sft": "student_sft",
+    "sft_teacher": "student_sft_teacher",
+    "kd": "student_kd",
+    "vlsi": "student_vlsi",
+    "kd_on_policy": "student_kd_on_policy",
+    "vlsi_on_policy": "student_vlsi_on_policy",
+}
 
 
 @dataclass
@@ -97,16 +108,35 @@ class DemoSettings:
     intermediate_reduction: str = "sum"  # VLsI's layer terms: their sum (the paper) or mean (interact.* in CONFIG.md)
     intermediate_weight: float = 1.0  # λ on VLsI's (and the control's) layer terms: interact.intermediate_weight
     freeze_student_verbalizers: int = 0  # 1: the student's verbalizers stay as stage 1 left them in the interaction
-    student: str = ""  # another student initialisation (a folder with the shipped tokenizer); "": the shipped one
-    student_layers: str = ""  # its target layers, e.g. 0,1,2,3,4; "": the shipped student's (0,1,2)
+    on_policy: float = 0.0  # λ > 0: two more students, KD and VLsI with interact.on_policy=λ (live teacher, no cache)
+    # stage 3 (every student's last SFT stage) as the paper runs it: LoRA of rank R (alpha R) on the language model
+    # instead of full fine-tuning (0), at `stage3_lr` (0: `lr`; the paper: 1e-4), decayed to min_lr_ratio x it
+    stage3_lora: int = 0
+    stage3_lr: float = 0.0
+    # another student initialisation: a folder (with the shipped tokenizer) or a shipped one by name (`STUDENTS`:
+    # deep-thin, 8 blocks x 32); "": the shipped 4 x 64 one
+    student: str = ""
+    student_layers: str = ""  # its target layers, e.g. 0,1,2,3,4; "": the shipped student's (0,1,2) or the named one's
 
     @property
     def student_dir(self) -> Path:
-        return Path(self.student) if self.student else STUDENT_DIR
+        return student_folder(self.student)
 
     @property
     def student_target_layers(self) -> list[int]:
-        return [int(x) for x in self.student_layers.split(",")] if self.student_layers else STUDENT_TARGET_LAYERS
+        if self.student_layers:
+            return [int(x) for x in self.student_layers.split(",")]
+        return STUDENTS[self.student][1] if self.student in STUDENTS else STUDENT_TARGET_LAYERS
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The students this run trains: the four, then the two on-policy ones with `on_policy` > 0."""
+        return (*METHODS, *ON_POLICY) if self.on_policy else METHODS
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """Its paired comparisons: `PAIRS`, then `ON_POLICY_PAIRS` with `on_policy` > 0."""
+        return (*PAIRS, *ON_POLICY_PAIRS) if self.on_policy else PAIRS
 
     @property
     def task_list(self) -> tuple[str, ...]:
@@ -134,8 +164,18 @@ class DemoSettings:
             raise ValueError(f"demo setting intermediate_weight={self.intermediate_weight}: a finite number >= 0")
         if self.freeze_student_verbalizers not in (0, 1):
             raise ValueError(f"demo setting freeze_student_verbalizers={self.freeze_student_verbalizers}: 0 or 1")
+        if self.stage3_lora < 0 or not (math.isfinite(self.stage3_lr) and self.stage3_lr >= 0):
+            raise ValueError(
+                f"demo settings stage3_lora={self.stage3_lora}, stage3_lr={self.stage3_lr}: a LoRA rank >= 0 (0: "
+                "full fine-tuning) and a learning rate >= 0 (0: lr)"
+            )
+        if not 0 <= self.on_policy <= 1:
+            raise ValueError(f"demo setting on_policy={self.on_policy}: a share of interaction batches, 0 to 1")
         if self.student and not (self.student_dir / "config.json").is_file():
-            raise ValueError(f"demo setting student={self.student}: no Hugging Face checkpoint (config.json) there")
+            raise ValueError(
+                f"demo setting student={self.student}: no Hugging Face checkpoint (config.json) there; or name a "
+                f"shipped one ({', '.join(STUDENTS)})"
+            )
         if self.student_layers and not all(x.strip().isdigit() for x in self.student_layers.split(",")):
             raise ValueError(f"demo setting student_layers={self.student_layers!r}: write block indices, e.g. 0,1,2")
         return self
@@ -207,9 +247,16 @@ def demo_config(
 
 
 def stage_config(
-    s: DemoSettings, out: Path, stages: dict[str, int], data: Path, extra: list[str] = (), num_workers: int = 1
+    s: DemoSettings,
+    out: Path,
+    stages: dict[str, int],
+    data: Path,
+    extra: list[str] = (),
+    num_workers: int = 1,
+    stage3: bool = True,
 ):
-    """`demo_config` with the demo settings' seed, batch, learning rates and schedule, training on `data`."""
+    """`demo_config` with the demo settings' seed, batch, learning rates and schedule, training on `data`. Its SFT
+    stage is stage 3 (`stage3_lora`, `stage3_lr`) unless `stage3` is False (SFT standing in for stage 2)."""
     cfg = demo_config(
         out,
         stages,
@@ -227,6 +274,11 @@ def stage_config(
     cfg.interact.intermediate_reduction = s.intermediate_reduction
     cfg.interact.intermediate_weight = s.intermediate_weight
     cfg.interact.freeze_student_verbalizers = bool(s.freeze_student_verbalizers)
+    if stage3 and s.stage3_lora:
+        cfg.sft.lora.enabled = True
+        cfg.sft.lora.r = cfg.sft.lora.alpha = s.stage3_lora
+    if stage3 and s.stage3_lr:
+        cfg.sft.lr, cfg.sft.min_lr = s.stage3_lr, s.stage3_lr * s.min_lr_ratio
     cfg.data.path = str(data)
     return cfg
 
@@ -284,13 +336,14 @@ def teacher_cache(s: DemoSettings, folder: Path, data: Path, samples) -> list[st
 
 
 def sft_twice(s: DemoSettings, run: Path, data: Path, samples, num_workers: int) -> tuple[Path, Path]:
-    """SFT in two stages of `distill_steps` and `sft_steps`, each with the stage schedule the other methods get;
-    -> (student after the first stage, final student)."""
-    cfg = stage_config(s, run, {"sft": s.distill_steps}, data, num_workers=num_workers)
+    """SFT in two stages of `distill_steps` and `sft_steps`, each with the stage schedule the other methods get, the
+    second as stage 3 (run/config.yaml, run/config-stage3.yaml); -> (student after the first stage, final student)."""
+    cfg = stage_config(s, run, {"sft": s.distill_steps}, data, num_workers=num_workers, stage3=False)
     save_config(cfg, run / "config.yaml")
     metrics = MetricsLog(run / "metrics.jsonl")
     first = sft(cfg, cfg.student, run / "stage1", metrics, samples)
     cfg = stage_config(s, run, {"sft": s.sft_steps}, data, num_workers=num_workers)
+    save_config(cfg, run / "config-stage3.yaml")
     return first, sft(cfg, str(first), run / "student", metrics, samples)
 
 
@@ -303,14 +356,30 @@ class Trained(NamedTuple):
 
 CONTROL = "ce_kld"  # the deep-supervision control: CE to the answers at the intermediate layers, no teacher layers
 CONTROL_SETTINGS = ["interact.intermediate_loss=ce", "interact.last_loss=kld"]
+KD_SETTINGS = ["interact.intermediate_loss=none", "interact.last_loss=kld"]  # final-layer KD through the interaction
+
+
+def on_policy_settings(s: DemoSettings) -> list[str]:
+    """The `vlsi train` settings of an on-policy arm: a share λ = `on_policy` of its interaction batches answered by
+    the student itself (docs/METHOD.md#on-policy-distillation), sampled up to the task's answer length (the teacher's
+    answers' cap), scored by the live teacher (a teacher cache holds the fixed answers' targets only)."""
+    return [f"interact.on_policy={s.on_policy}", f"interact.sample.max_new_tokens={answer_length(s)}"]
 
 
 def train_students(
-    s: DemoSettings, out: Path, labelled: Path, mixed: Path, num_workers: int = 1, control: bool = False
+    s: DemoSettings,
+    out: Path,
+    labelled: Path,
+    mixed: Path,
+    num_workers: int = 1,
+    control: bool = False,
+    cached: list[str] | None = None,
 ) -> Trained:
     """Train the four students into out/runs (`num_workers` data-loader workers each); with `control`, a fifth:
     VLsI's run with CE to the answers at its intermediate layers instead of the matched KLs to the teacher's layers
-    (`CONTROL`, the ablation's CE / KLD row), from VLsI's stage-1 verbalizers, on the same budget."""
+    (`CONTROL`, the ablation's CE / KLD row), from VLsI's stage-1 verbalizers, on the same budget; with `on_policy`,
+    the two on-policy students (`ON_POLICY`). `cached`: the settings that read a teacher cache already built for
+    `mixed` (`teacher_cache`, as `vlsi study` shares one); None: the teacher runs once into out/runs/.teacher-cache."""
     runs = out / "runs"
     steps = budget(s)
     finals, before, seconds = {}, {}, {}
@@ -324,11 +393,13 @@ def train_students(
     gold, _ = read_dataset(labelled)
     share_length_scans(gold, runs / ".cache-labelled", [runs / "sft"], s.student_dir)
     mixed_runs = [runs / name for name in ("sft_teacher", "kd", "vlsi", *([CONTROL] if control else []))]
+    mixed_runs += [runs / name for name in s.methods if name in ON_POLICY]
     share_length_scans(answered, runs / ".cache-mixed", mixed_runs, s.student_dir)
-    _banner("the teacher's verbalized distributions at every target layer, cached once for KD and VLsI")
-    start = time.time()
-    cached = teacher_cache(s, runs / ".teacher-cache", mixed, answered)
-    seconds["teacher_cache"] = time.time() - start
+    if cached is None:
+        _banner("the teacher's verbalized distributions at every target layer, cached once for KD and VLsI")
+        start = time.time()
+        cached = teacher_cache(s, runs / ".teacher-cache", mixed, answered)
+        seconds["teacher_cache"] = time.time() - start
 
     _banner(f"(a) SFT only, {s.n_labelled} labelled questions: {s.distill_steps} + {s.sft_steps} SFT steps")
     start = time.time()
@@ -351,13 +422,7 @@ def train_students(
         run,
         {"verbalize": 0, "interact": kd["kd"], "sft": kd["sft"]},
         mixed,
-        [
-            "interact.intermediate_loss=none",
-            "interact.last_loss=kld",
-            "verbalize.models=[student]",
-            *answer_settings(s),
-            *cached,
-        ],
+        [*KD_SETTINGS, "verbalize.models=[student]", *answer_settings(s), *cached],
         num_workers=num_workers,
     )
     finals["kd"] = run_train(cfg)
@@ -402,6 +467,37 @@ def train_students(
         finals[CONTROL] = run_train(cfg)
         before[CONTROL] = run / "stages" / "interact" / "student"
         seconds[CONTROL] = time.time() - start
+    arms = {  # method -> (the recipe it repeats on the student's own samples, its stages, its loss settings)
+        "kd_on_policy": ("(c) final-layer KD", {"verbalize": 0, "interact": kd["kd"], "sft": kd["sft"]}, KD_SETTINGS),
+        "vlsi_on_policy": (
+            "(d) VLsI",
+            {"verbalize": s.verbalize_steps, "interact": s.distill_steps, "sft": s.sft_steps},
+            [],
+        ),
+    }
+    for method in (m for m in s.methods if m in ON_POLICY):
+        label, stages, settings = arms[method]
+        _banner(
+            f"on-policy {label}: its recipe with interact.on_policy={s.on_policy} (the student answers that share of "
+            "the interaction batches itself; the live teacher scores them: no teacher cache)"
+        )
+        start = time.time()
+        run = out / "runs" / method
+        if method == "vlsi_on_policy":  # VLsI's stage-1 verbalizers: the two VLsI students differ in λ alone
+            shutil.copytree(runs / "vlsi" / "verbalizers" / "student", run / "verbalizers" / "student")
+        if (runs / "kd" / "answers").is_dir():
+            shutil.copytree(runs / "kd" / "answers", run / "answers", dirs_exist_ok=True)
+        cfg = stage_config(
+            s,
+            run,
+            stages,
+            mixed,
+            [*settings, *on_policy_settings(s), "verbalize.models=[student]", *answer_settings(s)],
+            num_workers=num_workers,
+        )
+        finals[method] = run_train(cfg)
+        before[method] = run / "stages" / "interact" / "student"
+        seconds[method] = time.time() - start
     return Trained(finals, before, seconds, answered)
 
 
@@ -423,6 +519,14 @@ def evaluate_all(models: dict[str, Path], test, encoded: tuple) -> dict[str, dic
 
 
 PAIRS = (("vlsi", "sft"), ("vlsi", "kd"), ("vlsi", "sft_teacher"), ("kd", "sft_teacher"), ("sft_teacher", "sft"))
+# each on-policy student against its off-policy recipe and against (b); on-policy VLsI against on-policy KD
+ON_POLICY_PAIRS = (
+    ("kd_on_policy", "kd"),
+    ("vlsi_on_policy", "vlsi"),
+    ("kd_on_policy", "sft_teacher"),
+    ("vlsi_on_policy", "sft_teacher"),
+    ("vlsi_on_policy", "kd_on_policy"),
+)
 CONTROL_PAIRS = (("vlsi", CONTROL), (CONTROL, "kd"))  # teacher layers vs deep supervision; deep supervision vs KD
 
 
@@ -547,16 +651,16 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
 
     results = {
         "teacher": evals["teacher"]["accuracy"],
-        **{RESULT_KEYS[m]: evals[m]["accuracy"] for m in METHODS},
+        **{RESULT_KEYS[m]: evals[m]["accuracy"] for m in s.methods},
         "n_test": len(test),
         "n_clusters": len(set(clusters)),
         "answer_tokens": answer_length(s),
         "seeds": [s.seed],
         "seconds": round(time.time() - start, 1),
         "student_init": evals["init"]["accuracy"],
-        "before_sft": {m: earlier[m]["accuracy"] for m in METHODS},
-        "paired": comparisons(evals, clusters),
-        "paired_before_sft": comparisons(earlier, clusters),
+        "before_sft": {m: earlier[m]["accuracy"] for m in s.methods},
+        "paired": comparisons(evals, clusters, s.pairs),
+        "paired_before_sft": comparisons(earlier, clusters, s.pairs),
         "chance": chance_accuracy(test),
         "by_task": {name: e["by_task"] for name, e in evals.items()},
         "by_task_before_sft": {name: e["by_task"] for name, e in earlier.items()},

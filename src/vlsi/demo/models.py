@@ -18,6 +18,11 @@ TEACHER_VERBALIZERS = ASSETS / "teacher_verbalizers"
 TEACHER_METRICS = ASSETS / "teacher_metrics.jsonl"  # its training and verbalizer losses, step by step
 TEACHER_CARD = ASSETS / "teacher.json"  # how teacher and student were trained, and their accuracy
 STUDENT_DIR = ASSETS / "student"  # the student initialisation (pretrained on reading digits and counting)
+# Shipped student initialisations of other shapes, by name (setting `student=NAME`): folder and target layers.
+# deep-thin: 8 blocks x 32, 2 heads, its layer terms on sparse blocks 1, 3, 5 (issue #26: as deep as and narrower
+# than the teacher's 8 x 128), made by `python scripts/train_demo_student.py --output DIR --layers 8 --hidden 32
+# --heads 2 --steps 2500` and copied here (its student.json: the command, sizes and validation accuracy; docs/DEMO.md)
+STUDENTS = {"deep-thin": (ASSETS / "student_deep_thin", [1, 3, 5])}
 
 VOCAB_SIZE = 512
 # Qwen2-VL's chat template without the default system turn (13 tokens a sample that carry nothing here).
@@ -52,6 +57,13 @@ def build_model(out_dir: Path | None, size: dict, seed: int, tokenizer=None):
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
     return model, processor
+
+
+def student_folder(student: str) -> Path:
+    """The folder of the `student` setting: "" the shipped student, a name of `STUDENTS`, else a folder."""
+    if not student:
+        return STUDENT_DIR
+    return STUDENTS[student][0] if student in STUDENTS else Path(student)
 
 
 def model_size(folder: Path) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models import STUDENT, STUDENT_DIR, TEACHER, TEACHER_DIR, TEACHER_VERBALIZERS, model_size
+from .models import STUDENT, STUDENT_DIR, TEACHER, TEACHER_DIR, TEACHER_VERBALIZERS, model_size, student_folder
 from .tasks import TASKS, Item, is_correct
 
 ROWS = (
@@ -17,6 +17,8 @@ ROWS = (
     ("student_sft_teacher", "student, (b) SFT with the teacher's answers"),
     ("student_kd", "student, (c) final-layer KD, then SFT"),
     ("student_vlsi", "student, (d) VLsI: verbalize, interact, SFT"),
+    ("student_kd_on_policy", "student, on-policy KD: (c) on its own samples too"),
+    ("student_vlsi_on_policy", "student, on-policy VLsI: (d) on its own samples too"),
 )
 BY = {
     "teacher": "teacher",
@@ -25,12 +27,16 @@ BY = {
     "student_sft_teacher": "sft_teacher",
     "student_kd": "kd",
     "student_vlsi": "vlsi",
+    "student_kd_on_policy": "kd_on_policy",
+    "student_vlsi_on_policy": "vlsi_on_policy",
 }
 STUDENT_NAMES = {
     "student_sft": "SFT only",
     "student_sft_teacher": "SFT with the teacher's answers",
     "student_kd": "final-layer KD",
     "student_vlsi": "VLsI",
+    "student_kd_on_policy": "on-policy KD",
+    "student_vlsi_on_policy": "on-policy VLsI",
 }
 
 
@@ -96,7 +102,8 @@ def verdict(r: dict) -> str:
     against = (("SFT only", "vlsi_vs_sft"), ("SFT with the teacher's answers", "vlsi_vs_sft_teacher"))
     text = "VLsI is " + ", ".join(_compare(name, paired[key]) for name, key in against)
     text += f" and {_compare('final-layer KD', paired['vlsi_vs_kd'])}."
-    best = max(STUDENT_NAMES, key=lambda key: r[key])
+    text += on_policy_verdict(r)
+    best = max((key for key in STUDENT_NAMES if key in r), key=lambda key: r[key])
     text += f" Best student: {STUDENT_NAMES[best]}."
     gap = r["teacher"] - sft
     if gap > 0:
@@ -114,11 +121,27 @@ def verdict(r: dict) -> str:
     return text
 
 
+def on_policy_verdict(r: dict) -> str:
+    """With `on_policy=λ` > 0: each on-policy student against its off-policy recipe and against (b); "" without."""
+    paired = r["paired"]
+    if "vlsi_on_policy_vs_vlsi" not in paired:
+        return ""
+    answers = "SFT with the teacher's answers"
+    return (
+        f" On the student's own samples (λ = {r['settings']['on_policy']:g} of the interaction batches): on-policy KD "
+        f"is {_compare('final-layer KD', paired['kd_on_policy_vs_kd'])} and "
+        f"{_compare(answers, paired['kd_on_policy_vs_sft_teacher'])}; on-policy VLsI is "
+        f"{_compare('VLsI', paired['vlsi_on_policy_vs_vlsi'])}, "
+        f"{_compare(answers, paired['vlsi_on_policy_vs_sft_teacher'])} and "
+        f"{_compare('on-policy KD', paired['vlsi_on_policy_vs_kd_on_policy'])}."
+    )
+
+
 def _table(r: dict) -> list[str]:
     tasks = [t for t in TASKS if t in r["by_task"]["teacher"]]
     head = ["model", "accuracy", "before its last SFT stage", *tasks, "training wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, label in ROWS:
+    for key, label in (row for row in ROWS if row[0] in r):
         name = BY[key]
         before = r["before_sft"].get(name)
         cells = [pct(r["by_task"][name].get(t, 0.0)) for t in tasks]
@@ -156,6 +179,7 @@ def _budget(r: dict) -> list[str]:
         f"SFT {b['sft_teacher']['sft_1']} | SFT {b['sft_teacher']['sft']} |",
         f"| (c) final-layer KD | the same as (b) | KL to the teacher's output {b['kd']['kd']} | SFT {b['kd']['sft']} |",
         f"| (d) VLsI | the same as (b) | interaction {b['vlsi']['interact']} | SFT {b['vlsi']['sft']} |",
+        *_on_policy_budget(r),
         "",
         f"- VLsI's stage 1 ({b['uncharged']['vlsi_verbalize']} steps training only the student's verb-FFNs on its "
         f"frozen backbone; no student weight changes) is not charged: it took {sec.get('vlsi_verbalize', 0):.0f} s, "
@@ -172,6 +196,39 @@ def _budget(r: dict) -> list[str]:
         "s, not in their wall times; docs/CACHE.md) instead of running at every step.",
         "- Same optimizer (AdamW), learning rate, batch, data order seed, full fine-tuning of the language model, "
         "frozen vision tower, LM head and (in stage 2) final norm, for all four.",
+        *_stage3(s),
+        *(
+            [
+                "- The on-policy students read no cache (it holds the fixed answers' targets only): the live teacher "
+                "ran at each of their interaction steps, and its time, with the sampling's, is in their wall times."
+            ]
+            if "student_vlsi_on_policy" in r
+            else []
+        ),
+    ]
+
+
+def _stage3(s: dict) -> list[str]:
+    """The stage-3 settings when they are not stage 2's (`stage3_lora`, `stage3_lr`)."""
+    lora, lr = s.get("stage3_lora", 0), s.get("stage3_lr", 0.0) or s["lr"]
+    if not lora and lr == s["lr"]:
+        return []
+    how = f"LoRA of rank {lora} (alpha {lora}, merged at its end)" if lora else "full fine-tuning"
+    return [
+        f"- Stage 3 (every student's last SFT stage) as the paper runs it: {how} of the language model, cosine from lr "
+        f"{lr:g} to {lr * s['min_lr_ratio']:g} (settings `stage3_lora`, `stage3_lr`)."
+    ]
+
+
+def _on_policy_budget(r: dict) -> list[str]:
+    """The on-policy students' rows of the budget table (none without `on_policy`)."""
+    if "student_vlsi_on_policy" not in r:
+        return []
+    b, s = r["budget"], r["settings"]
+    share = f"a share {s['on_policy']:g} of its batches answered by the student, scored by the live teacher"
+    return [
+        f"| on-policy KD | the same as (b) | (c)'s {b['kd']['kd']} steps, {share} | SFT {b['kd']['sft']} |",
+        f"| on-policy VLsI | the same as (b) | (d)'s {b['vlsi']['interact']} steps, {share} | SFT {b['vlsi']['sft']} |",
     ]
 
 
@@ -212,7 +269,11 @@ def _example(example: dict | None) -> list[str]:
         f"Question: *{item['question']}*  Expected answer: **{item['answer']}**",
         "",
         "Final answers: "
-        + ", ".join(f"{label} `{example['replies'][key] or '(empty)'}`" for key, label in ROWS_SHORT)
+        + ", ".join(
+            f"{label} `{example['replies'][key] or '(empty)'}`"
+            for key, label in ROWS_SHORT
+            if key in example["replies"]
+        )
         + ".",
         "",
     ]
@@ -229,6 +290,8 @@ ROWS_SHORT = (
     ("sft_teacher", "SFT with the teacher's answers"),
     ("kd", "KD"),
     ("vlsi", "VLsI"),
+    ("kd_on_policy", "on-policy KD"),
+    ("vlsi_on_policy", "on-policy VLsI"),
 )
 
 
@@ -239,7 +302,8 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
         "and counting only; compare and sequence questions are new to it)."
         if not s.get("student")
-        else f"Student: {_size(model_size(s['student']))}, initialised from `{s['student']}` (setting `student`)."
+        else f"Student: {_size(model_size(student_folder(s['student'])))}, initialised from `{s['student']}` "
+        "(setting `student`)."
     )
     lines = [
         "# vlsi demo: SFT only vs SFT with the teacher's answers vs final-layer KD vs VLsI",

@@ -23,6 +23,7 @@ DIR/
   study.png      accuracy vs labelled questions, mean and 95 % t CI over seeds, teacher and student initialisation
   runs/n<size>-seed<k>/ (steps<n>-seed<k>/)   each run (as `vlsi demo`'s runs/) + score.json + log.txt
   data/          the training questions per size and the evaluation split (LLaVA JSON + PNG)
+  pool/          the teacher's answers to the pool (answers/) and its cache per size (cache-n<size>/), made once
 
 Re-running the same command reuses every finished run; other settings into the same DIR are refused.
 """
@@ -47,8 +48,6 @@ from .ablate import Job, execute_jobs, output_to
 from .experiment import (
     CONTROL,
     CONTROL_PAIRS,
-    METHODS,
-    PAIRS,
     DemoSettings,
     encode_test,
     evaluate_all,
@@ -86,11 +85,12 @@ class StudySettings(DemoSettings):
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return (*METHODS, CONTROL) if self.control else METHODS
+        """The demo's students (`on_policy` adds two), then the control with `control=1`."""
+        return (*super().methods, CONTROL) if self.control else super().methods
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
-        return (*PAIRS, *CONTROL_PAIRS) if self.control else PAIRS
+        return (*super().pairs, *CONTROL_PAIRS) if self.control else super().pairs
 
     def check(self) -> StudySettings:
         if self.axis not in ("sizes", "steps"):
@@ -139,8 +139,23 @@ def write_data(s: StudySettings, data: Path) -> tuple[dict[int, tuple[Path, Path
     return files, files[s.size_list[0]][1], test
 
 
-def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
-    """Train and score the four students of one (size, seed) on one torch thread; -> its score.json contents."""
+def shared_caches(s: StudySettings, pool: Path, files: dict[int, tuple[Path, Path]]) -> dict[int, list[str]]:
+    """The teacher's cache (`experiment.teacher_cache`) once per labelled-set size, into pool/cache-n<size>, for every
+    run of that size to read: its seeds (and with `axis=steps`, every step budget) train on the same answered
+    questions with the same teacher and verbalizers, which is the cache's identity (`vlsi.cache` refuses a mismatch).
+    -> {size: the settings that make a run read its size's cache}. The pool's answers are in pool/answers already."""
+    from .experiment import answer_pool, teacher_cache
+
+    caches = {}
+    for n in s.size_list:
+        mixed = files[n][1]
+        caches[n] = teacher_cache(s, pool / f"cache-n{n}", mixed, answer_pool(s, pool, mixed))
+    return caches
+
+
+def run_one(job: Job, s: StudySettings, data: Path, answers: Path, caches: dict[int, list[str]]) -> dict:
+    """Train and score the students of one (size, seed) on one torch thread, reading its size's teacher cache from
+    `caches` (`shared_caches`; a size without one builds its own); -> its score.json contents."""
     from .tasks import read_split
 
     torch.set_num_threads(1)
@@ -165,6 +180,7 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path) -> dict:
             data / f"train-n{size}.json",
             num_workers=0,
             control=bool(s.control),
+            cached=caches.get(size),
         )
         test = read_split(data / f"{s.eval_split}.json")
         encoded = encode_test(test)
@@ -297,6 +313,10 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     files, first_mixed, test = write_data(s, data)
     print("== vlsi study: the teacher answers the pool (once) and is scored", file=sys.stderr)
     answer_pool(s, out / "pool", first_mixed)
+    print(
+        "== vlsi study: the teacher's distributions, cached once per labelled-set size for every run", file=sys.stderr
+    )
+    caches = shared_caches(s, out / "pool", files)
     shipped = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir}, test, encode_test(test))
 
     # largest first: the longest runs start first, so the last ones finish together
@@ -310,7 +330,7 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) if s.jobs > 1 else None
     try:
         with tqdm(total=len(jobs), desc="study", unit="run", dynamic_ncols=True) as bar:
-            work = functools.partial(run_one, s=s, data=data, answers=out / "pool" / "answers")
+            work = functools.partial(run_one, s=s, data=data, answers=out / "pool" / "answers", caches=caches)
             done = execute_jobs(jobs, work, pool, bar)
     finally:
         if pool is not None:

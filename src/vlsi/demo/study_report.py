@@ -12,6 +12,8 @@ METHOD_NAMES = (
     ("kd", "final-layer KD"),
     ("vlsi", "VLsI"),
     ("ce_kld", "CE / KLD control"),
+    ("kd_on_policy", "on-policy KD"),
+    ("vlsi_on_policy", "on-policy VLsI"),
 )
 
 
@@ -60,6 +62,14 @@ def findings(r: dict) -> list[str]:
                 f". Teacher layers or deep supervision: VLsI is "
                 f"{seed_difference('the CE / KLD control', paired['vlsi_vs_ce_kld'])}; before the last SFT stage "
                 f"{seed_difference('it', row['paired_before_sft']['vlsi_vs_ce_kld'])}"
+            )
+        if "vlsi_on_policy_vs_vlsi" in paired:
+            line += (
+                f". On the student's own samples (λ = {r['settings']['on_policy']:g}): on-policy KD is "
+                f"{seed_difference('final-layer KD', paired['kd_on_policy_vs_kd'])}, on-policy VLsI "
+                f"{seed_difference('VLsI', paired['vlsi_on_policy_vs_vlsi'])}; against SFT with the teacher answers "
+                f"on-policy KD {seed_difference('it', paired['kd_on_policy_vs_sft_teacher'])}, on-policy VLsI "
+                f"{seed_difference('it', paired['vlsi_on_policy_vs_sft_teacher'])}"
             )
         lines.append(line + ".")
     return lines

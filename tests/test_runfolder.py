@@ -159,6 +159,26 @@ def test_check_settings_names_what_changed_and_the_fix(tmp_path):
         runfolder.check_settings(tmp_path / "config.yaml", {"sft": {"lr": 0.01}, "seed": 1}, fix="start over")
 
 
+def test_a_setting_added_since_a_folder_was_made_is_its_default_there(tmp_path):
+    """A folder recorded before `interact.on_policy` existed was made as its default (0) makes it: reused at 0,
+    refused at 0.5; without `defaults` the missing key is a change."""
+    record = tmp_path / "config.yaml"
+    runfolder.write_text(record, "sft:\n  lr: 0.001\n")
+    defaults = {"sft": {"lr": 1e-5}, "interact": {"on_policy": 0.0}}
+    same = {"sft": {"lr": 0.001}, "interact": {"on_policy": 0.0}}
+    assert runfolder.check_settings(record, same, defaults=defaults) == {"sft": {"lr": 0.001}}
+    with pytest.raises(runfolder.FolderError, match=r"\(interact.on_policy: 0.0 -> 0.5\)"):
+        runfolder.check_settings(record, {**same, "interact": {"on_policy": 0.5}}, defaults=defaults)
+    with pytest.raises(runfolder.FolderError, match=r"\(interact.on_policy: None -> 0.0\)"):
+        runfolder.check_settings(record, same)
+    runfolder.write_json(tmp_path / "settings.json", {"seeds": 2})  # named keys: the same rule
+    names = {"seeds": "seeds", "on_policy": "on_policy"}
+    kept = runfolder.check_settings(
+        tmp_path / "settings.json", {"seeds": 2, "on_policy": 0}, names, defaults={"on_policy": 0}
+    )
+    assert kept == {"seeds": 2}
+
+
 @pytest.mark.parametrize("text", ["sft:\n  lr: [0.1", "", '{"k": 3'])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, text):
     record = tmp_path / ("index.json" if text.startswith("{") else "config.yaml")

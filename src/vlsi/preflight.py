@@ -85,7 +85,7 @@ def refuse_missing_teacher_verbalizers(cfg: TrainConfig) -> None:
 def refuse_other_settings(cfg: TrainConfig, out: Path) -> None:
     """Refuse to mix stages made under another configuration into this output folder."""
     fix = "finished stages would be reused wrongly: use a new --output, or delete that folder"
-    check_settings(out / "config.yaml", to_dict(cfg), holds="a run", fix=fix)
+    check_settings(out / "config.yaml", to_dict(cfg), holds="a run", fix=fix, defaults=to_dict(TrainConfig()))
 
 
 # What a run's folder records of its inputs beyond its settings (OUT/inputs.json), and how a refusal names each.

@@ -430,12 +430,19 @@ def _shown(name: str, before, now) -> str:
 
 
 def check_settings(
-    record: str | Path, expected: dict, names: dict | None = None, holds: str = "a run", fix: str | None = None
+    record: str | Path,
+    expected: dict,
+    names: dict | None = None,
+    holds: str = "a run",
+    fix: str | None = None,
+    defaults: dict | None = None,
 ) -> dict | None:
     """Refuse a folder made with other settings than `expected`, in one line naming what changed and `fix` (default:
     a new --output, or delete the folder). `record`: the JSON or YAML file (.yaml, .yml) the folder's settings were
     written to; `names`: {key: how the message names it} of the keys that must match (None: every key, nested
-    settings flattened to their key=value names). Returns the recorded settings; None when there is no record yet."""
+    settings flattened to their key=value names); `defaults`: the settings' defaults, which a key the record lacks
+    is taken to have (a setting added since, whose default is what the folder was made with). Returns the recorded
+    settings; None when there is no record yet."""
     record = Path(record)
     if not record.is_file():
         return None
@@ -443,16 +450,24 @@ def check_settings(
     before = read_yaml(record, damaged) if record.suffix in (".yaml", ".yml") else read_json(record, damaged)
     if not isinstance(before, dict):
         raise FolderError(f"{record} is damaged (not a mapping of settings); {damaged}")
-    same_settings(record.parent, before, expected, names, holds, fix)
+    same_settings(record.parent, before, expected, names, holds, fix, defaults)
     return before
 
 
 def same_settings(
-    folder: str | Path, before: dict, expected: dict, names: dict | None, holds: str = "a run", fix: str | None = None
+    folder: str | Path,
+    before: dict,
+    expected: dict,
+    names: dict | None,
+    holds: str = "a run",
+    fix: str | None = None,
+    defaults: dict | None = None,
 ) -> None:
     """`check_settings` of settings already read (`before`, recorded for `folder`)."""
     fix = fix or f"use a new --output, or delete {folder}"
     was, now = (flatten(before), flatten(expected)) if names is None else (before, expected)
+    if defaults:
+        was = (flatten(defaults) if names is None else defaults) | was
     names = names if names is not None else {k: k for k in sorted(set(was) | set(now))}
     changed = [_shown(name, was.get(key), now.get(key)) for key, name in names.items() if was.get(key) != now.get(key)]
     if changed:

@@ -298,7 +298,8 @@ def _jobs(s: AblateSettings, runs_dir: Path) -> tuple[list[Job], list[Job]]:
 def _check_same_settings(out: Path, s: AblateSettings) -> None:
     now = dataclasses.asdict(s)
     keep = ("jobs", "tables")  # neither changes a run: more tables add runs, more jobs only go faster
-    check_settings(out / "settings.json", now, {k: k for k in now if k not in keep}, "an ablation")
+    names = {k: k for k in now if k not in keep}
+    check_settings(out / "settings.json", now, names, "an ablation", defaults=dataclasses.asdict(AblateSettings()))
     write_json(out / "settings.json", now, indent=2)
 
 

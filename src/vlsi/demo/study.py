@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..runfolder import check_settings, write_json
 from .ablate import Job, execute_jobs, output_to
 from .experiment import (
     CONTROL,
@@ -282,15 +283,10 @@ def _plot_axis(ax, results: dict, sizes: list[int], suffix: str) -> None:
 
 
 def _check_same_settings(out: Path, s: StudySettings) -> None:
-    saved, now = out / "settings.json", dataclasses.asdict(s)
-    if saved.is_file():
-        before = json.loads(saved.read_text())
-        changed = [k for k in now if k != "jobs" and before.get(k) != now[k]]
-        if changed:
-            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise ValueError(f"{out} holds a study with other settings ({shown}): use a new --output or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(now, indent=2) + "\n")
+    now = dataclasses.asdict(s)
+    names = {k: k for k in now if k != "jobs"}  # more jobs only go faster
+    check_settings(out / "settings.json", now, names, "a study", defaults=dataclasses.asdict(StudySettings()))
+    write_json(out / "settings.json", now, indent=2)
 
 
 def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:

@@ -230,19 +230,27 @@ def _whole_forward(teachers: Sequence[TopK], kind: str) -> bool:
 
 def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tensor:
     """Token sums [t_l, t_s] of KL(teacher j || student i) over a chunk's rows, student logits t_s x [c, V] (fp32 or
-    wider), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
+    wider; overwritten), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
     sum_v p_t (lt - ls) = p_t . lt - p_t . x + lse(x) * sum_v p_t, so each pair costs one row dot product, each
-    student layer one logsumexp and each teacher layer one exp: the elementwise passes over [c, V] drop from four per
-    pair to about one per layer (docs/PERFORMANCE.md#a-cpu-size-where-arithmetic-dominates)."""
-    lse = [x.logsumexp(-1) for x in logits]  # t_s x [c]
-    sums = []
+    student layer one logsumexp and each teacher layer one exp, into one buffer: the passes over [c, V] drop from four
+    per pair, each into a new tensor, to about one per layer (docs/PERFORMANCE.md#fewer-passes-over-the-vocabulary)."""
+    p_t = torch.empty_like(logits[0])  # each teacher layer's probabilities in turn
+    sums, masses = [], []
     for teacher in teachers:
-        lt = teacher.log_probs.to(logits[0].dtype)
-        _check_columns(logits[0], lt)
-        p_t = lt.exp()
-        own, mass = _row_dot(p_t, lt), p_t.sum(-1)  # [c]: sum_v p_t lt, and sum_v p_t (1 up to rounding)
-        sums.append(torch.stack([(own - _row_dot(p_t, x) + s * mass).sum() for x, s in zip(logits, lse)]))
-    return torch.stack(sums)
+        lt = teacher.log_probs.to(p_t.dtype)
+        _check_columns(p_t, lt)
+        torch.exp(lt, out=p_t)
+        own = _row_dot(p_t, lt)  # [c]: sum_v p_t lt
+        sums.append(torch.stack([own - _row_dot(p_t, x) for x in logits]))  # [t_s, c]
+        masses.append(p_t.sum(-1))  # [c]: sum_v p_t, 1 up to rounding
+    lse = torch.stack([_logsumexp_(x) for x in logits])  # [t_s, c], the logits no longer needed
+    return torch.stack([(pair + lse * mass).sum(-1) for pair, mass in zip(sums, masses)])
+
+
+def _logsumexp_(x: Tensor) -> Tensor:
+    # [c, V] -> [c], as torch.logsumexp (the row's maximum taken out first) but in x's own memory, overwritten
+    top = x.amax(-1, keepdim=True)
+    return x.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
 
 
 def _divergence_sums(logits: Sequence[Tensor], teachers: Sequence[TopK], kind: str, beta: float) -> Tensor:

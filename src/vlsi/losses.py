@@ -219,7 +219,7 @@ def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunks: C
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    # [c, V] . [c, V] -> [c]: a batch of row-by-column products, one read of each and nothing [c, V] allocated
+    # [c, V] . [c, V] -> [c], row by row ([c, 1, V] @ [c, V, 1]): one read of each, nothing [c, V] allocated
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
@@ -254,8 +254,9 @@ def _logsumexp_(x: Tensor) -> Tensor:
 
 
 def _divergence_sums(logits: Sequence[Tensor], teachers: Sequence[TopK], kind: str, beta: float) -> Tensor:
-    """Token sums [t_l, t_s] over one chunk of the divergence of every student layer's logits t_s x [c, V] from every
-    teacher target (their rows of the chunk): the one arithmetic of the scores and of the divergences' own values."""
+    """Token sums [t_l, t_s] over one chunk of the divergence of every student layer's logits t_s x [c, V] (fresh
+    from the heads: fp32 ones are overwritten) from every teacher target (their rows of the chunk): the one arithmetic
+    of the scores and of the divergences' own values."""
     logits = [_upcast(x) for x in logits]
     if _whole_forward(teachers, kind):
         return _forward_kl_sums(logits, teachers)
@@ -267,8 +268,9 @@ def _divergence_sums(logits: Sequence[Tensor], teachers: Sequence[TopK], kind: s
 
 def _logit_gradient(logits: Tensor, teacher: TopK, kind: str, beta: float, scale: Tensor) -> Tensor:
     """scale * d/dlogits of the chunk's divergence sum, for student logits [c, V]. Forward KL against a whole target
-    is written out, softmax(x) * sum_v p_t - p_t per token (four passes over [c, V]); other divergences and top-k
-    targets through autograd from the logits (the head is not run again for it)."""
+    is written out, softmax(x) * sum_v p_t - p_t per token (a few passes over [c, V], where autograd through the
+    log-softmax and the divergence takes a dozen); other divergences and top-k targets go through autograd from the
+    logits."""
     if _whole_forward([teacher], kind):
         x, lt = _upcast(logits), teacher.log_probs
         _check_columns(x, lt)

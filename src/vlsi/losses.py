@@ -233,7 +233,8 @@ def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tens
     wider; overwritten), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
     sum_v p_t (lt - ls) = p_t . lt - p_t . x + lse(x) * sum_v p_t, so each pair costs one row dot product, each
     student layer one logsumexp and each teacher layer one exp, into one buffer: the passes over [c, V] drop from four
-    per pair, each into a new tensor, to about one per layer (docs/PERFORMANCE.md#fewer-passes-over-the-vocabulary)."""
+    per pair, each into a new tensor, to about one per layer
+    (docs/PERFORMANCE.md#fewer-passes-over-the-vocabulary-2026-12-07)."""
     p_t = torch.empty_like(logits[0])  # each teacher layer's probabilities in turn
     sums, masses = [], []
     for teacher in teachers:

@@ -35,9 +35,10 @@ def process_state() -> PartialState:
 
 
 def sharded_launch() -> str | None:
-    """ "FSDP2" or "ZeRO-3" when this process was started by an accelerate launch that shards the trained model
-    (accelerate launch's environment, read as Accelerator reads it: FSDP_VERSION, the DeepSpeed plugin's ZeRO stage
-    from ACCELERATE_DEEPSPEED_ZERO_STAGE or its config file), else None. Known before any Accelerator exists."""
+    """How this process's accelerate launch shards the trained model: "FSDP2", "ZeRO-3", or None (one process, DDP,
+    FSDP1, ZeRO-1/2). Read from accelerate launch's environment as Accelerator reads it (FSDP_VERSION; the DeepSpeed
+    plugin's ZeRO stage, from ACCELERATE_DEEPSPEED_ZERO_STAGE or its config file): known before any Accelerator
+    exists."""
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION") == "2":
         return "FSDP2"
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and DeepSpeedPlugin().zero_stage == 3:

@@ -102,10 +102,10 @@ def refuse_missing_verbalizers(cfg: TrainConfig, out: Path) -> None:
     (or, the teacher's, given with teacher_verbalizers=DIR)."""
     for who in ("teacher", "student"):
         if who not in cfg.verbalize.models and existing_verbalizers(cfg, out, who) is None:
-            given = " and no teacher_verbalizers=DIR is given" if who == "teacher" else ""
+            given = ", give teacher_verbalizers=DIR" if who == "teacher" else ""
             raise ConfigError(
-                f"verbalize.models leaves out the {who}, but {out / 'verbalizers' / who} does not exist{given}: add "
-                f"{who} to verbalize.models, or put verbalizers trained for the {who} there"
+                f"verbalize.models leaves out the {who}, but {out / 'verbalizers' / who} does not exist: add {who} "
+                f"to verbalize.models{given}, or put verbalizers trained for the {who} there"
             )
 
 

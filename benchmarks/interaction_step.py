@@ -29,6 +29,7 @@ the step's matmul FLOPs at the measured bf16 (CPU: fp32) matmul rate.
     python benchmarks/interaction_step.py --tiny --cache 64                        # + the steps from a teacher cache
     python benchmarks/interaction_step.py --cpu --cache 0 --repeats 3 --warmup 1   # CPU, arithmetic-bound: minutes
     python benchmarks/interaction_step.py --cpu --on-policy --steps kd_final vlsi    # + the on-policy steps
+    python benchmarks/interaction_step.py --cpu --steps kd_final vlsi --repeats 1 --warmup 1 --profile  # operators
 """
 
 from __future__ import annotations
@@ -241,18 +242,38 @@ def rss_gib(field: str) -> float:
     return int(line.split()[1]) / 2**20
 
 
+def run_step(steps: dict, batches: dict, verbalizers, name: str) -> float:
+    """One forward and backward of step `name`, gradients dropped; its loss. The student `verbalizers` train in the
+    vlsi steps only (as `interact` freezes them without intermediate losses)."""
+    verbalizers.requires_grad_(name.startswith("vlsi"))
+    loss, _ = steps[name](batches[name])
+    loss.backward()
+    for p in steps[name].parameters():
+        p.grad = None
+    return loss.item()
+
+
+def profile_steps(steps: dict, batches: dict, verbalizers, rows: int = 15) -> str:
+    """torch.profiler's table of one more run of each step: its operators by their own CPU time, shapes apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = []
+    for name in steps:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            run_step(steps, batches, verbalizers, name)
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=50
+        )
+        tables.append(f"{name}\n{table}")
+    return "\n".join(tables)
+
+
 def measure(steps: dict, batches: dict, verbalizers, device: torch.device, repeats: int, warmup: int) -> dict:
     """Each step's times (wall and this process's CPU time) and peak memory, the steps timed in turns: round r runs
-    every step once, so a change in the machine's load during the run falls on all of them alike. The student
-    `verbalizers` train in the vlsi steps only (as `interact` freezes them without intermediate losses)."""
+    every step once, so a change in the machine's load during the run falls on all of them alike."""
 
     def once(name: str) -> float:
-        verbalizers.requires_grad_(name.startswith("vlsi"))
-        loss, _ = steps[name](batches[name])
-        loss.backward()
-        for p in steps[name].parameters():
-            p.grad = None
-        return loss.item()
+        return run_step(steps, batches, verbalizers, name)
 
     results = {name: {"ms_all": [], "cpu_ms_all": [], "peak_gib": None} for name in steps}
     for round_number in range(warmup + repeats):
@@ -312,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--on-policy", action="store_true", help="also time kd_final and vlsi on batches the student answers itself"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="then run each step once more under torch.profiler and print its table"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results here as JSON")
@@ -431,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             report[f"{name}_on_policy_over_off_policy_time"] = on_policy["ms"] / live["ms"]
             report[f"{name}_on_policy_over_off_policy_cpu_time"] = on_policy["cpu_ms"] / live["cpu_ms"]
     print(table(report))
+    if args.profile:
+        print(profile_steps(steps, batches, s_verb))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

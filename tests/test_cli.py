@@ -106,6 +106,19 @@ def test_rerun_with_another_config_is_refused(toy, tmp_path, capsys):
     assert "holds a run made with other settings (" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("models, missing", [("[teacher]", "student"), ("[student]", "teacher")])
+def test_a_model_left_out_of_verbalize_models_without_verbalizers_is_refused_before_any_stage(
+    toy, tmp_path, capsys, models, missing
+):
+    """Stage 1 would verbalize the other model first and only then find nothing for this one: `vlsi train` refuses
+    before anything trains (`preflight.refuse_missing_verbalizers`), in one line naming the setting and the folder."""
+    out = tmp_path / "run"
+    assert _train(toy, out, f"verbalize.models={models}") == 2
+    err = capsys.readouterr().err
+    assert f"verbalize.models leaves out the {missing}, but {out / 'verbalizers' / missing} does not exist" in err
+    assert "Traceback" not in err and not (out / "verbalizers").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_a_finished_run_whose_inputs_changed_is_refused_not_reused(tmp_path, capsys):
     """The data's answers edited, then the teacher's weights changed in place (same sizes), behind the same settings:
     the rerun stops before any stage is reused or resumed, naming what changed."""

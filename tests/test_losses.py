@@ -248,6 +248,26 @@ def test_divergence_matrix_matches_double_loop(kind, k, chunk_size):
             torch.testing.assert_close(d[j, i], ref.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_bf16_heads_score_and_train_in_fp32_close_to_fp64(kind):
+    """bf16 logits from a bf16 head (a GPU's training dtype): the scores are taken in fp32 (the forward KL's
+    written-out form on an fp32 copy, the logits left as they were), close to float64 maths on the same bf16 logits;
+    the matched term's gradient comes back in bf16, close to plain autograd through the same bf16 head."""
+    n, d, v = 13, 6, 300
+    head = _frozen_head(d, v, seed=1, dtype=torch.bfloat16)
+    hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_()
+    teacher = _target(n, v, seed=3, k=0)
+    scored = divergence_matrix([hidden], [head], [teacher], kind, 4)[0, 0]
+    given = chunked_divergence(hidden, head, teacher, kind, 4, value=scored)
+    (grad,) = _grads(given, [hidden])
+    assert scored.dtype == torch.float32 and grad.dtype == torch.bfloat16
+
+    plain = divergence(head(hidden), teacher, kind)
+    wide = divergence(head(hidden).double(), TopK(teacher.log_probs.double()), kind)
+    torch.testing.assert_close(scored.double(), wide.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, _grads(plain, [hidden])[0], rtol=2e-2, atol=1e-4)
+
+
 def test_padding_with_empty_chunks_changes_nothing_but_the_number_of_head_calls():
     """Row ranges padded with empty ones (`row_chunks(n, size, at_least)`, as DeepSpeed ZeRO-3 needs: every process
     calls the heads equally often) change nothing but the calls: the same values and gradients, and one call of the

@@ -309,8 +309,10 @@ def test_sharded_launches_refuse_on_policy_in_one_line(written, tmp_path, config
         pytest.importorskip("deepspeed")
     env = ENV | {"ACCELERATE_USE_CPU": "true"}
     script = [str(Path(__file__).parent / shim)]
-    command = _launch(config, script) + _train(written, tmp_path, "verbalize.max_steps=0", "interact.max_steps=1")
+    command = _launch(config, script) + _train(written, tmp_path, "interact.max_steps=1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     line = f"interact.on_policy=0.5 is not supported under {name}"
-    assert line in result.stderr and not (tmp_path / "stages" / "interact").exists(), result.stderr[-3000:]
+    assert line in result.stderr, result.stderr[-3000:]
+    # refused before stage 1 (`preflight.refuse_on_policy_under_sharding`): nothing verbalized, nothing trained
+    assert not (tmp_path / "verbalizers").exists() and not (tmp_path / "metrics.jsonl").exists()

@@ -12,12 +12,13 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils import DeepSpeedPlugin, DistributedType, parse_flag_from_env
 from torch import nn
 
 from .config import ConfigError, StageConfig
@@ -31,6 +32,18 @@ log = logging.getLogger("vlsi")
 def process_state() -> PartialState:
     """This process's place in the launch (main or not), read as Accelerator reads it (`launch --cpu` included)."""
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def sharded_launch() -> str | None:
+    """How this process's accelerate launch shards the trained model: "FSDP2", "ZeRO-3", or None (one process, DDP,
+    FSDP1, ZeRO-1/2). Read from accelerate launch's environment as Accelerator reads it (FSDP_VERSION; the DeepSpeed
+    plugin's ZeRO stage, from ACCELERATE_DEEPSPEED_ZERO_STAGE or its config file): known before any Accelerator
+    exists."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION") == "2":
+        return "FSDP2"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and DeepSpeedPlugin().zero_stage == 3:
+        return "ZeRO-3"
+    return None
 
 
 def on_main_process(fn, *args):

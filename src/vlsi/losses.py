@@ -76,9 +76,14 @@ def _checkpointed_sum(chunk_sum: Callable, rows: Sequence, fixed: tuple, chunks:
     return sum(checkpoint(chunk_sum, *(t[r] for t in rows), *fixed, use_reentrant=False) for r in _chunks(n, chunks))
 
 
+def _upcast(logits: Tensor) -> Tensor:
+    # bf16 would lose the tail of a 150k-way softmax: every distribution is taken in (at least) fp32
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _log_probs(logits: Tensor) -> Tensor:
-    # [..., V] -> [..., V]; bf16 would lose the tail of a 150k-way softmax, so upcast to (at least) fp32 first
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    # [..., V] -> [..., V], in at least fp32
+    return torch.log_softmax(_upcast(logits), dim=-1)
 
 
 def log_probs(logits: Tensor) -> Tensor:
@@ -126,6 +131,14 @@ def _check_target(teacher: TopK, kind: str, n: int) -> None:
         raise ValueError("the l2 distance needs the whole teacher distribution: a cache with cache.top_k=0")
 
 
+def _check_columns(student: Tensor, teacher: Tensor) -> None:
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"student logits {tuple(student.shape)} and teacher log-probabilities {tuple(teacher.shape)} differ; slice "
+            "both to shared_vocab_size(...) columns"
+        )
+
+
 def _divergence_from_log_probs(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> Tensor:
     # student / teacher log-probs [..., V] -> per-token divergence [...]; beta: jsd's weight of the teacher
     if kind == "forward":  # KL(teacher || student)
@@ -147,11 +160,7 @@ def _target_divergence(ls: Tensor, teacher: TopK, kind: str, beta: float = 0.5) 
     # student log-probs [N, V], teacher target -> per-token divergence [N]
     lt = teacher.log_probs.to(ls.dtype)
     if teacher.ids is None:
-        if lt.shape != ls.shape:
-            raise ValueError(
-                f"student logits {tuple(ls.shape)} and teacher log-probabilities {tuple(lt.shape)} differ; slice both "
-                "to shared_vocab_size(...) columns"
-            )
+        _check_columns(ls, lt)
         return _divergence_from_log_probs(ls, lt, kind, beta)
     # top k: both distributions coarsened to the teacher's k tokens and one bucket for everything else
     ids = teacher.ids.long()
@@ -209,9 +218,69 @@ def chunked_cross_entropy(hidden: Tensor, head: Head, targets: Tensor, chunks: C
     return total / (targets != -100).sum()
 
 
-def _chunk_divergence_sum(logits: Tensor, teacher: TopK, kind: str, beta: float) -> Tensor:
-    # [c, V] student logits, the teacher's rows of the chunk -> scalar sum over the chunk
-    return _target_divergence(_log_probs(logits), teacher, kind, beta).sum()
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    # [c, V] . [c, V] -> [c], row by row ([c, 1, V] @ [c, V, 1]): one read of each, nothing [c, V] allocated
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+def _whole_forward(teachers: Sequence[TopK], kind: str) -> bool:
+    # forward KL against whole distributions: the pairs' sums need no student log-probabilities (`_forward_kl_sums`)
+    return kind == "forward" and all(t.ids is None for t in teachers)
+
+
+def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tensor:
+    """Token sums [t_l, t_s] of KL(teacher j || student i) over a chunk's rows, student logits t_s x [c, V] (fp32 or
+    wider; overwritten), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
+    sum_v p_t (lt - ls) = p_t . lt - p_t . x + lse(x) * sum_v p_t, so each pair costs one row dot product, each
+    student layer one logsumexp and each teacher layer one exp, into one buffer: the passes over [c, V] drop from four
+    per pair, each into a new tensor, to about one per layer
+    (docs/PERFORMANCE.md#fewer-passes-over-the-vocabulary-2026-12-07)."""
+    p_t = torch.empty_like(logits[0])  # each teacher layer's probabilities in turn
+    sums, masses = [], []
+    for teacher in teachers:
+        lt = teacher.log_probs.to(p_t.dtype)
+        _check_columns(p_t, lt)
+        torch.exp(lt, out=p_t)
+        own = _row_dot(p_t, lt)  # [c]: sum_v p_t lt
+        sums.append(torch.stack([own - _row_dot(p_t, x) for x in logits]))  # [t_s, c]
+        masses.append(p_t.sum(-1))  # [c]: sum_v p_t, 1 up to rounding
+    lse = torch.stack([_logsumexp_(x) for x in logits])  # [t_s, c], the logits no longer needed
+    return torch.stack([(pair + lse * mass).sum(-1) for pair, mass in zip(sums, masses)])
+
+
+def _logsumexp_(x: Tensor) -> Tensor:
+    # [c, V] -> [c], as torch.logsumexp (the row's maximum taken out first) but in x's own memory, overwritten
+    top = x.amax(-1, keepdim=True)
+    return x.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
+def _divergence_sums(logits: Sequence[Tensor], teachers: Sequence[TopK], kind: str, beta: float) -> Tensor:
+    """Token sums [t_l, t_s] over one chunk of the divergence of every student layer's logits t_s x [c, V] (fresh
+    from the heads: fp32 ones are overwritten) from every teacher target (their rows of the chunk): the one arithmetic
+    of the scores and of the divergences' own values."""
+    logits = [_upcast(x) for x in logits]
+    if _whole_forward(teachers, kind):
+        return _forward_kl_sums(logits, teachers)
+    student_lp = [torch.log_softmax(x, dim=-1) for x in logits]  # t_s x [c, V], each held against every target
+    return torch.stack(
+        [torch.stack([_target_divergence(ls, t, kind, beta).sum() for ls in student_lp]) for t in teachers]
+    )
+
+
+def _logit_gradient(logits: Tensor, teacher: TopK, kind: str, beta: float, scale: Tensor) -> Tensor:
+    """scale * d/dlogits of the chunk's divergence sum, for student logits [c, V]. Forward KL against a whole target
+    is written out, softmax(x) * sum_v p_t - p_t per token (a few passes over [c, V], where autograd through the
+    log-softmax and the divergence takes a dozen); other divergences and top-k targets go through autograd from the
+    logits."""
+    if _whole_forward([teacher], kind):
+        x, lt = _upcast(logits), teacher.log_probs
+        _check_columns(x, lt)
+        p_t = lt.to(x.dtype).exp()
+        return torch.softmax(x, dim=-1).mul_(p_t.sum(-1, keepdim=True)).sub_(p_t).mul_(scale).to(logits.dtype)
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_()
+        total = _target_divergence(_log_probs(x), teacher, kind, beta).sum()
+        return torch.autograd.grad(total, x, scale)[0]
 
 
 class _FrozenHeadDivergence(torch.autograd.Function):
@@ -224,7 +293,7 @@ class _FrozenHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(hidden, *teacher)
         ctx.head, ctx.kind, ctx.beta, ctx.chunks = head, kind, beta, chunks
         if value is None:
-            value = sum(_chunk_divergence_sum(head(hidden[r]), TopK(*teacher).rows(r), kind, beta) for r in chunks)
+            value = sum(_divergence_sums([head(hidden[r])], [TopK(*teacher).rows(r)], kind, beta)[0, 0] for r in chunks)
             return value / hidden.shape[0]
         return value.clone()
 
@@ -236,8 +305,9 @@ class _FrozenHeadDivergence(torch.autograd.Function):
         for r in ctx.chunks:
             with torch.enable_grad():
                 rows = hidden[r].detach().requires_grad_()
-                total = _chunk_divergence_sum(ctx.head(rows), teacher.rows(r), ctx.kind, ctx.beta)
-            grads.append(torch.autograd.grad(total, rows, scale)[0])
+                logits = ctx.head(rows)  # [c, V]
+            grad_logits = _logit_gradient(logits.detach(), teacher.rows(r), ctx.kind, ctx.beta, scale)
+            grads.append(torch.autograd.grad(logits, rows, grad_logits)[0])
         return torch.cat(grads), None, None, None, None, None, *(None for _ in teacher)
 
 
@@ -291,9 +361,6 @@ def divergence_matrix(
     sums = 0
     for rows in _chunks(n, chunks):
         # t_s x [c, V], computed once and held against every teacher target
-        student_lp = [_log_probs(head(h[rows])) for h, head in zip(student_hiddens, student_heads, strict=True)]
-        chunk_sums = [
-            torch.stack([_target_divergence(ls, t.rows(rows), kind, beta).sum() for ls in student_lp]) for t in teachers
-        ]
-        sums = sums + torch.stack(chunk_sums)  # [t_l, t_s]
+        logits = [head(h[rows]) for h, head in zip(student_hiddens, student_heads, strict=True)]
+        sums = sums + _divergence_sums(logits, [t.rows(rows) for t in teachers], kind, beta)  # [t_l, t_s]
     return sums / n

@@ -11,7 +11,7 @@ from .cache import cache_identity, check_identity, read_index
 from .config import ConfigError, TrainConfig, to_dict
 from .data.encode import IGNORE_INDEX, encode
 from .data.records import Sample
-from .distributed import process_state
+from .distributed import process_state, sharded_launch
 from .models.family import Parts
 from .models.loading import ModelError, load_processor, model_outline
 from .models.verbalizer import META, WEIGHTS, Verbalizers, check_verbalizers, target_layers
@@ -34,8 +34,10 @@ def before_training(cfg: TrainConfig, out: Path) -> tuple[list, dict]:
     samples (`load_samples`) and the run's inputs (`run_inputs`, recorded in OUT/inputs.json; "data": the samples'
     `data_fingerprint`, for every later check that needs it)."""
     state = process_state()
+    refuse_on_policy_under_sharding(cfg)
     refuse_other_settings(cfg, out)
     state.wait_for_everyone()  # every process has read OUT/config.yaml before the main process writes it
+    refuse_missing_verbalizers(cfg, out)
     # Tokenizers first: a pair that cannot be distilled stops before any weights are loaded.
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),
@@ -80,6 +82,31 @@ def refuse_missing_teacher_verbalizers(cfg: TrainConfig) -> None:
     missing = [n for n in (META, WEIGHTS) if not (Path(cfg.teacher_verbalizers) / n).is_file()]
     if missing:
         raise ConfigError(f"teacher_verbalizers={cfg.teacher_verbalizers}: no {' or '.join(missing)} there")
+
+
+def refuse_on_policy_under_sharding(cfg: TrainConfig) -> None:
+    """On-policy batches (interact.on_policy > 0) generate token by token: under FSDP2 or ZeRO-3
+    (`distributed.sharded_launch`) every forward pass gathers the student's weights, a collective all processes must
+    join, and their samples end at different lengths."""
+    launch = sharded_launch()
+    if cfg.interact.on_policy > 0 and launch:
+        raise ConfigError(
+            f"interact.on_policy={cfg.interact.on_policy} is not supported under {launch} (sampling would gather the "
+            "student's sharded weights once per token, on processes whose samples end at different lengths); launch "
+            "with configs/accelerate/ddp.yaml or ZeRO-2, or set interact.on_policy=0"
+        )
+
+
+def refuse_missing_verbalizers(cfg: TrainConfig, out: Path) -> None:
+    """A model that verbalize.models leaves out is not verbalized by this run: its verbalizers must be in OUT already
+    (or, the teacher's, given with teacher_verbalizers=DIR)."""
+    for who in ("teacher", "student"):
+        if who not in cfg.verbalize.models and existing_verbalizers(cfg, out, who) is None:
+            given = ", give teacher_verbalizers=DIR" if who == "teacher" else ""
+            raise ConfigError(
+                f"verbalize.models leaves out the {who}, but {out / 'verbalizers' / who} does not exist: add {who} "
+                f"to verbalize.models{given}, or put verbalizers trained for the {who} there"
+            )
 
 
 def refuse_other_settings(cfg: TrainConfig, out: Path) -> None:

@@ -57,7 +57,7 @@ from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
 from .loop import MetricsLog, Run, checkpointing, make_accelerator, make_loader, tracking, train
-from .onpolicy import OnPolicy, check_launch, end_tokens
+from .onpolicy import OnPolicy, end_tokens
 from .output import save_verbalizers, substate, write_output
 from .samples import build_loader, load_samples
 from .student import StudentRecipe, export_student, prepare_student
@@ -217,7 +217,6 @@ def setup(cfg: TrainConfig, out: Path, samples=None, fingerprint: str | None = N
     dtype = compute_dtype(cfg.precision)
     # Without the last-layer loss the student blocks above its last target layer get no gradient.
     accelerator = make_accelerator(stage, dtype, find_unused_parameters=stage.last_loss == "none", **tracking(cfg))
-    check_launch(accelerator, stage)
     t_proc, s_proc = (
         load_processor(cfg.teacher, cfg.trust_remote_code),
         load_processor(cfg.student, cfg.trust_remote_code),

@@ -19,28 +19,12 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from ..config import ConfigError, InteractConfig
+from ..config import InteractConfig
 from ..data.collate import SEQUENCE_PAD
 from ..data.encode import IGNORE_INDEX
-
-
-def check_launch(accelerator: Accelerator, stage: InteractConfig) -> None:
-    """On-policy batches generate token by token: under FSDP2 or ZeRO-3 every forward pass gathers the student's
-    weights, a collective all processes must join, and their samples end at different lengths."""
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if stage.on_policy > 0 and (accelerator.is_fsdp2 or zero3):
-        launch = "FSDP2" if accelerator.is_fsdp2 else "ZeRO-3"
-        raise ConfigError(
-            f"interact.on_policy={stage.on_policy} is not supported under {launch} (sampling would gather the "
-            "student's sharded weights once per token, on processes whose samples end at different lengths); launch "
-            "with configs/accelerate/ddp.yaml or ZeRO-2, or set interact.on_policy=0"
-        )
 
 
 def end_tokens(model, tokenizer) -> set[int]:

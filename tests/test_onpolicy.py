@@ -63,7 +63,8 @@ def _sampled(step, batch, state):
     on_policy.generator.set_state(state)
     seed = on_policy.draw()
     inputs = prompts(batch["student"], on_policy.pad_ids["student"])
-    new = sample(step.student, inputs, on_policy.options, on_policy.ends, on_policy.pad_ids["student"], seed)
+    pad = on_policy.pad_ids["student"]
+    new = sample(step.student, inputs, on_policy.options, on_policy.ends, pad, seed, on_policy.suppressed)
     return cut(new, on_policy.ends)
 
 
@@ -73,6 +74,24 @@ def _row(encoded, r, image_offsets):
     row = {k: encoded[k][r : r + 1, :n] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     images = {"pixel_values": encoded["pixel_values"][image_offsets[r] : image_offsets[r + 1]]}
     return row | images | {"image_grid_thw": encoded["image_grid_thw"][r : r + 1]}
+
+
+def test_a_sample_never_draws_an_image_placeholder_or_another_special_token(toy, tmp_path):
+    """A student whose head prefers the image token would put a placeholder without features into its response (the
+    forward then stops: "Image features and image tokens do not match", as `vlsi demo on_policy=0.5` did): every
+    special token but the end tokens is suppressed when it samples."""
+    run = _interaction(toy, tmp_path, *ON)
+    step, on_policy = run.step, run.step.on_policy
+    image = step.student.config.image_token_id
+    assert image in on_policy.suppressed and not set(on_policy.suppressed) & on_policy.ends
+    with torch.no_grad():  # the image token's row far above every other: plain sampling draws it every time
+        step.student.get_output_embeddings().weight[image] *= 1e4
+    inputs = prompts(next(iter(run.loader))["student"], on_policy.pad_ids["student"])
+    pad = on_policy.pad_ids["student"]
+    drawn = sample(step.student, inputs, on_policy.options, on_policy.ends, pad, 0)
+    assert (drawn == image).any(), "the premise: unsuppressed, the student samples its image token"
+    kept = sample(step.student, inputs, on_policy.options, on_policy.ends, pad, 0, on_policy.suppressed)
+    assert not torch.isin(kept, torch.tensor(on_policy.suppressed)).any()
 
 
 def test_on_policy_loss_on_the_sampled_tokens_is_the_plain_reverse_kl(toy, tmp_path):

@@ -57,7 +57,7 @@ from ..models.verbalizer import Verbalizers, final_head
 from ..runfolder import append_jsonl, truncate_jsonl
 from .checkpoint import saved_step
 from .loop import MetricsLog, Run, checkpointing, make_accelerator, make_loader, tracking, train
-from .onpolicy import OnPolicy, end_tokens
+from .onpolicy import OnPolicy, end_tokens, special_tokens
 from .output import save_verbalizers, substate, write_output
 from .samples import build_loader, load_samples
 from .student import StudentRecipe, export_student, prepare_student
@@ -253,7 +253,8 @@ def setup(cfg: TrainConfig, out: Path, samples=None, fingerprint: str | None = N
         pad_ids = {"student": s_proc.tokenizer.pad_token_id, "teacher": t_proc.tokenizer.pad_token_id}
         generators["on_policy"] = torch.Generator().manual_seed(cfg.seed)
         ends = end_tokens(student, s_proc.tokenizer)
-        on_policy = OnPolicy(stage, pad_ids, ends, generators["on_policy"], accelerator.process_index)
+        suppressed = special_tokens(s_proc.tokenizer, ends)
+        on_policy = OnPolicy(stage, pad_ids, ends, generators["on_policy"], accelerator.process_index, suppressed)
     step = InteractStep(student, s_parts, s_verb, targets, cfg, vocab, generator, chunks, on_policy)
     processors = {"teacher": t_proc, "student": s_proc}
     loader = build_loader(cfg, samples, processors, stage.batch_size, cfg.seed, "interact")

@@ -27,6 +27,13 @@ from ..data.collate import SEQUENCE_PAD
 from ..data.encode import IGNORE_INDEX
 
 
+def special_tokens(tokenizer, ends: set[int]) -> list[int]:
+    """The tokenizer's special tokens but the end tokens, which a sampled response never draws: one of the processor's
+    image or video placeholders in a response has the model expect image features it was not given (a crash), and
+    the rest (role headers, vision delimiters) are the template's, not an answer's."""
+    return sorted({i for i, token in tokenizer.added_tokens_decoder.items() if token.special} - ends)
+
+
 def end_tokens(model, tokenizer) -> set[int]:
     """The ids that end a response: the model's `generation_config.eos_token_id`, else the tokenizer's end token."""
     ends = model.generation_config.eos_token_id
@@ -104,12 +111,15 @@ def with_responses(encoded: dict, responses: list[Tensor | None], pad_id: int) -
 
 
 @torch.no_grad()
-def sample(student, inputs: dict, options, ends: set[int], pad_id: int, seed: int) -> Tensor:
+def sample(
+    student, inputs: dict, options, ends: set[int], pad_id: int, seed: int, suppressed: list[int] = ()
+) -> Tensor:
     """The student's sampled continuations [B, n] of left-padded prompts: batched, with the KV cache, LoRA adapters
     active, in eval mode (back to its mode after), from its own distribution (`options`: interact.sample; no top-k,
-    no repetition penalty). The sampling draws from the torch generator seeded with `seed`, inside a fork of the
-    global RNG state, which is left as it was. Non-finite logits are replaced before sampling, so a diverged student
-    yields a non-finite loss (skipped by the training loop) instead of a crash."""
+    no repetition penalty) with the `suppressed` tokens never drawn (`special_tokens`). The sampling draws from the
+    torch generator seeded with `seed`, inside a fork of the global RNG state, which is left as it was. Non-finite
+    logits are replaced before sampling, so a diverged student yields a non-finite loss (skipped by the training
+    loop) instead of a crash."""
     mode, device = student.training, inputs["input_ids"].device
     student.eval()
     try:
@@ -127,6 +137,7 @@ def sample(student, inputs: dict, options, ends: set[int], pad_id: int, seed: in
                 pad_token_id=pad_id,
                 use_cache=True,
                 remove_invalid_values=True,
+                suppress_tokens=list(suppressed) or None,
             )
     finally:
         student.train(mode)
@@ -135,11 +146,20 @@ def sample(student, inputs: dict, options, ends: set[int], pad_id: int, seed: in
 
 class OnPolicy:
     """Draws which micro-batches are on-policy and rebuilds them around the student's samples. `generator` is the
-    same on every process (seeded with `seed`); `pad_ids` holds each encoding's pad id ("student", "teacher")."""
+    same on every process (seeded with `seed`); `pad_ids` holds each encoding's pad id ("student", "teacher");
+    `suppressed` the tokens a sample never draws (`special_tokens`)."""
 
-    def __init__(self, stage: InteractConfig, pad_ids: dict[str, int], ends: set[int], generator, process_index: int):
+    def __init__(
+        self,
+        stage: InteractConfig,
+        pad_ids: dict[str, int],
+        ends: set[int],
+        generator,
+        process_index: int,
+        suppressed: list[int] = (),
+    ):
         self.share, self.options, self.pad_ids, self.ends = stage.on_policy, stage.sample, pad_ids, ends
-        self.generator, self.process_index = generator, process_index
+        self.generator, self.process_index, self.suppressed = generator, process_index, list(suppressed)
 
     def draw(self) -> int | None:
         """This micro-batch's sampling seed for this process when it is on-policy (probability interact.on_policy),
@@ -152,7 +172,8 @@ class OnPolicy:
         """The batch with every encoding's rows answered by the student's samples, and their logs: mean sampled
         length (tokens before the end), the share of rows that hit the cap, the share that ended at once."""
         inputs = prompts(batch["student"], self.pad_ids["student"])
-        responses = cut(sample(student, inputs, self.options, self.ends, self.pad_ids["student"], seed), self.ends)
+        pad = self.pad_ids["student"]
+        responses = cut(sample(student, inputs, self.options, self.ends, pad, seed, self.suppressed), self.ends)
         rebuilt = {name: with_responses(enc, responses.tokens, self.pad_ids[name]) for name, enc in batch.items()}
         rows = len(responses.tokens)
         return rebuilt, {

@@ -89,6 +89,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_vlsi() -> list[str]:
+    """`accelerate launch` of `python -m vlsi` on two CPU processes (configs/accelerate/ddp.yaml)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
+    return [*launch, "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+
+
+def _questions(tmp_path: Path, n: int) -> tuple[Path, list[dict]]:
+    """tmp_path/questions.jsonl: `n` digit records cut to their question, every one a prompt for the teacher; and
+    the records."""
+    records = json.loads(write_digits_dataset(tmp_path, n=n).read_text())
+    for record in records:
+        record["conversations"] = record["conversations"][:1]
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data, records
+
+
 def _read(out: Path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     matches = (out / "layer_match.jsonl").read_text().splitlines()
@@ -103,8 +120,7 @@ def test_two_processes_match_one_process(tmp_path):
     common += [str(ROOT / "configs" / "tiny-cpu.yaml")]
 
     # 2 processes x batch 2 x 1 accumulation step ...
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
-    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    launch = _ddp_vlsi()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(
         [*launch, *common, "--output", str(tmp_path / "two"), *SETTINGS],
@@ -303,17 +319,12 @@ def test_two_processes_answer_their_shares_and_one_process_reads_them(tmp_path):
     from vlsi.stages.samples import load_samples
 
     teacher, student = write_tiny_pair(tmp_path)
-    records = json.loads(write_digits_dataset(tmp_path, n=8).read_text())
-    for record in records:
-        record["conversations"] = record["conversations"][:1]  # every record a question for the teacher
-    data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data, records = _questions(tmp_path, 8)
     settings = ["data.answers=teacher", "data.answer_max_tokens=6", "data.answer_batch_size=2"]
     settings += ["data.keep_cut_answers=true"]  # the tiny teacher's answers run to the limit
     config = str(ROOT / "configs" / "tiny-cpu.yaml")
     args = ["sft", "--model", str(student), "--teacher", str(teacher), "--data", str(data), "--config", config]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
-    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    launch = _ddp_vlsi()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
     start = time.perf_counter()
@@ -360,8 +371,7 @@ def test_two_processes_train_on_a_parquet_dataset_as_one_process(tmp_path):
     (tmp_path / "images").rename(tmp_path / "moved")  # nothing is read from image files
     args = ["sft", "--model", str(student), "--data", str(parquet), "--config", str(ROOT / "configs" / "tiny-cpu.yaml")]
     args += ["sft.max_steps=3", "sft.batch_size=2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
-    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    launch = _ddp_vlsi()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [*launch, *args, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=400
@@ -387,17 +397,12 @@ def test_a_spread_teacher_answers_alone_under_a_launch(tmp_path):
     from vlsi.stages.samples import load_samples
 
     teacher, student = write_tiny_pair(tmp_path)
-    records = json.loads(write_digits_dataset(tmp_path, n=6).read_text())
-    for record in records:
-        record["conversations"] = record["conversations"][:1]
-    data = tmp_path / "questions.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data, records = _questions(tmp_path, 6)
     settings = ["data.answers=teacher", "data.answer_max_tokens=4", "data.keep_cut_answers=true"]
     spread = ["teacher_device_map=auto", "teacher_max_memory={cpu: 1MB, disk: 1GiB}"]
     config = str(ROOT / "configs" / "tiny-cpu.yaml")
     args = ["sft", "--model", str(student), "--teacher", str(teacher), "--data", str(data), "--config", config]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml")]
-    launch += ["--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "vlsi"]
+    launch = _ddp_vlsi()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
     command = [*launch, *args, "--output", str(out), *settings, *spread, "sft.max_steps=1", "sft.batch_size=2"]

@@ -28,7 +28,7 @@ import torch
 from vlsi.cache import INDEX, build_cache, teacher_targets
 from vlsi.config import load_config
 from vlsi.data import VLDataset, make_collate, read_dataset, split_batch
-from vlsi.demo.models import STUDENT_DIR, TEACHER_DIR, TEACHER_TARGET_LAYERS, TEACHER_VERBALIZERS
+from vlsi.demo.models import SHIPPED, TEACHER_TARGET_LAYERS
 from vlsi.demo.tasks import make_split, write_split
 from vlsi.losses import TopK, log_probs, token_divergence, top_k
 from vlsi.models.family import capture, model_parts
@@ -52,11 +52,11 @@ def student_log_probs(student, parts, verbalizers, inputs, mask, vocab) -> torch
 
 def errors(data: Path, student_verbalizers: str | None, ks, batch_size: int) -> dict:
     """{k (and "k=64 float16" ...): {teacher layer: [mean |error|, sum |error| / sum exact]}}."""
-    processor = load_processor(str(TEACHER_DIR))
-    teacher = freeze(load_model(str(TEACHER_DIR), torch.float32)).eval()
-    student = freeze(load_model(str(STUDENT_DIR), torch.float32)).eval()
+    processor = load_processor(str(SHIPPED.teacher))
+    teacher = freeze(load_model(str(SHIPPED.teacher), torch.float32)).eval()
+    student = freeze(load_model(str(SHIPPED.student), torch.float32)).eval()
     t_parts, s_parts = model_parts(teacher), model_parts(student)
-    t_verb = Verbalizers.load(TEACHER_VERBALIZERS)
+    t_verb = Verbalizers.load(SHIPPED.verbalizers)
     if student_verbalizers:
         s_verb = Verbalizers.load(student_verbalizers)
     else:  # logit lens: h + 0, read by the frozen final norm and head
@@ -106,13 +106,13 @@ def sizes(data: Path, image_root: Path, ks) -> dict:
         cfg = load_config(
             None,
             [f"verbalizer.teacher_layers={json.dumps(TEACHER_TARGET_LAYERS)}", "precision=fp32", f"cache.top_k={k}"],
-            teacher=str(TEACHER_DIR),
+            teacher=str(SHIPPED.teacher),
             output=str(folder),
-            teacher_verbalizers=str(TEACHER_VERBALIZERS),
+            teacher_verbalizers=str(SHIPPED.verbalizers),
         )
         cfg.data.path, cfg.data.image_root, cfg.data.max_length = str(data), str(image_root), 128
         start = time.perf_counter()
-        build_cache(cfg, folder, TEACHER_VERBALIZERS, load_samples(cfg))
+        build_cache(cfg, folder, SHIPPED.verbalizers, load_samples(cfg))
         seconds = time.perf_counter() - start
         index = json.loads((folder / INDEX).read_text())
         total = sum(s["bytes"] for s in index["shards"])

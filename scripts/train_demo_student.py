@@ -23,7 +23,7 @@ from train_demo_teacher import PERCEPTION, instruction_config, instruction_tune,
 
 from vlsi.data import read_dataset
 from vlsi.demo.evaluate import evaluate
-from vlsi.demo.models import TEACHER_DIR, build_model
+from vlsi.demo.models import SHIPPED, build_model
 from vlsi.demo.tasks import make_split, write_split
 from vlsi.models.loading import load_processor
 from vlsi.stages.loop import MetricsLog
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.path = str(path)
     size = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, vision_depth=args.vision_depth)
     torch.manual_seed(args.seed)
-    tokenizer = load_processor(str(TEACHER_DIR)).tokenizer  # shared with the teacher: the method needs one vocabulary
+    tokenizer = load_processor(
+        str(SHIPPED.teacher)
+    ).tokenizer  # shared with the teacher: the method needs one vocabulary
     model, processor = build_model(None, size, args.seed, tokenizer)
     pretrain_vision(model, processor, items, args.vision_steps, args.batch_size, args.lr, args.seed, log)
     instruction_tune(model, processor, cfg, read_dataset(path)[0], args.steps, "student", MetricsLog(work / "m.jsonl"))

@@ -181,7 +181,7 @@ def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path, monkeypatch):
     """`styles=chain` reaches every ablation run (the teacher answers to the chain's length); one seed gives means and
     differences to VLsI without intervals."""
     out = tmp_path / "ablate"
-    settings = ["tables=sft", "seeds=1", "jobs=1", "n_test=8", "tasks=sequence", "styles=chain"]
+    settings = ["tables=sft", "seeds=1", "jobs=1", "n_test=8", "tasks=sequence", "styles=chain", "teacher=chain"]
     threads, answer_pool = [], experiment.answer_pool  # torch threads at each answering: the main process's first
 
     def observed(*args):
@@ -192,7 +192,7 @@ def test_fast_ablation_of_chain_answers_with_one_seed(tmp_path, monkeypatch):
     torch.set_num_threads(2)
     assert main(["ablate", "--fast", "--output", str(out), *settings]) == 0
     assert threads[0] == 1, "the main process answers the pool on `threads` torch threads (1), not 2"
-    assert "answer_max_tokens: 7" in (out / "runs" / "vlsi" / "seed-0" / "config.yaml").read_text()
+    assert "answer_max_tokens: 6" in (out / "runs" / "vlsi" / "seed-0" / "config.yaml").read_text()
     rows = {r["key"]: r for r in json.loads((out / "results.json").read_text())["tables"]["sft"]["rows"]}
     assert rows["sft"]["accuracy"]["low"] is None and rows["sft"]["vs_vlsi"]["low"] is None
     assert rows["sft"]["vs_vlsi"]["difference"] == pytest.approx(

@@ -10,14 +10,7 @@ import yaml
 from vlsi.cli import main
 from vlsi.demo.evaluate import evaluate, score
 from vlsi.demo.experiment import ON_POLICY, ON_POLICY_PAIRS, PAIRS, DemoSettings, budget, comparisons
-from vlsi.demo.models import (
-    STUDENT_DIR,
-    STUDENT_TARGET_LAYERS,
-    TEACHER_DIR,
-    TEACHER_TARGET_LAYERS,
-    TEACHER_VERBALIZERS,
-    teacher_card,
-)
+from vlsi.demo.models import MODEL_SETS, SHIPPED, STUDENT_TARGET_LAYERS, TEACHER_TARGET_LAYERS, teacher_card
 from vlsi.demo.report import ROWS, verdict, write_report
 from vlsi.demo.tasks import (
     SLOTS,
@@ -182,28 +175,34 @@ def test_paired_comparison_against_a_reference():
         paired([1, 0], [1])
 
 
-def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance():
+@pytest.mark.parametrize("name, styles", [("", STYLES), ("chain", ("chain",))])
+def test_shipped_models_load_and_the_teacher_beats_the_student_and_chance(name, styles):
+    """Each shipped set (`teacher=NAME`): one tokenizer, a teacher larger than the student that answers its styles
+    well above chance and the student initialisation; the chain set's teacher answers whole chains."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlsi.models.verbalizer import Verbalizers
     from vlsi.preflight import refuse_different_tokenizers
 
-    card = teacher_card()
-    processor = AutoProcessor.from_pretrained(TEACHER_DIR)
-    refuse_different_tokenizers(processor, AutoProcessor.from_pretrained(STUDENT_DIR), "teacher", "student")
-    teacher = AutoModelForImageTextToText.from_pretrained(TEACHER_DIR, dtype=torch.float32)
-    student = AutoModelForImageTextToText.from_pretrained(STUDENT_DIR, dtype=torch.float32)
+    models = MODEL_SETS[name]
+    card = teacher_card(models)
+    processor = AutoProcessor.from_pretrained(models.teacher)
+    refuse_different_tokenizers(processor, AutoProcessor.from_pretrained(models.student), "teacher", "student")
+    teacher = AutoModelForImageTextToText.from_pretrained(models.teacher, dtype=torch.float32)
+    student = AutoModelForImageTextToText.from_pretrained(models.student, dtype=torch.float32)
     assert teacher.config.text_config.num_hidden_layers > student.config.text_config.num_hidden_layers
     assert teacher.config.text_config.hidden_size > student.config.text_config.hidden_size
-    verbalizers = Verbalizers.load(TEACHER_VERBALIZERS)
+    verbalizers = Verbalizers.load(models.verbalizers)
     assert verbalizers.target_layers == TEACHER_TARGET_LAYERS and len(STUDENT_TARGET_LAYERS) <= len(verbalizers)
 
-    test = make_split("test", 120)
+    test = make_split("test", 120, ("compare", "sequence"), styles) if name else make_split("test", 120)
     chance = chance_accuracy(test)
     t, s = evaluate(teacher, processor, test)["accuracy"], evaluate(student, processor, test)["accuracy"]
     assert t > chance + 0.3, f"teacher {t:.3f} vs chance {chance:.3f}"
     assert t > s + 0.1, f"teacher {t:.3f} vs student initialisation {s:.3f}"
     assert card["accuracy"]["test"]["accuracy"] > card["student_accuracy"]["test"]["accuracy"] + 0.15
+    if name:
+        assert card["accuracy"]["test"]["chain_exact"] > 0.8 and "--styles number yesno choice chain" in card["command"]
 
 
 CLUSTERS = [f"pattern {k % 50}" for k in range(1000)]
@@ -306,10 +305,13 @@ def test_demo_is_a_vlsi_subcommand():
         ("intermediate_weight=-1", "intermediate_weight=-1.0: a finite number >= 0"),
         ("freeze_student_verbalizers=2", "freeze_student_verbalizers=2: 0 or 1"),
         ("on_policy=1.5", "on_policy=1.5: a share of interaction batches, 0 to 1"),
+        ("teacher=big", "teacher='big': a shipped set"),
+        ("styles=chain", "the shipped teacher was not trained on chain answers; add teacher=chain"),
+        ("teacher=chain student=deep-thin", "the named students share the default set's tokenizer"),
     ],
 )
 def test_bad_demo_settings_are_refused(tmp_path, capsys, setting, message):
-    assert main(["demo", "--output", str(tmp_path), setting]) == 2
+    assert main(["demo", "--output", str(tmp_path), *setting.split()]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -323,7 +325,7 @@ def test_fast_demo_with_another_student_and_the_layer_terms_averaged_weighted_fr
     from vlsi.models.loading import load_processor
 
     student = tmp_path / "student"
-    tokenizer = load_processor(str(TEACHER_DIR)).tokenizer  # one vocabulary with the teacher
+    tokenizer = load_processor(str(SHIPPED.teacher)).tokenizer  # one vocabulary with the teacher
     build_model(student, dict(hidden=32, layers=3, heads=2, vision_depth=1), 0, tokenizer)
     out = tmp_path / "demo"
     settings = [
@@ -393,12 +395,14 @@ def test_answer_lengths_follow_from_the_task_never_a_fixed_four():
     from vlsi.demo.tasks import possible_answers
     from vlsi.models.loading import load_processor
 
-    tokenizer = load_processor(str(TEACHER_DIR)).tokenizer
+    tokenizer = load_processor(str(SHIPPED.teacher)).tokenizer
     assert answer_tokens(tokenizer, ("compare", "sequence"), ("number",)) == 2, "one digit + end-of-turn"
     assert answer_tokens(tokenizer, TASKS, STYLES) == 3, '"no" is two tokens of the shipped tokenizer'
-    chain = DemoSettings(tasks="compare,sequence", styles="chain")
     assert len(tokenizer("9 8 7 so 6", add_special_tokens=False).input_ids) == 6
-    assert answer_length(chain) == 7 and "data.answer_max_tokens=7" in answer_settings(chain)
+    chain = DemoSettings(tasks="compare,sequence", styles="chain", teacher="chain").check()
+    tokenizer = load_processor(str(chain.models.teacher)).tokenizer  # the chain set's: "so" is one token
+    assert len(tokenizer("9 8 7 so 6", add_special_tokens=False).input_ids) == 5
+    assert answer_length(chain) == 6 and "data.answer_max_tokens=6" in answer_settings(chain)
     longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in possible_answers(TASKS, ("chain",)))
     assert answer_tokens(tokenizer, TASKS, ("chain",)) == longest + 1 > 5
     items = make_split("train", 400, TASKS, ("chain",))
@@ -424,8 +428,8 @@ def test_an_answer_longer_than_four_tokens_is_generated_and_scored_whole():
 
     torch.manual_seed(0)
     (item,) = make_split("test", 1, ("sequence",), ("chain",))
-    processor = load_processor(str(TEACHER_DIR))
-    model = load_model(str(STUDENT_DIR), torch.float32)
+    processor = load_processor(str(SHIPPED.teacher))
+    model = load_model(str(SHIPPED.student), torch.float32)
     turns = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]},
         {"role": "assistant", "content": [{"type": "text", "text": item.answer}]},
@@ -450,14 +454,15 @@ def test_an_answer_longer_than_four_tokens_is_generated_and_scored_whole():
 
 
 def test_fast_chain_demo_answers_and_decodes_to_the_chain_length_and_adds_the_on_policy_arms(tmp_path):
-    """`styles=chain` reaches every run: the teacher answers to 7 new tokens, the report gives whole-chain accuracy.
-    `on_policy=0.5` adds on-policy KD and VLsI (their own samples to the same 7 tokens, the live teacher, no cache),
-    paired against their off-policy recipes and (b), and leaves the four students and their numbers as they were."""
+    """`teacher=chain styles=chain` reaches every run: the chain set's teacher answers to 6 new tokens, the report
+    gives whole-chain accuracy. `on_policy=0.5` adds on-policy KD and VLsI (their own samples to the same 6 tokens,
+    the live teacher, no cache), paired against their off-policy recipes and (b), and leaves the four students and
+    their numbers as they were."""
     out = tmp_path / "demo"
-    chain = ["tasks=sequence", "styles=chain"]
+    chain = ["tasks=sequence", "styles=chain", "teacher=chain"]
     assert main(["demo", "--fast", "--output", str(out), *chain]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["answer_tokens"] == 7 and set(results["chain_exact"]) == {
+    assert results["answer_tokens"] == 6 and set(results["chain_exact"]) == {
         "teacher",
         "init",
         *PAIRS[0],
@@ -466,10 +471,10 @@ def test_fast_chain_demo_answers_and_decodes_to_the_chain_length_and_adds_the_on
     }
     assert "student_kd_on_policy" not in results and not (out / "runs" / "vlsi_on_policy").exists()
     for run in ("kd", "vlsi"):
-        assert "answer_max_tokens: 7" in (out / "runs" / run / "config.yaml").read_text()
+        assert "answer_max_tokens: 6" in (out / "runs" / run / "config.yaml").read_text()
     assert all(item.style == "chain" for item in read_split(out / "data" / "test.json"))
     text = (out / "report.md").read_text()
-    assert "Chain answers (7 new tokens decoded at most)" in text and "whole chains right" in text
+    assert "Chain answers (6 new tokens decoded at most)" in text and "whole chains right" in text
     assert "on-policy" not in text
 
     mixed = tmp_path / "on-policy"
@@ -485,7 +490,7 @@ def test_fast_chain_demo_answers_and_decodes_to_the_chain_length_and_adds_the_on
             0.0 <= both[f"student_{method}"] <= 1.0 and method in both["before_sft"] and method in both["chain_exact"]
         )
         config = (mixed / "runs" / method / "config.yaml").read_text()
-        assert "on_policy: 0.5" in config and "max_new_tokens: 7" in config and "teacher_cache: ''" in config
+        assert "on_policy: 0.5" in config and "max_new_tokens: 6" in config and "teacher_cache: ''" in config
         rows = [json.loads(line) for line in (mixed / "runs" / method / "metrics.jsonl").read_text().splitlines()]
         interact = [r for r in rows if r["stage"] == "interact"]
         assert len(interact) == 4 and any("sample/length" in r for r in interact), "it sampled on some batches"

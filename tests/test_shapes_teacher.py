@@ -11,7 +11,7 @@ import torch
 
 from vlsi.data import read_dataset
 from vlsi.demo.evaluate import evaluate
-from vlsi.demo.models import TEACHER_DIR
+from vlsi.demo.models import SHIPPED
 from vlsi.demo.tasks import is_correct, make_split, write_split
 from vlsi.eval.generate import Item, generate_answers
 from vlsi.models.loading import load_model, load_processor
@@ -40,7 +40,7 @@ def _question(path: str, question: str) -> dict:
 
 @pytest.fixture(scope="module")
 def teacher():
-    return load_model(str(TEACHER_DIR), torch.float32).eval(), load_processor(str(TEACHER_DIR))
+    return load_model(str(SHIPPED.teacher), torch.float32).eval(), load_processor(str(SHIPPED.teacher))
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,8 @@ def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path, monkeypat
     """`axis=steps control=1`: one run per interaction-step budget and seed, five students each (the CE / KLD control
     beside VLsI, from VLsI's stage-1 verbalizers), scored before and after stage 3, paired by seed."""
     out = tmp_path / "budget"
-    settings = ["axis=steps", "steps=1,3", "control=1", "tasks=sequence", "styles=chain"]  # chains through the study
+    # chains through the study
+    settings = ["axis=steps", "steps=1,3", "control=1", "tasks=sequence", "styles=chain", "teacher=chain"]
     threads, answer_pool = [], experiment.answer_pool  # torch threads at each answering: the main process's first
 
     def observed(*args):
@@ -119,7 +120,7 @@ def test_fast_budget_curve_with_the_deep_supervision_control(tmp_path, monkeypat
             rows = [json.loads(line) for line in (run / "runs" / method / "metrics.jsonl").read_text().splitlines()]
             assert sum(r["stage"] == "interact" for r in rows) == int(steps), f"{method}: the budget's steps"
         config = (run / "runs" / "ce_kld" / "config.yaml").read_text()
-        assert "intermediate_loss: ce" in config and "last_loss: kld" in config and "answer_max_tokens: 7" in config
+        assert "intermediate_loss: ce" in config and "last_loss: kld" in config and "answer_max_tokens: 6" in config
         shared = run / "runs" / "vlsi" / "verbalizers" / "student" / "verbalizers.safetensors"
         copied = run / "runs" / "ce_kld" / "verbalizers" / "student" / "verbalizers.safetensors"
         assert copied.read_bytes() == shared.read_bytes(), "the control starts from VLsI's stage-1 verbalizers"

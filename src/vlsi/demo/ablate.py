@@ -186,16 +186,16 @@ class Job:
 _TEST_CACHE: dict = {}
 
 
-def _score(path: Path, test_path: Path) -> dict:
-    """Accuracy of the checkpoint at `path` on the evaluation split (encoded once per process)."""
+def _score(path: Path, test_path: Path, models) -> dict:
+    """Accuracy of the checkpoint at `path` on the evaluation split, with the tokenizer of `models` (a
+    `models.ModelSet`; encoded once per process)."""
     from ..models.loading import load_model, load_processor
     from .evaluate import encode_batches, evaluate
-    from .models import TEACHER_DIR
     from .tasks import read_split
 
-    key = str(test_path)
+    key = (str(test_path), str(models.folder))
     if key not in _TEST_CACHE:
-        processor = load_processor(str(TEACHER_DIR))
+        processor = load_processor(str(models.teacher))
         items = read_split(test_path)
         _TEST_CACHE[key] = (processor, items, encode_batches(processor, items, 128))
     processor, items, batches = _TEST_CACHE[key]
@@ -214,7 +214,6 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
     from ..stages.samples import load_samples
     from ..stages.sft import sft
     from ..stages.verbalize import verbalize
-    from .models import TEACHER_DIR
 
     torch.set_num_threads(1)
     folder = Path(job.folder)
@@ -227,7 +226,7 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
     scores: dict = {}
     with open(folder / "log.txt", "w") as stream, output_to(stream):
         if job.kind == "score":
-            scores["student"] = _score(TEACHER_DIR if job.name == "teacher" else s.student_dir, test)
+            scores["student"] = _score(s.models.teacher if job.name == "teacher" else s.student_dir, test, s.models)
         else:
             if job.kind == "verbalize":
                 steps = {"verbalize": s.verbalize_steps}
@@ -248,14 +247,15 @@ def run_job(job: Job, s: AblateSettings, data: Path, answers: Path, cache: tuple
             if job.kind == "verbalize":
                 verbalize(cfg, str(s.student_dir), "student", folder / "verbalizers" / "student", metrics, samples)
             elif job.name == "sft":
-                scores["student"] = _score(sft(cfg, str(s.student_dir), folder / "student", metrics, samples), test)
+                trained = sft(cfg, str(s.student_dir), folder / "student", metrics, samples)
+                scores["student"] = _score(trained, test, s.models)
             else:
                 shared = folder.parent.parent / "verbalize" / f"seed-{job.seed}" / "verbalizers" / "student"
                 own = folder / "verbalizers" / "student"
                 if not own.exists():
                     shutil.copytree(shared, own)
-                scores["student"] = _score(run_train(cfg), test)
-                scores["interact"] = _score(folder / "stages" / "interact" / "student", test)
+                scores["student"] = _score(run_train(cfg), test, s.models)
+                scores["interact"] = _score(folder / "stages" / "interact" / "student", test, s.models)
     scores["seconds"] = round(time.time() - start, 1)
     write_json(done, scores, indent=2)  # whole or absent: its presence marks the job finished
     return scores
@@ -374,7 +374,7 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
     from .tasks import chance_accuracy, make_split, write_split
 
     s.check()
-    teacher_card()  # the shipped models are there, or one clear error
+    teacher_card(s.models)  # the shipped models are there, or one clear error
     start = time.time()
     torch.set_num_threads(s.threads)  # the main process answers the pool and builds the cache (`vlsi demo` does too)
     _check_same_settings(out, s)

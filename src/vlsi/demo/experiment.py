@@ -49,18 +49,17 @@ from ..stages.sft import sft
 from ..stages.verbalize import verbalize
 from .evaluate import answer_tokens, encode_batches, evaluate, layer_accuracy
 from .models import (
-    STUDENT_DIR,
+    MODEL_SETS,
+    SHIPPED,
     STUDENT_TARGET_LAYERS,
     STUDENTS,
-    TEACHER_DIR,
-    TEACHER_METRICS,
     TEACHER_TARGET_LAYERS,
-    TEACHER_VERBALIZERS,
+    ModelSet,
     student_folder,
     teacher_card,
 )
 from .stats import cluster_bootstrap, paired
-from .tasks import ALL_STYLES, TASKS, chance_accuracy, make_split, write_split
+from .tasks import ALL_STYLES, CHAIN, TASKS, chance_accuracy, make_split, write_split
 
 log = logging.getLogger("vlsi")
 METHODS = ("sft", "sft_teacher", "kd", "vlsi")
@@ -113,14 +112,21 @@ class DemoSettings:
     # instead of full fine-tuning (0), at `stage3_lr` (0: `lr`; the paper: 1e-4), decayed to min_lr_ratio x it
     stage3_lora: int = 0
     stage3_lr: float = 0.0
+    # the shipped models (teacher, its verbalizers, student initialisation; `models.MODEL_SETS`): "" the set trained on
+    # number, yesno and choice answers; "chain" the set trained on chains too (styles=chain needs it)
+    teacher: str = ""
     # another student initialisation: a folder (with the shipped tokenizer) or a shipped one by name (`STUDENTS`:
-    # deep-thin, 8 blocks x 32); "": the shipped 4 x 64 one
+    # deep-thin, 8 blocks x 32); "": the chosen set's 4 x 64 one
     student: str = ""
     student_layers: str = ""  # its target layers, e.g. 0,1,2,3,4; "": the shipped student's (0,1,2) or the named one's
 
     @property
+    def models(self) -> ModelSet:
+        return MODEL_SETS[self.teacher]
+
+    @property
     def student_dir(self) -> Path:
-        return student_folder(self.student)
+        return student_folder(self.student, self.models)
 
     @property
     def student_target_layers(self) -> list[int]:
@@ -171,6 +177,18 @@ class DemoSettings:
             )
         if not 0 <= self.on_policy <= 1:
             raise ValueError(f"demo setting on_policy={self.on_policy}: a share of interaction batches, 0 to 1")
+        if self.teacher not in MODEL_SETS:
+            raise ValueError(f"demo setting teacher={self.teacher!r}: a shipped set, one of {list(MODEL_SETS)}")
+        if CHAIN in self.style_list and not self.teacher:
+            raise ValueError(
+                f"demo setting styles={self.styles}: the shipped teacher was not trained on chain answers; add "
+                "teacher=chain (the set trained on them)"
+            )
+        if self.teacher and self.student in STUDENTS:
+            raise ValueError(
+                f"demo settings teacher={self.teacher}, student={self.student}: the named students share the default "
+                "set's tokenizer, not this one's; leave student out (the set's own) or give a folder"
+            )
         if self.student and not (self.student_dir / "config.json").is_file():
             raise ValueError(
                 f"demo setting student={self.student}: no Hugging Face checkpoint (config.json) there; or name a "
@@ -209,11 +227,13 @@ def demo_config(
     num_workers: int = 1,
     warmup: float = 0.0,
     min_lr_ratio: float = 0.1,
-    student: Path = STUDENT_DIR,
+    student: Path | None = None,
     student_layers: list[int] = STUDENT_TARGET_LAYERS,
+    models: ModelSet = SHIPPED,
 ):
     """A `vlsi train` configuration for the demo's models: `stages` gives each stage's optimizer steps (0: none);
-    every stage warms up for `warmup` of its steps and decays to `min_lr_ratio` x its learning rate."""
+    every stage warms up for `warmup` of its steps and decays to `min_lr_ratio` x its learning rate. `models`: the
+    shipped set whose teacher and verbalizers it uses; `student`: None for that set's student."""
     overrides = [
         "precision=fp32",
         "data.max_length=128",
@@ -239,10 +259,10 @@ def demo_config(
     return load_config(
         None,
         [*overrides, *extra],
-        teacher=str(TEACHER_DIR),
-        student=str(student),
+        teacher=str(models.teacher),
+        student=str(student or models.student),
         output=str(out),
-        teacher_verbalizers=str(TEACHER_VERBALIZERS),
+        teacher_verbalizers=str(models.verbalizers),
     )
 
 
@@ -270,6 +290,7 @@ def stage_config(
         num_workers=num_workers,
         student=s.student_dir,
         student_layers=s.student_target_layers,
+        models=s.models,
     )
     cfg.interact.intermediate_reduction = s.intermediate_reduction
     cfg.interact.intermediate_weight = s.intermediate_weight
@@ -302,14 +323,14 @@ def _banner(text: str) -> None:
 
 
 @functools.cache
-def _answer_length(tasks: tuple[str, ...], styles: tuple[str, ...]) -> int:
-    return answer_tokens(load_processor(str(TEACHER_DIR)).tokenizer, tasks, styles)
+def _answer_length(teacher: Path, tasks: tuple[str, ...], styles: tuple[str, ...]) -> int:
+    return answer_tokens(load_processor(str(teacher)).tokenizer, tasks, styles)
 
 
 def answer_length(s: DemoSettings) -> int:
     """New tokens the longest answer of the settings' tasks and styles takes, with its end-of-turn token (a number:
     2; "3 5 7 so 9": 7): what the teacher generates per answer and every evaluation decodes."""
-    return _answer_length(s.task_list, s.style_list)
+    return _answer_length(s.models.teacher, s.task_list, s.style_list)
 
 
 def answer_settings(s: DemoSettings) -> list[str]:
@@ -331,7 +352,7 @@ def teacher_cache(s: DemoSettings, folder: Path, data: Path, samples) -> list[st
     run read it."""
     reads = [f"teacher_cache={folder}", "cache.top_k=0"]
     cfg = stage_config(s, folder, {}, data, [*answer_settings(s), *reads, "cache.batch_size=64"])
-    build_cache(cfg, folder, TEACHER_VERBALIZERS, samples)
+    build_cache(cfg, folder, s.models.verbalizers, samples)
     return reads
 
 
@@ -501,9 +522,10 @@ def train_students(
     return Trained(finals, before, seconds, answered)
 
 
-def encode_test(test, batch_size: int = 128) -> tuple:
-    """(processor, left-padded batches) of the test questions: encoded once, shared by every model scored."""
-    processor = load_processor(str(TEACHER_DIR))
+def encode_test(test, models: ModelSet = SHIPPED, batch_size: int = 128) -> tuple:
+    """(processor, left-padded batches) of the test questions with the tokenizer of `models`: encoded once, shared by
+    every model scored."""
+    processor = load_processor(str(models.teacher))
     return processor, encode_batches(processor, test, batch_size)
 
 
@@ -565,7 +587,7 @@ def probe_layers(s: DemoSettings, runs: Path, data: Path, samples, num_workers: 
 
 
 def layer_accuracies(
-    runs: Path, probes: dict[str, Path], test, encoded: tuple, student: Path = STUDENT_DIR
+    runs: Path, probes: dict[str, Path], test, encoded: tuple, student: Path, models: ModelSet = SHIPPED
 ) -> dict[str, dict]:
     """Per task, how often each verbalized layer names the answer: {model: {task: {layer: accuracy}}} for the teacher
     (its shipped verbalizers), the student initialisation (VLsI's stage-1 verbalizers), the KD and the VLsI students
@@ -573,7 +595,7 @@ def layer_accuracies(
     processor, batches = encoded
     interacted = runs / "vlsi" / "stages" / "interact"
     models = (
-        ("teacher", TEACHER_DIR, TEACHER_VERBALIZERS),
+        ("teacher", models.teacher, models.verbalizers),
         ("init", student, runs / "vlsi" / "verbalizers" / "student"),
         ("kd", runs / "kd" / "stages" / "interact" / "student", probes["kd"]),
         ("vlsi", interacted / "student", probes["vlsi"]),
@@ -608,7 +630,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
     s.check()
     start = time.time()
     torch.set_num_threads(s.threads)
-    card = teacher_card()
+    card = teacher_card(s.models)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "runs", ignore_errors=True)  # this command's own earlier output: never reuse stale stages
 
@@ -629,25 +651,25 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         f"evaluating the teacher, the student initialisation and the four students on {len(test)} {s.eval_split} "
         "questions"
     )
-    encoded = encode_test(test)
+    encoded = encode_test(test, s.models)
     clusters = [item.pattern for item in test]
-    evals = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir, **finals}, test, encoded)
+    evals = evaluate_all({"teacher": s.models.teacher, "init": s.student_dir, **finals}, test, encoded)
     earlier = evaluate_all(before, test, encoded)
     _banner("what each layer knows: fresh verbalizers (stage 1) on the KD and VLsI students, then every layer scored")
     probe_start = time.time()
     probes = probe_layers(s, out / "runs", mixed, answered)
-    layers = layer_accuracies(out / "runs", probes, test, encoded, s.student_dir)
+    layers = layer_accuracies(out / "runs", probes, test, encoded, s.student_dir, s.models)
     seconds["probes"] = time.time() - probe_start
 
     _banner("plots and one test example read layer by layer")
     runs = out / "runs"
     merged = runs / "verbalizer_metrics.jsonl"
-    teacher_rows = TEACHER_METRICS.read_text() if TEACHER_METRICS.is_file() else ""
+    teacher_rows = s.models.metrics.read_text() if s.models.metrics.is_file() else ""
     merged.write_text(teacher_rows + (runs / "vlsi" / "metrics.jsonl").read_text())
     plot_verbalizer_loss(merged, out / "verbalizer_loss.png")
     if (runs / "vlsi" / "layer_match.png").is_file():
         shutil.copy(runs / "vlsi" / "layer_match.png", out / "layer_match.png")
-    example = explain_example(out, test, evals, answer_length(s))
+    example = explain_example(out, test, evals, answer_length(s), s.models)
 
     results = {
         "teacher": evals["teacher"]["accuracy"],

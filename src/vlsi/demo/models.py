@@ -8,17 +8,48 @@ the 112 x 28 canvas at its size (4 image tokens).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .tasks import CANVAS, SLOT, corpus
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
-TEACHER_DIR = ASSETS / "teacher"  # the Hugging Face checkpoint + processor
-TEACHER_VERBALIZERS = ASSETS / "teacher_verbalizers"
-TEACHER_METRICS = ASSETS / "teacher_metrics.jsonl"  # its training and verbalizer losses, step by step
-TEACHER_CARD = ASSETS / "teacher.json"  # how teacher and student were trained, and their accuracy
-STUDENT_DIR = ASSETS / "student"  # the student initialisation (pretrained on reading digits and counting)
-# Shipped student initialisations of other shapes, by name (setting `student=NAME`): folder and target layers.
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """One shipped set of demo models sharing one tokenizer, as `scripts/train_demo_teacher.py --output FOLDER`
+    writes it: the teacher, its verbalizers and the student initialisation pair only with each other."""
+
+    folder: Path
+
+    @property
+    def teacher(self) -> Path:  # the Hugging Face checkpoint + processor
+        return self.folder / "teacher"
+
+    @property
+    def verbalizers(self) -> Path:
+        return self.folder / "teacher_verbalizers"
+
+    @property
+    def metrics(self) -> Path:  # the teacher's training and verbalizer losses, step by step
+        return self.folder / "teacher_metrics.jsonl"
+
+    @property
+    def card(self) -> Path:  # how teacher and student were trained, and their accuracy
+        return self.folder / "teacher.json"
+
+    @property
+    def student(self) -> Path:  # the student initialisation (pretrained on reading digits and counting)
+        return self.folder / "student"
+
+
+# The demo setting `teacher=NAME`: "" the shipped set (answer styles number, yesno, choice); "chain" the set trained
+# on chains too (`--styles number yesno choice chain --n-train 16000 --output src/vlsi/assets/demo-chain`)
+MODEL_SETS = {"": ModelSet(ASSETS), "chain": ModelSet(ASSETS.parent / "demo-chain")}
+SHIPPED = MODEL_SETS[""]
+# Shipped student initialisations of other shapes, by name (setting `student=NAME`), with the shipped set's
+# tokenizer: folder and target layers.
 # deep-thin: 8 blocks x 32, 2 heads, its layer terms on sparse blocks 1, 3, 5 (issue #26: as deep as and narrower
 # than the teacher's 8 x 128), made by `python scripts/train_demo_student.py --output DIR --layers 8 --hidden 32
 # --heads 2 --steps 2500` and copied here (its student.json: the command, sizes and validation accuracy; docs/DEMO.md)
@@ -59,10 +90,10 @@ def build_model(out_dir: Path | None, size: dict, seed: int, tokenizer=None):
     return model, processor
 
 
-def student_folder(student: str) -> Path:
-    """The folder of the `student` setting: "" the shipped student, a name of `STUDENTS`, else a folder."""
+def student_folder(student: str, models: ModelSet = SHIPPED) -> Path:
+    """The folder of the `student` setting: "" the student of `models`, a name of `STUDENTS`, else a folder."""
     if not student:
-        return STUDENT_DIR
+        return models.student
     return STUDENTS[student][0] if student in STUDENTS else Path(student)
 
 
@@ -78,11 +109,16 @@ def model_size(folder: Path) -> dict:
     )
 
 
-def teacher_card() -> dict:
-    """The shipped teacher's record: sizes, training command and steps, seed, accuracy per split."""
-    if not TEACHER_CARD.is_file():
+def teacher_card(models: ModelSet = SHIPPED) -> dict:
+    """The record of a set's teacher: sizes, training command and steps, seed, accuracy per split."""
+    if not models.card.is_file():
+        if models is not SHIPPED:
+            raise FileNotFoundError(
+                f"{models.card} is missing: train this set with `python scripts/train_demo_teacher.py --output "
+                f"{models.folder}` and the styles it names (models.py: MODEL_SETS)"
+            )
         raise FileNotFoundError(
-            f"{TEACHER_CARD} is missing: the demo teacher ships inside the package; reinstall vlsi, or train it "
+            f"{models.card} is missing: the demo teacher ships inside the package; reinstall vlsi, or train it "
             "with `python scripts/train_demo_teacher.py`"
         )
-    return json.loads(TEACHER_CARD.read_text())
+    return json.loads(models.card.read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models import STUDENT, STUDENT_DIR, TEACHER, TEACHER_DIR, TEACHER_VERBALIZERS, model_size, student_folder
+from .models import MODEL_SETS, STUDENT, TEACHER, model_size, student_folder
 from .tasks import TASKS, Item, is_correct
 
 ROWS = (
@@ -298,11 +298,12 @@ ROWS_SHORT = (
 def write_report(out: Path, r: dict, example: dict | None) -> Path:
     s = r["settings"]
     card = r.get("teacher_card") or {}
+    models = MODEL_SETS[s.get("teacher", "")]
     student = (
-        f"Student: {_size(STUDENT)}, initialised from `{STUDENT_DIR.name}/` (pretrained on reading single digits "
-        "and counting only; compare and sequence questions are new to it)."
+        f"Student: {_size(STUDENT)}, initialised from `{models.folder.name}/{models.student.name}/` (pretrained on "
+        "reading single digits and counting only; compare and sequence questions are new to it)."
         if not s.get("student")
-        else f"Student: {_size(model_size(student_folder(s['student'])))}, initialised from `{s['student']}` "
+        else f"Student: {_size(model_size(student_folder(s['student'], models)))}, initialised from `{s['student']}` "
         "(setting `student`)."
     )
     lines = [
@@ -385,9 +386,9 @@ def pick_example(test: list[Item], evals: dict[str, dict]) -> int:
     return 0
 
 
-def explain_example(out: Path, test: list[Item], evals: dict[str, dict], max_new_tokens: int) -> dict | None:
+def explain_example(out: Path, test: list[Item], evals: dict[str, dict], max_new_tokens: int, models) -> dict | None:
     """One test item with every model's final answer and, teacher beside VLsI student, each target layer's answer
-    (`max_new_tokens` of it: the task's answer length)."""
+    (`max_new_tokens` of it: the task's answer length); `models`: the run's `models.ModelSet`."""
     import torch
 
     from ..explain import explain_pair, format_pair
@@ -404,14 +405,14 @@ def explain_example(out: Path, test: list[Item], evals: dict[str, dict], max_new
         "replies": {name: e["replies"][k].strip() for name, e in evals.items()},
     }
     interacted = out / "runs" / "vlsi" / "stages" / "interact"
-    processor = load_processor(str(TEACHER_DIR))
+    processor = load_processor(str(models.teacher))
     rows = explain_pair(
         load_model(str(interacted / "student"), torch.float32),
         processor,
         Verbalizers.load(interacted / "verbalizers"),
-        load_model(str(TEACHER_DIR), torch.float32),
+        load_model(str(models.teacher), torch.float32),
         processor,
-        Verbalizers.load(TEACHER_VERBALIZERS),
+        Verbalizers.load(models.verbalizers),
         item.render(),
         item.question,
         max_new_tokens=max_new_tokens,

@@ -184,7 +184,7 @@ def run_one(job: Job, s: StudySettings, data: Path, answers: Path, caches: dict[
             cached=caches.get(size),
         )
         test = read_split(data / f"{s.eval_split}.json")
-        encoded = encode_test(test)
+        encoded = encode_test(test, s.models)
         final, early = evaluate_all(finals, test, encoded), evaluate_all(before, test, encoded)
     scores = {
         "point": point,
@@ -292,10 +292,10 @@ def _check_same_settings(out: Path, s: StudySettings) -> None:
 def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
     """The whole study; writes DIR/results.json, DIR/report.md and DIR/study.png and returns the results."""
     from .experiment import answer_pool
-    from .models import TEACHER_DIR, teacher_card
+    from .models import teacher_card
 
     s.check()
-    teacher_card()
+    teacher_card(s.models)
     start = time.time()
     torch.set_num_threads(s.threads)  # the main process answers the pool: more threads than cores crawl when loaded
     _check_same_settings(out, s)
@@ -313,7 +313,7 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
         "== vlsi study: the teacher's distributions, cached once per labelled-set size for every run", file=sys.stderr
     )
     caches = shared_caches(s, out / "pool", files)
-    shipped = evaluate_all({"teacher": TEACHER_DIR, "init": s.student_dir}, test, encode_test(test))
+    shipped = evaluate_all({"teacher": s.models.teacher, "init": s.student_dir}, test, encode_test(test, s.models))
 
     # largest first: the longest runs start first, so the last ones finish together
     prefix = "n" if s.axis == "sizes" else "steps"

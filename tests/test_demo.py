@@ -366,6 +366,12 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert set(results["match_entropy"]) == {f"match_entropy/layer{i}" for i in STUDENT_TARGET_LAYERS}
     assert set(results["layer_accuracy"]) == {"teacher", "init", "kd", "vlsi", "vlsi_own"}
     assert (out / "runs" / "kd" / "probe_verbalizers" / "verbalizers.safetensors").is_file()
+    assert set(results["interaction"]) == {"kd", "vlsi"}, "the students with an interaction stage"
+    for method, seen in results["interaction"].items():  # against the run's own metrics: 4 steps, a tenth is 1
+        rows = [json.loads(x) for x in (out / "runs" / method / "metrics.jsonl").open()]
+        rows = [r for r in rows if r["stage"] == "interact"]
+        assert seen["last_kl_first_tenth"] == rows[0]["last"] and seen["last_kl_last_tenth"] == rows[-1]["last"]
+        assert seen["clipped_share"] == sum(r["clipped"] for r in rows) / 4 and seen["grad_norm_median"] > 0
     for name, layers in [("teacher", TEACHER_TARGET_LAYERS)] + [
         (m, STUDENT_TARGET_LAYERS) for m in ("init", "kd", "vlsi", "vlsi_own")
     ]:
@@ -376,7 +382,7 @@ def test_fast_demo_writes_consistent_results_and_report(tmp_path):
     assert len(answers.read_text().splitlines()) == 48, "the teacher answered every unlabelled question, once"
     assert (out / "runs" / "vlsi" / "answers" / "answers.jsonl").read_text() == answers.read_text()
     text = (out / "report.md").read_text()
-    assert "## What each layer knows" in text
+    assert "## What each layer knows" in text and "last-layer KL to the teacher over its first and last" in text
     for key, label in off_policy:
         assert f"| {label} | **{100 * results[key]:.1f}** |" in text
     assert f"**{results['n_test']} questions**" in text

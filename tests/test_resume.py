@@ -131,6 +131,25 @@ def test_nan_step_is_skipped_and_logged(tmp_path):
     assert torch.isfinite(state["weight"]).all()
 
 
+def test_each_step_logs_its_gradient_norm_before_clipping_and_whether_it_was_clipped(tmp_path):
+    """`grad_norm` is the global norm of the step's gradients before clipping, `clipped` 1 when it exceeded
+    max_grad_norm: against the gradient of (w . x)^2 summed over the batch written out, 2 (w . x) x (lr 1e-12 keeps
+    w at 1)."""
+    data = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    norms = [(2 * batch.sum() * batch.sum(0)).norm().item() for batch in data.split(2)]  # w = 1
+    limit = sorted(norms)[1] + 1e-3  # two steps under it, two over
+    stage = StageConfig(max_steps=4, grad_accum=1, lr=1e-12, min_lr=1e-12, weight_decay=0.0, max_grad_norm=limit)
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    train(make_accelerator(stage, torch.float32), _NaNAt(bad=()), loader, stage, "sft", MetricsLog(tmp_path / "m"))
+    rows = [json.loads(line) for line in (tmp_path / "m").read_text().splitlines()]
+    assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
+    assert [r["clipped"] for r in rows] == [float(n > limit) for n in norms] and sum(r["clipped"] for r in rows) == 2
+
+    stage.max_grad_norm = 0.0  # no clipping: nothing measured either
+    train(make_accelerator(stage, torch.float32), _NaNAt(bad=()), loader, stage, "sft", MetricsLog(tmp_path / "n"))
+    assert not any("grad_norm" in line for line in (tmp_path / "n").read_text().splitlines())
+
+
 def test_a_step_non_finite_on_one_process_is_skipped_on_all(tmp_path):
     """Two DDP processes (gloo), the loss NaN on one of them: both skip the step, so the weights stay finite and equal
     (tests/nonfinite_worker.py)."""

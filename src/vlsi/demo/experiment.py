@@ -616,6 +616,33 @@ def match_sharpness(metrics: Path) -> dict[str, float]:
     return {k: statistics.fmean(r[k] for r in rows if k in r) for k in keys}
 
 
+def interaction_diagnostics(runs: Path, methods: tuple[str, ...]) -> dict[str, dict]:
+    """Per student with an interaction stage (KD, VLsI and their on-policy forms): its last-layer KL to the teacher
+    (`last`) averaged over the first and the last tenth of the interaction steps, the median gradient norm before
+    clipping and the share of steps clipped at interact.max_grad_norm (`grad_norm`, `clipped`: `vlsi.stages.loop`)."""
+    found = {}
+    for method in methods:
+        metrics = runs / method / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        rows = [r for r in rows if r.get("stage") == "interact" and "last" in r]
+        if not rows:  # SFT only and (b) have no interaction stage
+            continue
+        tenth = max(1, len(rows) // 10)
+        found[method] = {
+            "last_kl_first_tenth": statistics.fmean(r["last"] for r in rows[:tenth]),
+            "last_kl_last_tenth": statistics.fmean(r["last"] for r in rows[-tenth:]),
+            **(
+                {
+                    "grad_norm_median": statistics.median(r["grad_norm"] for r in rows if "grad_norm" in r),
+                    "clipped_share": statistics.fmean(r["clipped"] for r in rows if "clipped" in r),
+                }
+                if any("grad_norm" in r for r in rows)
+                else {}
+            ),
+        }
+    return found
+
+
 def peak_memory_mib() -> dict[str, float]:
     """Peak resident memory of this process and of its largest child (the data loader workers), in MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -689,6 +716,7 @@ def run_demo(out: Path, s: DemoSettings, fast: bool = False) -> dict:
         "by_style": {name: e["by_style"] for name, e in evals.items()},
         **({"chain_exact": {name: e["chain_exact"] for name, e in evals.items()}} if "chain" in styles else {}),
         "match_entropy": match_sharpness(out / "runs" / "vlsi" / "metrics.jsonl"),
+        "interaction": interaction_diagnostics(out / "runs", s.methods),
         "layer_accuracy": layers,
         "budget": budget(s),
         "train_seconds": {m: round(t, 1) for m, t in seconds.items()},

@@ -295,6 +295,28 @@ ROWS_SHORT = (
 )
 
 
+def _interaction(r: dict) -> list[str]:
+    """One line on the interaction stage of each student that has one: last-layer KL, gradient norm, clipping."""
+    labels = dict(ROWS_SHORT)
+    parts = [
+        f"{labels.get(m, m)} {d['last_kl_first_tenth']:.3f} -> {d['last_kl_last_tenth']:.3f}"
+        + (
+            f" (gradient norm median {d['grad_norm_median']:.2f}, {pct(d['clipped_share'])} % of steps clipped)"
+            if "clipped_share" in d
+            else ""
+        )
+        for m, d in r.get("interaction", {}).items()
+    ]
+    if not parts:
+        return []
+    return [
+        "Interaction stage, last-layer KL to the teacher over its first and last tenth of steps: "
+        + "; ".join(parts)
+        + ".",
+        "",
+    ]
+
+
 def write_report(out: Path, r: dict, example: dict | None) -> Path:
     s = r["settings"]
     card = r.get("teacher_card") or {}
@@ -320,6 +342,7 @@ def write_report(out: Path, r: dict, example: dict | None) -> Path:
         *_chains(r),
         verdict(r),
         "",
+        *_interaction(r),
         f"Teacher: Qwen2-VL architecture, {_size(TEACHER)}, trained from scratch "
         f"(`{card.get('command', 'scripts/train_demo_teacher.py')}`). {student}",
         "",

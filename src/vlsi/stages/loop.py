@@ -192,6 +192,7 @@ def train(
 
     module.train()
     sums: dict[str, list[float]] = defaultdict(list)
+    clipping: dict[str, float] = {}  # the step's gradient norm and whether it was clipped (stage.max_grad_norm > 0)
     bad_step, bad_run = False, 0
     bar = tqdm(
         total=stage.max_steps, initial=step, desc=name, disable=not accelerator.is_main_process, dynamic_ncols=True
@@ -211,8 +212,10 @@ def train(
             else:
                 bad_step = True
             if accelerator.sync_gradients and not bad_step:
-                if stage.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                if stage.max_grad_norm > 0:  # the global norm before clipping (DeepSpeed clips in backward: its norm)
+                    norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                    if norm is not None:
+                        clipping = {"grad_norm": float(norm), "clipped": float(norm > stage.max_grad_norm)}
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not bad_step:
@@ -238,7 +241,7 @@ def train(
             bad_run = 0
             means = [sum(v) / len(v) for v in sums.values()]  # this process's micro-batches
             means = accelerator.reduce(torch.tensor(means, dtype=torch.float64, device=accelerator.device), "mean")
-            record = dict(zip(sums, means.tolist()))  # the global batch: every process's micro-batches
+            record = dict(zip(sums, means.tolist())) | clipping  # the global batch: every process's micro-batches
             metrics.write({"stage": name, "step": step, "lr": lr, **record})
             accelerator.log({"lr": lr, **record}, step=step)
             bar.set_postfix(loss=f"{record['loss']:.4f}")

@@ -291,6 +291,27 @@ def test_candidate_divergences_match_plain(kind, k, chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_candidates_in_one_chunk_keep_one_buffer_per_student_layer():
+    """All tokens in one chunk: backward holds each student layer's [N, V] once, shared by all of its pairs (the
+    scoring's softmax, in the logits' own memory), and nothing else that large but the caller's teacher targets."""
+    n, d, v, t_s, t_l = 64, 8, 4096, 2, 3
+    head = _frozen_head(d, v, seed=1, dtype=torch.float32)
+    hiddens = [torch.randn(n, d, requires_grad=True) for _ in range(t_s)]
+    teachers = [TopK(log_probs(torch.randn(n, v))) for _ in range(t_l)]
+    large = set()  # storages of what backward holds, [N, V] or larger
+
+    def pack(t):
+        if t.numel() >= n * v and all(t.data_ptr() != teacher.log_probs.data_ptr() for teacher in teachers):
+            large.add(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, terms = candidate_divergences(hiddens, head, teachers, "forward", n)
+    assert len(large) == t_s
+    sum(terms[j][i] for j in range(t_l) for i in range(t_s)).backward()
+    assert all(h.grad is not None for h in hiddens)
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 @pytest.mark.parametrize("chunk_size", [4, 13])
 def test_bf16_heads_score_and_train_in_fp32_close_to_fp64(kind, chunk_size):

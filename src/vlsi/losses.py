@@ -7,8 +7,10 @@ A student is compared with a *teacher target* (`TopK`): one teacher distribution
 a cache with `cache.top_k=0`) or its top k with the rest as one bucket (a teacher cache); every divergence takes
 either. The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`) so that
 [tokens x vocab] logits exist for one chunk at a time and are recomputed during backward instead of being kept for
-it. `chunks` is the rows per chunk, or the row ranges themselves, visited in order (a distributed launch may add
-empty ones: `vlsi.distributed.chunk_plan`).
+it. The matching's candidates (`candidate_divergences`) keep the scoring's logits for backward instead, when all
+tokens are one chunk: a chunk size that splits them is a memory bound, which keeping them would break. `chunks` is
+the rows per chunk, or the row ranges themselves, visited in order (a distributed launch may add empty ones:
+`vlsi.distributed.chunk_plan`).
 """
 
 from __future__ import annotations
@@ -244,13 +246,13 @@ def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tens
         own = _row_dot(p_t, lt)  # [c]: sum_v p_t lt
         sums.append(torch.stack([own - _row_dot(p_t, x) for x in logits]))  # [t_s, c]
         masses.append(p_t.sum(-1))  # [c]: sum_v p_t, 1 up to rounding
-    lse = torch.stack([_softmax_(x) for x in logits])  # [t_s, c]
+    lse = torch.stack([_logsumexp_(x) for x in logits])  # [t_s, c], the logits left holding their softmax
     return torch.stack([(pair + lse * mass).sum(-1) for pair, mass in zip(sums, masses)])
 
 
-def _softmax_(x: Tensor) -> Tensor:
-    # [c, V] -> [c]: torch.logsumexp's value (the row's maximum taken out first), computed in x's own memory, which
-    # is left holding softmax(x): exp(x - max) / sum
+def _logsumexp_(x: Tensor) -> Tensor:
+    # [c, V] -> [c], as torch.logsumexp (the row's maximum taken out first) but in x's own memory, which is left
+    # holding softmax(x) = exp(x - max) / sum (what a matched term's gradient reads: `_logit_gradient`)
     top = x.amax(-1, keepdim=True)
     total = x.sub_(top).exp_().sum(-1, keepdim=True)
     x.div_(total)

@@ -8,9 +8,8 @@ batch 4 x 2048 tokens of which the last 256 per sample are the response. Each st
   kd_final  vlsi.stages.interact.InteractStep with intermediate_loss=none: frozen teacher forward, student
             forward/backward, KL(teacher || student) of the final outputs on response tokens
   vlsi      vlsi.stages.interact.InteractStep as trained: capture hooks, the teacher's verbalized targets (once
-            per step), Verbalizers, candidate_divergences scoring without autograd, layer_match (adaptive), the
-            matched layers' KL (their scores; gradient from the scoring's logits when the response tokens are one
-            chunk, else recomputed chunk by chunk in backward) + the final-layer KL
+            per step), Verbalizers, divergence_matrix scoring without autograd, layer_match (adaptive), the matched
+            layers' KL (their scores, gradient recomputed chunk by chunk in backward) + the final-layer KL
   kd_final_cached, vlsi_cached (with --cache K): the same two steps trained from a teacher cache (vlsi.cache, top K
             per token and layer, 0: whole distributions), built once from the same batch: the teacher does not run
   kd_final_on_policy, vlsi_on_policy (with --on-policy): the same two steps on on-policy batches

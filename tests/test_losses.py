@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from vlsi.losses import (
     KINDS,
     TopK,
-    candidate_divergences,
     chunked_cross_entropy,
     chunked_divergence,
     cross_entropy_from_logits,
@@ -249,82 +248,17 @@ def test_divergence_matrix_matches_double_loop(kind, k, chunk_size):
             torch.testing.assert_close(d[j, i], ref.detach(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind, k", KIND_AND_K)
-@pytest.mark.parametrize("chunk_size", [4, 13])
-def test_candidate_divergences_match_plain(kind, k, chunk_size):
-    """The scores are `divergence_matrix`'s bit for bit, every pair's term has its score as value, and a loss of
-    matched terms (the first student layer matched to two teacher layers, as bottom_k draws) has the gradients of
-    plain autograd through whole logits: with all 13 tokens in one chunk (the scoring's logits kept for backward, the
-    head run once per student layer and never again) and in chunks of 4 (the head run again in backward, chunk by
-    chunk, for each matched pair)."""
-    n, d, v, t_s, t_l = 13, 6, 17, 2, 3
-    head = _frozen_head(d, v, seed=1)
-    prefixes = [_prefix(d, seed=10 + i) for i in range(t_s)]
-    hidden = torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    teachers = [_target(n, v, seed=3 + j, k=k) for j in range(t_l)]
-    trained = [hidden, *(p for prefix in prefixes for p in prefix.parameters())]
-    match = [[0, 1], [2]]  # student layer i -> its teacher layers
-
-    students = [prefix(hidden) for prefix in prefixes]
-    assert torch.equal(
-        candidate_divergences(students, head, teachers, kind, chunk_size)[0],
-        divergence_matrix(students, [head] * t_s, teachers, kind, chunk_size),
-    )
-    calls = []
-    head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    scores, terms = candidate_divergences(students, head, teachers, kind, chunk_size)
-    assert all(torch.equal(terms[j][i].detach(), scores[j, i]) for j in range(t_l) for i in range(t_s))
-    loss = sum(torch.stack([terms[j][i] for j in chosen]).mean() for i, chosen in enumerate(match))
-    grads = _grads(loss, trained)
-    one_chunk = chunk_size >= n
-    rows = [n] if one_chunk else [4, 4, 4, 1]  # each chunk's, every student layer's in turn
-    in_backward = [] if one_chunk else rows * sum(len(chosen) for chosen in match)
-    assert calls == [c for c in rows for _ in range(t_s)] + in_backward
-
-    students = [prefix(hidden) for prefix in prefixes]
-    plain = sum(
-        torch.stack([divergence(head(students[i]), teachers[j], kind) for j in chosen]).mean()
-        for i, chosen in enumerate(match)
-    )
-    torch.testing.assert_close(loss, plain, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, _grads(plain, trained), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-
-
-def test_candidates_in_one_chunk_keep_one_buffer_per_student_layer():
-    """All tokens in one chunk: backward holds each student layer's [N, V] once, shared by all of its pairs (the
-    scoring's softmax, in the logits' own memory), and nothing else that large but the caller's teacher targets."""
-    n, d, v, t_s, t_l = 64, 8, 4096, 2, 3
-    head = _frozen_head(d, v, seed=1, dtype=torch.float32)
-    hiddens = [torch.randn(n, d, requires_grad=True) for _ in range(t_s)]
-    teachers = [TopK(log_probs(torch.randn(n, v))) for _ in range(t_l)]
-    large = set()  # storages of what backward holds, [N, V] or larger
-
-    def pack(t):
-        if t.numel() >= n * v and all(t.data_ptr() != teacher.log_probs.data_ptr() for teacher in teachers):
-            large.add(t.data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, terms = candidate_divergences(hiddens, head, teachers, "forward", n)
-    assert len(large) == t_s
-    sum(terms[j][i] for j in range(t_l) for i in range(t_s)).backward()
-    assert all(h.grad is not None for h in hiddens)
-
-
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
-@pytest.mark.parametrize("chunk_size", [4, 13])
-def test_bf16_heads_score_and_train_in_fp32_close_to_fp64(kind, chunk_size):
+def test_bf16_heads_score_and_train_in_fp32_close_to_fp64(kind):
     """bf16 logits from a bf16 head (a GPU's training dtype): the scores are taken in fp32 (the forward KL's
     written-out form on an fp32 copy, the logits left as they were), close to float64 maths on the same bf16 logits;
-    the matched term's gradient comes back in bf16, close to plain autograd through the same bf16 head; in several
-    chunks and in one."""
+    the matched term's gradient comes back in bf16, close to plain autograd through the same bf16 head."""
     n, d, v = 13, 6, 300
     head = _frozen_head(d, v, seed=1, dtype=torch.bfloat16)
     hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_()
     teacher = _target(n, v, seed=3, k=0)
-    scores, terms = candidate_divergences([hidden], head, [teacher], kind, chunk_size)
-    scored, given = scores[0, 0], terms[0][0]
+    scored = divergence_matrix([hidden], [head], [teacher], kind, 4)[0, 0]
+    given = chunked_divergence(hidden, head, teacher, kind, 4, value=scored)
     (grad,) = _grads(given, [hidden])
     assert scored.dtype == torch.float32 and grad.dtype == torch.bfloat16
 

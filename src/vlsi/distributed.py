@@ -121,10 +121,8 @@ def chunk_plan(accelerator: Accelerator, chunk_size: int) -> ChunkPlan:
 
     DeepSpeed ZeRO-3 gathers a trained module's weights at each call, a collective every process must join, and the
     verbalizer heads are called once per chunk of response tokens, which processes hold different numbers of: under
-    ZeRO-3 every process visits as many ranges as the one with the most (the extra ones empty), and so every process
-    takes the same path through `vlsi.losses.candidate_divergences` (the heads' logits kept for backward when there
-    is one range, run again when there are several). Elsewhere: ranges of `chunk_size`, no padding and no
-    communication."""
+    ZeRO-3 every process visits as many ranges as the one with the most (the extra ones empty). Elsewhere: ranges of
+    `chunk_size`, no padding and no communication."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if not (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3):
         return lambda n: row_chunks(n, chunk_size)

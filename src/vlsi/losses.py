@@ -7,10 +7,8 @@ A student is compared with a *teacher target* (`TopK`): one teacher distribution
 a cache with `cache.top_k=0`) or its top k with the rest as one bucket (a teacher cache); every divergence takes
 either. The chunked versions take hidden states and a *head* (`hidden [n, d] -> logits [n, V]`) so that
 [tokens x vocab] logits exist for one chunk at a time and are recomputed during backward instead of being kept for
-it. The matching's candidates (`candidate_divergences`) keep the scoring's logits for backward instead, when all
-tokens are one chunk: a chunk size that splits them is a memory bound, which keeping them would break. `chunks` is
-the rows per chunk, or the row ranges themselves, visited in order (a distributed launch may add empty ones:
-`vlsi.distributed.chunk_plan`).
+it. `chunks` is the rows per chunk, or the row ranges themselves, visited in order (a distributed launch may add
+empty ones: `vlsi.distributed.chunk_plan`).
 """
 
 from __future__ import annotations
@@ -232,7 +230,7 @@ def _whole_forward(teachers: Sequence[TopK], kind: str) -> bool:
 
 def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tensor:
     """Token sums [t_l, t_s] of KL(teacher j || student i) over a chunk's rows, student logits t_s x [c, V] (fp32 or
-    wider; overwritten with their softmax), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
+    wider; overwritten), whole teacher targets t_l x [c, V]. Per token, with ls = x - lse(x):
     sum_v p_t (lt - ls) = p_t . lt - p_t . x + lse(x) * sum_v p_t, so each pair costs one row dot product, each
     student layer one logsumexp and each teacher layer one exp, into one buffer: the passes over [c, V] drop from four
     per pair, each into a new tensor, to about one per layer
@@ -246,54 +244,41 @@ def _forward_kl_sums(logits: Sequence[Tensor], teachers: Sequence[TopK]) -> Tens
         own = _row_dot(p_t, lt)  # [c]: sum_v p_t lt
         sums.append(torch.stack([own - _row_dot(p_t, x) for x in logits]))  # [t_s, c]
         masses.append(p_t.sum(-1))  # [c]: sum_v p_t, 1 up to rounding
-    lse = torch.stack([_logsumexp_(x) for x in logits])  # [t_s, c], the logits left holding their softmax
+    lse = torch.stack([_logsumexp_(x) for x in logits])  # [t_s, c], the logits no longer needed
     return torch.stack([(pair + lse * mass).sum(-1) for pair, mass in zip(sums, masses)])
 
 
 def _logsumexp_(x: Tensor) -> Tensor:
-    # [c, V] -> [c], as torch.logsumexp (the row's maximum taken out first) but in x's own memory, which is left
-    # holding softmax(x) = exp(x - max) / sum (what a matched term's gradient reads: `_logit_gradient`)
+    # [c, V] -> [c], as torch.logsumexp (the row's maximum taken out first) but in x's own memory, overwritten
     top = x.amax(-1, keepdim=True)
-    total = x.sub_(top).exp_().sum(-1, keepdim=True)
-    x.div_(total)
-    return total.log_().add_(top).squeeze(-1)
+    return x.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
 
 
-def _divergence_sums(
-    logits: Sequence[Tensor], teachers: Sequence[TopK], kind: str, beta: float
-) -> tuple[Tensor, list[Tensor]]:
+def _divergence_sums(logits: Sequence[Tensor], teachers: Sequence[TopK], kind: str, beta: float) -> Tensor:
     """Token sums [t_l, t_s] over one chunk of the divergence of every student layer's logits t_s x [c, V] (fresh
     from the heads: fp32 ones are overwritten) from every teacher target (their rows of the chunk): the one arithmetic
-    of the scores and of the divergences' own values. Also returns, per student layer, what `_logit_gradient` reads
-    (`_gradient_input`), left by the sums: the softmax in the logits' memory, or the logits in at least fp32."""
+    of the scores and of the divergences' own values."""
     logits = [_upcast(x) for x in logits]
     if _whole_forward(teachers, kind):
-        return _forward_kl_sums(logits, teachers), logits
+        return _forward_kl_sums(logits, teachers)
     student_lp = [torch.log_softmax(x, dim=-1) for x in logits]  # t_s x [c, V], each held against every target
-    sums = [[_target_divergence(ls, t, kind, beta).sum() for ls in student_lp] for t in teachers]
-    return torch.stack([torch.stack(row) for row in sums]), logits
+    return torch.stack(
+        [torch.stack([_target_divergence(ls, t, kind, beta).sum() for ls in student_lp]) for t in teachers]
+    )
 
 
-def _gradient_input(logits: Tensor, teacher: TopK, kind: str) -> Tensor:
-    # student logits x [c, V] -> what `_logit_gradient` reads of them: softmax(x) for forward KL against a whole
-    # target, else x; in at least fp32
-    x = _upcast(logits)
-    return torch.softmax(x, dim=-1) if _whole_forward([teacher], kind) else x
-
-
-def _logit_gradient(student: Tensor, teacher: TopK, kind: str, beta: float, scale: Tensor) -> Tensor:
-    """scale * d/dx of the chunk's divergence sum for student logits x [c, V], given as `_gradient_input(x, ...)`
-    (in its dtype). Forward KL against a whole target is written out, softmax(x) * sum_v p_t - p_t per token, in the
-    memory of p_t (a few passes over [c, V], where autograd through the log-softmax and the divergence takes a
-    dozen); other divergences and top-k targets go through autograd from the logits."""
+def _logit_gradient(logits: Tensor, teacher: TopK, kind: str, beta: float, scale: Tensor) -> Tensor:
+    """scale * d/dlogits of the chunk's divergence sum, for student logits [c, V]. Forward KL against a whole target
+    is written out, softmax(x) * sum_v p_t - p_t per token (a few passes over [c, V], where autograd through the
+    log-softmax and the divergence takes a dozen); other divergences and top-k targets go through autograd from the
+    logits."""
     if _whole_forward([teacher], kind):
-        lt = teacher.log_probs
-        _check_columns(student, lt)
-        p_t = lt.to(student.dtype).exp()
-        mass = p_t.sum(-1, keepdim=True)  # [c, 1]: sum_v p_t, 1 up to rounding
-        return p_t.mul_(-scale).addcmul_(student, mass * scale)
+        x, lt = _upcast(logits), teacher.log_probs
+        _check_columns(x, lt)
+        p_t = lt.to(x.dtype).exp()
+        return torch.softmax(x, dim=-1).mul_(p_t.sum(-1, keepdim=True)).sub_(p_t).mul_(scale).to(logits.dtype)
     with torch.enable_grad():
-        x = student.detach().requires_grad_()
+        x = logits.detach().requires_grad_()
         total = _target_divergence(_log_probs(x), teacher, kind, beta).sum()
         return torch.autograd.grad(total, x, scale)[0]
 
@@ -308,8 +293,7 @@ class _FrozenHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(hidden, *teacher)
         ctx.head, ctx.kind, ctx.beta, ctx.chunks = head, kind, beta, chunks
         if value is None:
-            target = TopK(*teacher)
-            value = sum(_divergence_sums([head(hidden[r])], [target.rows(r)], kind, beta)[0][0, 0] for r in chunks)
+            value = sum(_divergence_sums([head(hidden[r])], [TopK(*teacher).rows(r)], kind, beta)[0, 0] for r in chunks)
             return value / hidden.shape[0]
         return value.clone()
 
@@ -322,29 +306,9 @@ class _FrozenHeadDivergence(torch.autograd.Function):
             with torch.enable_grad():
                 rows = hidden[r].detach().requires_grad_()
                 logits = ctx.head(rows)  # [c, V]
-            target = teacher.rows(r)
-            student = _gradient_input(logits.detach(), target, ctx.kind)
-            grad_logits = _logit_gradient(student, target, ctx.kind, ctx.beta, scale).to(logits.dtype)
+            grad_logits = _logit_gradient(logits.detach(), teacher.rows(r), ctx.kind, ctx.beta, scale)
             grads.append(torch.autograd.grad(logits, rows, grad_logits)[0])
         return torch.cat(grads), None, None, None, None, None, *(None for _ in teacher)
-
-
-class _ScoredDivergence(torch.autograd.Function):
-    """divergence(logits || teacher) over all N tokens, its value the score already computed from these very logits;
-    backward writes the logits' gradient from what the scoring left of them (`student`, `_gradient_input`'s), and
-    autograd goes on through the head that made them: once per student layer, for all of its pairs together."""
-
-    @staticmethod
-    def forward(ctx, logits, value, student, kind, beta, *teacher):
-        ctx.save_for_backward(student, *teacher)
-        ctx.kind, ctx.beta, ctx.dtype = kind, beta, logits.dtype
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        student, *teacher = ctx.saved_tensors
-        grad_logits = _logit_gradient(student, TopK(*teacher), ctx.kind, ctx.beta, grad / student.shape[0])
-        return grad_logits.to(ctx.dtype), None, None, None, None, *(None for _ in teacher)
 
 
 def chunked_divergence(
@@ -371,17 +335,6 @@ def chunked_divergence(
     return _FrozenHeadDivergence.apply(student_hidden, value, student_head, kind, beta, _chunks(n, chunks), *teacher)
 
 
-def _check_candidates(student_hiddens: Sequence[Tensor], teachers: Sequence[TopK], kind: str) -> int:
-    # -> N, the tokens every student layer and teacher target must hold
-    n = student_hiddens[0].shape[0]
-    if any(h.shape[0] != n for h in student_hiddens):
-        raise ValueError("every student layer must hold the same tokens")
-    for teacher in teachers:
-        _check_target(teacher, kind, n)
-    _check_tokens(n)
-    return n
-
-
 @torch.no_grad()
 def divergence_matrix(
     student_hiddens: Sequence[Tensor],
@@ -399,50 +352,15 @@ def divergence_matrix(
     """
     if len(student_hiddens) != len(student_heads):
         raise ValueError("need one head per student hidden-state tensor")
-    n = _check_candidates(student_hiddens, teachers, kind)
+    n = student_hiddens[0].shape[0]
+    if any(h.shape[0] != n for h in student_hiddens):
+        raise ValueError("every student layer must hold the same tokens")
+    for teacher in teachers:
+        _check_target(teacher, kind, n)
+    _check_tokens(n)
     sums = 0
     for rows in _chunks(n, chunks):
         # t_s x [c, V], computed once and held against every teacher target
         logits = [head(h[rows]) for h, head in zip(student_hiddens, student_heads, strict=True)]
-        sums = sums + _divergence_sums(logits, [t.rows(rows) for t in teachers], kind, beta)[0]  # [t_l, t_s]
+        sums = sums + _divergence_sums(logits, [t.rows(rows) for t in teachers], kind, beta)  # [t_l, t_s]
     return sums / n
-
-
-def candidate_divergences(
-    student_hiddens: Sequence[Tensor],
-    head: Head,
-    teachers: Sequence[TopK],
-    kind: str = "forward",
-    chunks: Chunks = 1024,
-    beta: float = 0.5,
-) -> tuple[Tensor, list[list[Tensor]]]:
-    """The layer matching's candidates: the scores D [t_l, t_s] of `divergence_matrix` (bit for bit, no autograd),
-    and every pair's divergence as a loss term, terms[j][i], whose value is D[j, i] and whose gradient reaches the
-    student hidden states [N, d] through the *frozen* head every layer shares (as in `chunked_divergence`). Only the
-    terms a loss uses cost anything in backward.
-
-    All N tokens in one chunk: each student layer's head runs once, with autograd (its graph keeps [N, d], not the
-    logits), the scores come from those logits, and what the scoring leaves in their memory (their softmax, or the
-    logits themselves) is held, t_s x [N, V] in at least fp32, until backward writes each used term's logit gradient
-    from it; autograd then runs the head's backward once per student layer. Several chunks (a chunk size below N, to
-    bound memory): nothing [N, V] is held past its chunk, and a used term's backward runs the head again chunk by
-    chunk (`chunked_divergence` given its score).
-    """
-    n = _check_candidates(student_hiddens, teachers, kind)
-    rows = _chunks(n, chunks)
-    if len(rows) > 1:
-        scores = divergence_matrix(student_hiddens, [head] * len(student_hiddens), teachers, kind, rows, beta)
-        terms = [
-            [chunked_divergence(h, head, t, kind, rows, scores[j, i], beta) for i, h in enumerate(student_hiddens)]
-            for j, t in enumerate(teachers)
-        ]
-        return scores, terms
-    logits = [head(h) for h in student_hiddens]  # t_s x [N, V], with autograd
-    with torch.no_grad():
-        sums, students = _divergence_sums([x.detach() for x in logits], teachers, kind, beta)
-    scores = sums / n
-    terms = [
-        [_ScoredDivergence.apply(x, scores[j, i], s, kind, beta, *t) for i, (x, s) in enumerate(zip(logits, students))]
-        for j, t in enumerate(teachers)
-    ]
-    return scores, terms

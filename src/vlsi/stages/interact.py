@@ -8,10 +8,9 @@ frozen by default. Teacher forcing on the training sample, response tokens only.
   D[j, i] = KL(teacher layer j || student layer i), scored without autograd      -> [t_l, t_s]
   match   = layer_match(D)  (search range, order preservation, adaptive temperature); logged with how sharp
             each layer's draw was (normalised entropy, top probability)
-  loss    = λ * sum_i KL(matched teacher layer || student layer i)  (the scores of D; their gradient from the
-            scoring's own logits when the response tokens are one chunk, recomputed chunk by chunk in backward
-            when they are several: `vlsi.losses.candidate_divergences`; their mean with
-            interact.intermediate_reduction=mean; λ = interact.intermediate_weight, 1 by default)
+  loss    = λ * sum_i KL(matched teacher layer || student layer i)  (the scores of D, their gradient recomputed
+            chunk by chunk in backward; their mean with interact.intermediate_reduction=mean; λ =
+            interact.intermediate_weight, 1 by default)
           + KL(teacher output || student output)
 With interact.on_policy > 0 (GKD's λ), that share of the micro-batches is first answered by the student itself
 (`vlsi.stages.onpolicy.OnPolicy`): the same terms are then taken on its sampled tokens, with
@@ -38,10 +37,11 @@ from ..data import make_collate, split_batch
 from ..distributed import ChunkPlan, chunk_plan, load_frozen, prepare_frozen
 from ..losses import (
     TopK,
-    candidate_divergences,
     chunked_cross_entropy,
+    chunked_divergence,
     cross_entropy_from_logits,
     divergence,
+    divergence_matrix,
     log_probs,
     row_chunks,
     shared_vocab_size,
@@ -158,12 +158,17 @@ class InteractStep(nn.Module):
             kind = "l2" if cfg.intermediate_loss == "l2" else divergence_kind
             verbalized = [s_verb.verb_ffn(i, h) for i, h in enumerate(s_hidden)]  # t_s x [N, d_s], with grad
             read = final_head(s_parts.norm, s_parts.lm_head, vocab)  # frozen, every verbalizer's
-            # D [t_l, t_s] without autograd, and each pair's loss term: its score, with a gradient
-            scores, pairs = candidate_divergences(verbalized, read, teacher.layers, kind, chunks, beta)
+            heads = [read] * len(verbalized)
+            scores = divergence_matrix(verbalized, heads, teacher.layers, kind, chunks, beta)  # [t_l, t_s]
             # the interact.match section is layer_match's keyword arguments, one for one
             options = dataclasses.asdict(cfg.match)
             match, probabilities = layer_match(scores, **options, generator=self.generator, return_probabilities=True)
-            terms = [torch.stack([pairs[j][i] for j in chosen]).mean() for i, chosen in enumerate(match)]
+            for i, chosen in enumerate(match):  # a pair's loss is its score; backward recomputes its gradient
+                pairs = [
+                    chunked_divergence(verbalized[i], read, teacher.layers[j], kind, chunks, scores[j, i], beta)
+                    for j in chosen
+                ]
+                terms.append(torch.stack(pairs).mean())
             logs = match_logs(s_verb.target_layers, kind, terms, match, probabilities)
         elif cfg.intermediate_loss == "ce":  # the CE ablation rows: ground truth at each student verbalizer
             terms, logs = ce_terms(s_hidden, s_verb, s_parts, vocab, targets, chunks)

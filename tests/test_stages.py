@@ -308,14 +308,17 @@ def _plain_divergence(s_logits, t_logits, kind):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_interaction_step_equals_the_plain_computation(toy, tmp_path, intermediate, kind, strategy, dtype):
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_interaction_step_equals_the_plain_computation(toy, tmp_path, intermediate, kind, strategy, dtype, chunk_size):
     """The step (each teacher target computed once, the candidate scores reused as the matched losses, forward KL
     scored from logsumexp and row dot products and its logits' gradient written out, the head run again chunk by
-    chunk in backward) against the plain computation it replaces: whole logits of every verbalized layer with
-    autograd, the candidates scored pair by pair, the same draws: the same matches, loss and gradients, in float64
-    to 1e-10 and in float32 (as trained on the CPU) to float32's rounding."""
-    overrides = [f"interact.intermediate_loss={intermediate}", f"interact.divergence={kind}", "chunk_size=3"]
-    run = _interaction(toy, tmp_path, *overrides, f"interact.match.strategy={strategy}", "interact.match.bottom_k=2")
+    chunk in backward; the 9 response tokens in chunks of 3 or in one chunk) against the plain computation it
+    replaces: whole logits of every verbalized layer with autograd, the candidates scored pair by pair, the same
+    draws: the same matches, loss and gradients, in float64 to 1e-10 and in float32 (as trained on the CPU) to
+    float32's rounding."""
+    overrides = [f"interact.intermediate_loss={intermediate}", f"interact.divergence={kind}"]
+    overrides += [f"chunk_size={chunk_size}", f"interact.match.strategy={strategy}", "interact.match.bottom_k=2"]
+    run = _interaction(toy, tmp_path, *overrides)
     step, live = run.step, run.step.teacher
     (s_parts,), s_verb, t_parts, t_verb, vocab = (
         step.s_parts,
@@ -339,7 +342,8 @@ def test_interaction_step_equals_the_plain_computation(toy, tmp_path, intermedia
         t_verb.head(j, t_parts.norm, t_parts.lm_head, vocab)(t_states[layer][t_mask]).detach()
         for j, layer in enumerate(t_verb.target_layers)
     ]
-    s_inputs, s_mask, _ = split_batch(batch["student"])
+    s_inputs, s_mask, s_targets = split_batch(batch["student"])
+    assert len(step.chunks(len(s_targets))) == {3: 3, 64: 1}[chunk_size]
     with capture(s_parts.layers, s_verb.target_layers) as s_states:
         s_logits = step.student(**s_inputs, logits_to_keep=s_mask).logits[:, :vocab]
     s_layers = [

@@ -180,3 +180,31 @@ def test_a_study_with_on_policy_pairs_its_two_students_by_seed():
     (line,) = findings({"table": {"10": row}, "settings": {"axis": "sizes", "on_policy": 0.5}})
     assert "On the student's own samples (λ = 0.5): on-policy KD is +0.0 points against final-layer KD" in line
     assert "on-policy VLsI +12.5 points against VLsI (95 % CI" in line
+
+
+def test_a_study_stopped_with_sigterm_leaves_no_run_training_on(tmp_path):
+    """SIGTERM ends `vlsi study` at once, skipping every cleanup; its two spawned workers (`ablate.job_pool`) notice
+    their parent is gone and end within seconds instead of training their runs on as orphans."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    command = [sys.executable, "-m", "vlsi", "study", "--fast", "--output", str(tmp_path / "s"), "jobs=2", "seeds=2"]
+    study = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main_process, workers = psutil.Process(study.pid), []
+    deadline = time.monotonic() + 300
+    while len(workers) < 2 and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            children = main_process.children()
+            workers = [p for p in children if "multiprocessing.spawn" in " ".join(p.cmdline())]
+        except psutil.NoSuchProcess:  # a child that ended between listing and reading
+            continue
+    assert len(workers) == 2, "the study started its two workers"
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=30) == -signal.SIGTERM, "stopped by the signal, before the runs finished"
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "every worker ended with the study"

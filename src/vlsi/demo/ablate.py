@@ -36,8 +36,10 @@ import functools
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -308,6 +310,32 @@ class RunFailed(RuntimeError):
     it as one line (exit 2), as it does bad input."""
 
 
+def _end_with(parent: int) -> None:
+    # a pool worker's initializer: a daemon thread ends the worker once `parent` is gone (the worker is re-parented)
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def job_pool(jobs: int):
+    """`jobs` spawned worker processes for `execute_jobs` (None for one: the runs go in this process). A worker ends
+    within a second of this process ending, however it ends (SIGTERM or SIGKILL included, which skip every cleanup),
+    so a stopped study or ablation leaves no run training on."""
+    if jobs <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_end_with, initargs=(os.getpid(),))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def execute_jobs(jobs: list, work, pool, bar) -> dict:
     """{job: work(job)} for every job (each with .name, .seed, .folder), in `pool` if given (else here, in order);
     the first failure cancels the rest and raises RunFailed naming the job's log."""
@@ -402,17 +430,11 @@ def run_ablate(out: Path, s: AblateSettings, fast: bool = False) -> dict:
         f"each run's log: {runs_dir}/<run>/seed-<n>/log.txt",
         file=sys.stderr,
     )
-    pool = None
-    if s.jobs > 1:
-        pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        with tqdm(total=len(first) + len(rest), desc="ablate", unit="run", dynamic_ncols=True) as bar:
-            work = functools.partial(run_job, s=s, data=data, answers=out / "pool" / "answers", cache=tuple(cache))
-            done = execute_jobs(first, work, pool, bar)
-            done |= execute_jobs(rest, work, pool, bar)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    total = len(first) + len(rest)
+    with job_pool(s.jobs) as pool, tqdm(total=total, desc="ablate", unit="run", dynamic_ncols=True) as bar:
+        work = functools.partial(run_job, s=s, data=data, answers=out / "pool" / "answers", cache=tuple(cache))
+        done = execute_jobs(first, work, pool, bar)
+        done |= execute_jobs(rest, work, pool, bar)
     scores = {(job.name, job.seed): result for job, result in done.items() if job.kind != "verbalize"}
     results = {
         "tables": collect(s, scores),

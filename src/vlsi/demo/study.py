@@ -33,11 +33,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import multiprocessing
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from ..runfolder import check_settings, write_json
-from .ablate import Job, execute_jobs, output_to
+from .ablate import Job, execute_jobs, job_pool, output_to
 from .experiment import (
     CONTROL,
     CONTROL_PAIRS,
@@ -323,14 +321,9 @@ def run_study(out: Path, s: StudySettings, fast: bool = False) -> dict:
         for k in range(s.seeds)
     ]
     print(f"== vlsi study: {len(jobs)} runs, {s.jobs} at a time; logs in {runs_dir}/<run>/log.txt", file=sys.stderr)
-    pool = ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) if s.jobs > 1 else None
-    try:
-        with tqdm(total=len(jobs), desc="study", unit="run", dynamic_ncols=True) as bar:
-            work = functools.partial(run_one, s=s, data=data, answers=out / "pool" / "answers", caches=caches)
-            done = execute_jobs(jobs, work, pool, bar)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    with job_pool(s.jobs) as pool, tqdm(total=len(jobs), desc="study", unit="run", dynamic_ncols=True) as bar:
+        work = functools.partial(run_one, s=s, data=data, answers=out / "pool" / "answers", caches=caches)
+        done = execute_jobs(jobs, work, pool, bar)
     results = {
         "table": summarise(s, list(done.values()), [item.pattern for item in test]),
         "n_clusters": len({item.pattern for item in test}),

@@ -43,6 +43,7 @@ from ..models.loading import load_model, load_processor
 from ..models.verbalizer import Verbalizers
 from ..pipeline import run_train
 from ..plots import plot_verbalizer_loss
+from ..runfolder import read_jsonl
 from ..stages.loop import MetricsLog
 from ..stages.samples import load_samples
 from ..stages.sft import sft
@@ -594,7 +595,7 @@ def layer_accuracies(
     after interaction (`probe_layers`), and the VLsI student with the verbalizers trained alongside it."""
     processor, batches = encoded
     interacted = runs / "vlsi" / "stages" / "interact"
-    models = (
+    readers = (
         ("teacher", models.teacher, models.verbalizers),
         ("init", student, runs / "vlsi" / "verbalizers" / "student"),
         ("kd", runs / "kd" / "stages" / "interact" / "student", probes["kd"]),
@@ -605,13 +606,13 @@ def layer_accuracies(
         name: layer_accuracy(
             load_model(str(model), torch.float32), Verbalizers.load(verbalizers), processor, test, batches
         )
-        for name, model, verbalizers in models
+        for name, model, verbalizers in readers
     }
 
 
 def match_sharpness(metrics: Path) -> dict[str, float]:
     """Mean normalised entropy of each student layer's match draw over the interaction stage (1: uniform)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = read_jsonl(metrics)
     keys = sorted({k for r in rows if r.get("stage") == "interact" for k in r if k.startswith("match_entropy/")})
     return {k: statistics.fmean(r[k] for r in rows if k in r) for k in keys}
 
@@ -622,24 +623,18 @@ def interaction_diagnostics(runs: Path, methods: tuple[str, ...]) -> dict[str, d
     clipping and the share of steps clipped at interact.max_grad_norm (`grad_norm`, `clipped`: `vlsi.stages.loop`)."""
     found = {}
     for method in methods:
-        metrics = runs / method / "metrics.jsonl"
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-        rows = [r for r in rows if r.get("stage") == "interact" and "last" in r]
+        rows = [r for r in read_jsonl(runs / method / "metrics.jsonl") if r.get("stage") == "interact" and "last" in r]
         if not rows:  # SFT only and (b) have no interaction stage
             continue
         tenth = max(1, len(rows) // 10)
         found[method] = {
             "last_kl_first_tenth": statistics.fmean(r["last"] for r in rows[:tenth]),
             "last_kl_last_tenth": statistics.fmean(r["last"] for r in rows[-tenth:]),
-            **(
-                {
-                    "grad_norm_median": statistics.median(r["grad_norm"] for r in rows if "grad_norm" in r),
-                    "clipped_share": statistics.fmean(r["clipped"] for r in rows if "clipped" in r),
-                }
-                if any("grad_norm" in r for r in rows)
-                else {}
-            ),
         }
+        clipping = [r for r in rows if "grad_norm" in r]  # logged where interact.max_grad_norm > 0
+        if clipping:
+            found[method]["grad_norm_median"] = statistics.median(r["grad_norm"] for r in clipping)
+            found[method]["clipped_share"] = statistics.fmean(r["clipped"] for r in clipping)
     return found
 
 
